@@ -1,0 +1,3 @@
+//! Umbra's MMU servers: shadow paging policy as `no_std` state machines.
+//! (Filled by the MMU protocol issue.)
+#![cfg_attr(not(test), no_std)]

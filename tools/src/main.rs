@@ -1,0 +1,48 @@
+//! `cargo xtask`: the one way to build, run, test and bench Umbra.
+//!
+//! Each subcommand's doc comment below is its `--help` text.
+
+mod conformance;
+mod image;
+mod prereq;
+mod test;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Build, run, test and bench Umbra.
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the boot image and boot it under QEMU (TCG, q35), streaming the
+    /// serial console. Exits 0 only when the image reports success.
+    Run(image::RunArgs),
+    /// Run every host test, the conformance suite and the in-image tests.
+    /// The last line is `N passed, M failed` over everything that ran.
+    Test(test::TestArgs),
+    /// Run the MMU conformance suite against every registered MMU server
+    /// implementation; one `<name>: N passed, M failed` line each.
+    Conformance(conformance::ConformanceArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => image::run(&args),
+        Command::Test(args) => test::test(&args),
+        Command::Conformance(args) => conformance::conformance(&args).map(|_| ()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
