@@ -139,8 +139,8 @@ pub fn calibrate(ms: u64) {
     let mut cmd: Port<u8> = Port::new(0x43);
     let mut ch2: Port<u8> = Port::new(0x42);
     write(REG_TIMER_DIVIDE, 0b1011); // divide by 1
-    // SAFETY: the PIT and the speaker gate are legacy ISA devices the kernel
-    // owns; channel 2 is not used for anything else.
+                                     // SAFETY: the PIT and the speaker gate are legacy ISA devices the kernel
+                                     // owns; channel 2 is not used for anything else.
     let (t0, t1, apic_elapsed) = unsafe {
         let g = gate.read();
         gate.write((g & !0x02) | 0x01); // gate on, speaker off

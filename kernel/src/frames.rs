@@ -90,7 +90,11 @@ impl<const W: usize> FrameSet<W> {
     /// set (for memory in use before the allocator existed).
     pub fn reserve(&mut self, start: PhysAddr, len: u64) {
         let first = start.as_u64() / FRAME_SIZE;
-        let end = start.as_u64().saturating_add(len).div_ceil(FRAME_SIZE).min(self.capacity());
+        let end = start
+            .as_u64()
+            .saturating_add(len)
+            .div_ceil(FRAME_SIZE)
+            .min(self.capacity());
         for f in first..end {
             let (w, b) = ((f / 64) as usize, f % 64);
             if self.free[w] & (1 << b) != 0 {

@@ -46,8 +46,8 @@ pub struct Frame {
 
 /// Vectors that have a stub, in the order of `umbra_isr_table`.
 const STUB_VECTORS: [u8; 36] = [
-    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24,
-    25, 26, 27, 28, 29, 30, 31, 0xEF, 0xF0, 0xF1, 0xFF,
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
+    26, 27, 28, 29, 30, 31, 0xEF, 0xF0, 0xF1, 0xFF,
 ];
 
 global_asm!(

@@ -82,7 +82,9 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
             exit(ExitCode::Failure)
         }
     };
-    let line = boot.cmdline();
+    // Multiboot loaders (QEMU, GRUB) put the image's path first: drop it.
+    let line = boot.cmdline().trim_start();
+    let line = line.split_once(' ').map_or("", |(_, rest)| rest.trim());
     let mut buf = [0u8; boot::MAX_CMDLINE];
     buf[..line.len()].copy_from_slice(line.as_bytes());
     CMDLINE.call_once(|| (buf, line.len()));
@@ -131,9 +133,15 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     let mut ids = [0u32; cpu::MAX_CPUS];
     ids[0] = bsp_id;
     let mut n = 1;
-    for &id in list.apic_ids[..list.enabled].iter().filter(|&&id| id != bsp_id) {
+    for &id in list.apic_ids[..list.enabled]
+        .iter()
+        .filter(|&&id| id != bsp_id)
+    {
         if n == cpu::MAX_CPUS {
-            kprintln!("umbra: more than {} CPUs listed; ignoring the rest", cpu::MAX_CPUS);
+            kprintln!(
+                "umbra: more than {} CPUs listed; ignoring the rest",
+                cpu::MAX_CPUS
+            );
             break;
         }
         ids[n] = id;

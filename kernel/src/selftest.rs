@@ -32,7 +32,10 @@ pub static TESTS: &[(&str, Test)] = &[
     ("percpu_data_on_every_cpu", percpu_data_on_every_cpu),
     ("timer_ticks_on_every_cpu", timer_ticks_on_every_cpu),
     ("shootdown_one_to_all", shootdown_one_to_all),
-    ("shootdown_guest_space_recorded", shootdown_guest_space_recorded),
+    (
+        "shootdown_guest_space_recorded",
+        shootdown_guest_space_recorded,
+    ),
     ("shootdown_all_cpus_1000_each", shootdown_all_cpus_1000_each),
     (
         "shootdown_all_cpus_interrupts_off",
@@ -101,14 +104,13 @@ fn frames_exhaustion_reported() -> Result<(), &'static str> {
     check(set.free_frames() == 100, "expected 100 free frames")?;
     let mut got = Vec::new();
     for _ in 0..100 {
-        got.push(set.alloc().map_err(|_| "allocation failed before exhaustion")?);
+        got.push(
+            set.alloc()
+                .map_err(|_| "allocation failed before exhaustion")?,
+        );
     }
     check(
-        set.alloc()
-            == Err(FrameError::Exhausted {
-                wanted: 1,
-                free: 0,
-            }),
+        set.alloc() == Err(FrameError::Exhausted { wanted: 1, free: 0 }),
         "101st allocation was not reported as exhaustion",
     )?;
     got.sort();
@@ -119,8 +121,12 @@ fn frames_exhaustion_reported() -> Result<(), &'static str> {
             .all(|f| (8..108).contains(&(f.start_address().as_u64() / FRAME_SIZE))),
         "a frame outside the usable region was handed out",
     )?;
-    set.free(got[50]).map_err(|_| "freeing an allocated frame failed")?;
-    check(set.alloc() == Ok(got[50]), "a freed frame did not come back")
+    set.free(got[50])
+        .map_err(|_| "freeing an allocated frame failed")?;
+    check(
+        set.alloc() == Ok(got[50]),
+        "a freed frame did not come back",
+    )
 }
 
 fn frames_double_free_refused() -> Result<(), &'static str> {
@@ -131,7 +137,10 @@ fn frames_double_free_refused() -> Result<(), &'static str> {
         set.free(f) == Err(FrameError::DoubleFree(f.start_address())),
         "second free of the same frame was not refused",
     )?;
-    check(set.free_frames() == 100, "double free changed the free count")
+    check(
+        set.free_frames() == 100,
+        "double free changed the free count",
+    )
 }
 
 fn frames_foreign_free_refused() -> Result<(), &'static str> {
@@ -147,12 +156,17 @@ fn frames_foreign_free_refused() -> Result<(), &'static str> {
         "freeing a frame beyond the bitmap was not refused",
     )?;
     set.reserve(PhysAddr::new(8 * FRAME_SIZE), FRAME_SIZE);
-    check(set.free_frames() == 99, "reserve did not take a free frame away")
+    check(
+        set.free_frames() == 99,
+        "reserve did not take a free frame away",
+    )
 }
 
 fn frames_contiguous_runs() -> Result<(), &'static str> {
     let mut set = small_set();
-    let run = set.alloc_contiguous(70).map_err(|_| "70-frame run not found")?;
+    let run = set
+        .alloc_contiguous(70)
+        .map_err(|_| "70-frame run not found")?;
     check(
         run.start_address().as_u64() == 8 * FRAME_SIZE,
         "first run not at the region start",
@@ -167,12 +181,16 @@ fn frames_contiguous_runs() -> Result<(), &'static str> {
     // Punch a hole: free frames 20..30 of the run, then ask for 15.
     set.free_contiguous(run + 20, 10)
         .map_err(|_| "freeing part of a run failed")?;
-    let big = set.alloc_contiguous(15).map_err(|_| "15-frame run not found")?;
+    let big = set
+        .alloc_contiguous(15)
+        .map_err(|_| "15-frame run not found")?;
     check(
         big.start_address().as_u64() == 78 * FRAME_SIZE,
         "15-frame run did not skip the 10-frame hole",
     )?;
-    let small = set.alloc_contiguous(10).map_err(|_| "10-frame hole not reused")?;
+    let small = set
+        .alloc_contiguous(10)
+        .map_err(|_| "10-frame hole not reused")?;
     check(small == run + 20, "10-frame run not placed in the hole")
 }
 
@@ -201,12 +219,21 @@ fn frames_kernel_allocator() -> Result<(), &'static str> {
 
 fn heap_alloc_and_free() -> Result<(), &'static str> {
     let v: Vec<u64> = (0..100_000).collect();
-    check(v.iter().sum::<u64>() == 4_999_950_000, "vector contents wrong")?;
+    check(
+        v.iter().sum::<u64>() == 4_999_950_000,
+        "vector contents wrong",
+    )?;
     let big = alloc::vec![0xA5u8; 4 << 20];
-    check(big.iter().all(|&b| b == 0xA5), "4 MiB buffer contents wrong")?;
+    check(
+        big.iter().all(|&b| b == 0xA5),
+        "4 MiB buffer contents wrong",
+    )?;
     drop(big);
     let again = alloc::vec![0x5Au8; 4 << 20];
-    check(again[(4 << 20) - 1] == 0x5A, "reallocated buffer contents wrong")?;
+    check(
+        again[(4 << 20) - 1] == 0x5A,
+        "reallocated buffer contents wrong",
+    )?;
     let b = Box::new([7u32; 1024]);
     check(b.iter().all(|&x| x == 7), "boxed array contents wrong")
 }
@@ -223,12 +250,13 @@ fn cmdline_words() -> Result<(), &'static str> {
         boot::arg_value(line, "smp") == Some("8"),
         "arg_value missed `key=value`",
     )?;
-    check(boot::arg_value(line, "x").is_none(), "arg_value invented a value")
+    check(
+        boot::arg_value(line, "x").is_none(),
+        "arg_value invented a value",
+    )
 }
 
-fn all_ok(
-    results: &[Option<Result<(), &'static str>>; cpu::MAX_CPUS],
-) -> Result<(), &'static str> {
+fn all_ok(results: &[Option<Result<(), &'static str>>; cpu::MAX_CPUS]) -> Result<(), &'static str> {
     for i in 0..cpu::count() {
         match results[i] {
             Some(Ok(())) => {}
@@ -242,7 +270,10 @@ fn all_ok(
 fn percpu_data_on_every_cpu() -> Result<(), &'static str> {
     all_ok(&smp::run_on(CpuSet::all(), || {
         let me = cpu::current();
-        check(me.apic_id() == apic::id(), "per-CPU APIC id differs from the LAPIC's")?;
+        check(
+            me.apic_id() == apic::id(),
+            "per-CPU APIC id differs from the LAPIC's",
+        )?;
         check(
             cpu::current_index_checked() == Some(me.index()),
             "GS base does not point at this CPU's entry",
@@ -324,9 +355,7 @@ fn stress(rounds: u64, interrupts_off: bool) -> Result<(), &'static str> {
         .map(|i| cpu::get(i).counters.snapshot())
         .collect();
     let job: cpu::Job = if interrupts_off {
-        || {
-            x86_64::instructions::interrupts::without_interrupts(|| stress_job(STRESS_ROUNDS / 4))
-        }
+        || x86_64::instructions::interrupts::without_interrupts(|| stress_job(STRESS_ROUNDS / 4))
     } else {
         || stress_job(STRESS_ROUNDS)
     };

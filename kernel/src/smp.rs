@@ -97,7 +97,9 @@ pub fn start_aps() -> usize {
     for i in 1..n {
         let c = cpu::get(i);
         match cpu::alloc_stack() {
-            Ok(top) => AP_STACK_TOPS[c.apic_id() as usize % 256].store(top.as_u64(), Ordering::Release),
+            Ok(top) => {
+                AP_STACK_TOPS[c.apic_id() as usize % 256].store(top.as_u64(), Ordering::Release)
+            }
             Err(e) => kprintln!("umbra: no stack for cpu {i}: {e:?}"),
         }
     }
@@ -108,7 +110,9 @@ pub fn start_aps() -> usize {
     for _ in 0..2 {
         for i in 1..n {
             let c = cpu::get(i);
-            if !c.is_online() && AP_STACK_TOPS[c.apic_id() as usize % 256].load(Ordering::Relaxed) != 0 {
+            if !c.is_online()
+                && AP_STACK_TOPS[c.apic_id() as usize % 256].load(Ordering::Relaxed) != 0
+            {
                 apic::send_sipi(c.apic_id(), (TRAMPOLINE >> 12) as u8);
             }
         }
