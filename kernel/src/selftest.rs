@@ -257,10 +257,10 @@ fn cmdline_words() -> Result<(), &'static str> {
 }
 
 fn all_ok(results: &[Option<Result<(), &'static str>>; cpu::MAX_CPUS]) -> Result<(), &'static str> {
-    for i in 0..cpu::count() {
-        match results[i] {
+    for result in &results[..cpu::count()] {
+        match result {
             Some(Ok(())) => {}
-            Some(Err(why)) => return Err(why),
+            Some(Err(why)) => return Err(*why),
             None => return Err("a CPU did not run the job"),
         }
     }
