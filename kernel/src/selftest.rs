@@ -286,12 +286,12 @@ fn timer_ticks_on_every_cpu() -> Result<(), &'static str> {
     all_ok(&smp::run_on(CpuSet::all(), || {
         let me = cpu::current();
         let before = me.ticks.load(Ordering::Relaxed);
-        apic::delay_us(50_000); // 5 periods at 100 Hz
+        apic::delay_us(200_000); // 20 periods at 100 Hz
         let ticks = me.ticks.load(Ordering::Relaxed) - before;
-        check(
-            (2..=20).contains(&ticks),
-            "timer ticks in 50 ms outside 2..=20 at 100 Hz",
-        )
+        // A descheduled vCPU thread merges periods (busy host), so only
+        // "running" and "not grossly too fast" are checked.
+        check(ticks >= 1, "no timer tick in 200 ms")?;
+        check(ticks <= 40, "more than 40 timer ticks in 200 ms at 100 Hz")
     }))
 }
 

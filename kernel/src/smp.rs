@@ -106,7 +106,7 @@ pub fn start_aps() -> usize {
     for i in 1..n {
         apic::send_init(cpu::get(i).apic_id());
     }
-    apic::calibrate(10);
+    apic::calibrate(5, 2);
     for _ in 0..2 {
         for i in 1..n {
             let c = cpu::get(i);
