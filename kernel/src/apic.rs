@@ -153,7 +153,8 @@ fn pit_window(ms: u64) -> (u64, u64) {
     let mut gate: Port<u8> = Port::new(0x61);
     let mut cmd: Port<u8> = Port::new(0x43);
     let mut ch2: Port<u8> = Port::new(0x42);
-    write(REG_TIMER_DIVIDE, 0b1011); // divide by 1
+    // Local APIC timer: divide by 1.
+    write(REG_TIMER_DIVIDE, 0b1011);
     // SAFETY: the PIT and the speaker gate are legacy ISA devices the kernel
     // owns; channel 2 is not used for anything else.
     let (t0, t1, apic_elapsed) = unsafe {
