@@ -13,7 +13,7 @@ use crate::shootdown::{FlushRequest, Reason, Scope, Space};
 use crate::{apic, boot, frames, kprintln, qemu, shootdown, smp};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicUsize, Ordering};
 use x86_64::structures::paging::PhysFrame;
 use x86_64::{PhysAddr, VirtAddr};
 
@@ -27,9 +27,11 @@ pub static TESTS: &[(&str, Test)] = &[
     ("frames_foreign_free_refused", frames_foreign_free_refused),
     ("frames_contiguous_runs", frames_contiguous_runs),
     ("frames_kernel_allocator", frames_kernel_allocator),
+    ("frames_alloc_zeroed", frames_alloc_zeroed),
     ("heap_alloc_and_free", heap_alloc_and_free),
     ("cmdline_words", cmdline_words),
     ("percpu_data_on_every_cpu", percpu_data_on_every_cpu),
+    ("percpu_slots_on_every_cpu", percpu_slots_on_every_cpu),
     ("timer_ticks_on_every_cpu", timer_ticks_on_every_cpu),
     ("shootdown_one_to_all", shootdown_one_to_all),
     (
@@ -217,6 +219,22 @@ fn frames_kernel_allocator() -> Result<(), &'static str> {
     check(frames::free_frames() == before, "free count did not return")
 }
 
+fn frames_alloc_zeroed() -> Result<(), &'static str> {
+    let f = frames::alloc().map_err(|_| "kernel allocator is empty")?;
+    let ptr = f.start_address().as_u64() as usize as *mut u8;
+    // SAFETY: the frame is ours until freed and identity-mapped.
+    unsafe { core::ptr::write_bytes(ptr, 0xEE, FRAME_SIZE as usize) };
+    frames::free(f).map_err(|_| "free failed")?;
+    let z = frames::alloc_zeroed().map_err(|_| "kernel allocator is empty")?;
+    let ptr = z.start_address().as_u64() as usize as *const u8;
+    // SAFETY: as above; the frame is read only while we own it.
+    let zeroed = unsafe { core::slice::from_raw_parts(ptr, FRAME_SIZE as usize) }
+        .iter()
+        .all(|&b| b == 0);
+    frames::free(z).map_err(|_| "free failed")?;
+    check(zeroed, "alloc_zeroed returned a frame with non-zero bytes")
+}
+
 fn heap_alloc_and_free() -> Result<(), &'static str> {
     let v: Vec<u64> = (0..100_000).collect();
     check(
@@ -280,6 +298,22 @@ fn percpu_data_on_every_cpu() -> Result<(), &'static str> {
         )?;
         check(me.is_online(), "running CPU not marked online")
     }))
+}
+
+static SLOTS: cpu::PerCpu<AtomicUsize> =
+    cpu::PerCpu::new([const { AtomicUsize::new(usize::MAX) }; cpu::MAX_CPUS]);
+
+fn percpu_slots_on_every_cpu() -> Result<(), &'static str> {
+    all_ok(&smp::run_on(CpuSet::all(), || {
+        SLOTS
+            .this()
+            .store(cpu::current().index(), Ordering::Relaxed);
+        Ok(())
+    }))?;
+    check(
+        (0..cpu::count()).all(|i| SLOTS.of(i).load(Ordering::Relaxed) == i),
+        "a CPU's PerCpu slot does not hold its own index",
+    )
 }
 
 fn timer_ticks_on_every_cpu() -> Result<(), &'static str> {

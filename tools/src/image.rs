@@ -125,6 +125,9 @@ pub fn boot(
     if !append.is_empty() {
         cmd.args(["-append", append]);
     }
+    if echo {
+        eprintln!("xtask: {cmd:?}");
+    }
     let start = Instant::now();
     let mut child = cmd
         .spawn()
