@@ -19,8 +19,9 @@
 //! Boot order: [`boot`] (Multiboot stub, long mode) -> [`serial`] ->
 //! [`frames`] and [`heap`] -> [`madt`] -> [`cpu`] (GDT/TSS/IDT/per-CPU) ->
 //! [`smp`] (APs, with [`apic`] timer calibration) -> self-tests or done.
-//! The command line (QEMU `-append`) selects: `test` runs [`selftest`],
-//! `test-fault` runs the expected-failure boot.
+//! The command line (QEMU `-append`) selects: `test` runs [`selftest`];
+//! `test-fault`, `test-panic`, `test-triple-fault` and `test-hang` are the
+//! expected-failure boots the runner checks.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
@@ -177,6 +178,15 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
 
     if boot::has_arg(cmdline(), "test-fault") {
         selftest::fault_on_last_cpu();
+    }
+    if boot::has_arg(cmdline(), "test-panic") {
+        selftest::panic_on_last_cpu();
+    }
+    if boot::has_arg(cmdline(), "test-triple-fault") {
+        selftest::triple_fault();
+    }
+    if boot::has_arg(cmdline(), "test-hang") {
+        selftest::hang();
     }
     if boot::has_arg(cmdline(), "test") {
         selftest::run_all();

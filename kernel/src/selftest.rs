@@ -83,6 +83,43 @@ pub fn fault_on_last_cpu() -> ! {
     qemu::exit(qemu::ExitCode::Failure)
 }
 
+/// The expected-failure run `test-panic`: the highest-numbered CPU panics.
+pub fn panic_on_last_cpu() -> ! {
+    let last = cpu::count() - 1;
+    smp::run_on(CpuSet::only(last), || {
+        panic!("deliberate panic (test-panic)")
+    });
+    kprintln!("umbra: test-panic: no panic happened");
+    qemu::exit(qemu::ExitCode::Failure)
+}
+
+/// The expected-failure run `test-triple-fault`: with an empty IDT, a
+/// breakpoint escalates to a triple fault, which QEMU (`-no-reboot`) turns
+/// into exit status 0; the runner must count that as a failure.
+pub fn triple_fault() -> ! {
+    let empty = x86_64::structures::DescriptorTablePointer {
+        limit: 0,
+        base: VirtAddr::zero(),
+    };
+    // SAFETY: deliberately not safe: the CPU must reset (triple fault).
+    unsafe {
+        x86_64::instructions::interrupts::disable();
+        x86_64::instructions::tables::lidt(&empty);
+        core::arch::asm!("int3");
+    }
+    qemu::exit(qemu::ExitCode::Failure)
+}
+
+/// The expected-failure run `test-hang`: never ends, so the runner's time
+/// limit must end it.
+pub fn hang() -> ! {
+    kprintln!("umbra: test-hang: spinning with interrupts off");
+    x86_64::instructions::interrupts::disable();
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
 /// The address `test-fault` writes to (canonical, not mapped).
 pub const FAULT_ADDR: u64 = 0xDE_ADBE_E000;
 
