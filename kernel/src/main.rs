@@ -199,6 +199,10 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     let cpu = cpu::current_index_checked().map_or(-1, |i| i as i64);
-    serial::print_emergency(format_args!("umbra: PANIC on cpu {cpu}: {info}\n"));
+    let (file, line) = info.location().map_or(("?", 0), |l| (l.file(), l.line()));
+    serial::print_emergency(format_args!(
+        "umbra: PANIC on cpu {cpu}: {} at {file}:{line}\n",
+        info.message()
+    ));
     qemu::exit(qemu::ExitCode::Failure)
 }
