@@ -166,15 +166,18 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
         apic::tsc_per_ms(),
         apic::apic_ticks_per_ms()
     );
+    if online != n {
+        kprintln!(
+            "umbra: only {online}/{n} CPUs came online within {} ms",
+            smp::AP_START_LIMIT_MS
+        );
+        exit(ExitCode::Failure)
+    }
     kprintln!(
-        "umbra: {online} CPUs online {}.{:03} ms after kernel entry",
+        "umbra: all {n} CPUs online {}.{:03} ms after kernel entry",
         us / 1000,
         us % 1000
     );
-    if online != n {
-        kprintln!("umbra: only {online}/{n} CPUs online");
-        exit(ExitCode::Failure)
-    }
 
     if boot::has_arg(cmdline(), "test-fault") {
         selftest::fault_on_last_cpu();
