@@ -105,7 +105,8 @@ pub fn boot(
     echo: bool,
 ) -> Result<Outcome> {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-machine", "q35", "-m", "512M", "-smp"])
+    // -nodefaults: no VGA, no NIC (whose option ROM slows the firmware).
+    cmd.args(["-machine", "q35", "-nodefaults", "-m", "512M", "-smp"])
         .arg(smp.to_string())
         .args([
             "-display",
