@@ -17,6 +17,7 @@ pub mod arch;
 pub mod history;
 pub mod machine;
 pub mod ram;
+pub mod random;
 pub mod scenarios;
 pub mod tlb;
 
@@ -96,4 +97,11 @@ pub fn run_closure(
     }
     script(&mut m)?;
     Ok(m.stats)
+}
+
+/// Runs one random sequence of `steps` operations from `seed` against a
+/// fresh server (see [`random`]); the failure's scenario names the seed.
+pub fn run_random(seed: u64, steps: u64, make: MakeServer<'_>, ram: Ram<'_>) -> Res<Stats> {
+    let name = format!("random seed {seed:#x} ({steps} steps)");
+    run_closure(&name, make, ram, &mut |m| random::random_run(m, seed, steps))
 }
