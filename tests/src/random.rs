@@ -201,11 +201,14 @@ pub fn random_run(m: &mut Machine<'_>, seed: u64, steps: u64) -> Res<()> {
         setup(m, &mut r, 0, na)?,
         setup(m, &mut r, na, (pc - na).clamp(1, 2))?,
     ];
+    let mut recents: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
     for _ in 0..steps {
-        let dom = &doms[if r.chance(65) { 0 } else { 1 }];
+        let which = if r.chance(65) { 0 } else { 1 };
+        let dom = &doms[which];
+        let recent = &mut recents[which];
         let v = r.pick(&dom.vcpus);
         ensure_running(m, &mut r, v)?;
-        match r.below(100) {
+        match r.below(104) {
             0..=49 => {
                 let gva = if r.chance(8) {
                     DIRECT + (r.below(RAM * 512) << 3)
@@ -225,6 +228,12 @@ pub fn random_run(m: &mut Machine<'_>, seed: u64, steps: u64) -> Res<()> {
                 }
                 let o = m.access(v, gva, acc, value)?;
                 judge(m, o, gva)?;
+                if gva < DIRECT && matches!(o, Outcome::Ok(_)) {
+                    if recent.len() == 8 {
+                        recent.remove(0);
+                    }
+                    recent.push(gva & !0xfff);
+                }
             }
             50..=71 => edit(m, &mut r, dom, v)?,
             72..=81 => {
@@ -255,6 +264,32 @@ pub fn random_run(m: &mut Machine<'_>, seed: u64, steps: u64) -> Res<()> {
                     nxe: !r.chance(20),
                 };
                 m.set_mode(v, ctrl)?;
+            }
+            99..=102 if !recent.is_empty() => {
+                // mprotect / munmap / remap of a page just used, then a
+                // shootdown: every running vCPU of the domain flushes it and
+                // touches it again.
+                let va = r.pick(&recent);
+                if let Some(ea) = m
+                    .entry_addr(dom.d, m.cr3(v), va, 1)
+                    .filter(|&ea| ea < RAM << 12)
+                {
+                    let old = m.peek(dom.d, ea).unwrap_or(0);
+                    let new = match r.below(3) {
+                        0 => old & !RW,
+                        1 => 0,
+                        _ => r.pick(&dom.data) << 12 | flags(&mut r),
+                    };
+                    let o = m.access(v, DIRECT + ea, Access::WRITE, new)?;
+                    judge(m, o, DIRECT + ea)?;
+                    for &w in &dom.vcpus {
+                        if m.running_on(w).is_some() {
+                            m.invlpg(w, va)?;
+                            let o = m.access(w, va, Access::WRITE, r.next() & 0xffff)?;
+                            judge(m, o, va)?;
+                        }
+                    }
+                }
             }
             _ => {
                 // A guest shootdown: every vCPU of the domain flushes one page.
