@@ -21,7 +21,7 @@ impl Rng {
         Rng(seed)
     }
     /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -30,7 +30,7 @@ impl Rng {
     }
     /// A number below `n` (n > 0).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
     /// True with probability `pct` percent.
     pub fn chance(&mut self, pct: u64) -> bool {
@@ -186,7 +186,7 @@ fn edit(m: &mut Machine<'_>, r: &mut Rng, dom: &Dom, v: usize) -> Res<()> {
         14 => old | 1 << r.pick(&[48u64, 50, 51]),
         15 => (RAM + r.below(1 << 20)) << 12 | FULL,
         16 if level > 1 => old | PS,
-        _ => old & !(arch::A | arch::D) | (r.next() & (arch::A | arch::D)),
+        _ => old & !(arch::A | arch::D) | (r.next_u64() & (arch::A | arch::D)),
     };
     let o = m.access(v, DIRECT + ea, Access::WRITE, new)?;
     judge(m, o, DIRECT + ea)
@@ -219,7 +219,7 @@ pub fn random_run(m: &mut Machine<'_>, seed: u64, steps: u64) -> Res<()> {
                 let value = if r.chance(30) {
                     r.pick(&dom.data) << 12 | flags(&mut r)
                 } else {
-                    r.next() & 0xffff_ffff
+                    r.next_u64() & 0xffff_ffff
                 };
                 // Plain data writes stay off the page tables most of the
                 // time so that the address spaces live long.
@@ -269,7 +269,7 @@ pub fn random_run(m: &mut Machine<'_>, seed: u64, steps: u64) -> Res<()> {
                 // mprotect / munmap / remap of a page just used, then a
                 // shootdown: every running vCPU of the domain flushes it and
                 // touches it again.
-                let va = r.pick(&recent);
+                let va = r.pick(recent);
                 if let Some(ea) = m
                     .entry_addr(dom.d, m.cr3(v), va, 1)
                     .filter(|&ea| ea < RAM << 12)
@@ -285,7 +285,7 @@ pub fn random_run(m: &mut Machine<'_>, seed: u64, steps: u64) -> Res<()> {
                     for &w in &dom.vcpus {
                         if m.running_on(w).is_some() {
                             m.invlpg(w, va)?;
-                            let o = m.access(w, va, Access::WRITE, r.next() & 0xffff)?;
+                            let o = m.access(w, va, Access::WRITE, r.next_u64() & 0xffff)?;
                             judge(m, o, va)?;
                         }
                     }
