@@ -13,7 +13,6 @@ const V0: VcpuId = VcpuId(10);
 const V1: VcpuId = VcpuId(11);
 const P0: PcpuId = PcpuId(0);
 const P1: PcpuId = PcpuId(1);
-const P2: PcpuId = PcpuId(2);
 const MODE: PagingMode = PagingMode(PagingMode::WP | PagingMode::NXE);
 const W: u32 = PfErrorCode::W;
 const U: u32 = PfErrorCode::U;
@@ -422,7 +421,7 @@ fn zap_all_defers_frames_of_running_vcpus() {
     w.fault(V0, P0, 0x1000, 0);
     w.fault(V1, P1, 0x1000, 0);
     assert_eq!(mem.frames_in_use(), 2 + 6);
-    // Zap-all from P2 while both run: unhooked now, freed when each is out
+    // Zap-all from elsewhere while both run: unhooked now, freed when each is out
     // of the guest.
     let r = send(&w.s, MmuRequest::ZapAll { domain: D });
     assert_eq!(
@@ -926,7 +925,7 @@ fn eight_pcpus_fault_concurrently_on_one_domain() {
                     },
                 );
                 for i in 0..256u64 {
-                    let code = if (i + c as u64) % 3 == 0 { W | U } else { U };
+                    let code = if (i + c as u64).is_multiple_of(3) { W | U } else { U };
                     let r = send(
                         &**s,
                         MmuRequest::PageFault {
@@ -946,7 +945,7 @@ fn eight_pcpus_fault_concurrently_on_one_domain() {
         let gva = Gva(0x1000_0000 + (i << 12));
         let e = t.read(t.entry(pml4, gva, 1).unwrap());
         assert_ne!(e & PTE_A, 0);
-        let written = (0..8u64).any(|c| (i + c) % 3 == 0);
+        let written = (0..8u64).any(|c| (i + c).is_multiple_of(3));
         assert_eq!(e & PTE_D != 0, written);
     }
 }
