@@ -925,7 +925,11 @@ fn eight_pcpus_fault_concurrently_on_one_domain() {
                     },
                 );
                 for i in 0..256u64 {
-                    let code = if (i + c as u64).is_multiple_of(3) { W | U } else { U };
+                    let code = if (i + c as u64).is_multiple_of(3) {
+                        W | U
+                    } else {
+                        U
+                    };
                     let r = send(
                         &**s,
                         MmuRequest::PageFault {
