@@ -395,7 +395,7 @@ impl MmuServer for Emulating<'_> {
         let st = self.st.lock().unwrap();
         let d = st.dom_of.get(&vcpu.0).copied().unwrap_or(0);
         match (size, st.maps.get(&d).and_then(|m| Self::hpa(m, gpa.0))) {
-            (8, Some(h)) if gpa.0 % 8 == 0 => {
+            (8, Some(h)) if gpa.0.is_multiple_of(8) => {
                 let _ = self.phys.write_u64(Hpa(h), value);
                 MmuReply::WriteDone { flush: None }
             }
