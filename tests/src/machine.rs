@@ -130,6 +130,8 @@ pub struct Stats {
     pub emulated: u64,
     /// Flush obligations carried out (per pCPU).
     pub flushes: u64,
+    /// The most shadow-pool frames the server held at once.
+    pub peak_pool: u64,
 }
 
 struct Dom {
