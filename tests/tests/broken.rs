@@ -26,6 +26,9 @@ enum Bug {
     LoseDirty,
     /// Points every leaf it just filled at a frame outside the guest.
     OutsideFrame,
+    /// Flushes only the requesting pCPU (forgets where a vCPU ran before),
+    /// and never when a vCPU comes back to a pCPU.
+    FlushOnlyHere,
 }
 
 struct Broken<'a> {
@@ -33,6 +36,25 @@ struct Broken<'a> {
     phys: &'a SuitePhys<'a>,
     bug: Bug,
     roots: Mutex<BTreeMap<u32, u64>>,
+}
+
+fn only_here(r: MmuReply, pcpu: PcpuId) -> MmuReply {
+    r.flush().map_or(r.clone(), |f| {
+        let f = FlushObligation {
+            cpus: f.cpus.intersection(CpuSet::single(pcpu)),
+            scope: f.scope,
+        };
+        match r {
+            MmuReply::Done { .. } => MmuReply::Done { flush: Some(f) },
+            MmuReply::Resume { .. } => MmuReply::Resume { flush: Some(f) },
+            MmuReply::LoadShadowRoot { vcpu, root, .. } => MmuReply::LoadShadowRoot {
+                vcpu,
+                root,
+                flush: Some(f),
+            },
+            other => other,
+        }
+    })
 }
 
 fn without_flush(r: MmuReply) -> MmuReply {
@@ -94,7 +116,12 @@ impl MmuServer for Broken<'_> {
         self.inner.create_vcpu(domain, vcpu)
     }
     fn vcpu_scheduled(&self, vcpu: VcpuId, pcpu: PcpuId) -> MmuReply {
-        self.note(self.inner.vcpu_scheduled(vcpu, pcpu))
+        let r = self.note(self.inner.vcpu_scheduled(vcpu, pcpu));
+        if self.bug == Bug::FlushOnlyHere {
+            without_flush(r)
+        } else {
+            r
+        }
     }
     fn vcpu_descheduled(&self, vcpu: VcpuId, pcpu: PcpuId) -> MmuReply {
         self.inner.vcpu_descheduled(vcpu, pcpu)
@@ -124,17 +151,22 @@ impl MmuServer for Broken<'_> {
         r
     }
     fn write_cr3(&self, vcpu: VcpuId, pcpu: PcpuId, cr3: GuestCr3) -> MmuReply {
-        self.note(self.inner.write_cr3(vcpu, pcpu, cr3))
+        let r = self.note(self.inner.write_cr3(vcpu, pcpu, cr3));
+        if self.bug == Bug::FlushOnlyHere {
+            only_here(r, pcpu)
+        } else {
+            r
+        }
     }
     fn set_paging_mode(&self, vcpu: VcpuId, pcpu: PcpuId, mode: PagingMode) -> MmuReply {
         self.note(self.inner.set_paging_mode(vcpu, pcpu, mode))
     }
     fn invlpg(&self, vcpu: VcpuId, pcpu: PcpuId, gva: Gva) -> MmuReply {
         let r = self.note(self.inner.invlpg(vcpu, pcpu, gva));
-        if self.bug == Bug::SkipFlush {
-            without_flush(r)
-        } else {
-            r
+        match self.bug {
+            Bug::SkipFlush => without_flush(r),
+            Bug::FlushOnlyHere => only_here(r, pcpu),
+            _ => r,
         }
     }
     fn emulated_write(
@@ -272,13 +304,12 @@ fn a_frame_outside_the_guest_is_caught() {
 }
 
 #[test]
-fn cpu_set_is_used() {
-    // Keep the abi imports honest: a flush obligation names a CPU set.
-    let f = FlushObligation {
-        cpus: CpuSet::single(PcpuId(3)),
-        scope: abi::FlushScope::All,
-    };
-    assert!(f.cpus.contains(PcpuId(3)));
+fn a_flush_of_only_the_current_pcpu_is_caught() {
+    caught(
+        Bug::FlushOnlyHere,
+        &["migration"],
+        "translation allowed by the guest tables (TLB",
+    );
 }
 
 /// A correct variant that exercises the suite's EmulateWrite path: every
