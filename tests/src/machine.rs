@@ -911,6 +911,12 @@ impl<'m> Machine<'m> {
                     vcpu: self.vcpus[v].id,
                     pcpu: PcpuId(p as u32),
                 })?;
+                if let MmuReply::Error { reason, flush } = r {
+                    // E.g. no pool frame for the new root: the vCPU cannot
+                    // run now (the kernel would retry later).
+                    self.flush(d, flush);
+                    return Ok(Outcome::Refused(reason));
+                }
                 self.take_root(v, r, "VcpuScheduled (reload)")?;
             }
             let ec = match self.hw(v, p, gva, acc)? {
