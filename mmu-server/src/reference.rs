@@ -29,23 +29,25 @@
 //!   leaves it injects #PF with P | RSVD (see [`crate::walk`]).
 //!
 //! # Flushes and frame reuse
+//! Per vCPU the server tracks `ran_on` (pCPUs whose TLB may hold entries of
+//! its tree since it was last emptied) and `must_flush` (pCPUs to flush
+//! before the vCPU next runs there, because they may still cache entries of
+//! an emptied tree whose frames were reused). Emptying a tree yields a flush
+//! of `ran_on` and `must_flush` (scope All) and adds `ran_on` to
+//! `must_flush`; any later request from the vCPU on a pCPU in `must_flush`
+//! (including `VcpuScheduled`) gets a flush of that pCPU merged into its
+//! reply, and only that removes the pCPU from the set. The tree's frames are
+//! freed at once when the vCPU is out of the guest (the request is its own,
+//! or it is descheduled); otherwise they are kept, unhooked, until its next
+//! request or `VcpuDescheduled`. So a frame is reused only when no pCPU can
+//! walk it before a flush.
+//!
 //! Invariant: on the pCPUs of `ran_on`, the TLB never holds, for a vCPU, a
 //! translation wider than that vCPU's current shadow tree (replacing a
 //! present leaf flushes the page on `ran_on`; write-protecting flushes
 //! `ran_on`; emptying the tree moves `ran_on` into `must_flush`). Dirty
 //! logging depends on it: write-protecting for the log flushes `ran_on` (if
 //! a leaf changed) and `must_flush` (always).
-//!
-//! Per vCPU the server tracks `ran_on` (pCPUs whose TLB may hold entries of
-//! its tree since it was last emptied) and `must_flush` (pCPUs to flush
-//! before the vCPU next runs there). Emptying a tree yields a flush of
-//! `ran_on` (scope All) and adds `ran_on` to `must_flush`; any later request
-//! from the vCPU on a pCPU in `must_flush` (including `VcpuScheduled`) gets
-//! a flush of that pCPU merged into its reply. The tree's frames are freed at
-//! once when the vCPU is out of the guest (the request is its own, or it is
-//! descheduled); otherwise they are kept, unhooked, until its next request or
-//! `VcpuDescheduled`. So a frame is reused only when no pCPU can walk it
-//! before a flush.
 //!
 //! # Out of shadow frames
 //! A fault that finds the pool empty empties the vCPU's own tree and
@@ -212,7 +214,10 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
     ) -> Result<(), MmuError> {
         let mut frames = Vec::new();
         let collected = shadow::collect(self.mem, v.root, &mut frames);
-        add(flush, all(v.ran_on));
+        // `must_flush` pCPUs may still cache entries of an earlier tree
+        // (emptied without a flush, see pool exhaustion): a zap-all for a
+        // memory-map change must reach them too.
+        add(flush, all(v.ran_on.union(v.must_flush)));
         v.must_flush = v.must_flush.union(v.ran_on);
         v.ran_on = CpuSet::EMPTY;
         if let Some(p) = current {
