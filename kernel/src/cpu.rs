@@ -183,9 +183,11 @@ pub struct Cpu {
     tables: UnsafeCell<Tables>,
 }
 
-// SAFETY: all fields but `tables` are atomics or locks; `tables` is written
-// only by the owning CPU in `init_this_cpu`, before the CPU loads them, and
-// never touched again by software (the CPU reads them through GDTR/IDTR/TR).
+// SAFETY: all fields but `tables` are atomics, arrays of atomics or locks.
+// `tables` is written only in `init_this_cpu`, which runs once, on the
+// owning CPU, before that CPU loads them; after that no software reads or
+// writes them (the CPU uses them through GDTR, IDTR and TR), so no two
+// threads ever access them at once.
 unsafe impl Sync for Cpu {}
 
 impl Cpu {
@@ -380,7 +382,11 @@ pub unsafe fn init_this_cpu(index: usize) -> Result<(), frames::FrameError> {
         // The bootstrap CPU, before any other runs (see `prepare_stacks`).
         prepare_stacks(index)?;
     }
-    let ist = |kind| cpu.stack(kind).map_or(VirtAddr::zero(), |(_, top)| top);
+    let ist = |kind| {
+        cpu.stack(kind)
+            .expect("prepare_stacks records every stack")
+            .1
+    };
     // SAFETY: the caller promises this runs once, on CPU `index` itself,
     // before the tables are loaded; no other code reads or writes a CPU's
     // tables (see `Sync`), so this is the only reference to them.
@@ -391,13 +397,20 @@ pub unsafe fn init_this_cpu(index: usize) -> Result<(), frames::FrameError> {
         ist(StackKind::MachineCheck);
     let code = tables.gdt.append(Descriptor::kernel_code_segment());
     let data = tables.gdt.append(Descriptor::kernel_data_segment());
-    // SAFETY: the TSS lives in a static and is never moved or freed.
+    // The IDT gates name the kernel code segment as selector 0x08.
+    assert_eq!(code.0, 0x08, "kernel code selector is not 0x08");
+    // SAFETY: the descriptor points at this CPU's TSS, which lives in the
+    // static CPUS (never moved or freed) for as long as TR uses it.
     let tss = tables
         .gdt
         .append(unsafe { Descriptor::tss_segment_unchecked(&tables.tss) });
     tables.idt.fill();
-    // SAFETY: the GDT and IDT live in a static for the kernel's lifetime;
-    // the selectors were just appended to this GDT.
+    // SAFETY: the GDT, TSS and IDT live in the static CPUS for the kernel's
+    // lifetime and are not written after this. `code` and `data` are the
+    // flat 64-bit kernel segments just appended to this GDT (so the running
+    // code and stack stay addressable), `tss` is a fresh, not busy TSS
+    // descriptor whose IST entries are mapped stacks, and every IDT gate
+    // uses selector 0x08 = `code` (checked above).
     unsafe {
         tables.gdt.load_unsafe();
         CS::set_reg(code);

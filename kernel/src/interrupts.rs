@@ -184,7 +184,9 @@ impl Idt {
                 18 => cpu::IST_MACHINE_CHECK,
                 _ => 0,
             };
-            // SAFETY: the table is a static of stub addresses from global_asm.
+            // SAFETY: `umbra_isr_table` is defined in the global_asm above
+            // with one `.quad` per entry of STUB_VECTORS (so the declared
+            // length is right), lives in .rodata and is never written.
             let handler = unsafe { umbra_isr_table[i] };
             self.0[v as usize] = Gate::interrupt(handler, ist);
         }
@@ -221,7 +223,9 @@ pub fn exception_name(vector: u64) -> &'static str {
 }
 
 extern "C" fn dispatch(frame: *mut Frame) {
-    // SAFETY: the stub passes a pointer to the frame it built on this stack.
+    // SAFETY: the stub passes RSP, which points at the Frame it just
+    // pushed (layout matches `Frame`, repr(C)); it stays valid and is used
+    // by nothing else until this function returns.
     let frame = unsafe { &mut *frame };
     match frame.vector as u8 {
         v if v == SHOOTDOWN_VECTOR => {

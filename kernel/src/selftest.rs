@@ -87,9 +87,19 @@ pub fn fault_on_last_cpu() -> ! {
     let last = cpu::count() - 1;
     kprintln!("umbra: test-fault: cpu {last} writes to {FAULT_ADDR:#x}");
     smp::run_on(CpuSet::only(last), || {
-        // SAFETY: deliberately not safe: the address is unmapped (above the
-        // identity-mapped 4 GiB) and the write must raise #PF.
-        unsafe { (FAULT_ADDR as *mut u64).write_volatile(0xBAD) };
+        // SAFETY: a store through inline asm, not a Rust pointer write: it
+        // targets FAULT_ADDR, which is canonical, above the identity-mapped
+        // 4 GiB, unmapped and part of no Rust allocation. It either faults
+        // (the intended outcome; the handler ends the run) or changes no
+        // memory Rust code can see.
+        unsafe {
+            core::arch::asm!(
+                "mov qword ptr [{a}], {v}",
+                a = in(reg) FAULT_ADDR,
+                v = in(reg) 0xBADu64,
+                options(nostack, preserves_flags),
+            );
+        }
         Err("the write to an unmapped address did not fault")
     });
     kprintln!("umbra: test-fault: no fault happened");
@@ -114,7 +124,10 @@ pub fn triple_fault() -> ! {
         limit: 0,
         base: VirtAddr::zero(),
     };
-    // SAFETY: deliberately not safe: the CPU must reset (triple fault).
+    // SAFETY: with interrupts off, IDTR is pointed at an empty table and
+    // `int3` raised: the breakpoint cannot be delivered (#GP), nor can that
+    // (#DF), so the CPU shuts down and QEMU (`-no-reboot`) ends. No memory
+    // is written and no code after this block runs.
     unsafe {
         x86_64::instructions::interrupts::disable();
         x86_64::instructions::tables::lidt(&empty);
