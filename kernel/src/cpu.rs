@@ -309,13 +309,12 @@ pub fn current_index_checked() -> Option<usize> {
 
 /// Allocates a stack of `frames` 4 KiB frames plus one guard frame below
 /// it, unmaps the guard (see [`paging::unmap_page`]) and returns (guard,
-/// top). The guard frame stays allocated: it is never handed out again.
+/// top). The guard frame is retired: never handed out or freed again.
 fn guarded_stack(frames: u64) -> Result<(VirtAddr, VirtAddr), frames::FrameError> {
-    let first = frames::alloc_contiguous(frames + 1)?
-        .start_address()
-        .as_u64();
-    let guard = VirtAddr::new(first);
+    let first = frames::alloc_contiguous(frames + 1)?;
+    let guard = VirtAddr::new(first.start_address().as_u64());
     paging::unmap_page(guard)?;
+    frames::retire(first);
     Ok((guard, guard + (frames + 1) * frames::FRAME_SIZE))
 }
 

@@ -446,6 +446,11 @@ fn guard_pages_below_every_stack() -> Result<(), &'static str> {
                     "a page next to a guard page lost its identity mapping",
                 )?;
             }
+            let frame = PhysFrame::containing_address(PhysAddr::new(guard.as_u64()));
+            check(
+                !matches!(frames::free(frame), Ok(()) | Err(FrameError::DoubleFree(_))),
+                "a guard page's frame could be freed (and handed out unmapped)",
+            )?;
             check(
                 cpu::stack_guard_owner(guard.as_u64() + 0x123) == Some((i, kind)),
                 "the fault report would not name a guard page's CPU and stack",
