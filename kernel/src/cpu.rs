@@ -1,4 +1,4 @@
-//! Per-CPU data (found through the GS base), CPU sets, and each CPU's own GDT, TSS and IDT.
+//! Per-CPU data (found through the GS base), CPU sets, each CPU's own GDT, TSS and IDT, and its stacks (each with an unmapped guard page below).
 
 use crate::{apic, frames, interrupts, paging, shootdown};
 use core::cell::UnsafeCell;
