@@ -67,6 +67,9 @@ impl StackKind {
     }
 }
 
+// A CPU index is a bit of the abi's set.
+const _: () = assert!(MAX_CPUS == abi::CpuSet::MAX_CPUS as usize);
+
 /// A set of CPUs by index (bit i = CPU i): the wire type of [`abi`], re-exported.
 /// [`CpuSetExt`] adds the kernel's index-based helpers.
 pub use abi::CpuSet;
