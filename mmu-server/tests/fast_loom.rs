@@ -220,7 +220,7 @@ fn gate_turns_fast_faults_away_while_pending() {
         });
         gate.synchronize(thread::yield_now);
         t.join().unwrap();
-        assert_eq!(gate.enter(), true);
+        assert!(gate.enter());
         gate.exit();
     });
 }
