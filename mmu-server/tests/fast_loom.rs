@@ -104,7 +104,12 @@ fn aba_model<G: Gate + Send + Sync + 'static>(gate: G) {
     let fast = {
         let w = w.clone();
         thread::spawn(move || {
-            fast_fix_write(&w.gate, &w.spte, |_| Some(w.gfn_of_mfn.load()), &w.dirty)
+            fast_fix_write(
+                &w.gate,
+                || Some(&w.spte),
+                |_| Some(w.gfn_of_mfn.load()),
+                &w.dirty,
+            )
         })
     };
     // The locked path (it holds the domain lock: one synchronizer at a time).
@@ -164,7 +169,7 @@ fn wp_model(atomic_update: bool) {
     });
     let fast = {
         let w = w.clone();
-        thread::spawn(move || fast_fix_write(&w.gate, &w.spte, |_| Some(GFN1), &w.dirty))
+        thread::spawn(move || fast_fix_write(&w.gate, || Some(&w.spte), |_| Some(GFN1), &w.dirty))
     };
     let other_pcpu = {
         let w = w.clone();

@@ -98,6 +98,30 @@ pub trait Cell64 {
     }
 }
 
+impl<T: Cell64> Cell64 for &T {
+    fn load(&self) -> u64 {
+        (**self).load()
+    }
+    fn compare_exchange(&self, current: u64, new: u64) -> Result<u64, u64> {
+        (**self).compare_exchange(current, new)
+    }
+    fn store(&self, v: u64) {
+        (**self).store(v)
+    }
+    fn swap(&self, v: u64) -> u64 {
+        (**self).swap(v)
+    }
+    fn fetch_add(&self, v: u64) -> u64 {
+        (**self).fetch_add(v)
+    }
+    fn fetch_sub(&self, v: u64) -> u64 {
+        (**self).fetch_sub(v)
+    }
+    fn fetch_or(&self, v: u64) -> u64 {
+        (**self).fetch_or(v)
+    }
+}
+
 impl Cell64 for core::sync::atomic::AtomicU64 {
     fn load(&self) -> u64 {
         self.load(core::sync::atomic::Ordering::SeqCst)
@@ -205,18 +229,23 @@ pub enum FastOutcome {
     Raced,
 }
 
-/// The fast page fault on one leaf entry: if `spte` is present, read-only
-/// and [`SPTE_FAST_W`], restore W with one CAS and log the gfn that
-/// `gfn_of` derives from the entry value, all inside `gate`.
-pub fn fast_fix_write(
+/// The fast page fault: inside `gate`, `locate` finds the leaf entry (it may
+/// walk shadow frames: they are not freed while a fast fault is inside the
+/// gate); if the entry is present, read-only and [`SPTE_FAST_W`], restore W
+/// with one CAS and log the gfn that `gfn_of` derives from the entry value.
+pub fn fast_fix_write<C: Cell64>(
     gate: &impl Gate,
-    spte: &impl Cell64,
+    locate: impl FnOnce() -> Option<C>,
     gfn_of: impl Fn(u64) -> Option<u64>,
     dirty: &impl DirtyLog,
 ) -> FastOutcome {
     if !gate.enter() {
         return FastOutcome::Raced;
     }
+    let Some(spte) = locate() else {
+        gate.exit();
+        return FastOutcome::NotFast;
+    };
     let old = spte.load();
     let outcome = if old & SPTE_P == 0 || old & SPTE_FAST_W == 0 {
         FastOutcome::NotFast
