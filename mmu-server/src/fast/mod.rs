@@ -274,10 +274,10 @@ struct Inner<P> {
     requester: Option<PcpuId>,
 }
 
-/// The fast server over physical memory `M` with shadow-L4 policy `P`.
-pub struct FastServer<M, P> {
+/// The fast server over physical memory `mem` with shadow-L4 policy `P`.
+pub struct FastServer<'m, P> {
     name: &'static str,
-    mem: M,
+    mem: &'m dyn PhysMem,
     inner: spin::Mutex<Inner<P>>,
     fast: spin::RwLock<BTreeMap<u32, VcpuFast>>,
     stats: Stats,
@@ -310,9 +310,9 @@ fn spte_frame(v: u64) -> Mfn {
     Mfn((v & SPTE_ADDR) >> 12)
 }
 
-impl<M: PhysMem, P: L4Policy> FastServer<M, P> {
+impl<'m, P: L4Policy> FastServer<'m, P> {
     /// A server named `name` (its registry name) over `mem`.
-    pub fn new(name: &'static str, mem: M) -> Self {
+    pub fn new(name: &'static str, mem: &'m dyn PhysMem) -> Self {
         Self {
             name,
             mem,
@@ -340,8 +340,8 @@ impl<M: PhysMem, P: L4Policy> FastServer<M, P> {
     }
 
     /// The physical memory the server uses.
-    pub fn mem(&self) -> &M {
-        &self.mem
+    pub fn mem(&self) -> &'m dyn PhysMem {
+        self.mem
     }
 
     /// Live shadow pages of `domain` in its current generation.
@@ -373,7 +373,7 @@ impl<M: PhysMem, P: L4Policy> FastServer<M, P> {
         }
         inner.requester = requester;
         inner.flush = Flush::default();
-        let reply = f(&mut inner, &self.mem, &self.stats);
+        let reply = f(&mut inner, self.mem, &self.stats);
         let flush = core::mem::take(&mut inner.flush);
         reply.add_flush(flush.0)
     }
@@ -383,7 +383,7 @@ impl<M: PhysMem, P: L4Policy> FastServer<M, P> {
     pub fn audit(&self) -> Result<(), alloc::string::String> {
         use alloc::format;
         let inner = self.inner.lock();
-        let mem: &dyn PhysMem = &self.mem;
+        let mem: &dyn PhysMem = self.mem;
         for (&did, d) in &inner.domains {
             let mut parents: BTreeMap<u32, BTreeSet<u64>> = BTreeMap::new();
             let mut rmaps: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
@@ -462,7 +462,7 @@ impl<M: PhysMem, P: L4Policy> FastServer<M, P> {
         if root == 0 {
             return None;
         }
-        let mem: &dyn PhysMem = &self.mem;
+        let mem: &dyn PhysMem = self.mem;
         let locate = || {
             let mut table = Mfn(root >> 12);
             for level in (2..=4u8).rev() {
@@ -1191,7 +1191,7 @@ impl<P: L4Policy> Inner<P> {
     }
 }
 
-impl<M: PhysMem, P: L4Policy> MmuServer for FastServer<M, P> {
+impl<P: L4Policy> MmuServer for FastServer<'_, P> {
     fn name(&self) -> &'static str {
         self.name
     }

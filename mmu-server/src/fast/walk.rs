@@ -24,7 +24,7 @@ pub const G_NX: u64 = 1 << 63;
 /// Guest entry: address bits.
 pub const G_ADDR: u64 = 0x000f_ffff_ffff_f000;
 /// Guest physical-address width (MAXPHYADDR) the walker enforces.
-pub const MAXPHYADDR: u32 = 52;
+pub const MAXPHYADDR: u32 = 48;
 
 /// The guest frame backing `gfn` in `memory`.
 pub fn gfn_to_mfn(memory: &MemoryMap, gfn: Gfn) -> Option<Mfn> {
