@@ -48,7 +48,7 @@ fn run<P: L4Policy>(name: &'static str, seed: u64, steps: usize) {
             m.schedule(v, i).map_err(e)?;
             m.write_cr3(v, spaces[i % spaces.len()]).map_err(e)?;
         }
-        let mut rng = Rng(seed | 1);
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let data: Vec<u64> = (0..24).map(|_| m.alloc_gfn(d)).collect();
         for step in 0..steps {
             let v = vs[rng.below(vs.len() as u64) as usize];
