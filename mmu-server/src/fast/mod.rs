@@ -64,7 +64,7 @@
 //! - **G1/G2**: see [`lockless`].
 //! - **Z1**: a current-generation page only links current-generation pages.
 
-extern crate alloc;
+
 
 pub mod lockless;
 pub mod policy;
