@@ -162,6 +162,8 @@ struct Vcpu {
     pcpu: Option<usize>,
     root: Option<u64>,
     need_root: bool,
+    /// SetPagingMode was sent (after the first VcpuScheduled).
+    mode_sent: bool,
     /// History state at the vCPU's last full flush (CR3 write, mode change).
     flush_seq: usize,
     /// History state at the last INVLPG per 4 KiB page.
@@ -192,6 +194,9 @@ pub struct Machine<'m> {
     epoch: u64,
     /// The access being served this step (for judging guest A/D writes).
     cur_access: Option<(usize, u64, Access)>,
+    /// The guest walk's path for it when it began, and whether it ended in
+    /// a leaf (the last entry).
+    cur_path: (Vec<u64>, bool),
     /// Emulated writes of this step: (dom, gpa, value).
     cur_emulated: Vec<(usize, u64, u64)>,
     /// Counters.
@@ -228,6 +233,7 @@ impl<'m> Machine<'m> {
             cache: BTreeMap::new(),
             epoch: 0,
             cur_access: None,
+            cur_path: (Vec::new(), false),
             cur_emulated: Vec::new(),
             stats: Stats::default(),
         }
@@ -329,9 +335,8 @@ impl<'m> Machine<'m> {
                             || e.va >= end
                     })
                 }
-                FlushScope::All | FlushScope::AllReloadRoots => {
-                    tlb.entries.retain(|e| !mine.contains(&e.vcpu))
-                }
+                // A full flush of every guest ASID on the pCPU.
+                FlushScope::All | FlushScope::AllReloadRoots => tlb.flush_all(),
             }
         }
         if f.scope == FlushScope::AllReloadRoots {
@@ -457,7 +462,8 @@ impl<'m> Machine<'m> {
         self.check()
     }
 
-    /// Creates a vCPU in domain `d` with paging mode `ctrl`; returns its index.
+    /// Creates a vCPU in domain `d` with paging mode `ctrl` (sent when it is
+    /// first scheduled); returns its index.
     pub fn create_vcpu(&mut self, d: usize, ctrl: Ctrl) -> Res<usize> {
         let id = VcpuId(self.vcpus.len() as u32 + 1);
         self.begin(format!(
@@ -477,12 +483,12 @@ impl<'m> Machine<'m> {
             pcpu: None,
             root: None,
             need_root: true,
+            mode_sent: false,
             flush_seq: self.doms[d].hist.now(),
             invl: BTreeMap::new(),
         });
         let v = self.vcpus.len() - 1;
         self.check()?;
-        self.set_mode(v, ctrl)?;
         Ok(v)
     }
 
@@ -529,7 +535,13 @@ impl<'m> Machine<'m> {
         self.vcpus[v].pcpu = Some(p);
         self.pcpus[p].vcpu = Some(v);
         self.take_root(v, r, "VcpuScheduled")?;
-        self.check()
+        self.check()?;
+        if !self.vcpus[v].mode_sent {
+            self.vcpus[v].mode_sent = true;
+            let ctrl = self.vcpus[v].ctrl;
+            self.set_mode(v, ctrl)?;
+        }
+        Ok(())
     }
 
     /// Takes vCPU `v` off its pCPU.
@@ -553,8 +565,8 @@ impl<'m> Machine<'m> {
 
     /// The guest changes CR0.WP / EFER.NXE (a full TLB flush for it).
     pub fn set_mode(&mut self, v: usize, ctrl: Ctrl) -> Res<()> {
+        let p = self.pcpu_of(v)?;
         self.begin(format!("SetPagingMode {} {ctrl:?}", self.vcpus[v].id.0));
-        let p = self.vcpus[v].pcpu.unwrap_or(0);
         let r = self.call(&MmuRequest::SetPagingMode {
             vcpu: self.vcpus[v].id,
             pcpu: PcpuId(p as u32),
@@ -850,6 +862,8 @@ impl<'m> Machine<'m> {
         let d = self.vcpus[v].dom;
         let gva = gva & !7;
         self.cur_access = Some((v, gva, acc));
+        let w = self.guest_walk_now(v, gva);
+        self.cur_path = (w.path().to_vec(), matches!(w, Walk::Ok(_)));
         for _ in 0..MAX_RETRY {
             if self.vcpus[v].need_root {
                 let r = self.call(&MmuRequest::VcpuScheduled {
@@ -1277,15 +1291,13 @@ impl<'m> Machine<'m> {
             }
             let changed = fw.old ^ fw.new;
             let ad_only = changed & !(arch::A | arch::D) == 0 && fw.new & changed == changed;
-            let on_path = self.cur_access.and_then(|(v, gva, acc)| {
+            let on_path = self.cur_access.and_then(|(v, _, acc)| {
                 if self.vcpus[v].dom != d {
                     return None;
                 }
-                let w = self.guest_walk_now(v, gva);
-                let path = w.path();
-                let pos = path.iter().position(|&a| a == gpa)?;
-                let is_leaf = matches!(w, Walk::Ok(l) if pos + 1 == l.depth);
-                Some(is_leaf && acc.write)
+                let (path, ok) = &self.cur_path;
+                let pos = path.iter().rposition(|&a| a == gpa)?;
+                Some(*ok && pos + 1 == path.len() && acc.write)
             });
             let ok = ad_only
                 && match on_path {
