@@ -31,7 +31,7 @@ fn run<P: L4Policy>(name: &'static str, seed: u64, steps: usize) {
     let words: Vec<AtomicU64> = (0..FRAMES * 512).map(|_| AtomicU64::new(0)).collect();
     let ram = Ram::new(0x10_0000, &words);
     let phys = SuitePhys::new(ram, ram.first_mfn() + GUEST);
-    let server = FastServer::<P>::new(name, &phys);
+    let server = FastServer::<P>::new(name, &phys, mmu_server::Config::default());
     let mut m = Machine::new(name, &server, &phys, GUEST, 4);
     let r = (|| -> Result<(), String> {
         let e = |f: Box<conformance::machine::Failure>| format!("{f}");
@@ -57,10 +57,13 @@ fn run<P: L4Policy>(name: &'static str, seed: u64, steps: usize) {
                 0..=3 => {
                     let cr3 = m.cr3(v);
                     let gpa = data[rng.below(data.len() as u64) as usize] << 12;
-                    let flags = P | [0, RW][rng.below(2) as usize] | [0, US][rng.below(2) as usize]
+                    let flags = P
+                        | [0, RW][rng.below(2) as usize]
+                        | [0, US][rng.below(2) as usize]
                         | [0, NX][rng.below(2) as usize];
                     let flags = if rng.below(8) == 0 { 0 } else { flags };
-                    m.map(d, Some(v), cr3, va, gpa, Size::K4, flags).map_err(e)?;
+                    m.map(d, Some(v), cr3, va, gpa, Size::K4, flags)
+                        .map_err(e)?;
                 }
                 4 => {
                     let s = spaces[rng.below(spaces.len() as u64) as usize];
@@ -97,7 +100,9 @@ fn run<P: L4Policy>(name: &'static str, seed: u64, steps: usize) {
                     }
                 }
             }
-            server.audit().map_err(|a| format!("audit after step {step}: {a}"))?;
+            server
+                .audit()
+                .map_err(|a| format!("audit after step {step}: {a}"))?;
         }
         let st = server.stats();
         let o = core::sync::atomic::Ordering::Relaxed;
@@ -117,16 +122,23 @@ fn run<P: L4Policy>(name: &'static str, seed: u64, steps: usize) {
     }
 }
 
+fn seeds() -> std::ops::RangeInclusive<u64> {
+    match std::env::var("FAST_SEED").ok().and_then(|s| s.parse().ok()) {
+        Some(s) => s..=s,
+        None => 1..=20,
+    }
+}
+
 #[test]
 fn random_workloads_shared_roots() {
-    for seed in 1..=20 {
+    for seed in seeds() {
         run::<SharedRoots>("fast-shared", seed, 300);
     }
 }
 
 #[test]
 fn random_workloads_per_pcpu_copies() {
-    for seed in 1..=20 {
+    for seed in seeds() {
         run::<PerPcpuCopies>("fast-percpu", seed, 300);
     }
 }

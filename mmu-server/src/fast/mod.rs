@@ -64,8 +64,6 @@
 //! - **G1/G2**: see [`lockless`].
 //! - **Z1**: a current-generation page only links current-generation pages.
 
-
-
 pub mod lockless;
 pub mod policy;
 pub mod rmap;
@@ -96,10 +94,6 @@ use walk::{gfn_to_mfn, mfn_to_gfn, WalkError};
 pub const FLOOD_LIMIT: u8 = 3;
 /// Obsolete shadow pages freed per request at most.
 pub const RECLAIM_BATCH: usize = 64;
-/// Most domains.
-pub const MAX_DOMAINS: usize = 64;
-/// Most vCPUs.
-pub const MAX_VCPUS: usize = 256;
 
 /// Entries per table.
 const ENTRIES: u64 = 512;
@@ -172,8 +166,9 @@ struct Pending {
     seq: u64,
     /// pCPUs that must have sent a request after `seq`.
     need: CpuSet,
-    /// Obsolete pages still to clean (rmaps) and free.
-    sps: Vec<u32>,
+    /// Obsolete pages still to clean (rmaps) and free (moved here whole by
+    /// a zap: O(1)).
+    sps: BTreeSet<u32>,
     /// Whether the pages were already cleaned (individually zapped).
     cleaned: bool,
     /// Obsolete page-table counts, dropped in bounded steps.
@@ -236,6 +231,10 @@ struct Vcpu {
     pcpu: Option<PcpuId>,
     root: Option<u32>,
     fast: Arc<AtomicU64>,
+    /// Bumped by every full flush of the vCPU's own translations (CR3
+    /// write, mode change): entries its ASID cached on other pCPUs before
+    /// are stale there.
+    epoch: u64,
 }
 
 /// The lockless view of a vCPU.
@@ -267,16 +266,20 @@ struct Inner<P> {
     by_frame: BTreeMap<u64, u32>,
     seq: u64,
     last_seq: [u64; 64],
+    /// (vCPU, its epoch) last loaded on each pCPU: the pCPU's TLB holds no
+    /// stale entry of that vCPU only while this matches.
     last_on_pcpu: [Option<(u32, u64)>; 64],
     policy: P,
     flush: Flush,
     /// pCPU of the request being served (None for control requests).
     requester: Option<PcpuId>,
+    maxphyaddr: u8,
 }
 
 /// The fast server over physical memory `mem` with shadow-L4 policy `P`.
 pub struct FastServer<'m, P> {
     name: &'static str,
+    config: crate::Config,
     mem: &'m dyn PhysMem,
     inner: spin::Mutex<Inner<P>>,
     fast: spin::RwLock<BTreeMap<u32, VcpuFast>>,
@@ -312,9 +315,10 @@ fn spte_frame(v: u64) -> Mfn {
 
 impl<'m, P: L4Policy> FastServer<'m, P> {
     /// A server named `name` (its registry name) over `mem`.
-    pub fn new(name: &'static str, mem: &'m dyn PhysMem) -> Self {
+    pub fn new(name: &'static str, mem: &'m dyn PhysMem, config: crate::Config) -> Self {
         Self {
             name,
+            config,
             mem,
             inner: spin::Mutex::new(Inner {
                 domains: BTreeMap::new(),
@@ -328,6 +332,7 @@ impl<'m, P: L4Policy> FastServer<'m, P> {
                 policy: P::new(),
                 flush: Flush::default(),
                 requester: None,
+                maxphyaddr: config.maxphyaddr,
             }),
             fast: spin::RwLock::new(BTreeMap::new()),
             stats: Stats::default(),
@@ -510,7 +515,7 @@ impl<P: L4Policy> Inner<P> {
 
     /// Queues `sps` (already cleaned, or obsolete with `pt`) for freeing
     /// once the current request's flush is acknowledged.
-    fn defer(&mut self, did: u32, sps: Vec<u32>, cleaned: bool, pt: BTreeMap<u64, u32>) {
+    fn defer(&mut self, did: u32, sps: BTreeSet<u32>, cleaned: bool, pt: BTreeMap<u64, u32>) {
         let need = match self.requester {
             Some(p) => CpuSet::single(p),
             None => self.flush.0.map_or(CpuSet::EMPTY, |f| f.cpus),
@@ -555,7 +560,7 @@ impl<P: L4Policy> Inner<P> {
                     break;
                 }
             }
-            let Some(id) = front.sps.pop() else {
+            let Some(id) = front.sps.pop_first() else {
                 if front.pt.is_empty() {
                     d.pending.pop_front();
                 }
@@ -609,6 +614,21 @@ impl<P: L4Policy> Inner<P> {
                 if let Some(f) = mem.alloc_frame() {
                     return Ok(f);
                 }
+            }
+        }
+        // Private L4 copies of pCPUs that run nothing (or only the
+        // requester, which walks nothing while in the exit).
+        let mut idle = CpuSet(u64::MAX);
+        for v in self.vcpus.values() {
+            if let Some(p) = v.pcpu {
+                if Some(p) != self.requester {
+                    idle.remove(p);
+                }
+            }
+        }
+        if self.policy.release_idle(mem, idle) > 0 {
+            if let Some(f) = mem.alloc_frame() {
+                return Ok(f);
             }
         }
         Err(MmuError::OutOfShadowMemory(DomainId(did)))
@@ -813,7 +833,7 @@ impl<P: L4Policy> Inner<P> {
         }
         let _ = frame;
         self.flush.add(mask, FlushScope::All);
-        self.defer(did, alloc::vec![id], true, BTreeMap::new());
+        self.defer(did, BTreeSet::from([id]), true, BTreeMap::new());
     }
 
     /// O(1) zap of every shadow of `did` (seed 004).
@@ -822,7 +842,7 @@ impl<P: L4Policy> Inner<P> {
             return;
         };
         d.gen += 1;
-        let sps: Vec<u32> = core::mem::take(&mut d.active).into_iter().collect();
+        let sps = core::mem::take(&mut d.active);
         let pt = core::mem::take(&mut d.pt);
         let mask = d.dirty_mask;
         self.policy.forget_domain(did);
@@ -869,13 +889,14 @@ impl<P: L4Policy> Inner<P> {
         v.pcpu = Some(pcpu);
         v.fast.store(root.0, Ordering::SeqCst);
         let did = v.domain;
+        let epoch = v.epoch;
         if let Some(d) = self.domains.get_mut(&did) {
             d.dirty_mask.insert(pcpu);
         }
         let p = pcpu.0 as usize;
-        if self.last_on_pcpu[p] != Some((vcpu.0, root.0)) {
+        if self.last_on_pcpu[p] != Some((vcpu.0, epoch)) {
             self.flush.add(CpuSet::single(pcpu), FlushScope::All);
-            self.last_on_pcpu[p] = Some((vcpu.0, root.0));
+            self.last_on_pcpu[p] = Some((vcpu.0, epoch));
         }
         MmuReply::LoadShadowRoot {
             vcpu,
@@ -924,7 +945,7 @@ impl<P: L4Policy> Inner<P> {
                 flush: None,
             };
         }
-        let w = match walk::walk(mem, &shared.memory, cr3, mode, gva, ec) {
+        let w = match walk::walk(mem, &shared.memory, self.maxphyaddr, cr3, mode, gva, ec) {
             Ok(w) => w,
             Err(WalkError::Fault(code)) | Err(WalkError::OutsideMemory(code)) => {
                 return MmuReply::InjectPageFault {
@@ -937,6 +958,8 @@ impl<P: L4Policy> Inner<P> {
                 }
             }
             Err(WalkError::Mem(e)) => return MmuReply::error(e.into()),
+            // The guest keeps rewriting its entries: let it retry.
+            Err(WalkError::Contended) => return MmuReply::Resume { flush: None },
         };
         let logging = shared.logging.load(Ordering::SeqCst);
         if logging {
@@ -955,8 +978,50 @@ impl<P: L4Policy> Inner<P> {
         }
         match self.install(mem, stats, did, root, &w, gva, ec, mode, logging, is_pt) {
             Ok(()) => MmuReply::Resume { flush: None },
+            Err(MmuError::OutOfShadowMemory(_))
+                if self.emergency_reclaim(mem, stats, did, pcpu) =>
+            {
+                // Everything of the domain was zapped and freed: hand out
+                // the new root; the access faults again and is served.
+                self.load_root(mem, stats, vcpu, pcpu)
+            }
             Err(e) => self.fail(vcpu.0, e),
         }
+    }
+
+    /// Pool empty while serving pCPU `pcpu`: if no other pCPU runs a vCPU of
+    /// `did` (so none can be walking its shadows) and freeing the domain's
+    /// shadows can help (more than one walk's worth), zap them and free
+    /// their frames at once. Safe because the requester walks nothing while
+    /// in the exit and the zap's `AllReloadRoots` obligation, carried out
+    /// before it re-enters, flushes every stale cached translation.
+    fn emergency_reclaim(
+        &mut self,
+        mem: &dyn PhysMem,
+        stats: &Stats,
+        did: u32,
+        pcpu: PcpuId,
+    ) -> bool {
+        let Some(d) = self.domains.get(&did) else {
+            return false;
+        };
+        let others_run = d.vcpus.iter().any(|v| {
+            self.vcpus
+                .get(v)
+                .and_then(|v| v.pcpu)
+                .is_some_and(|p| p != pcpu)
+        });
+        let held = d.active.len() + d.pending.iter().map(|p| p.sps.len()).sum::<usize>();
+        if others_run || held <= 4 {
+            return false;
+        }
+        self.zap_all(did);
+        let d = self.domains.get_mut(&did).expect("looked up above");
+        for p in d.pending.iter_mut() {
+            p.need = CpuSet::EMPTY;
+        }
+        self.reclaim(mem, stats, did, usize::MAX);
+        true
     }
 
     /// Builds the shadow path for a successful walk and installs the leaf.
@@ -1197,27 +1262,36 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
     }
 
     fn create_domain(&self, domain: DomainId, memory: &MemoryMap) -> MmuReply {
-        let mut total = 0u64;
-        for (i, r) in memory.iter().enumerate() {
-            if !r.is_valid() {
-                return MmuReply::error(MmuError::BadRegion(*r));
-            }
-            for o in &memory[..i] {
-                let lo = r.gfn.0.max(o.gfn.0);
-                if lo < (r.gfn.0 + r.pages).min(o.gfn.0 + o.pages) {
-                    return MmuReply::error(MmuError::OverlappingRegions(Gfn(lo)));
-                }
-            }
-            total += r.pages;
-        }
+        let config = self.config;
         self.serve(None, |inner, _, _| {
             if inner.domains.contains_key(&domain.0) {
                 return MmuReply::error(MmuError::DomainExists(domain));
             }
-            if inner.domains.len() >= MAX_DOMAINS {
+            if inner.domains.len() >= config.max_domains as usize {
                 return MmuReply::error(MmuError::CapacityExceeded {
                     what: abi::mmu::Resource::Domains,
-                    limit: MAX_DOMAINS as u32,
+                    limit: config.max_domains,
+                });
+            }
+            let mut total = 0u64;
+            for (i, r) in memory.iter().enumerate() {
+                if !r.is_valid() {
+                    return MmuReply::error(MmuError::BadRegion(*r));
+                }
+                for o in &memory[..i] {
+                    if r.gfn.0 < o.gfn.0 + o.pages && o.gfn.0 < r.gfn.0 + r.pages {
+                        return MmuReply::error(MmuError::OverlappingRegions(Gfn(r
+                            .gfn
+                            .0
+                            .max(o.gfn.0))));
+                    }
+                }
+                total = total.saturating_add(r.pages);
+            }
+            if total > config.max_guest_frames {
+                return MmuReply::error(MmuError::CapacityExceeded {
+                    what: abi::mmu::Resource::GuestFrames,
+                    limit: u32::try_from(config.max_guest_frames).unwrap_or(u32::MAX),
                 });
             }
             let words = total.div_ceil(64) as usize;
@@ -1276,10 +1350,10 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
             if inner.vcpus.contains_key(&vcpu.0) {
                 return MmuReply::error(MmuError::VcpuExists(vcpu));
             }
-            if inner.vcpus.len() >= MAX_VCPUS {
+            if inner.vcpus.len() >= self.config.max_vcpus as usize {
                 return MmuReply::error(MmuError::CapacityExceeded {
                     what: abi::mmu::Resource::Vcpus,
-                    limit: MAX_VCPUS as u32,
+                    limit: self.config.max_vcpus,
                 });
             }
             let Some(d) = inner.domains.get_mut(&domain.0) else {
@@ -1303,6 +1377,7 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
                     pcpu: None,
                     root: None,
                     fast,
+                    epoch: 0,
                 },
             );
             MmuReply::Done { flush: None }
@@ -1351,6 +1426,7 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
                 return MmuReply::error(MmuError::UnknownVcpu(vcpu));
             };
             v.cr3 = cr3;
+            v.epoch += 1;
             // A CR3 write drops the guest's non-global translations.
             inner.flush.add(CpuSet::single(pcpu), FlushScope::All);
             inner.load_root(mem, stats, vcpu, pcpu)
@@ -1366,6 +1442,7 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
                 return MmuReply::error(MmuError::UnknownVcpu(vcpu));
             };
             v.mode = mode;
+            v.epoch += 1;
             inner.flush.add(CpuSet::single(pcpu), FlushScope::All);
             inner.load_root(mem, stats, vcpu, pcpu)
         })

@@ -33,6 +33,10 @@ pub trait L4Policy: Send + 'static {
     fn forget_domain(&mut self, domain: u32);
     /// The pCPUs whose copy shadows `l4` (all pCPUs for a shared root).
     fn holders(&self, l4: RootRef) -> CpuSet;
+    /// Pool pressure: returns to the pool the private frames of the pCPUs
+    /// in `idle` (none of them runs a vCPU) that copy nothing valid.
+    /// Returns how many frames were freed.
+    fn release_idle(&mut self, mem: &dyn PhysMem, idle: CpuSet) -> usize;
 }
 
 /// KVM's way: every vCPU whose guest CR3 names the same L4 runs on the same
@@ -53,6 +57,9 @@ impl L4Policy for SharedRoots {
     fn forget_domain(&mut self, _domain: u32) {}
     fn holders(&self, _l4: RootRef) -> CpuSet {
         CpuSet(u64::MAX)
+    }
+    fn release_idle(&mut self, _mem: &dyn PhysMem, _idle: CpuSet) -> usize {
+        0
     }
 }
 
@@ -85,13 +92,15 @@ impl L4Policy for PerPcpuCopies {
         }
         let frame = match self.frames[p] {
             Some(f) => f,
-            None => {
-                let f = mem
-                    .alloc_frame()
-                    .ok_or(MmuError::OutOfShadowMemory(abi::DomainId(l4.domain)))?;
-                self.frames[p] = Some(f);
-                f
-            }
+            None => match mem.alloc_frame() {
+                Some(f) => {
+                    self.frames[p] = Some(f);
+                    f
+                }
+                // No frame for a private copy: run on the canonical L4 (the
+                // copy would mirror it exactly anyway).
+                None => return Ok(l4.frame.base()),
+            },
         };
         if self.copies[p] != Some(l4) {
             for i in 0..512u64 {
@@ -127,6 +136,18 @@ impl L4Policy for PerPcpuCopies {
                 *c = None;
             }
         }
+    }
+    fn release_idle(&mut self, mem: &dyn PhysMem, idle: CpuSet) -> usize {
+        let mut n = 0;
+        for p in idle.iter() {
+            let p = p.0 as usize;
+            if p < 64 && self.copies[p].is_none() {
+                if let Some(f) = self.frames[p].take() {
+                    n += usize::from(mem.free_frame(f).is_ok());
+                }
+            }
+        }
+        n
     }
     fn holders(&self, l4: RootRef) -> CpuSet {
         let mut s = CpuSet::EMPTY;

@@ -23,8 +23,6 @@ pub const G_PS: u64 = 1 << 7;
 pub const G_NX: u64 = 1 << 63;
 /// Guest entry: address bits.
 pub const G_ADDR: u64 = 0x000f_ffff_ffff_f000;
-/// Guest physical-address width (MAXPHYADDR) the walker enforces.
-pub const MAXPHYADDR: u32 = 48;
 
 /// The guest frame backing `gfn` in `memory`.
 pub fn gfn_to_mfn(memory: &MemoryMap, gfn: Gfn) -> Option<Mfn> {
@@ -38,12 +36,21 @@ pub fn mfn_to_gfn(memory: &MemoryMap, mfn: Mfn) -> Option<Gfn> {
     })
 }
 
+fn addr_mask(maxphyaddr: u8) -> u64 {
+    if maxphyaddr >= 52 {
+        u64::MAX
+    } else {
+        (1u64 << maxphyaddr) - 1
+    }
+}
+
 /// Reserved bits of a present guest entry at `level` (with PS as given).
-pub fn reserved_bits(level: u8, pte: u64, mode: PagingMode) -> u64 {
-    let addr_high = if MAXPHYADDR >= 52 {
+/// `maxphyaddr` is the guest's physical-address width.
+pub fn reserved_bits(level: u8, pte: u64, mode: PagingMode, maxphyaddr: u8) -> u64 {
+    let addr_high = if maxphyaddr >= 52 {
         0
     } else {
-        ((1u64 << 52) - 1) & !((1u64 << MAXPHYADDR) - 1)
+        ((1u64 << 52) - 1) & !((1u64 << maxphyaddr) - 1)
     };
     let mut rsvd = addr_high;
     if !mode.nxe() {
@@ -88,11 +95,14 @@ pub struct Walk {
 pub enum WalkError {
     /// The guest sees this #PF error code.
     Fault(PfErrorCode),
-    /// A table the guest named is outside its memory: the guest gets a #PF
-    /// (with this error code), never a mapping.
+    /// A table or frame the guest named is outside its memory: the guest
+    /// gets a #PF with P | RSVD (this error code), never a mapping.
     OutsideMemory(PfErrorCode),
     /// Physical memory failed.
     Mem(MemError),
+    /// Guest entries kept changing under the walker (it restarts the walk
+    /// when setting A/D finds an entry changed).
+    Contended,
 }
 
 impl From<MemError> for WalkError {
@@ -107,6 +117,28 @@ impl From<MemError> for WalkError {
 pub fn walk(
     mem: &dyn PhysMem,
     memory: &MemoryMap,
+    maxphyaddr: u8,
+    cr3: GuestCr3,
+    mode: PagingMode,
+    gva: Gva,
+    access: PfErrorCode,
+) -> Result<Walk, WalkError> {
+    for _ in 0..MAX_WALK_RETRIES {
+        match walk_once(mem, memory, maxphyaddr, cr3, mode, gva, access) {
+            Err(WalkError::Contended) => continue,
+            r => return r,
+        }
+    }
+    Err(WalkError::Contended)
+}
+
+/// Walks before giving up with [`WalkError::Contended`].
+pub const MAX_WALK_RETRIES: usize = 8;
+
+fn walk_once(
+    mem: &dyn PhysMem,
+    memory: &MemoryMap,
+    maxphyaddr: u8,
     cr3: GuestCr3,
     mode: PagingMode,
     gva: Gva,
@@ -119,9 +151,10 @@ pub fn walk(
         0
     };
     let access_ec = PfErrorCode((access.0 & !PfErrorCode::I) | fetch_bit);
-    let mut table = cr3.table().frame();
+    let mut table = Gfn((cr3.0 & G_ADDR & addr_mask(maxphyaddr)) >> 12);
     let mut tables = [Gfn(0); 5];
     let mut entries = [Hpa(0); 5];
+    let mut seen = [0u64; 5];
     let (mut w, mut u, mut nx) = (true, true, false);
     let mut acc = [(true, true, false); 5];
     let mut level = 4u8;
@@ -129,7 +162,9 @@ pub fn walk(
     loop {
         tables[level as usize] = table;
         let Some(mfn) = gfn_to_mfn(memory, table) else {
-            return Err(WalkError::OutsideMemory(access_ec));
+            return Err(WalkError::OutsideMemory(
+                access_ec.with(PfErrorCode::P | PfErrorCode::RSVD),
+            ));
         };
         let at = mfn
             .base()
@@ -137,10 +172,11 @@ pub fn walk(
             .unwrap_or(Hpa(0));
         entries[level as usize] = at;
         let pte = mem.read_u64(at)?;
+        seen[level as usize] = pte;
         if pte & G_P == 0 {
             return Err(WalkError::Fault(access_ec));
         }
-        if reserved_bits(level, pte, mode) != 0 {
+        if reserved_bits(level, pte, mode, maxphyaddr) != 0 {
             return Err(WalkError::Fault(
                 access_ec.with(PfErrorCode::P | PfErrorCode::RSVD),
             ));
@@ -153,7 +189,7 @@ pub fn walk(
             leaf_pte = pte;
             break;
         }
-        table = Gfn((pte & G_ADDR) >> 12);
+        table = Gfn((pte & G_ADDR & addr_mask(maxphyaddr)) >> 12);
         level -= 1;
     }
     let prot = access_ec.with(PfErrorCode::P);
@@ -172,11 +208,13 @@ pub fn walk(
     }
     let leaf_level = level;
     let page_frames = 1u64 << (9 * (leaf_level as u32 - 1));
-    let base = (leaf_pte & G_ADDR) >> 12;
+    let base = (leaf_pte & G_ADDR & addr_mask(maxphyaddr)) >> 12;
     let base = base & !(page_frames - 1);
     let gfn = Gfn(base + ((gva.0 >> 12) & (page_frames - 1)));
     if gfn_to_mfn(memory, gfn).is_none() {
-        return Err(WalkError::OutsideMemory(access_ec));
+        return Err(WalkError::OutsideMemory(
+            access_ec.with(PfErrorCode::P | PfErrorCode::RSVD),
+        ));
     }
     // Set A on every level walked (top down), D on the leaf for a write.
     let mut changed = 0u8;
@@ -188,14 +226,14 @@ pub fn walk(
         } else {
             G_A
         };
-        let mut cur = mem.read_u64(at)?;
-        while cur & want != want {
+        let cur = mem.read_u64(at)?;
+        if cur & !(G_A | G_D) != seen[l as usize] & !(G_A | G_D) {
+            return Err(WalkError::Contended);
+        }
+        if cur & want != want {
             match mem.compare_exchange_u64(at, cur, cur | want)? {
-                Ok(_) => {
-                    changed |= 1 << l;
-                    break;
-                }
-                Err(seen) => cur = seen,
+                Ok(_) => changed |= 1 << l,
+                Err(_) => return Err(WalkError::Contended),
             }
         }
         if l == leaf_level {
