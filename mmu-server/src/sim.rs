@@ -216,9 +216,7 @@ impl<'a> GuestTables<'a> {
 
     /// Writes a guest word.
     pub fn write(&self, gpa: abi::Gpa, value: u64) {
-        self.mem
-            .write_u64(self.hpa(gpa), value)
-            .expect("guest word")
+        self.mem.write_u64(self.hpa(gpa), value).expect("guest word")
     }
 
     /// Takes the next free guest frame for a table and zeroes it.
@@ -274,15 +272,8 @@ impl<'a> GuestTables<'a> {
             };
         }
         let at = abi::Gpa(table.base().0 + 8 * gva.table_index(leaf_level) as u64);
-        let ps = if leaf_level > 1 {
-            crate::walk::PTE_PS
-        } else {
-            0
-        };
-        self.write(
-            at,
-            target.align_down(size).0 | flags | crate::walk::PTE_P | ps,
-        );
+        let ps = if leaf_level > 1 { crate::walk::PTE_PS } else { 0 };
+        self.write(at, target.align_down(size).0 | flags | crate::walk::PTE_P | ps);
         at
     }
 }
