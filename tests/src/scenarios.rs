@@ -211,12 +211,13 @@ fn malformed(m: &mut Machine<'_>) -> Res<()> {
         &mut good,
     )
     .unwrap_or(0);
-    let mut cases: Vec<Vec<u8>> = Vec::new();
-    cases.push(Vec::new());
-    cases.push(alloc::vec![0xff]);
-    cases.push(alloc::vec![0xff; 40]);
-    cases.push(alloc::vec![0x80; 12]);
-    cases.push(good[..n - 1].to_vec());
+    let mut cases: Vec<Vec<u8>> = alloc::vec![
+        Vec::new(),
+        alloc::vec![0xff],
+        alloc::vec![0xff; 40],
+        alloc::vec![0x80; 12],
+        good[..n - 1].to_vec(),
+    ];
     let mut trailing = good[..n].to_vec();
     trailing.push(0);
     cases.push(trailing);
@@ -680,7 +681,7 @@ fn self_reference(m: &mut Machine<'_>) -> Res<()> {
     let r = 510u64;
     m.guest_write(b.d, Some(v), b.cr3 + r * 8, b.cr3 | P | RW)?;
     let rec = |l4: u64, l3: u64, l2: u64, l1: u64| {
-        arch::canonical(r << 39 | l4 << 30 | l3 << 21 | l2 << 12 | l1 * 8)
+        arch::canonical(r << 39 | l4 << 30 | l3 << 21 | l2 << 12 | (l1 * 8))
     };
     let (i4, i3, i2, i1) = (
         arch::index(USER, 4),
@@ -1110,7 +1111,7 @@ fn accessed_dirty(m: &mut Machine<'_>) -> Res<()> {
         m.guest_write(b.d, Some(v), pte, e & !(A | D))?;
         m.invlpg(v, USER)?;
         if round % 2 == 0 {
-            rd(m, v, USER, 1)?;
+            rd(m, v, USER, if round == 0 { 1 } else { 2 })?;
             let e2 = m.peek(b.d, pte).unwrap_or(0);
             if e2 & A == 0 || e2 & D != 0 {
                 return Err(m.fail(
