@@ -1208,47 +1208,49 @@ impl<P: L4Policy> Inner<P> {
             return MmuReply::error(MmuError::DirtyLogDisabled(DomainId(did)));
         }
         let shared = d.shared.clone();
-        let Some(region) = shared.memory.iter().find(|r| r.translate(start).is_some()) else {
-            return MmuReply::error(MmuError::GpaNotInMemory(start.base()));
-        };
-        let remaining = region.pages - (start.0 - region.gfn.0);
-        let n = remaining.min(DIRTY_CHUNK_PAGES);
-        let end = start.0 + n;
+        // The chunk covers gfns [start, start + DIRTY_CHUNK_PAGES) across
+        // regions (the reference's layout, so bitmaps compare exactly).
         let mut bits: heapless::Vec<u8, { abi::mmu::DIRTY_CHUNK_BYTES }> = heapless::Vec::new();
-        let _ = bits.resize(n.div_ceil(8) as usize, 0);
-        let base_bit = shared.bit_of(start.0).expect("start is in the map");
-        let mut i = 0u64;
-        while i < n {
-            let b = base_bit + i;
-            let (word, bit) = ((b / 64) as usize, b % 64);
-            let take = (64 - bit).min(n - i);
-            let mask = if take == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << take) - 1) << bit
-            };
-            // Take the bits, then write-protect exactly the taken pages.
-            let old = shared.dirty[word].fetch_and(!mask, Ordering::SeqCst) & mask;
-            let mut rest = old;
-            while rest != 0 {
-                let t = rest.trailing_zeros() as u64;
-                rest &= rest - 1;
-                let k = i + (t - bit);
-                bits[(k / 8) as usize] |= 1 << (k % 8);
-                self.write_protect(mem, did, start.0 + k, false);
+        let _ = bits.resize(abi::mmu::DIRTY_CHUNK_BYTES, 0);
+        let end = start.0.saturating_add(DIRTY_CHUNK_PAGES);
+        let mut base = 0u64;
+        for r in shared.memory.iter() {
+            let lo = r.gfn.0.max(start.0);
+            let hi = (r.gfn.0 + r.pages).min(end);
+            let mut g = lo;
+            while g < hi {
+                let b = base + (g - r.gfn.0);
+                let (word, bit) = ((b / 64) as usize, b % 64);
+                let take = (64 - bit).min(hi - g);
+                let mask = if take == 64 {
+                    u64::MAX
+                } else {
+                    ((1u64 << take) - 1) << bit
+                };
+                // Take the bits, then write-protect exactly the taken pages.
+                let old = shared.dirty[word].fetch_and(!mask, Ordering::SeqCst) & mask;
+                let mut rest = old;
+                while rest != 0 {
+                    let t = rest.trailing_zeros() as u64;
+                    rest &= rest - 1;
+                    let gfn = g + (t - bit);
+                    let j = gfn - start.0;
+                    bits[(j / 8) as usize] |= 1 << (j % 8);
+                    self.write_protect(mem, did, gfn, false);
+                }
+                g += take;
             }
-            i += take;
+            base += r.pages;
         }
-        let next = if end < region.gfn.0 + region.pages {
-            Some(Gfn(end))
-        } else {
-            shared
-                .memory
-                .iter()
-                .filter(|r| r.gfn.0 >= end)
-                .map(|r| r.gfn)
-                .min()
-        };
+        let next = shared
+            .memory
+            .iter()
+            .filter_map(|r| {
+                let last = r.gfn.0 + r.pages;
+                (end < last).then(|| r.gfn.0.max(end))
+            })
+            .min()
+            .map(Gfn);
         MmuReply::DirtyBitmap {
             chunk: DirtyChunk { start, bits, next },
             flush: None,
