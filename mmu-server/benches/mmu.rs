@@ -471,6 +471,16 @@ fn ms(d: Duration) -> String {
 }
 
 fn main() {
+    if std::env::var("PROBE").is_ok() {
+        for name in IMPLS {
+            let t = Instant::now();
+            let f = fault_throughput(name, 1, 2048, 4);
+            println!("{name}: {f:.0} faults/s ({:?} total)", t.elapsed());
+            let d = dirty_rounds(name, 8192, 5);
+            println!("{name}: dirty round {d:?}");
+        }
+        return;
+    }
     // `cargo bench` passes `--bench`; nothing to parse.
     let quick = std::env::args().any(|a| a == "--quick");
     let scale = if quick { 4 } else { 1 };
