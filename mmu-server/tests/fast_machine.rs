@@ -107,10 +107,9 @@ fn run<P: L4Policy>(name: &'static str, seed: u64, steps: usize) {
         let st = server.stats();
         let o = core::sync::atomic::Ordering::Relaxed;
         eprintln!(
-            "{name} seed {seed}: sp created {} freed {} fast {} slow {} unshadowed {} | {:?}",
+            "{name} seed {seed}: sp created {} freed {} slow {} unshadowed {} | {:?}",
             st.sp_created.load(o),
             st.sp_freed.load(o),
-            st.fast_fixes.load(o),
             st.slow_faults.load(o),
             st.unshadowed.load(o),
             m.stats

@@ -122,8 +122,6 @@ pub struct Stats {
     pub sp_created: AtomicU64,
     /// Shadow pages freed (frames returned).
     pub sp_freed: AtomicU64,
-    /// Faults fixed by the lockless path.
-    pub fast_fixes: AtomicU64,
     /// Faults handled under the lock.
     pub slow_faults: AtomicU64,
     /// Frames unshadowed by write-flood detection.
@@ -522,8 +520,9 @@ impl<'m, P: L4Policy> FastServer<'m, P> {
             &*v.dom,
         );
         match out {
+            // (Not counted: a shared counter would bounce its cache line
+            // between the pCPUs this path exists to keep apart.)
             FastOutcome::Fixed { .. } | FastOutcome::AlreadyWritable => {
-                self.stats.fast_fixes.fetch_add(1, Ordering::Relaxed);
                 Some(MmuReply::Resume { flush: None })
             }
             FastOutcome::NotFast | FastOutcome::Raced => None,
