@@ -479,6 +479,26 @@ impl<'m, P: L4Policy> FastServer<'m, P> {
                 return Err(format!("R1: gfn {gfn} mapped but has no rmap"));
             }
         }
+        // P2: every root in use is live and pinned by exactly its users.
+        let mut users: BTreeMap<u32, u32> = BTreeMap::new();
+        for v in inner.vcpus.values() {
+            if let Some(r) = v.root {
+                *users.entry(r).or_default() += 1;
+            }
+        }
+        for (&id, &n) in &users {
+            let sp = &inner.sps[id as usize];
+            let current = inner
+                .domains
+                .get(&sp.domain)
+                .is_some_and(|d| d.gen == sp.gen);
+            if current && (!sp.live || sp.roots != n) {
+                return Err(format!(
+                    "P2: root sp {id} live={} pinned {} times, used by {n}",
+                    sp.live, sp.roots
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -686,7 +706,9 @@ impl<P: L4Policy> Inner<P> {
     /// logging); returns the frames that had one set. Flushes if any.
     fn harvest(&mut self, mem: &dyn PhysMem, did: u32, gfns: core::ops::Range<u64>) -> Vec<u64> {
         let mut found = Vec::new();
-        let Some(d) = self.domains.get(&did) else { return found };
+        let Some(d) = self.domains.get(&did) else {
+            return found;
+        };
         for (&gfn, head) in d.rmap.range(gfns) {
             let mut hit = false;
             d.pool.for_each(head, |at| {
