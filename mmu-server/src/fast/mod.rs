@@ -31,7 +31,19 @@
 //!   freed later, at most [`RECLAIM_BATCH`] per request, only once the flush
 //!   of the zap is acknowledged (see below) and after a fast-fault grace
 //!   period.
-//! - **Fast page fault** ([`lockless`], seed 001): without the main lock.
+//! - **Fast page fault** ([`lockless`], seed 001): a write fault on a
+//!   present leaf that is read-only only because of dirty logging is fixed
+//!   without the main lock, with one CAS, and the page is logged dirty. The
+//!   race proofs (ABA on gfn -> mfn, lost W/D) are `loom` models in
+//!   `mmu-server/tests/fast_loom.rs`. Here the gfn of a leaf is derived from
+//!   the mfn in the entry through the domain's memory map, which never
+//!   changes for the domain's life (a new map is a new domain), so the ABA
+//!   of seed 001 can only arise through frame reuse: shadow frames are freed
+//!   only after a grace period of the [`lockless::FastGate`] (G1).
+//! - **Dirty logging** is a constructor argument ([`DirtyMode`]): write
+//!   protection + the fast page fault (seed 001; what the registry's servers
+//!   use), or harvesting the hardware D bits of the shadow leaves through the
+//!   rmaps (no exit per written page; measured side by side in the benches).
 //! - **Shadow-L4 policy** ([`policy`]): shared roots or per-pCPU copies,
 //!   chosen by the type parameter `P` in the registry.
 //! - **Flush obligations**: every request accumulates its flushes in one
