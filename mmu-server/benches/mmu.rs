@@ -646,7 +646,8 @@ fn main() {
     println!("# page-fault throughput (dirty-logging write faults, one domain, per CPU-second of the slowest thread)");
     for threads in [1u32, 2, 4, 8] {
         let mut tp = Vec::new();
-        for name in IMPLS {
+        // (fast-dbits takes no fault on these writes at all.)
+        for name in IMPLS.into_iter().filter(|n| *n != DBITS) {
             let f = fault_throughput(name, threads, 2048 / scale, 4);
             println!("{name:>12}: {threads} threads: {:.0} faults/s", f);
             tp.push(f);
@@ -655,7 +656,7 @@ fn main() {
             &mut summary,
             &format!("fault throughput, {threads} threads (kfaults/s)"),
             tp[0] / 1e3,
-            tp[REF] / 1e3,
+            tp[2] / 1e3,
             "k",
             false,
         );
