@@ -305,7 +305,7 @@ fn differential_with(fast: &'static str, seed: u64, steps: usize, make: &Make) {
 fn seeds() -> std::ops::RangeInclusive<u64> {
     match std::env::var("FAST_SEED").ok().and_then(|s| s.parse().ok()) {
         Some(s) => s..=s,
-        None => 1..=12,
+        None => 1..=8,
     }
 }
 

@@ -124,7 +124,7 @@ fn run<P: L4Policy>(name: &'static str, seed: u64, steps: usize) {
 fn seeds() -> std::ops::RangeInclusive<u64> {
     match std::env::var("FAST_SEED").ok().and_then(|s| s.parse().ok()) {
         Some(s) => s..=s,
-        None => 1..=20,
+        None => 1..=10,
     }
 }
 
