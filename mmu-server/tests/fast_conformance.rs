@@ -60,7 +60,8 @@ fn dbits_percpu<'a>(p: &'a SuitePhys<'a>) -> Box<dyn abi::MmuServer + 'a> {
 }
 
 fn suite(name: &str, make: conformance::MakeServer<'_>) {
-    let control: Vec<&str> = failures(&F(reference)).iter().map(|f| f.0).collect();
+    static CONTROL: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    let control = CONTROL.get_or_init(|| failures(&F(reference)).iter().map(|f| f.0).collect());
     let failed: Vec<String> = failures(make)
         .into_iter()
         .filter(|f| !control.contains(&f.0))
