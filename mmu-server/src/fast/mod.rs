@@ -107,6 +107,10 @@ pub const FLOOD_LIMIT: u8 = 3;
 /// Obsolete shadow pages freed per request at most.
 pub const RECLAIM_BATCH: usize = 64;
 
+/// Paging-mode bits this server implements (the rest are refused).
+pub const SUPPORTED_MODE: u32 =
+    PagingMode::WP | PagingMode::NXE | PagingMode::PGE | PagingMode::PCIDE;
+
 /// Entries per table.
 const ENTRIES: u64 = 512;
 /// Present non-leaf shadow entry bits (permissive: the leaf decides).
@@ -1604,7 +1608,9 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
     }
 
     fn set_paging_mode(&self, vcpu: VcpuId, pcpu: PcpuId, mode: PagingMode) -> MmuReply {
-        if mode.0 & !PagingMode::ALL != 0 {
+        // SMEP/SMAP would need the hardware's (off, see the abi) or faults
+        // the shadows cannot express: refused, as by the reference.
+        if mode.0 & !SUPPORTED_MODE != 0 {
             return MmuReply::error(MmuError::UnsupportedPagingMode(mode));
         }
         self.serve(Some(pcpu), About::Vcpu(vcpu), |inner, mem, stats| {
