@@ -1,0 +1,166 @@
+//! Decoding the guest instruction behind an exit, with iced-x86's no_std
+//! decoder: TCG gives neither NRIPS nor decode assists, so after every exit
+//! RIP points at the intercepted instruction and the kernel itself must find
+//! its length, the MOV-to/from-CR3 register, the INVLPG operand and the
+//! destination, value and size of a write it emulates.
+
+use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+
+/// The guest's general-purpose registers in encoding order (RAX, RCX, RDX,
+/// RBX, RSP, RBP, RSI, RDI, R8..R15), plus the FS and GS bases.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RegFile {
+    /// Registers by encoding number.
+    pub r: [u64; 16],
+    /// FS base (for `fs:` operands).
+    pub fs_base: u64,
+    /// GS base (for `gs:` operands).
+    pub gs_base: u64,
+}
+
+impl RegFile {
+    /// The value of any general-purpose register of any width (AH..BH are
+    /// bits 8..15 of their full register), or a segment base.
+    pub fn get(&self, reg: Register) -> Option<u64> {
+        match reg {
+            Register::ES | Register::CS | Register::SS | Register::DS => return Some(0),
+            Register::FS => return Some(self.fs_base),
+            Register::GS => return Some(self.gs_base),
+            Register::AH | Register::CH | Register::DH | Register::BH => {
+                return Some((self.r[full_index(reg)?] >> 8) & 0xFF);
+            }
+            _ => {}
+        }
+        let v = self.r[full_index(reg)?];
+        Some(match reg.size() {
+            1 => v & 0xFF,
+            2 => v & 0xFFFF,
+            4 => v & 0xFFFF_FFFF,
+            8 => v,
+            _ => return None,
+        })
+    }
+
+    /// Writes a 64-bit register (or a 32-bit one, zero-extending as the
+    /// architecture does). Narrower destinations are not needed by Umbra.
+    pub fn set(&mut self, reg: Register, value: u64) -> Result<(), DecodeError> {
+        let i = full_index(reg).ok_or(DecodeError::Unsupported)?;
+        match reg.size() {
+            8 => self.r[i] = value,
+            4 => self.r[i] = value & 0xFFFF_FFFF,
+            _ => return Err(DecodeError::Unsupported),
+        }
+        Ok(())
+    }
+}
+
+/// Index 0..15 of a general-purpose register's full 64-bit form.
+fn full_index(reg: Register) -> Option<usize> {
+    let full = reg.full_register();
+    if !full.is_gpr64() {
+        return None;
+    }
+    Some(full as usize - Register::RAX as usize)
+}
+
+/// What the instruction at RIP does, as far as the exit handler cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// `mov cr3, reg`: the new guest CR3.
+    Cr3Write {
+        /// Value written.
+        value: u64,
+    },
+    /// `mov reg, cr3`: which register receives the guest CR3.
+    Cr3Read {
+        /// Destination register.
+        dest: Register,
+    },
+    /// `invlpg [mem]`: the guest-virtual address it names.
+    Invlpg {
+        /// The operand's effective address.
+        gva: u64,
+    },
+    /// A store to memory by MOV: destination
+    /// guest-virtual address, value and size in bytes.
+    Write {
+        /// Effective address.
+        gva: u64,
+        /// Value stored (zero-extended).
+        value: u64,
+        /// 1, 2, 4 or 8.
+        size: u8,
+    },
+    /// Some other instruction (only its length is known).
+    Other,
+}
+
+/// An instruction at guest RIP, decoded.
+#[derive(Clone, Copy, Debug)]
+pub struct Decoded {
+    /// Length in bytes (RIP advances by this much once emulated).
+    pub len: u8,
+    /// What it does.
+    pub op: Op,
+    /// The mnemonic, for error messages.
+    pub mnemonic: Mnemonic,
+}
+
+/// Why an instruction could not be decoded or emulated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The bytes are not a valid instruction.
+    Invalid,
+    /// Valid, but not a form Umbra emulates.
+    Unsupported,
+}
+
+/// Decodes the instruction in `bytes` (up to 15 fetched at `rip`) in 64-bit
+/// mode and works out its effect on the operands the handler needs.
+pub fn decode(bytes: &[u8], rip: u64, regs: &RegFile) -> Result<Decoded, DecodeError> {
+    let mut decoder = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE);
+    let instr = decoder.decode();
+    if instr.is_invalid() {
+        return Err(DecodeError::Invalid);
+    }
+    let op = classify(&instr, regs)?;
+    Ok(Decoded { len: instr.len() as u8, op, mnemonic: instr.mnemonic() })
+}
+
+fn classify(instr: &Instruction, regs: &RegFile) -> Result<Op, DecodeError> {
+    let ea = |operand: u32| {
+        instr
+            .virtual_address(operand, 0, |reg, _, _| regs.get(reg))
+            .ok_or(DecodeError::Unsupported)
+    };
+    match instr.code() {
+        Code::Mov_cr_r64 if instr.op_register(0) == Register::CR3 => {
+            let value = regs.get(instr.op_register(1)).ok_or(DecodeError::Unsupported)?;
+            Ok(Op::Cr3Write { value })
+        }
+        Code::Mov_r64_cr if instr.op_register(1) == Register::CR3 => {
+            Ok(Op::Cr3Read { dest: instr.op_register(0) })
+        }
+        Code::Invlpg_m => Ok(Op::Invlpg { gva: ea(0)? }),
+        _ => match instr.mnemonic() {
+            Mnemonic::Mov if instr.op_count() == 2 && instr.op_kind(0) == OpKind::Memory => {
+                let size = instr.memory_size().size();
+                if !matches!(size, 1 | 2 | 4 | 8) {
+                    return Err(DecodeError::Unsupported);
+                }
+                let value = match instr.op_kind(1) {
+                    OpKind::Register => regs.get(instr.op_register(1)).ok_or(DecodeError::Unsupported)?,
+                    OpKind::Immediate8
+                    | OpKind::Immediate16
+                    | OpKind::Immediate32
+                    | OpKind::Immediate32to64
+                    | OpKind::Immediate8to64 => instr.immediate(1),
+                    _ => return Err(DecodeError::Unsupported),
+                };
+                let mask = if size == 8 { u64::MAX } else { (1u64 << (size * 8)) - 1 };
+                Ok(Op::Write { gva: ea(0)?, value: value & mask, size: size as u8 })
+            }
+            _ => Ok(Op::Other),
+        },
+    }
+}
