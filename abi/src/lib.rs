@@ -1,4 +1,28 @@
 //! Umbra's wire: message types, address newtypes and postcard encoding shared
-//! by the kernel and every server. (Filled by the MMU protocol issue.)
+//! by the kernel and every server.
+//!
+//! - [`addr`]: `Gva`, `Gpa`, `Gfn`, `Hpa`, `Mfn` and page sizes.
+//! - [`ids`]: domain, vCPU and pCPU ids and [`CpuSet`].
+//! - [`paging`]: guest CR3, paging mode bits, #PF error codes.
+//! - [`mmu`]: the MMU protocol, the [`MmuServer`] trait, [`dispatch`].
+//! - [`mem`]: [`PhysMem`], the servers' only way to physical memory.
+//! - [`wire`]: [`encode`] / [`decode`] with the [`MAX_MESSAGE`] bound.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
+
+pub mod addr;
+pub mod ids;
+pub mod mem;
+pub mod mmu;
+pub mod paging;
+pub mod wire;
+
+pub use addr::{Gfn, Gpa, Gva, Hpa, Mfn, PageSize, PAGE_SHIFT, PAGE_SIZE};
+pub use ids::{CpuSet, DomainId, PcpuId, VcpuId};
+pub use mem::{MemError, PhysMem};
+pub use mmu::{
+    call, dispatch, DirtyChunk, FlushObligation, FlushScope, MemRegion, MemoryMap, MmuError,
+    MmuReply, MmuRequest, MmuServer, PROTOCOL_VERSION,
+};
+pub use paging::{GuestCr3, PagingMode, PfErrorCode};
+pub use wire::{decode, encode, DecodeError, EncodeError, MAX_MESSAGE};

@@ -1,0 +1,407 @@
+//! Pins the exact postcard bytes of every request and reply variant. postcard
+//! is positional: if one of these changes, the wire changed (a variant or
+//! field was reordered, removed or retyped), which the protocol forbids.
+
+use abi::mmu::{DIRTY_CHUNK_BYTES, MAX_REGIONS};
+use abi::*;
+
+/// One sample of every request variant, in declaration order. The exhaustive
+/// match makes adding a variant without pinning it a compile error.
+fn requests() -> Vec<MmuRequest> {
+    let mut memory = MemoryMap::new();
+    memory
+        .push(MemRegion {
+            gfn: Gfn(0),
+            mfn: Mfn(0x100),
+            pages: 0x200,
+        })
+        .unwrap();
+    memory
+        .push(MemRegion {
+            gfn: Gfn(0x1000),
+            mfn: Mfn(0x8000),
+            pages: 1,
+        })
+        .unwrap();
+    let v = VcpuId(3);
+    let p = PcpuId(7);
+    let all = vec![
+        MmuRequest::Hello { version: 1 },
+        MmuRequest::CreateDomain {
+            domain: DomainId(2),
+            memory,
+        },
+        MmuRequest::DestroyDomain {
+            domain: DomainId(2),
+        },
+        MmuRequest::CreateVcpu {
+            domain: DomainId(2),
+            vcpu: v,
+        },
+        MmuRequest::VcpuScheduled { vcpu: v, pcpu: p },
+        MmuRequest::VcpuDescheduled { vcpu: v, pcpu: p },
+        MmuRequest::PageFault {
+            vcpu: v,
+            pcpu: p,
+            gva: Gva(0x7fff_1234_5678),
+            error_code: PfErrorCode(PfErrorCode::W | PfErrorCode::U),
+        },
+        MmuRequest::WriteCr3 {
+            vcpu: v,
+            pcpu: p,
+            cr3: GuestCr3(0x8000_0000_0012_3005),
+        },
+        MmuRequest::SetPagingMode {
+            vcpu: v,
+            pcpu: p,
+            mode: PagingMode(PagingMode::WP | PagingMode::NXE),
+        },
+        MmuRequest::Invlpg {
+            vcpu: v,
+            pcpu: p,
+            gva: Gva(0xffff_8000_0000_1000),
+        },
+        MmuRequest::EmulatedWrite {
+            vcpu: v,
+            pcpu: p,
+            gpa: Gpa(0x5008),
+            value: 0x8000_0000_0000_6067,
+            size: 8,
+        },
+        MmuRequest::EnableDirtyLog {
+            domain: DomainId(2),
+        },
+        MmuRequest::DisableDirtyLog {
+            domain: DomainId(2),
+        },
+        MmuRequest::GetAndClearDirty {
+            domain: DomainId(2),
+            start: Gfn(0x1000),
+        },
+        MmuRequest::ZapAll {
+            domain: DomainId(2),
+        },
+    ];
+    for (i, r) in all.iter().enumerate() {
+        let idx = match r {
+            MmuRequest::Hello { .. } => 0,
+            MmuRequest::CreateDomain { .. } => 1,
+            MmuRequest::DestroyDomain { .. } => 2,
+            MmuRequest::CreateVcpu { .. } => 3,
+            MmuRequest::VcpuScheduled { .. } => 4,
+            MmuRequest::VcpuDescheduled { .. } => 5,
+            MmuRequest::PageFault { .. } => 6,
+            MmuRequest::WriteCr3 { .. } => 7,
+            MmuRequest::SetPagingMode { .. } => 8,
+            MmuRequest::Invlpg { .. } => 9,
+            MmuRequest::EmulatedWrite { .. } => 10,
+            MmuRequest::EnableDirtyLog { .. } => 11,
+            MmuRequest::DisableDirtyLog { .. } => 12,
+            MmuRequest::GetAndClearDirty { .. } => 13,
+            MmuRequest::ZapAll { .. } => 14,
+        };
+        assert_eq!(i, idx, "requests() must list variants in declaration order");
+    }
+    all
+}
+
+fn flush(cpus: u64, scope: FlushScope) -> Option<FlushObligation> {
+    Some(FlushObligation {
+        cpus: CpuSet(cpus),
+        scope,
+    })
+}
+
+/// One sample of every reply variant (several for nested enums), in order.
+fn replies() -> Vec<MmuReply> {
+    let mut bits = heapless::Vec::new();
+    bits.extend_from_slice(&[0x01, 0x80, 0x00, 0xff]).unwrap();
+    let all = vec![
+        MmuReply::Welcome { version: 1 },
+        MmuReply::Done { flush: None },
+        MmuReply::Resume {
+            flush: flush(0b1010, FlushScope::Page(Gva(0x40_1000))),
+        },
+        MmuReply::InjectPageFault {
+            error_code: PfErrorCode(PfErrorCode::P | PfErrorCode::W),
+            address: Gva(0x1234),
+            flush: None,
+        },
+        MmuReply::LoadShadowRoot {
+            vcpu: VcpuId(3),
+            root: Hpa(0x1_2345_6000),
+            flush: flush(
+                1 << 63,
+                FlushScope::Range {
+                    start: Gva(0x20_0000),
+                    pages: 512,
+                },
+            ),
+        },
+        MmuReply::EmulateWrite {
+            gpa: Gpa(0x5008),
+            flush: None,
+        },
+        MmuReply::WriteDone {
+            flush: flush(0xff, FlushScope::All),
+        },
+        MmuReply::DirtyBitmap {
+            chunk: DirtyChunk {
+                start: Gfn(0x100),
+                bits,
+                next: Some(Gfn(0x1100)),
+            },
+            flush: flush(1, FlushScope::AllReloadRoots),
+        },
+        MmuReply::Error {
+            reason: MmuError::UnknownVcpu(VcpuId(9)),
+            flush: None,
+        },
+    ];
+    for (i, r) in all.iter().enumerate() {
+        let idx = match r {
+            MmuReply::Welcome { .. } => 0,
+            MmuReply::Done { .. } => 1,
+            MmuReply::Resume { .. } => 2,
+            MmuReply::InjectPageFault { .. } => 3,
+            MmuReply::LoadShadowRoot { .. } => 4,
+            MmuReply::EmulateWrite { .. } => 5,
+            MmuReply::WriteDone { .. } => 6,
+            MmuReply::DirtyBitmap { .. } => 7,
+            MmuReply::Error { .. } => 8,
+        };
+        assert_eq!(i, idx, "replies() must list variants in declaration order");
+    }
+    all
+}
+
+/// One sample of every error reason, in declaration order.
+fn errors() -> Vec<MmuError> {
+    let all = vec![
+        MmuError::Malformed(DecodeError::TrailingBytes(3)),
+        MmuError::VersionMismatch {
+            requested: 7,
+            supported: 1,
+        },
+        MmuError::UnknownDomain(DomainId(4)),
+        MmuError::DomainExists(DomainId(4)),
+        MmuError::UnknownVcpu(VcpuId(5)),
+        MmuError::VcpuExists(VcpuId(5)),
+        MmuError::InvalidPcpu(PcpuId(64)),
+        MmuError::BadRegion(MemRegion {
+            gfn: Gfn(1),
+            mfn: Mfn(2),
+            pages: 0,
+        }),
+        MmuError::OverlappingRegions(Gfn(0x10)),
+        MmuError::CapacityExceeded {
+            what: abi::mmu::Resource::Vcpus,
+            limit: 64,
+        },
+        MmuError::OutOfShadowMemory(DomainId(4)),
+        MmuError::Memory(MemError::OutOfRange(Hpa(0x1000))),
+        MmuError::BadWriteSize(3),
+        MmuError::WriteCrossesPage(Gpa(0xffe)),
+        MmuError::GpaNotInMemory(Gpa(0xdead_0000)),
+        MmuError::UnsupportedPagingMode(PagingMode(PagingMode::SMAP)),
+        MmuError::DirtyLogDisabled(DomainId(4)),
+        MmuError::Unsupported(13),
+    ];
+    for (i, e) in all.iter().enumerate() {
+        let idx = match e {
+            MmuError::Malformed(_) => 0,
+            MmuError::VersionMismatch { .. } => 1,
+            MmuError::UnknownDomain(_) => 2,
+            MmuError::DomainExists(_) => 3,
+            MmuError::UnknownVcpu(_) => 4,
+            MmuError::VcpuExists(_) => 5,
+            MmuError::InvalidPcpu(_) => 6,
+            MmuError::BadRegion(_) => 7,
+            MmuError::OverlappingRegions(_) => 8,
+            MmuError::CapacityExceeded { .. } => 9,
+            MmuError::OutOfShadowMemory(_) => 10,
+            MmuError::Memory(_) => 11,
+            MmuError::BadWriteSize(_) => 12,
+            MmuError::WriteCrossesPage(_) => 13,
+            MmuError::GpaNotInMemory(_) => 14,
+            MmuError::UnsupportedPagingMode(_) => 15,
+            MmuError::DirtyLogDisabled(_) => 16,
+            MmuError::Unsupported(_) => 17,
+        };
+        assert_eq!(i, idx, "errors() must list variants in declaration order");
+    }
+    all
+}
+
+fn hex<T: serde::Serialize>(msg: &T) -> String {
+    let mut buf = [0u8; MAX_MESSAGE];
+    let n = encode(msg, &mut buf).expect("encodes");
+    buf[..n].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn check<T>(name: &str, msgs: Vec<T>, pinned: &[&str])
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + core::fmt::Debug,
+{
+    let got: Vec<String> = msgs.iter().map(hex).collect();
+    if got != pinned {
+        panic!("{name}: encoding changed; actual bytes:\n{got:#?}");
+    }
+    for m in msgs {
+        let mut buf = [0u8; MAX_MESSAGE];
+        let n = encode(&m, &mut buf).unwrap();
+        let back: T = decode(&buf[..n]).unwrap();
+        assert_eq!(back, m);
+    }
+}
+
+#[test]
+fn pinned_requests() {
+    check("requests", requests(), &PINNED_REQUESTS);
+}
+
+#[test]
+fn pinned_replies() {
+    check("replies", replies(), &PINNED_REPLIES);
+}
+
+#[test]
+fn pinned_error_reasons() {
+    let replies: Vec<MmuReply> = errors().into_iter().map(MmuReply::error).collect();
+    check("errors", replies, &PINNED_ERRORS);
+}
+
+#[test]
+fn pinned_scopes_and_decode_errors() {
+    let scopes = vec![
+        FlushScope::Page(Gva(0x1000)),
+        FlushScope::Range {
+            start: Gva(0x2000),
+            pages: 3,
+        },
+        FlushScope::All,
+        FlushScope::AllReloadRoots,
+    ];
+    check("scopes", scopes, &["008020", "01804003", "02", "03"][..]);
+    let decode_errors = vec![
+        DecodeError::UnexpectedEnd,
+        DecodeError::BadVarint,
+        DecodeError::BadBool,
+        DecodeError::BadOption,
+        DecodeError::BadEnum,
+        DecodeError::BadEncoding,
+        DecodeError::TrailingBytes(2),
+        DecodeError::TooLong(2000),
+        DecodeError::Other,
+    ];
+    check(
+        "decode errors",
+        decode_errors,
+        &["00", "01", "02", "03", "04", "05", "0602", "07d00f", "08"][..],
+    );
+    let mem_errors = vec![
+        MemError::Misaligned(Hpa(1)),
+        MemError::OutOfRange(Hpa(2)),
+        MemError::BadFrame(Mfn(3)),
+    ];
+    check("mem errors", mem_errors, &["0001", "0102", "0203"][..]);
+}
+
+/// The largest message of each kind fits in MAX_MESSAGE.
+#[test]
+fn worst_case_messages_fit() {
+    let mut memory = MemoryMap::new();
+    for _ in 0..MAX_REGIONS {
+        memory
+            .push(MemRegion {
+                gfn: Gfn(u64::MAX),
+                mfn: Mfn(u64::MAX),
+                pages: u64::MAX,
+            })
+            .unwrap();
+    }
+    let big_req = MmuRequest::CreateDomain {
+        domain: DomainId(u32::MAX),
+        memory,
+    };
+    let mut bits = heapless::Vec::new();
+    bits.resize(DIRTY_CHUNK_BYTES, 0xff).unwrap();
+    let worst_flush = Some(FlushObligation {
+        cpus: CpuSet(u64::MAX),
+        scope: FlushScope::Range {
+            start: Gva(u64::MAX),
+            pages: u32::MAX,
+        },
+    });
+    let big_reply = MmuReply::DirtyBitmap {
+        chunk: DirtyChunk {
+            start: Gfn(u64::MAX),
+            bits,
+            next: Some(Gfn(u64::MAX)),
+        },
+        flush: worst_flush,
+    };
+    let mut buf = [0u8; MAX_MESSAGE];
+    let a = encode(&big_req, &mut buf).expect("largest request fits");
+    let b = encode(&big_reply, &mut buf).expect("largest reply fits");
+    assert!(a <= MAX_MESSAGE && b <= MAX_MESSAGE);
+    // Also every error reason with worst-case values.
+    let e = MmuReply::Error {
+        reason: MmuError::BadRegion(MemRegion {
+            gfn: Gfn(u64::MAX),
+            mfn: Mfn(u64::MAX),
+            pages: u64::MAX,
+        }),
+        flush: worst_flush,
+    };
+    assert!(encode(&e, &mut buf).unwrap() < 100);
+}
+
+const PINNED_REQUESTS: [&str; 15] = [
+    "0001",
+    "0102020080028004802080800201",
+    "0202",
+    "030203",
+    "040307",
+    "050307",
+    "060307f8acd191f1ff1f06",
+    "07030785e0c880808080808001",
+    "08030703",
+    "09030780a080808080e0ffff01",
+    "0a030788a001e7c0818080808080800108",
+    "0b02",
+    "0c02",
+    "0d028020",
+    "0e02",
+];
+const PINNED_REPLIES: [&str; 9] = [
+    "0001",
+    "0100",
+    "02010a0080a08002",
+    "0303b42400",
+    "040380c0959a12018080808080808080800101808080018004",
+    "0588a00100",
+    "0601ff0102",
+    "07800204018000ff018022010103",
+    "08040900",
+];
+const PINNED_ERRORS: [&str; 18] = [
+    "0800060300",
+    "0801070100",
+    "08020400",
+    "08030400",
+    "08040500",
+    "08050500",
+    "08064000",
+    "080701020000",
+    "08081000",
+    "0809014000",
+    "080a0400",
+    "080b01802000",
+    "080c0300",
+    "080dfe1f00",
+    "080e8080b4f50d00",
+    "080f1000",
+    "08100400",
+    "08110d00",
+];
