@@ -2,11 +2,13 @@
 //! host, with every guest general-purpose register saved and restored around
 //! it (VMRUN itself only switches RAX and RSP).
 //!
-//! GIF handling: the switch runs `cli; clgi; sti` so that physical interrupts
-//! arriving while the guest runs become INTR exits (V_INTR_MASKING with host
-//! IF=1) instead of being taken in the middle of the switch, and `stgi` only
-//! after the host's FS/GS/TR are back, so the pending interrupt is then
-//! delivered to the kernel's own handler (timer, shootdown IPI) in host mode.
+//! GIF handling: the caller enters with GIF=0 (see [`clgi`]), having decided
+//! the TLB flush for this VMRUN after GIF went to 0, so a shootdown IPI that
+//! arrives later stays pending and turns the VMRUN into an immediate INTR
+//! exit. The switch sets IF=1 (with V_INTR_MASKING the host's IF makes
+//! physical interrupts INTR exits) and runs `stgi` only after the host's
+//! FS/GS/TR are back, so the pending interrupt is then delivered to the
+//! kernel's own handler (timer, shootdown IPI) in host mode.
 
 use core::arch::global_asm;
 
@@ -60,8 +62,6 @@ global_asm!(
     "push rdx", // [rsp+16] gprs
     "push rsi", // [rsp+8]  host VMCB
     "push rdi", // [rsp]    guest VMCB
-    "cli",
-    "clgi",
     "sti",
     "mov rax, rsi",
     "vmsave rax",
@@ -117,12 +117,22 @@ unsafe extern "C" {
     fn umbra_svm_world_switch(guest_vmcb_pa: u64, host_vmcb_pa: u64, gprs: *mut GuestGprs);
 }
 
+/// Disables interrupts and clears GIF: from here until the next VMRUN no
+/// interrupt is taken; ones that arrive stay pending.
+pub fn clgi() {
+    // SAFETY: CLI and CLGI only mask interrupts; SVM is enabled on this CPU
+    // (callers run after `enable_on_this_cpu`), and `world_switch` sets GIF
+    // again with STGI.
+    unsafe { core::arch::asm!("cli", "clgi", options(nomem, nostack)) };
+}
+
 /// Runs the guest described by the VMCB at `guest_vmcb_pa` until its next
 /// #VMEXIT. Returns with interrupts enabled (a pending physical interrupt has
 /// been delivered to the host's handler by then).
 ///
 /// # Safety
-/// SVM must be enabled on this CPU with a host save area set; both VMCBs must
+/// Must follow [`clgi`] (GIF=0). SVM must be enabled on this CPU with a host
+/// save area set; both VMCBs must
 /// be valid, 4 KiB-aligned pages owned by the caller; `gprs` must be valid.
 /// The guest state in the VMCB must only give the guest access to memory it
 /// owns (shadow page tables built from its own frames).

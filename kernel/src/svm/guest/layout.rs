@@ -59,6 +59,9 @@ pub mod pte {
 pub struct DomainInfo {
     /// Bytes of guest-physical memory (gpa 0 .. mem_bytes).
     pub mem_bytes: u64,
+    /// End of the memory the guest may allocate (the loader keeps the top
+    /// for the image copy).
+    pub alloc_end: u64,
     /// Number of vCPUs.
     pub vcpus: u64,
     /// Which workload (index into the kernel's workload table).
@@ -107,7 +110,7 @@ impl DomainInfo {
         loop {
             let start = cur.checked_add(align - 1)? & !(align - 1);
             let end = start.checked_add(bytes)?;
-            if end > self.mem_bytes {
+            if end > self.alloc_end {
                 return None;
             }
             match self.next_free.compare_exchange(cur, end, Ordering::AcqRel, Ordering::Relaxed) {

@@ -1,0 +1,355 @@
+//! Guests under AMD SVM with shadow paging: the kernel half.
+//!
+//! Mechanism only: this module runs guests (world switch, exit decoding),
+//! forwards every page-table event to the MMU server as postcard bytes
+//! through `abi::dispatch`, and carries out the replies (resume, inject #PF,
+//! load a shadow root, emulate a write, flush a CPU set through the kernel's
+//! shootdown). What a guest may map is decided by the server alone.
+//!
+//! - [`vmcb`], [`exit`], [`world`], [`decode`]: the hardware interface.
+//! - [`mem`]: `PhysMem` over real frames for the server.
+//! - [`domain`], [`vcpu`]: loading guests and handling their exits.
+//! - [`guest`]: the guest kernels (workloads) themselves.
+//! - [`stats`]: the counters behind the run's report.
+
+pub mod decode;
+pub mod domain;
+pub mod exit;
+pub mod guest;
+pub mod host;
+pub mod mem;
+pub mod stats;
+pub mod vcpu;
+pub mod vmcb;
+pub mod world;
+
+use abi::{
+    CpuSet, DomainId, FlushObligation, FlushScope, GuestCr3, MemRegion, MemoryMap, Mfn, MmuReply, MmuRequest,
+    MmuServer, PagingMode, PcpuId, VcpuId, MAX_MESSAGE, PROTOCOL_VERSION,
+};
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use domain::Domain;
+use guest::work::WORKLOADS;
+use mem::RealMem;
+use spin::{Mutex, Once};
+use stats::{bump, get, STATS};
+use vcpu::Vcpu;
+
+/// Shadow-pool size in frames (32 MiB).
+const SHADOW_POOL_FRAMES: u64 = 8192;
+
+/// Everything the SVM side shares between CPUs.
+pub struct Svm {
+    /// The MMU server (reached only through encoded bytes, see [`Svm::mmu`]).
+    server: Box<dyn MmuServer>,
+    /// The server's view of physical memory.
+    pub mem: &'static RealMem,
+    /// All domains (set once, after they are created).
+    pub domains: Once<Vec<&'static Domain>>,
+    /// Each pCPU's vCPUs (pinned).
+    queues: Vec<Mutex<Vec<Vcpu>>>,
+    /// I/O permission map (all ones: every port intercepted).
+    pub iopm_pa: u64,
+    /// MSR permission map (all ones: every MSR intercepted).
+    pub msrpm_pa: u64,
+}
+
+static SVM: Once<Svm> = Once::new();
+
+/// The shared state (after [`run`] set it up).
+pub fn svm() -> &'static Svm {
+    SVM.get().expect("svm used before setup")
+}
+
+impl Svm {
+    /// Sends one request to the MMU server as postcard bytes through
+    /// `abi::dispatch` and decodes the reply. A reply that does not decode is
+    /// turned into an error reply, never a panic.
+    pub fn mmu(&self, req: &MmuRequest) -> MmuReply {
+        let me = host::cpu_index();
+        bump(&STATS[me].mmu_calls);
+        let mut buf = [0u8; MAX_MESSAGE];
+        let n = match abi::encode(req, &mut buf) {
+            Ok(n) => n,
+            Err(_) => return MmuReply::error(abi::mmu::MmuError::Unsupported(0xFF)),
+        };
+        let mut out = [0u8; MAX_MESSAGE];
+        let m = abi::dispatch(&*self.server, &buf[..n], &mut out);
+        abi::decode::<MmuReply>(&out[..m]).unwrap_or_else(|e| MmuReply::error(abi::mmu::MmuError::Malformed(e)))
+    }
+
+    /// Carries out a flush obligation for `dom`: every listed pCPU flushes
+    /// the domain's ASID before its next VMRUN, remote ones are forced out
+    /// of guest mode by the shootdown IPI and acknowledge; returns once all
+    /// have. `AllReloadRoots` also voids every vCPU's root.
+    pub fn carry_out(&self, dom: &Domain, flush: Option<FlushObligation>) {
+        let Some(f) = flush else { return };
+        let me = host::cpu_index();
+        bump(&STATS[me].obligations);
+        let mut cpus = f.cpus.0 & online_mask();
+        if f.scope == FlushScope::AllReloadRoots {
+            dom.root_gen.fetch_add(1, core::sync::atomic::Ordering::AcqRel);
+            bump(&STATS[me].zaps);
+            cpus |= dom.pcpus & online_mask();
+        }
+        if cpus == 0 {
+            return;
+        }
+        let remote = (cpus & !(1u64 << me)).count_ones() as u64;
+        STATS[me].ipis.fetch_add(remote, core::sync::atomic::Ordering::Relaxed);
+        STATS[me].cpus_flushed.fetch_add(cpus.count_ones() as u64, core::sync::atomic::Ordering::Relaxed);
+        dom.shootdown_ipis.fetch_add(remote, core::sync::atomic::Ordering::Relaxed);
+        host::guest_shootdown(cpus, dom.asid);
+    }
+}
+
+fn online_mask() -> u64 {
+    let n = host::cpus_online();
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << n) - 1
+    }
+}
+
+/// Turns SVM on for the calling CPU: EFER.SVME and a host save area.
+/// Returns the physical address of a page for VMSAVE/VMLOAD of host state.
+pub fn enable_on_this_cpu() -> Result<u64, &'static str> {
+    use x86_64::registers::model_specific::Msr;
+    // SAFETY: CPUID is always available in long mode.
+    let ecx = unsafe { core::arch::x86_64::__cpuid(0x8000_0001) }.ecx;
+    if ecx & (1 << 2) == 0 {
+        return Err("CPU has no SVM (CPUID 8000_0001 ECX bit 2 clear)");
+    }
+    // SAFETY: VM_CR exists on every SVM CPU; reading it has no side effect.
+    let vm_cr = unsafe { Msr::new(0xC001_0114).read() };
+    if vm_cr & (1 << 4) != 0 {
+        return Err("SVM disabled by firmware (VM_CR.SVMDIS)");
+    }
+    let hsave = host::alloc_zeroed(1)?;
+    let host_vmcb = host::alloc_zeroed(1)?;
+    // SAFETY: setting EFER.SVME only enables the SVM instructions; the host
+    // save area is a fresh page owned by this CPU forever (VM_HSAVE_PA).
+    unsafe {
+        let mut efer = Msr::new(0xC000_0080);
+        efer.write(efer.read() | (1 << 12));
+        Msr::new(0xC001_0117).write(hsave);
+    }
+    Ok(host_vmcb)
+}
+
+/// Creates every workload's domain on `server`, runs them on all CPUs, and
+/// prints the report. Returns whether every workload passed.
+pub fn run(server: Box<dyn MmuServer>) -> Result<bool, &'static str> {
+    let ncpu = host::cpus_online();
+    crate::kprintln!("svm: MMU server `{}`; {} workloads on {} CPUs", server.name(), WORKLOADS.len(), ncpu);
+    let mem: &'static RealMem = Box::leak(Box::new(RealMem::new(SHADOW_POOL_FRAMES)?));
+    let iopm_pa = host::alloc_zeroed(3)?;
+    let msrpm_pa = host::alloc_zeroed(2)?;
+    // SAFETY: freshly allocated, exclusively owned frames in the identity map.
+    unsafe {
+        core::ptr::write_bytes(host::va(iopm_pa), 0xFF, 3 * 4096);
+        core::ptr::write_bytes(host::va(msrpm_pa), 0xFF, 2 * 4096);
+    }
+    let mut queues = Vec::new();
+    for _ in 0..ncpu {
+        queues.push(Mutex::new(Vec::new()));
+    }
+    let svm = SVM.call_once(|| Svm { server, mem, domains: Once::new(), queues, iopm_pa, msrpm_pa });
+    match svm.mmu(&MmuRequest::Hello { version: PROTOCOL_VERSION }) {
+        MmuReply::Welcome { .. } => {}
+        other => {
+            crate::kprintln!("svm: handshake refused: {other:?}");
+            return Err("MMU server refused the protocol handshake");
+        }
+    }
+    let mut domains = Vec::new();
+    let mut next_vcpu = 0u32;
+    for (i, w) in WORKLOADS.iter().enumerate() {
+        let id = DomainId(i as u32 + 1);
+        let mut pcpus = 0u64;
+        for v in 0..w.vcpus {
+            pcpus |= 1 << ((w.first_pcpu + v) as usize % ncpu);
+        }
+        let asid = (i as u32 % 15) + 1;
+        let (dom, boots) = domain::load(id, w, i as u64, next_vcpu, asid, pcpus)?;
+        let dom: &'static Domain = Box::leak(Box::new(dom));
+        mem.add_guest_range(dom.mem_pa, dom.mem_bytes);
+        let mut map = MemoryMap::new();
+        let region = MemRegion { gfn: abi::Gfn(0), mfn: Mfn(dom.mem_pa / 4096), pages: dom.mem_bytes / 4096 };
+        map.push(region).map_err(|_| "memory map full")?;
+        expect_done(svm.mmu(&MmuRequest::CreateDomain { domain: id, memory: map }), "CreateDomain")?;
+        for (v, boot) in boots.iter().enumerate() {
+            let pcpu = (w.first_pcpu as usize + v) % ncpu;
+            let vid = VcpuId(next_vcpu + v as u32);
+            let p = PcpuId(pcpu as u32);
+            expect_done(svm.mmu(&MmuRequest::CreateVcpu { domain: id, vcpu: vid }), "CreateVcpu")?;
+            let mode = PagingMode(PagingMode::WP | PagingMode::NXE);
+            expect_done(svm.mmu(&MmuRequest::SetPagingMode { vcpu: vid, pcpu: p, mode }), "SetPagingMode")?;
+            let cr3 = GuestCr3(guest::layout::L4_GPA);
+            let r = svm.mmu(&MmuRequest::WriteCr3 { vcpu: vid, pcpu: p, cr3 });
+            if let MmuReply::Error { reason, .. } = r {
+                crate::kprintln!("svm: WriteCr3 at creation failed: {reason}");
+                return Err("MMU server refused the initial CR3");
+            }
+            let vcpu = Vcpu::new(vid, v as u32, dom, boot, svm.iopm_pa, svm.msrpm_pa)?;
+            svm.queues[pcpu].lock().push(vcpu);
+        }
+        next_vcpu += w.vcpus;
+        domains.push(dom);
+    }
+    svm.domains.call_once(|| domains);
+
+    let all = crate::cpu::CpuSet((online_mask()) as u64);
+    let results = crate::smp::run_on(all, pcpu_main);
+    for (i, r) in results.iter().enumerate().take(ncpu) {
+        if let Some(Err(e)) = r {
+            crate::kprintln!("svm: cpu {i}: {e}");
+        }
+    }
+    Ok(report(svm, ncpu))
+}
+
+fn expect_done(reply: MmuReply, what: &'static str) -> Result<(), &'static str> {
+    match reply {
+        MmuReply::Done { flush: None } => Ok(()),
+        MmuReply::Done { .. } => Ok(()),
+        other => {
+            crate::kprintln!("svm: {what}: unexpected reply {other:?}");
+            Err("MMU server refused a control request")
+        }
+    }
+}
+
+/// One pCPU's share of the run: enable SVM, then run its vCPUs round-robin
+/// until every one has ended.
+fn pcpu_main() -> Result<(), &'static str> {
+    let host_vmcb = enable_on_this_cpu()?;
+    let me = host::cpu_index();
+    let svm = svm();
+    let mut queue = core::mem::take(&mut *svm.queues[me].lock());
+    let mut pcpu = vcpu::PcpuState { host_vmcb, pending: 0, last: None };
+    let mut cur = 0;
+    while !queue.is_empty() {
+        cur %= queue.len();
+        let others = queue.len() > 1;
+        match queue[cur].run_slice(&mut pcpu, others) {
+            vcpu::Slice::Yield => cur += 1,
+            vcpu::Slice::Done => {
+                queue.remove(cur);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn verdict(d: &Domain) -> (bool, &'static str) {
+    use core::sync::atomic::Ordering::Acquire;
+    let reported = d.reported.load(Acquire);
+    let stop = *d.stop_reason.lock();
+    if d.workload.ends_in_shutdown {
+        return match (reported, stop) {
+            (1, Some(("shutdown", _))) => (true, "PASS (faulted, then stopped on shutdown)"),
+            (1, _) => (false, "FAIL (reported, but was not stopped on shutdown)"),
+            _ => (false, "FAIL (no passing report)"),
+        };
+    }
+    if stop.is_some() {
+        return (false, "FAIL (stopped)");
+    }
+    if reported == 1 && d.exited_bad.load(Acquire) == 0 && d.exited_ok.load(Acquire) == d.workload.vcpus {
+        (true, "PASS")
+    } else {
+        (false, "FAIL")
+    }
+}
+
+fn report(svm: &Svm, ncpu: usize) -> bool {
+    use exit::{BUCKETS, BUCKET_NAMES};
+    crate::kprintln!("svm: ---- exits by reason, per pCPU ----");
+    let mut line = alloc::string::String::new();
+    use core::fmt::Write;
+    let _ = write!(line, "cpu ");
+    for n in BUCKET_NAMES {
+        let _ = write!(line, "{n:>8}");
+    }
+    let _ = write!(line, "{:>8}{:>8}{:>8}{:>7}{:>6}{:>7}{:>7}", "fixed", "inject", "emul", "zaps", "ipis", "flushd", "mmu");
+    crate::kprintln!("{line}");
+    let mut tot = [0u64; BUCKETS + 8];
+    for c in 0..ncpu {
+        let s = &STATS[c];
+        let mut row = [0u64; BUCKETS + 8];
+        for (b, r) in row.iter_mut().enumerate().take(BUCKETS) {
+            *r = get(&s.exits[b]);
+        }
+        let (ipis, _) = host::shootdown_counters(c);
+        let _ = ipis;
+        row[BUCKETS] = get(&s.fixed);
+        row[BUCKETS + 1] = get(&s.injected);
+        row[BUCKETS + 2] = get(&s.emulated);
+        row[BUCKETS + 3] = get(&s.zaps);
+        row[BUCKETS + 4] = get(&s.ipis);
+        row[BUCKETS + 5] = get(&s.cpus_flushed);
+        row[BUCKETS + 6] = get(&s.mmu_calls);
+        print_row(&alloc::format!("{c:<4}"), &row);
+        for (t, r) in tot.iter_mut().zip(row.iter()) {
+            *t += r;
+        }
+    }
+    print_row("all ", &tot);
+    let (shadow_now, shadow_peak) = svm.mem.shadow_pages();
+    crate::kprintln!(
+        "svm: shadow pages in use {shadow_now}, peak {shadow_peak}; fast-path fixes: not reported by the protocol \
+         (Resume replies = {})",
+        tot[BUCKETS]
+    );
+    crate::kprintln!("svm: ---- workloads ----");
+    let mut all = true;
+    for d in svm.domains.get().map(|v| v.as_slice()).unwrap_or(&[]) {
+        let (ok, text) = verdict(d);
+        all &= ok;
+        let stop = *d.stop_reason.lock();
+        crate::kprintln!(
+            "svm: workload {:<12} d{} vcpus {} exits {:>7} shootdown-ipis {:>5}  {}{}",
+            d.workload.name,
+            d.id.0,
+            d.workload.vcpus,
+            d.exits.load(core::sync::atomic::Ordering::Relaxed),
+            d.shootdown_ipis.load(core::sync::atomic::Ordering::Relaxed),
+            text,
+            match stop {
+                Some((why, v)) => alloc::format!(" [stopped: {why} {v:#x}]"),
+                None => alloc::string::String::new(),
+            }
+        );
+    }
+    let doms = svm.domains.get().map(|v| v.as_slice()).unwrap_or(&[]);
+    let passed = doms.iter().filter(|d| verdict(d).0).count();
+    crate::kprintln!("svm: {passed}/{} workloads passed", doms.len());
+    let _ = CpuSet::EMPTY;
+    all
+}
+
+fn print_row(label: &str, row: &[u64]) {
+    use core::fmt::Write;
+    let mut line = alloc::string::String::new();
+    let _ = write!(line, "{label}");
+    for (i, v) in row.iter().enumerate().take(exit::BUCKETS) {
+        let _ = i;
+        let _ = write!(line, "{v:>8}");
+    }
+    let b = exit::BUCKETS;
+    let _ = write!(
+        line,
+        "{:>8}{:>8}{:>8}{:>7}{:>6}{:>7}{:>7}",
+        row[b],
+        row[b + 1],
+        row[b + 2],
+        row[b + 3],
+        row[b + 4],
+        row[b + 5],
+        row[b + 6]
+    );
+    crate::kprintln!("{line}");
+}
