@@ -1,11 +1,194 @@
-//! Umbra's ring-0 kernel. (Filled by the boot issue.)
+//! Umbra's ring-0 kernel: boot, CPUs, physical frames, IPIs and TLB shootdown.
+//!
+//! # Principles
+//! - Mechanism only. The kernel starts CPUs, hands out frames, moves
+//!   interrupts and flushes TLBs when told to. What a guest may map, which
+//!   vCPU runs where, and when a flush is needed are decided by servers.
+//! - Simple and clear over fast and clever: bitmaps over trees, one request
+//!   slot per CPU over queues, fixed-size tables over growth, busy-waiting
+//!   over scheduling where the wait is short and bounded.
+//! - One shape per mechanism: every interrupt enters through the same stub
+//!   and [`interrupts`]' dispatch; every TLB flush is a
+//!   [`shootdown::FlushRequest`] with a closed [`shootdown::Reason`].
+//! - Failures are loud and final: a CPU exception or a panic prints what and
+//!   where (vector, error code, RIP, CR2, CPU) and ends the run with the
+//!   failure exit code. Errors that callers can handle are values
+//!   (frame exhaustion, double free), never panics.
+//! - Every `unsafe` block says why it is sound.
+//!
+//! Boot order: [`boot`] (Multiboot stub, long mode) -> [`serial`] ->
+//! [`frames`] and [`heap`] -> [`madt`] -> [`cpu`] (GDT/TSS/IDT/per-CPU) ->
+//! [`smp`] (APs, with [`apic`] timer calibration) -> self-tests or done.
+//! The command line (QEMU `-append`) selects: `test` runs [`selftest`],
+//! `test-fault` runs the expected-failure boot.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
+#[cfg(target_os = "none")]
+extern crate alloc;
+
+#[cfg(target_os = "none")]
+pub mod apic;
+#[cfg(target_os = "none")]
+pub mod boot;
+#[cfg(target_os = "none")]
+pub mod cpu;
+#[cfg(target_os = "none")]
+pub mod frames;
+#[cfg(target_os = "none")]
+pub mod heap;
+#[cfg(target_os = "none")]
+pub mod interrupts;
+#[cfg(target_os = "none")]
+pub mod madt;
+#[cfg(target_os = "none")]
+pub mod qemu;
+#[cfg(target_os = "none")]
+pub mod selftest;
+#[cfg(target_os = "none")]
+pub mod serial;
+#[cfg(target_os = "none")]
+pub mod shootdown;
+#[cfg(target_os = "none")]
+pub mod smp;
+
+/// The kernel is built only for `x86_64-unknown-none`; on the host it is empty.
 #[cfg(not(target_os = "none"))]
 fn main() {}
 
 #[cfg(target_os = "none")]
+static CMDLINE: spin::Once<([u8; boot::MAX_CMDLINE], usize)> = spin::Once::new();
+
+/// The kernel command line (QEMU `-append`), available after boot.
+#[cfg(target_os = "none")]
+pub fn cmdline() -> &'static str {
+    CMDLINE
+        .get()
+        .and_then(|(buf, len)| core::str::from_utf8(&buf[..*len]).ok())
+        .unwrap_or("")
+}
+
+/// Entered from the boot stub on the bootstrap CPU, in long mode.
+#[cfg(target_os = "none")]
+#[no_mangle]
+extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
+    use qemu::{exit, ExitCode};
+    serial::init();
+    // SAFETY: `magic` and `info` are EAX and EBX as the loader left them;
+    // nothing has been allocated yet, so its structures are intact.
+    let boot = match unsafe { boot::parse_multiboot(magic, info) } {
+        Ok(b) => b,
+        Err(e) => {
+            kprintln!("umbra: unusable boot information: {e:?}");
+            exit(ExitCode::Failure)
+        }
+    };
+    // Multiboot loaders (QEMU, GRUB) put the image's path first: drop it.
+    let line = boot.cmdline().trim_start();
+    let line = line.split_once(' ').map_or("", |(_, rest)| rest.trim());
+    let mut buf = [0u8; boot::MAX_CMDLINE];
+    buf[..line.len()].copy_from_slice(line.as_bytes());
+    CMDLINE.call_once(|| (buf, line.len()));
+    kprintln!("umbra: booting, command line \"{}\"", cmdline());
+
+    for r in boot.regions() {
+        kprintln!(
+            "umbra: memory {:#012x}-{:#012x} type {}",
+            r.start.as_u64(),
+            r.start.as_u64() + r.len,
+            r.kind
+        );
+    }
+    let (ram, managed) = frames::init(&boot);
+    kprintln!(
+        "umbra: memory: {} MiB usable, {} MiB managed by the frame allocator",
+        ram >> 20,
+        managed >> 20
+    );
+    if let Err(e) = heap::init() {
+        kprintln!("umbra: no room for the heap: {e:?}");
+        exit(ExitCode::Failure)
+    }
+
+    let list = match madt::read_cpus() {
+        Ok(l) => l,
+        Err(e) => {
+            kprintln!("umbra: cannot read the ACPI MADT: {e:?}");
+            exit(ExitCode::Failure)
+        }
+    };
+    apic::set_base(list.local_apic);
+    kprintln!(
+        "umbra: ACPI MADT lists {} CPUs ({} enabled), APIC ids {:?}, local APIC at {:#x}",
+        list.listed,
+        list.enabled,
+        &list.apic_ids[..list.enabled],
+        list.local_apic
+    );
+    // The per-CPU setup below needs to know which listed CPU we are.
+    let bsp_id = {
+        apic::mask_legacy_pic();
+        apic::enable();
+        apic::id()
+    };
+    let mut ids = [0u32; cpu::MAX_CPUS];
+    ids[0] = bsp_id;
+    let mut n = 1;
+    for &id in list.apic_ids[..list.enabled]
+        .iter()
+        .filter(|&&id| id != bsp_id)
+    {
+        if n == cpu::MAX_CPUS {
+            kprintln!(
+                "umbra: more than {} CPUs listed; ignoring the rest",
+                cpu::MAX_CPUS
+            );
+            break;
+        }
+        ids[n] = id;
+        n += 1;
+    }
+    cpu::set_cpus(&ids[..n]);
+    // SAFETY: first per-CPU setup on the bootstrap CPU, index 0.
+    if let Err(e) = unsafe { cpu::init_this_cpu(0) } {
+        kprintln!("umbra: cpu 0 setup failed: {e:?}");
+        exit(ExitCode::Failure)
+    }
+    kprintln!("umbra: cpu 0 (apic {bsp_id}) online (bootstrap)");
+    cpu::set_online();
+
+    let online = smp::start_aps();
+    apic::start_timer();
+    x86_64::instructions::interrupts::enable();
+    let us = apic::tsc_to_us(apic::tsc() - boot::entry_tsc());
+    kprintln!(
+        "umbra: timer: {} TSC ticks/ms, {} APIC ticks/ms",
+        apic::tsc_per_ms(),
+        apic::apic_ticks_per_ms()
+    );
+    kprintln!(
+        "umbra: {online} CPUs online {}.{:03} ms after kernel entry",
+        us / 1000,
+        us % 1000
+    );
+    if online != n {
+        kprintln!("umbra: only {online}/{n} CPUs online");
+        exit(ExitCode::Failure)
+    }
+
+    if boot::has_arg(cmdline(), "test-fault") {
+        selftest::fault_on_last_cpu();
+    }
+    if boot::has_arg(cmdline(), "test") {
+        selftest::run_all();
+    }
+    kprintln!("umbra: {online}/{n} CPUs online");
+    exit(ExitCode::Success)
+}
+
+#[cfg(target_os = "none")]
 #[panic_handler]
-fn panic(_: &core::panic::PanicInfo) -> ! {
-    loop {}
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    let cpu = cpu::current_index_checked().map_or(-1, |i| i as i64);
+    serial::print_emergency(format_args!("umbra: PANIC on cpu {cpu}: {info}\n"));
+    qemu::exit(qemu::ExitCode::Failure)
 }

@@ -1,29 +1,425 @@
-//! Building the boot image and running it under QEMU.
-//! (Filled by the boot issue: `run` and `test_image`.)
+//! Building the boot image and running it under QEMU: `cargo xtask run` and the test-image stage.
+//!
+//! The kernel ends every run through QEMU's isa-debug-exit device: status
+//! 33 means success, 35 failure. Status 0 (a triple fault under
+//! `-no-reboot`), any other status, and a run past its time limit are
+//! failures too.
 
+use crate::prereq;
 use crate::test::Tally;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 /// Options of `cargo xtask run`.
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// Number of CPUs QEMU gives the machine.
+    /// Number of CPUs QEMU gives the machine (1 to 64).
     #[arg(long, default_value_t = 8)]
     pub smp: u32,
     /// Build the image in debug mode (about 45x slower under TCG).
     #[arg(long)]
     pub debug: bool,
-    /// Arguments passed to the kernel command line.
+    /// Seconds before a run that has not ended is killed and failed.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+    /// Arguments passed to the kernel command line (QEMU `-append`).
     #[arg(last = true)]
     pub kernel_args: Vec<String>,
 }
 
-/// `cargo xtask run`.
-pub fn run(_args: &RunArgs) -> Result<()> {
-    bail!("booting is not built yet")
+/// isa-debug-exit status of a run that reported success (`0x10 << 1 | 1`).
+pub const EXIT_SUCCESS: i32 = 33;
+/// isa-debug-exit status of a run that reported failure (`0x11 << 1 | 1`).
+pub const EXIT_FAILURE: i32 = 35;
+
+/// How a boot ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// The image reported success.
+    Success,
+    /// The image reported failure (test failed, exception, panic).
+    Failure,
+    /// QEMU exited 0: a triple fault, or the image never reached isa-debug-exit.
+    TripleFault,
+    /// QEMU exited with another status (or was killed by a signal).
+    Other(Option<i32>),
+    /// The run did not end within the time limit and was killed.
+    Timeout(Duration),
 }
 
-/// Boots the test image and tallies its test lines.
+/// What one boot printed and how it ended.
+pub struct Outcome {
+    /// Serial console lines, without line terminators.
+    pub lines: Vec<String>,
+    /// How the run ended.
+    pub ending: Ending,
+    /// Wall time from QEMU spawn to the line saying all CPUs are online.
+    pub online_after: Option<Duration>,
+}
+
+impl Outcome {
+    /// The first serial line containing `needle`.
+    pub fn line_with(&self, needle: &str) -> Option<&str> {
+        self.lines
+            .iter()
+            .map(String::as_str)
+            .find(|l| l.contains(needle))
+    }
+}
+
+/// Builds the kernel (release unless `debug`) and returns the image's path.
+pub fn build_kernel(debug: bool) -> Result<PathBuf> {
+    let mut cmd = prereq::cargo();
+    cmd.args(["build", "-p", "kernel", "--target", prereq::KERNEL_TARGET]);
+    if !debug {
+        cmd.arg("--release");
+    }
+    prereq::run_checked(&mut cmd)?;
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| prereq::workspace_root().join("target"));
+    let image = target_dir
+        .join(prereq::KERNEL_TARGET)
+        .join(if debug { "debug" } else { "release" })
+        .join("kernel");
+    if !image.is_file() {
+        bail!(
+            "the kernel build succeeded but {} is missing",
+            image.display()
+        );
+    }
+    Ok(image)
+}
+
+/// Boots `image` under QEMU (TCG, q35) with `smp` CPUs and kernel command
+/// line `append`, streaming the serial console to stdout when `echo`.
+pub fn boot(
+    image: &std::path::Path,
+    smp: u32,
+    append: &str,
+    timeout: Duration,
+    echo: bool,
+) -> Result<Outcome> {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-machine", "q35", "-m", "512M", "-smp"])
+        .arg(smp.to_string())
+        .args([
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-monitor",
+            "none",
+            "-no-reboot",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-kernel",
+        ])
+        .arg(image)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    if !append.is_empty() {
+        cmd.args(["-append", append]);
+    }
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n') {
+            let Ok(line) = line else { break };
+            let text = String::from_utf8_lossy(&line)
+                .trim_end_matches('\r')
+                .to_string();
+            if tx.send((text, Instant::now())).is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut lines = Vec::new();
+    let mut online_after = None;
+    let deadline = start + timeout;
+    let mut timed_out = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((line, at)) => {
+                if echo {
+                    println!("{line}");
+                }
+                if online_after.is_none() && line.contains("CPUs online") {
+                    online_after = Some(at - start);
+                }
+                lines.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                timed_out = true;
+                let _ = child.kill();
+                break;
+            }
+        }
+    }
+    let status = child.wait().context("waiting for QEMU")?;
+    let _ = reader.join();
+    let ending = if timed_out {
+        Ending::Timeout(timeout)
+    } else {
+        match status.code() {
+            Some(EXIT_SUCCESS) => Ending::Success,
+            Some(EXIT_FAILURE) => Ending::Failure,
+            Some(0) => Ending::TripleFault,
+            code => Ending::Other(code),
+        }
+    };
+    Ok(Outcome {
+        lines,
+        ending,
+        online_after,
+    })
+}
+
+fn describe(ending: &Ending) -> String {
+    match ending {
+        Ending::Success => "the image reported success".into(),
+        Ending::Failure => format!("the image reported failure (exit status {EXIT_FAILURE})"),
+        Ending::TripleFault => {
+            "QEMU exited with status 0: triple fault or no isa-debug-exit write".into()
+        }
+        Ending::Other(Some(c)) => format!("QEMU exited with unexpected status {c}"),
+        Ending::Other(None) => "QEMU was killed by a signal".into(),
+        Ending::Timeout(t) => format!("no result within {} s; QEMU killed", t.as_secs()),
+    }
+}
+
+/// `cargo xtask run`.
+pub fn run(args: &RunArgs) -> Result<()> {
+    if !(1..=64).contains(&args.smp) {
+        bail!(
+            "--smp {} is out of range: Umbra runs 1 to 64 CPUs",
+            args.smp
+        );
+    }
+    prereq::ensure_qemu()?;
+    prereq::ensure_kernel_target()?;
+    let image = build_kernel(args.debug)?;
+    let append = args.kernel_args.join(" ");
+    eprintln!(
+        "xtask: booting {} with -smp {}{}",
+        image.display(),
+        args.smp,
+        if append.is_empty() {
+            String::new()
+        } else {
+            format!(", command line \"{append}\"")
+        }
+    );
+    let out = boot(
+        &image,
+        args.smp,
+        &append,
+        Duration::from_secs(args.timeout),
+        true,
+    )?;
+    if let Some(t) = out.online_after {
+        eprintln!(
+            "xtask: all CPUs online {:.3} s after QEMU start (wall)",
+            t.as_secs_f64()
+        );
+    }
+    match out.ending {
+        Ending::Success => Ok(()),
+        other => bail!("{}", describe(&other)),
+    }
+}
+
+/// Time limit of the self-test boot (the shootdown stress takes a while
+/// under TCG on a busy 2-core machine).
+const TEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// Time limit of each plain boot.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Counts `test <name> ... ok` / `... FAILED` lines.
+fn tally_test_lines(lines: &[String]) -> Tally {
+    let mut t = Tally::default();
+    for l in lines.iter().filter(|l| l.starts_with("test ")) {
+        if l.ends_with(" ... ok") {
+            t.passed += 1;
+        } else if l.contains(" ... FAILED") {
+            t.failed += 1;
+        }
+    }
+    t
+}
+
+/// Parses the image's `umbra: selftest: N passed, M failed` summary.
+fn parse_summary(lines: &[String]) -> Option<Tally> {
+    let line = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("umbra: selftest: "))?;
+    let (p, f) = line.split_once(" passed, ")?;
+    Some(Tally {
+        passed: p.trim().parse().ok()?,
+        failed: f.strip_suffix(" failed")?.trim().parse().ok()?,
+    })
+}
+
+/// Checks the expected-failure boot: the fault report must name #PF,
+/// vector 14, RIP, CR2 = the faulting address, and the faulting CPU, and the
+/// run must be reported as failed.
+fn check_fault_report(out: &Outcome, cpu: u32) -> Result<(), String> {
+    let report = out
+        .line_with("umbra: EXCEPTION")
+        .ok_or("no `umbra: EXCEPTION` report on the console")?;
+    let wanted = [
+        "#PF".to_string(),
+        "vector 14".to_string(),
+        "rip 0x".to_string(),
+        "cr2 0xdeadbee000".to_string(),
+        format!("cpu {cpu} "),
+        "error 0x".to_string(),
+    ];
+    for w in &wanted {
+        if !report.contains(w.as_str()) {
+            return Err(format!("fault report `{report}` lacks `{w}`"));
+        }
+    }
+    if out.ending != Ending::Failure {
+        return Err(format!(
+            "the faulting run was not reported as failed: {}",
+            describe(&out.ending)
+        ));
+    }
+    Ok(())
+}
+
+/// Boots the test image and tallies its test lines, then the
+/// expected-failure boot and plain boots at -smp 1, 4 and 16.
 pub fn test_image() -> Result<Tally> {
-    bail!("the test image is not built yet")
+    prereq::ensure_qemu()?;
+    prereq::ensure_kernel_target()?;
+    let image = build_kernel(false)?;
+    let mut tally = Tally::default();
+
+    eprintln!("xtask: test image: self-tests (-smp 8, command line `test`)");
+    let out = boot(&image, 8, "test", TEST_TIMEOUT, true)?;
+    let lines = tally_test_lines(&out.lines);
+    let summary = parse_summary(&out.lines);
+    tally += lines;
+    record(
+        &mut tally,
+        "selftest_run",
+        match (&out.ending, summary) {
+            (_, None) => Err(format!("no summary line; {}", describe(&out.ending))),
+            (_, Some(s)) if s != lines => Err(format!(
+                "summary says {} passed, {} failed but {} ok / {} FAILED lines were printed",
+                s.passed, s.failed, lines.passed, lines.failed
+            )),
+            (Ending::Success, Some(s)) if s.failed == 0 => Ok(()),
+            (Ending::Failure, Some(s)) if s.failed > 0 => {
+                Err(format!("{} self-test(s) failed", s.failed))
+            }
+            (e, Some(_)) => Err(format!("summary and exit status disagree: {}", describe(e))),
+        },
+    );
+
+    eprintln!(
+        "xtask: test image: expected-failure boot (command line `test-fault`): \
+         the fault report below is expected"
+    );
+    let out = boot(&image, 8, "test-fault", BOOT_TIMEOUT, true)?;
+    record(
+        &mut tally,
+        "expected_failure_fault_report",
+        check_fault_report(&out, 7),
+    );
+
+    for smp in [1, 4, 16] {
+        eprintln!("xtask: test image: plain boot with -smp {smp}");
+        let out = boot(&image, smp, "", BOOT_TIMEOUT, true)?;
+        let want = format!("{smp}/{smp} CPUs online");
+        let last = out.lines.last().map(String::as_str).unwrap_or("");
+        record(
+            &mut tally,
+            &format!("boot_smp_{smp}"),
+            if out.ending != Ending::Success {
+                Err(describe(&out.ending))
+            } else if !last.contains(&want) {
+                Err(format!("last line `{last}` does not contain `{want}`"))
+            } else {
+                Ok(())
+            },
+        );
+    }
+    Ok(tally)
+}
+
+/// Counts one host-side check of the test-image stage and prints its line.
+fn record(tally: &mut Tally, name: &str, result: Result<(), String>) {
+    match result {
+        Ok(()) => {
+            tally.passed += 1;
+            eprintln!("xtask: test-image: {name} ... ok");
+        }
+        Err(why) => {
+            tally.failed += 1;
+            eprintln!("xtask: test-image: {name} ... FAILED: {why}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(text: &str) -> Vec<String> {
+        text.lines().map(String::from).collect()
+    }
+
+    #[test]
+    fn tallies_test_lines_and_summary() {
+        let l = lines(
+            "umbra: booting\ntest a ... ok\ntest b ... FAILED: why\ntest c ... ok\n\
+             umbra: selftest: 2 passed, 1 failed",
+        );
+        assert_eq!(
+            tally_test_lines(&l),
+            Tally {
+                passed: 2,
+                failed: 1
+            }
+        );
+        assert_eq!(
+            parse_summary(&l),
+            Some(Tally {
+                passed: 2,
+                failed: 1
+            })
+        );
+        assert_eq!(parse_summary(&lines("umbra: booting")), None);
+    }
+
+    #[test]
+    fn fault_report_check_wants_every_field_and_a_failed_run() {
+        let report =
+            "umbra: EXCEPTION #PF vector 14 error 0x2 rip 0x10abcd cr2 0xdeadbee000 cpu 7 rsp 0x1";
+        let out = |ending, text: &str| Outcome {
+            lines: lines(text),
+            ending,
+            online_after: None,
+        };
+        assert!(check_fault_report(&out(Ending::Failure, report), 7).is_ok());
+        assert!(check_fault_report(&out(Ending::Failure, report), 3).is_err());
+        assert!(check_fault_report(&out(Ending::TripleFault, report), 7).is_err());
+        assert!(check_fault_report(&out(Ending::Failure, "umbra: booting"), 7).is_err());
+        let no_cr2 = report.replace("cr2 0xdeadbee000", "cr2 0x0");
+        assert!(check_fault_report(&out(Ending::Failure, &no_cr2), 7).is_err());
+    }
 }

@@ -1,0 +1,295 @@
+//! Boot: the Multiboot header, the 32-bit entry stub into long mode, and the boot information.
+//!
+//! QEMU's `-kernel` loads the image at 1 MiB (Multiboot v1, a.out kludge) and
+//! enters `umbra_boot32` in 32-bit protected mode with paging off. The stub
+//! identity-maps the low 4 GiB with 2 MiB pages (the last GiB uncached: local
+//! APIC, IO-APIC), enables long mode and calls `kernel_main(magic, info)`.
+//! The same page tables and GDT serve the application processors.
+
+use core::arch::global_asm;
+use core::sync::atomic::{AtomicU64, Ordering};
+use x86_64::PhysAddr;
+
+/// Value of EAX when a Multiboot v1 loader hands over control.
+pub const MULTIBOOT_MAGIC: u32 = 0x2BAD_B002;
+
+/// Physical address of the boot page tables' top level (loaded into CR3 by every CPU).
+pub fn boot_pml4() -> PhysAddr {
+    PhysAddr::new(core::ptr::addr_of!(umbra_boot_pml4) as u64)
+}
+
+/// First and one-past-last physical address of the loaded image (incl. bss).
+pub fn image_span() -> (PhysAddr, PhysAddr) {
+    (
+        PhysAddr::new(core::ptr::addr_of!(__image_start) as u64),
+        PhysAddr::new(core::ptr::addr_of!(__image_end) as u64),
+    )
+}
+
+/// TSC value read by the entry stub, before anything else ran.
+pub fn entry_tsc() -> u64 {
+    ENTRY_TSC.load(Ordering::Relaxed)
+}
+
+/// Written once by the 32-bit stub (low/high halves), read afterwards.
+#[no_mangle]
+static ENTRY_TSC: AtomicU64 = AtomicU64::new(0);
+
+extern "C" {
+    static __image_start: u8;
+    static __image_end: u8;
+    static umbra_boot_pml4: u8;
+    /// The boot GDT's pseudo-descriptor (also used by the AP trampoline).
+    pub static umbra_boot_gdt: u8;
+}
+
+global_asm!(
+    r#"
+    .section .multiboot, "a"
+    .balign 4
+umbra_multiboot_header:
+    .long 0x1BADB002
+    .long 0x00010002
+    .long -(0x1BADB002 + 0x00010002)
+    .long umbra_multiboot_header
+    .long __image_start
+    .long __data_end
+    .long __image_end
+    .long umbra_boot32
+
+    .section .bss.boot, "aw", @nobits
+    .balign 4096
+    .global umbra_boot_pml4
+umbra_boot_pml4:  .skip 4096
+umbra_boot_pdpt:  .skip 4096
+umbra_boot_pd:    .skip 4096 * 4
+umbra_boot_stack: .skip 65536
+umbra_boot_stack_top:
+umbra_mb_magic:   .skip 4
+umbra_mb_info:    .skip 4
+
+    .section .rodata.boot, "a"
+    .balign 16
+    .global umbra_boot_gdt
+    .global umbra_boot_gdt_table
+umbra_boot_gdt_table:
+    .quad 0
+    .quad 0x00AF9A000000FFFF
+    .quad 0x00CF92000000FFFF
+umbra_boot_gdt:
+    .word umbra_boot_gdt - umbra_boot_gdt_table - 1
+    .long umbra_boot_gdt_table
+
+    .section .text.boot, "ax"
+    .code32
+    .global umbra_boot32
+umbra_boot32:
+    cli
+    cld
+    mov [umbra_mb_magic], eax
+    mov [umbra_mb_info], ebx
+    rdtsc
+    mov [ENTRY_TSC], eax
+    mov [ENTRY_TSC + 4], edx
+    mov esp, offset umbra_boot_stack_top
+
+    /* 2048 2 MiB pages: identity map of 0..4 GiB. */
+    mov edi, offset umbra_boot_pd
+    mov eax, 0x83
+    xor ecx, ecx
+2:  mov [edi + ecx * 8], eax
+    mov dword ptr [edi + ecx * 8 + 4], 0
+    cmp ecx, 1536
+    jb 3f
+    or dword ptr [edi + ecx * 8], 0x18
+3:  add eax, 0x200000
+    inc ecx
+    cmp ecx, 2048
+    jne 2b
+
+    mov edi, offset umbra_boot_pdpt
+    mov eax, offset umbra_boot_pd
+    or eax, 3
+    xor ecx, ecx
+4:  mov [edi + ecx * 8], eax
+    add eax, 4096
+    inc ecx
+    cmp ecx, 4
+    jne 4b
+
+    mov eax, offset umbra_boot_pdpt
+    or eax, 3
+    mov [umbra_boot_pml4], eax
+
+    mov eax, offset umbra_boot_pml4
+    mov cr3, eax
+    mov eax, cr4
+    or eax, 0x20
+    mov cr4, eax
+    mov ecx, 0xC0000080
+    rdmsr
+    or eax, 0x900
+    wrmsr
+    mov eax, cr0
+    or eax, 0x80010001
+    mov cr0, eax
+    lgdt [umbra_boot_gdt]
+    mov eax, offset umbra_boot64
+    push 0x08
+    push eax
+    retf
+
+    .code64
+umbra_boot64:
+    mov ax, 0x10
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    xor eax, eax
+    mov fs, ax
+    mov gs, ax
+    mov rsp, offset umbra_boot_stack_top
+    mov edi, [umbra_mb_magic]
+    mov esi, [umbra_mb_info]
+    call kernel_main
+5:  cli
+    hlt
+    jmp 5b
+"#
+);
+
+/// One usable RAM region from the boot memory map.
+#[derive(Clone, Copy, Debug)]
+pub struct Region {
+    /// First byte.
+    pub start: PhysAddr,
+    /// Length in bytes.
+    pub len: u64,
+    /// Multiboot type: 1 usable, 2 reserved, 3 ACPI reclaimable, 4 NVS, 5 bad.
+    pub kind: u32,
+}
+
+/// Most memory-map entries kept.
+pub const MAX_REGIONS: usize = 32;
+/// Longest kernel command line kept (bytes).
+pub const MAX_CMDLINE: usize = 256;
+
+/// What the boot loader told us, copied out of its memory before anything
+/// else can reuse it.
+pub struct BootInfo {
+    regions: [Region; MAX_REGIONS],
+    region_count: usize,
+    cmdline: [u8; MAX_CMDLINE],
+    cmdline_len: usize,
+}
+
+impl BootInfo {
+    /// The memory map (all types).
+    pub fn regions(&self) -> &[Region] {
+        &self.regions[..self.region_count]
+    }
+
+    /// The kernel command line (QEMU `-append`), empty when absent.
+    pub fn cmdline(&self) -> &str {
+        core::str::from_utf8(&self.cmdline[..self.cmdline_len]).unwrap_or("")
+    }
+}
+
+/// Reasons the boot information cannot be used.
+#[derive(Debug)]
+pub enum BootError {
+    /// EAX did not hold the Multiboot magic (value found).
+    BadMagic(u32),
+    /// The loader gave no memory map (flags value).
+    NoMemoryMap(u32),
+}
+
+/// Copies the memory map and command line out of the Multiboot information.
+///
+/// # Safety
+/// `info` must be the physical (identity-mapped) address the Multiboot loader
+/// passed in EBX, and its structures must still be intact.
+pub unsafe fn parse_multiboot(magic: u32, info: u32) -> Result<BootInfo, BootError> {
+    if magic != MULTIBOOT_MAGIC {
+        return Err(BootError::BadMagic(magic));
+    }
+    let mut out = BootInfo {
+        regions: [Region {
+            start: PhysAddr::zero(),
+            len: 0,
+            kind: 0,
+        }; MAX_REGIONS],
+        region_count: 0,
+        cmdline: [0; MAX_CMDLINE],
+        cmdline_len: 0,
+    };
+    let base = info as usize as *const u32;
+    // SAFETY: the caller guarantees the Multiboot info structure at `info`;
+    // words 0 (flags), 4 (cmdline), 11 and 12 (mmap length and address) are
+    // part of its fixed layout.
+    let (flags, cmdline, mmap_len, mmap_addr) = unsafe {
+        (
+            base.read_unaligned(),
+            base.add(4).read_unaligned(),
+            base.add(11).read_unaligned(),
+            base.add(12).read_unaligned(),
+        )
+    };
+    if flags & (1 << 2) != 0 && cmdline != 0 {
+        let p = cmdline as usize as *const u8;
+        while out.cmdline_len < MAX_CMDLINE {
+            // SAFETY: the loader's NUL-terminated command line; we stop at NUL
+            // or at our buffer's size.
+            let b = unsafe { p.add(out.cmdline_len).read() };
+            if b == 0 {
+                break;
+            }
+            out.cmdline[out.cmdline_len] = b;
+            out.cmdline_len += 1;
+        }
+    }
+    if flags & (1 << 6) == 0 {
+        return Err(BootError::NoMemoryMap(flags));
+    }
+    let mut off = 0usize;
+    while off + 24 <= mmap_len as usize && out.region_count < MAX_REGIONS {
+        let e = (mmap_addr as usize + off) as *const u8;
+        // SAFETY: each entry is `size: u32` followed by `size` bytes holding
+        // base (u64), length (u64), type (u32); we stay within mmap_len.
+        let (size, start, len, kind) = unsafe {
+            (
+                (e as *const u32).read_unaligned(),
+                (e.add(4) as *const u64).read_unaligned(),
+                (e.add(12) as *const u64).read_unaligned(),
+                (e.add(20) as *const u32).read_unaligned(),
+            )
+        };
+        out.regions[out.region_count] = Region {
+            start: PhysAddr::new(start),
+            len,
+            kind,
+        };
+        out.region_count += 1;
+        off += size as usize + 4;
+    }
+    Ok(out)
+}
+
+/// True when `word` is one of the whitespace-separated command-line words.
+pub fn has_arg(cmdline: &str, word: &str) -> bool {
+    cmdline.split_ascii_whitespace().any(|w| w == word)
+}
+
+/// The value after `key` (`key value` or `key=value`), if present.
+pub fn arg_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    let mut words = cmdline.split_ascii_whitespace();
+    while let Some(w) = words.next() {
+        if w == key {
+            return words.next();
+        }
+        if let Some(v) = w.strip_prefix(key).and_then(|r| r.strip_prefix('=')) {
+            return Some(v);
+        }
+    }
+    None
+}

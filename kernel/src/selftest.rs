@@ -1,0 +1,401 @@
+//! In-image self-tests: a static list of `(name, fn)`, run by the command-line word `test`.
+//!
+//! Output: one `test <name> ... ok` or `test <name> ... FAILED: <why>` line
+//! per test, then `umbra: selftest: N passed, M failed`, then the run ends
+//! with the success or failure exit code. To add a test, write a
+//! `fn() -> Result<(), &'static str>` and add one line to [`TESTS`]. Tests
+//! run on the bootstrap CPU with every CPU online; [`smp::run_on`] runs code
+//! on all of them at once.
+
+use crate::cpu::{self, CpuSet};
+use crate::frames::{FrameError, FrameSet, FRAME_SIZE};
+use crate::shootdown::{FlushRequest, Reason, Scope, Space};
+use crate::{apic, boot, frames, kprintln, qemu, shootdown, smp};
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::sync::atomic::Ordering;
+use x86_64::structures::paging::PhysFrame;
+use x86_64::{PhysAddr, VirtAddr};
+
+/// A self-test: `Err` says what was wrong.
+pub type Test = fn() -> Result<(), &'static str>;
+
+/// Every in-image test, in run order.
+pub static TESTS: &[(&str, Test)] = &[
+    ("frames_exhaustion_reported", frames_exhaustion_reported),
+    ("frames_double_free_refused", frames_double_free_refused),
+    ("frames_foreign_free_refused", frames_foreign_free_refused),
+    ("frames_contiguous_runs", frames_contiguous_runs),
+    ("frames_kernel_allocator", frames_kernel_allocator),
+    ("heap_alloc_and_free", heap_alloc_and_free),
+    ("cmdline_words", cmdline_words),
+    ("percpu_data_on_every_cpu", percpu_data_on_every_cpu),
+    ("timer_ticks_on_every_cpu", timer_ticks_on_every_cpu),
+    ("shootdown_one_to_all", shootdown_one_to_all),
+    (
+        "shootdown_guest_space_recorded",
+        shootdown_guest_space_recorded,
+    ),
+    ("shootdown_all_cpus_1000_each", shootdown_all_cpus_1000_each),
+    (
+        "shootdown_all_cpus_interrupts_off",
+        shootdown_all_cpus_interrupts_off,
+    ),
+];
+
+/// Runs every test in [`TESTS`], prints the summary and ends the run.
+pub fn run_all() -> ! {
+    let (mut passed, mut failed) = (0, 0);
+    for (name, test) in TESTS {
+        match test() {
+            Ok(()) => {
+                passed += 1;
+                kprintln!("test {name} ... ok");
+            }
+            Err(why) => {
+                failed += 1;
+                kprintln!("test {name} ... FAILED: {why}");
+            }
+        }
+    }
+    kprintln!("umbra: selftest: {passed} passed, {failed} failed");
+    qemu::exit(if failed == 0 {
+        qemu::ExitCode::Success
+    } else {
+        qemu::ExitCode::Failure
+    })
+}
+
+/// The expected-failure run (`test-fault`): the highest-numbered CPU writes
+/// to an unmapped address; the fault report must end the run as failed.
+pub fn fault_on_last_cpu() -> ! {
+    let last = cpu::count() - 1;
+    kprintln!("umbra: test-fault: cpu {last} writes to {FAULT_ADDR:#x}");
+    smp::run_on(CpuSet::only(last), || {
+        // SAFETY: deliberately not safe: the address is unmapped (above the
+        // identity-mapped 4 GiB) and the write must raise #PF.
+        unsafe { (FAULT_ADDR as *mut u64).write_volatile(0xBAD) };
+        Err("the write to an unmapped address did not fault")
+    });
+    kprintln!("umbra: test-fault: no fault happened");
+    qemu::exit(qemu::ExitCode::Failure)
+}
+
+/// The address `test-fault` writes to (canonical, not mapped).
+pub const FAULT_ADDR: u64 = 0xDE_ADBE_E000;
+
+fn check(cond: bool, why: &'static str) -> Result<(), &'static str> {
+    if cond {
+        Ok(())
+    } else {
+        Err(why)
+    }
+}
+
+fn small_set() -> FrameSet<2> {
+    // 128 frames managed; 100 usable, starting at frame 8.
+    let mut set = FrameSet::<2>::new();
+    set.add_region(PhysAddr::new(8 * FRAME_SIZE), 100 * FRAME_SIZE);
+    set
+}
+
+fn frames_exhaustion_reported() -> Result<(), &'static str> {
+    let mut set = small_set();
+    check(set.free_frames() == 100, "expected 100 free frames")?;
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        got.push(
+            set.alloc()
+                .map_err(|_| "allocation failed before exhaustion")?,
+        );
+    }
+    check(
+        set.alloc() == Err(FrameError::Exhausted { wanted: 1, free: 0 }),
+        "101st allocation was not reported as exhaustion",
+    )?;
+    got.sort();
+    got.dedup();
+    check(got.len() == 100, "a frame was handed out twice")?;
+    check(
+        got.iter()
+            .all(|f| (8..108).contains(&(f.start_address().as_u64() / FRAME_SIZE))),
+        "a frame outside the usable region was handed out",
+    )?;
+    set.free(got[50])
+        .map_err(|_| "freeing an allocated frame failed")?;
+    check(
+        set.alloc() == Ok(got[50]),
+        "a freed frame did not come back",
+    )
+}
+
+fn frames_double_free_refused() -> Result<(), &'static str> {
+    let mut set = small_set();
+    let f = set.alloc().map_err(|_| "allocation failed")?;
+    set.free(f).map_err(|_| "first free failed")?;
+    check(
+        set.free(f) == Err(FrameError::DoubleFree(f.start_address())),
+        "second free of the same frame was not refused",
+    )?;
+    check(
+        set.free_frames() == 100,
+        "double free changed the free count",
+    )
+}
+
+fn frames_foreign_free_refused() -> Result<(), &'static str> {
+    let mut set = small_set();
+    let inside_unusable = PhysFrame::containing_address(PhysAddr::new(2 * FRAME_SIZE));
+    let beyond = PhysFrame::containing_address(PhysAddr::new(1 << 30));
+    check(
+        set.free(inside_unusable) == Err(FrameError::NotManaged(inside_unusable.start_address())),
+        "freeing a frame outside the usable region was not refused",
+    )?;
+    check(
+        set.free(beyond) == Err(FrameError::NotManaged(beyond.start_address())),
+        "freeing a frame beyond the bitmap was not refused",
+    )?;
+    set.reserve(PhysAddr::new(8 * FRAME_SIZE), FRAME_SIZE);
+    check(
+        set.free_frames() == 99,
+        "reserve did not take a free frame away",
+    )
+}
+
+fn frames_contiguous_runs() -> Result<(), &'static str> {
+    let mut set = small_set();
+    let run = set
+        .alloc_contiguous(70)
+        .map_err(|_| "70-frame run not found")?;
+    check(
+        run.start_address().as_u64() == 8 * FRAME_SIZE,
+        "first run not at the region start",
+    )?;
+    check(
+        matches!(
+            set.alloc_contiguous(31),
+            Err(FrameError::Exhausted { wanted: 31, .. })
+        ),
+        "31 frames from 30 free were not refused",
+    )?;
+    // Punch a hole: free frames 20..30 of the run, then ask for 15.
+    set.free_contiguous(run + 20, 10)
+        .map_err(|_| "freeing part of a run failed")?;
+    let big = set
+        .alloc_contiguous(15)
+        .map_err(|_| "15-frame run not found")?;
+    check(
+        big.start_address().as_u64() == 78 * FRAME_SIZE,
+        "15-frame run did not skip the 10-frame hole",
+    )?;
+    let small = set
+        .alloc_contiguous(10)
+        .map_err(|_| "10-frame hole not reused")?;
+    check(small == run + 20, "10-frame run not placed in the hole")
+}
+
+fn frames_kernel_allocator() -> Result<(), &'static str> {
+    let before = frames::free_frames();
+    let a = frames::alloc().map_err(|_| "kernel allocator is empty")?;
+    let b = frames::alloc().map_err(|_| "kernel allocator is empty")?;
+    check(a != b, "the same frame was handed out twice")?;
+    check(
+        a.start_address().as_u64() >= 1 << 20,
+        "a frame below 1 MiB was handed out",
+    )?;
+    let (img_start, img_end) = boot::image_span();
+    check(
+        !(img_start..img_end).contains(&a.start_address()),
+        "a frame inside the kernel image was handed out",
+    )?;
+    frames::free(a).map_err(|_| "free failed")?;
+    check(
+        frames::free(a) == Err(FrameError::DoubleFree(a.start_address())),
+        "double free was not refused",
+    )?;
+    frames::free(b).map_err(|_| "free failed")?;
+    check(frames::free_frames() == before, "free count did not return")
+}
+
+fn heap_alloc_and_free() -> Result<(), &'static str> {
+    let v: Vec<u64> = (0..100_000).collect();
+    check(
+        v.iter().sum::<u64>() == 4_999_950_000,
+        "vector contents wrong",
+    )?;
+    let big = alloc::vec![0xA5u8; 4 << 20];
+    check(
+        big.iter().all(|&b| b == 0xA5),
+        "4 MiB buffer contents wrong",
+    )?;
+    drop(big);
+    let again = alloc::vec![0x5Au8; 4 << 20];
+    check(
+        again[(4 << 20) - 1] == 0x5A,
+        "reallocated buffer contents wrong",
+    )?;
+    let b = Box::new([7u32; 1024]);
+    check(b.iter().all(|&x| x == 7), "boxed array contents wrong")
+}
+
+fn cmdline_words() -> Result<(), &'static str> {
+    let line = "test --mmu reference smp=8";
+    check(boot::has_arg(line, "test"), "has_arg missed a word")?;
+    check(!boot::has_arg(line, "tes"), "has_arg matched a prefix")?;
+    check(
+        boot::arg_value(line, "--mmu") == Some("reference"),
+        "arg_value missed `key value`",
+    )?;
+    check(
+        boot::arg_value(line, "smp") == Some("8"),
+        "arg_value missed `key=value`",
+    )?;
+    check(
+        boot::arg_value(line, "x").is_none(),
+        "arg_value invented a value",
+    )
+}
+
+fn all_ok(results: &[Option<Result<(), &'static str>>; cpu::MAX_CPUS]) -> Result<(), &'static str> {
+    for i in 0..cpu::count() {
+        match results[i] {
+            Some(Ok(())) => {}
+            Some(Err(why)) => return Err(why),
+            None => return Err("a CPU did not run the job"),
+        }
+    }
+    Ok(())
+}
+
+fn percpu_data_on_every_cpu() -> Result<(), &'static str> {
+    all_ok(&smp::run_on(CpuSet::all(), || {
+        let me = cpu::current();
+        check(
+            me.apic_id() == apic::id(),
+            "per-CPU APIC id differs from the LAPIC's",
+        )?;
+        check(
+            cpu::current_index_checked() == Some(me.index()),
+            "GS base does not point at this CPU's entry",
+        )?;
+        check(me.is_online(), "running CPU not marked online")
+    }))
+}
+
+fn timer_ticks_on_every_cpu() -> Result<(), &'static str> {
+    all_ok(&smp::run_on(CpuSet::all(), || {
+        let me = cpu::current();
+        let before = me.ticks.load(Ordering::Relaxed);
+        apic::delay_us(50_000); // 5 periods at 100 Hz
+        let ticks = me.ticks.load(Ordering::Relaxed) - before;
+        check(
+            (2..=20).contains(&ticks),
+            "timer ticks in 50 ms outside 2..=20 at 100 Hz",
+        )
+    }))
+}
+
+fn shootdown_one_to_all() -> Result<(), &'static str> {
+    let before = shootdown::totals();
+    let n = cpu::count() as u64;
+    FlushRequest::new(
+        CpuSet::all(),
+        Space::Host,
+        Scope::Range {
+            start: VirtAddr::new(0x20_0000),
+            pages: 4,
+        },
+        Reason::SelfTest,
+    )
+    .execute();
+    let after = shootdown::totals();
+    check(
+        after.ipis_sent - before.ipis_sent == n - 1,
+        "IPIs sent != other CPUs",
+    )?;
+    check(
+        after.flushes_done - before.flushes_done == n - 1,
+        "remote flushes != other CPUs",
+    )?;
+    check(
+        after.local_flushes - before.local_flushes == 1,
+        "the sender did not flush itself",
+    )
+}
+
+fn shootdown_guest_space_recorded() -> Result<(), &'static str> {
+    all_ok(&smp::run_on(CpuSet::all(), || {
+        shootdown::take_guest_flushes();
+        Ok(())
+    }))?;
+    FlushRequest::new(
+        CpuSet::all(),
+        Space::Guest { asid: 3 },
+        Scope::All,
+        Reason::SelfTest,
+    )
+    .execute();
+    all_ok(&smp::run_on(CpuSet::all(), || {
+        check(
+            shootdown::take_guest_flushes() == 1 << 3,
+            "guest ASID 3 flush not recorded on a CPU",
+        )?;
+        check(
+            shootdown::take_guest_flushes() == 0,
+            "guest flush mask not cleared by take",
+        )
+    }))
+}
+
+const STRESS_ROUNDS: u64 = 1000;
+
+fn stress(rounds: u64, interrupts_off: bool) -> Result<(), &'static str> {
+    let n = cpu::count() as u64;
+    let before: Vec<_> = (0..n as usize)
+        .map(|i| cpu::get(i).counters.snapshot())
+        .collect();
+    let job: cpu::Job = if interrupts_off {
+        || x86_64::instructions::interrupts::without_interrupts(|| stress_job(STRESS_ROUNDS / 4))
+    } else {
+        || stress_job(STRESS_ROUNDS)
+    };
+    all_ok(&smp::run_on(CpuSet::all(), job))?;
+    for (i, b) in before.iter().enumerate() {
+        let a = cpu::get(i).counters.snapshot();
+        check(
+            a.ipis_sent - b.ipis_sent == rounds * (n - 1),
+            "a CPU's IPIs sent != rounds x other CPUs",
+        )?;
+        check(
+            a.flushes_done - b.flushes_done == rounds * (n - 1),
+            "a CPU's flushes done != rounds x other CPUs",
+        )?;
+        let waits = if n > 1 { rounds } else { 0 };
+        check(a.waits - b.waits == waits, "a CPU's waits != rounds")?;
+    }
+    Ok(())
+}
+
+fn stress_job(rounds: u64) -> Result<(), &'static str> {
+    let me = cpu::current().index() as u64;
+    for r in 0..rounds {
+        let scope = match r % 3 {
+            0 => Scope::Page(VirtAddr::new(0x40_0000 + me * 4096)),
+            1 => Scope::Range {
+                start: VirtAddr::new(0x80_0000),
+                pages: 8,
+            },
+            _ => Scope::All,
+        };
+        FlushRequest::new(CpuSet::all_but_self(), Space::Host, scope, Reason::SelfTest).execute();
+    }
+    Ok(())
+}
+
+fn shootdown_all_cpus_1000_each() -> Result<(), &'static str> {
+    stress(STRESS_ROUNDS, false)
+}
+
+fn shootdown_all_cpus_interrupts_off() -> Result<(), &'static str> {
+    stress(STRESS_ROUNDS / 4, true)
+}
