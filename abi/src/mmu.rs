@@ -34,6 +34,18 @@
 //! the guest, send [`MmuRequest::VcpuScheduled`] again and load the root that
 //! the reply names (the kernel forces running vCPUs out with the flush IPI).
 //!
+//! Further kernel obligations:
+//! - Before a vCPU first enters the guest, and whenever it enters it on a
+//!   pCPU after [`MmuRequest::VcpuDescheduled`], the kernel sends
+//!   [`MmuRequest::VcpuScheduled`] and loads the root it is given; it sends
+//!   `VcpuDescheduled` when it takes the vCPU off the pCPU (the server may
+//!   then reuse shadow frames only that vCPU could reach).
+//! - Translations cached for one vCPU are used only by that vCPU: an ASID
+//!   per vCPU, or a flush when a pCPU switches between vCPUs.
+//! - A domain is destroyed only when none of its vCPUs is scheduled.
+//! - Requests naming a vCPU are sent from the pCPU it runs on, while it is
+//!   out of the guest (in an exit).
+//!
 //! Per reply (after the flush):
 //! - [`MmuReply::Welcome`]: the server speaks `version`.
 //! - [`MmuReply::Done`]: the control request or the guest's CR3 / INVLPG /
@@ -121,19 +133,23 @@ pub type MemoryMap = heapless::Vec<MemRegion, MAX_REGIONS>;
 /// Which translations a flush obligation invalidates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum FlushScope {
-    /// The 4 KiB page holding this guest-virtual address.
+    /// The 4 KiB page holding this guest-virtual address, for the vCPUs of
+    /// the domain the request concerns.
     Page(Gva),
-    /// `pages` consecutive 4 KiB pages starting at `start`.
+    /// `pages` consecutive 4 KiB pages starting at `start`, for the vCPUs of
+    /// the domain the request concerns.
     Range {
         /// The first page.
         start: Gva,
         /// Number of pages.
         pages: u32,
     },
-    /// Every translation of the domain.
+    /// Every guest translation cached on the pCPU (of any domain: a full
+    /// flush of all guest ASIDs).
     All,
-    /// Every translation of the domain, and every shadow root handed out for
-    /// it is void: each vCPU must fetch its root again (see the module docs).
+    /// Like `All`, and every shadow root handed out for the domain the
+    /// request concerns is void: each of its vCPUs must fetch its root again
+    /// (see the module docs).
     AllReloadRoots,
 }
 
@@ -336,6 +352,8 @@ pub enum Resource {
     Domains,
     /// vCPUs (in total or per domain).
     Vcpus,
+    /// Guest frames of one domain's memory map.
+    GuestFrames,
 }
 
 /// Why a request failed. Every reason carries the offending value.
@@ -389,6 +407,9 @@ pub enum MmuError {
     DirtyLogDisabled(DomainId),
     /// The server does not implement this request (its variant index).
     Unsupported(u8),
+    /// The vCPU is scheduled (between `VcpuScheduled` and
+    /// `VcpuDescheduled`), which the request does not allow.
+    VcpuRunning(VcpuId),
 }
 
 impl fmt::Display for MmuError {
@@ -424,6 +445,7 @@ impl fmt::Display for MmuError {
             }
             MmuError::DirtyLogDisabled(d) => write!(f, "dirty logging is off for domain {}", d.0),
             MmuError::Unsupported(t) => write!(f, "request variant {t} is not implemented"),
+            MmuError::VcpuRunning(v) => write!(f, "vCPU {} is still scheduled", v.0),
         }
     }
 }

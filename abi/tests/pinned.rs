@@ -206,6 +206,7 @@ fn errors() -> Vec<MmuError> {
         MmuError::UnsupportedPagingMode(PagingMode(PagingMode::SMAP)),
         MmuError::DirtyLogDisabled(DomainId(4)),
         MmuError::Unsupported(13),
+        MmuError::VcpuRunning(VcpuId(5)),
     ];
     for (i, e) in all.iter().enumerate() {
         let idx = match e {
@@ -227,6 +228,7 @@ fn errors() -> Vec<MmuError> {
             MmuError::UnsupportedPagingMode(_) => 15,
             MmuError::DirtyLogDisabled(_) => 16,
             MmuError::Unsupported(_) => 17,
+            MmuError::VcpuRunning(_) => 18,
         };
         assert_eq!(i, idx, "errors() must list variants in declaration order");
     }
@@ -305,6 +307,12 @@ fn pinned_scopes_and_decode_errors() {
         MemError::BadFrame(Mfn(3)),
     ];
     check("mem errors", mem_errors, &["0001", "0102", "0203"][..]);
+    let resources = vec![
+        abi::mmu::Resource::Domains,
+        abi::mmu::Resource::Vcpus,
+        abi::mmu::Resource::GuestFrames,
+    ];
+    check("resources", resources, &["00", "01", "02"][..]);
 }
 
 /// The largest message of each kind fits in MAX_MESSAGE.
@@ -385,7 +393,7 @@ const PINNED_REPLIES: [&str; 9] = [
     "07800204018000ff018022010103",
     "08040900",
 ];
-const PINNED_ERRORS: [&str; 18] = [
+const PINNED_ERRORS: [&str; 19] = [
     "0800060300",
     "0801070100",
     "08020400",
@@ -404,4 +412,5 @@ const PINNED_ERRORS: [&str; 18] = [
     "080f1000",
     "08100400",
     "08110d00",
+    "08120500",
 ];
