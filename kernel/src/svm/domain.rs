@@ -202,7 +202,7 @@ pub fn load(
     ld.w64(gl::GDT_GPA + 8, 0x00AF_9A00_0000_FFFF);
     ld.w64(gl::GDT_GPA + 16, 0x00CF_9200_0000_FFFF);
     // IDT: the #PF gate (interrupt gate, present, DPL 0, selector 0x08).
-    let h = umbra_guest_pf_entry as usize as u64;
+    let h = umbra_guest_pf_entry as *const () as u64;
     let lo = (h & 0xFFFF) | 0x08 << 16 | 0x8E00 << 32 | ((h >> 16) & 0xFFFF) << 48;
     ld.w64(gl::IDT_GPA + 14 * 16, lo);
     ld.w64(gl::IDT_GPA + 14 * 16 + 8, h >> 32);
@@ -223,7 +223,7 @@ pub fn load(
         vi.domain_gva = gl::DIRECT_BASE + gl::DOMAIN_INFO_GPA;
         vi.cur_l4 = gl::L4_GPA;
         boots.push(VcpuBoot {
-            rip: guest_main as usize as u64,
+            rip: guest_main as *const () as u64,
             rsp: gl::DIRECT_BASE + stack_lo + gl::STACK_BYTES - 8,
             rdi: info_gva,
             gs_base: info_gva,

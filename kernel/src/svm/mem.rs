@@ -57,7 +57,7 @@ impl RealMem {
 
     fn check(&self, at: Hpa) -> Result<*mut u64, MemError> {
         let pa = at.0;
-        if pa % 8 != 0 {
+        if !pa.is_multiple_of(8) {
             return Err(MemError::Misaligned(at));
         }
         let ok = self.in_pool(pa) || self.guest.read().iter().any(|&(p, n)| pa >= p && pa < p + n);

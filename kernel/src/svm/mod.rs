@@ -117,8 +117,7 @@ fn online_mask() -> u64 {
 /// Returns the physical address of a page for VMSAVE/VMLOAD of host state.
 pub fn enable_on_this_cpu() -> Result<u64, &'static str> {
     use x86_64::registers::model_specific::Msr;
-    // SAFETY: CPUID is always available in long mode.
-    let ecx = unsafe { core::arch::x86_64::__cpuid(0x8000_0001) }.ecx;
+    let ecx = core::arch::x86_64::__cpuid(0x8000_0001).ecx;
     if ecx & (1 << 2) == 0 {
         return Err("CPU has no SVM (CPUID 8000_0001 ECX bit 2 clear)");
     }
@@ -201,7 +200,7 @@ pub fn run(server: Box<dyn MmuServer>) -> Result<bool, &'static str> {
     }
     svm.domains.call_once(|| domains);
 
-    let all = crate::cpu::CpuSet((online_mask()) as u64);
+    let all = crate::cpu::CpuSet(online_mask());
     let results = crate::smp::run_on(all, pcpu_main);
     for (i, r) in results.iter().enumerate().take(ncpu) {
         if let Some(Err(e)) = r {
@@ -277,8 +276,7 @@ fn report(svm: &Svm, ncpu: usize) -> bool {
     let _ = write!(line, "{:>8}{:>8}{:>8}{:>7}{:>6}{:>7}{:>7}", "fixed", "inject", "emul", "zaps", "ipis", "flushd", "mmu");
     crate::kprintln!("{line}");
     let mut tot = [0u64; BUCKETS + 8];
-    for c in 0..ncpu {
-        let s = &STATS[c];
+    for (c, s) in STATS.iter().enumerate().take(ncpu) {
         let mut row = [0u64; BUCKETS + 8];
         for (b, r) in row.iter_mut().enumerate().take(BUCKETS) {
             *r = get(&s.exits[b]);
@@ -352,4 +350,30 @@ fn print_row(label: &str, row: &[u64]) {
         row[b + 6]
     );
     crate::kprintln!("{line}");
+}
+
+/// Called by `kernel_main` once every CPU is online: with `mmu=<name>` on
+/// the command line, runs the guest workloads on that MMU server. Returns
+/// false when something failed.
+pub fn boot_hook(cmdline: &str) -> bool {
+    let Some(name) = crate::boot::arg_value(cmdline, "mmu") else { return true };
+    crate::kprintln!("umbra: MMU implementation: {name}");
+    let server = match make_server(name) {
+        Ok(s) => s,
+        Err(e) => {
+            crate::kprintln!("svm: {e}");
+            return false;
+        }
+    };
+    match run(server) {
+        Ok(all) => all,
+        Err(e) => {
+            crate::kprintln!("svm: run failed: {e}");
+            false
+        }
+    }
+}
+
+fn make_server(_name: &str) -> Result<Box<dyn MmuServer>, &'static str> {
+    Err("no MMU server registry linked yet")
 }

@@ -170,28 +170,28 @@ impl Vmcb {
 
     /// Reads the u64 at `offset`.
     pub fn read64(&self, offset: usize) -> u64 {
-        assert!(offset % 8 == 0 && offset < 4096, "bad VMCB offset {offset:#x}");
+        assert!(offset.is_multiple_of(8) && offset < 4096, "bad VMCB offset {offset:#x}");
         // SAFETY: in-bounds, aligned, the page is ours (see from_page).
         unsafe { self.va.add(offset).cast::<u64>().read_volatile() }
     }
 
     /// Writes the u64 at `offset`.
     pub fn write64(&mut self, offset: usize, value: u64) {
-        assert!(offset % 8 == 0 && offset < 4096, "bad VMCB offset {offset:#x}");
+        assert!(offset.is_multiple_of(8) && offset < 4096, "bad VMCB offset {offset:#x}");
         // SAFETY: in-bounds, aligned, the page is ours (see from_page).
         unsafe { self.va.add(offset).cast::<u64>().write_volatile(value) }
     }
 
     /// Reads the u32 at `offset`.
     pub fn read32(&self, offset: usize) -> u32 {
-        assert!(offset % 4 == 0 && offset < 4096, "bad VMCB offset {offset:#x}");
+        assert!(offset.is_multiple_of(4) && offset < 4096, "bad VMCB offset {offset:#x}");
         // SAFETY: in-bounds, aligned, the page is ours (see from_page).
         unsafe { self.va.add(offset).cast::<u32>().read_volatile() }
     }
 
     /// Writes the u32 at `offset`.
     pub fn write32(&mut self, offset: usize, value: u32) {
-        assert!(offset % 4 == 0 && offset < 4096, "bad VMCB offset {offset:#x}");
+        assert!(offset.is_multiple_of(4) && offset < 4096, "bad VMCB offset {offset:#x}");
         // SAFETY: in-bounds, aligned, the page is ours (see from_page).
         unsafe { self.va.add(offset).cast::<u32>().write_volatile(value) }
     }

@@ -70,8 +70,12 @@ unsafe extern "C" {
     static umbra_guest_probe_fixup: u8;
 }
 
-/// Reads a u64 at `addr`; Err(()) if that faulted (the fault is recorded).
-pub fn probe_read(addr: u64) -> Result<u64, ()> {
+/// A probe's access faulted (the fault is recorded in the vCPU's info).
+#[derive(Clone, Copy, Debug)]
+pub struct Faulted;
+
+/// Reads a u64 at `addr`, or `Faulted`.
+pub fn probe_read(addr: u64) -> Result<u64, Faulted> {
     let mut v = 0u64;
     // SAFETY: the probe either reads `addr` or takes a #PF that the handler
     // turns into a return of 1; `v` is a valid out pointer.
@@ -79,18 +83,18 @@ pub fn probe_read(addr: u64) -> Result<u64, ()> {
     if faulted == 0 {
         Ok(v)
     } else {
-        Err(())
+        Err(Faulted)
     }
 }
 
-/// Writes a u64 at `addr`; Err(()) if that faulted (the fault is recorded).
-pub fn probe_write(addr: u64, value: u64) -> Result<(), ()> {
+/// Writes a u64 at `addr`, or `Faulted`.
+pub fn probe_write(addr: u64, value: u64) -> Result<(), Faulted> {
     // SAFETY: as probe_read; a faulting store has no effect.
     let faulted = unsafe { umbra_guest_probe_write(addr, value) };
     if faulted == 0 {
         Ok(())
     } else {
-        Err(())
+        Err(Faulted)
     }
 }
 
@@ -276,7 +280,7 @@ pub fn pte_gpa(l4: u64, gva: u64) -> u64 {
 pub struct Rng(pub u64);
 impl Rng {
     /// Next value.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;
         x ^= x >> 7;

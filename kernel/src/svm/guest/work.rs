@@ -280,7 +280,7 @@ fn dirty_log(_: u64) -> ! {
             wr(record + w * 8, 0);
         }
         for p in 0..PAGES {
-            if rng.next() % 3 == 0 {
+            if rng.next_u64().is_multiple_of(3) {
                 let a = (WORK_BASE + p * 4096 + 16) as *mut u64;
                 // SAFETY: mapped above.
                 unsafe { a.write_volatile(p) };
@@ -396,7 +396,7 @@ fn hostile(_: u64) -> ! {
     match probe_read(selfref) {
         Ok(v) if v == rd(l4) => {}
         Ok(v) => fail("hostile: self-map read something else:", v),
-        Err(()) => fail("hostile: self-map faulted, err", vcpu().last_fault_err),
+        Err(_) => fail("hostile: self-map faulted, err", vcpu().last_fault_err),
     }
     // A PD whose entry points back at the PDPT above it: a loop of tables.
     let pd_e = entry_gpa(l4, WORK_BASE + (1 << 30), 2);
