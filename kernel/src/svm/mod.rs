@@ -140,10 +140,9 @@ pub fn enable_on_this_cpu() -> Result<u64, &'static str> {
 
 /// Creates every workload's domain on `server`, runs them on all CPUs, and
 /// prints the report. Returns whether every workload passed.
-pub fn run(server: Box<dyn MmuServer>) -> Result<bool, &'static str> {
+pub fn run(server: Box<dyn MmuServer>, mem: &'static RealMem) -> Result<bool, &'static str> {
     let ncpu = host::cpus_online();
     crate::kprintln!("svm: MMU server `{}`; {} workloads on {} CPUs", server.name(), WORKLOADS.len(), ncpu);
-    let mem: &'static RealMem = Box::leak(Box::new(RealMem::new(SHADOW_POOL_FRAMES)?));
     let iopm_pa = host::alloc_zeroed(3)?;
     let msrpm_pa = host::alloc_zeroed(2)?;
     // SAFETY: freshly allocated, exclusively owned frames in the identity map.
@@ -358,14 +357,14 @@ fn print_row(label: &str, row: &[u64]) {
 pub fn boot_hook(cmdline: &str) -> bool {
     let Some(name) = crate::boot::arg_value(cmdline, "mmu") else { return true };
     crate::kprintln!("umbra: MMU implementation: {name}");
-    let server = match make_server(name) {
+    let (server, mem) = match make_server(name) {
         Ok(s) => s,
         Err(e) => {
             crate::kprintln!("svm: {e}");
             return false;
         }
     };
-    match run(server) {
+    match run(server, mem) {
         Ok(all) => all,
         Err(e) => {
             crate::kprintln!("svm: run failed: {e}");
@@ -374,6 +373,14 @@ pub fn boot_hook(cmdline: &str) -> bool {
     }
 }
 
-fn make_server(_name: &str) -> Result<Box<dyn MmuServer>, &'static str> {
-    Err("no MMU server registry linked yet")
+/// Creates the MMU implementation `name` from `mmu_server::registry` (the
+/// one place implementations are chosen), over real frames, with the
+/// guest's MAXPHYADDR taken from CPUID.
+fn make_server(name: &str) -> Result<(Box<dyn MmuServer>, &'static RealMem), alloc::string::String> {
+    let mem: &'static RealMem = Box::leak(Box::new(RealMem::new(SHADOW_POOL_FRAMES)?));
+    let phys_bits = (core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xFF) as u8;
+    let config = mmu_server::Config { maxphyaddr: phys_bits.clamp(32, 52), ..mmu_server::Config::default() };
+    let server = mmu_server::registry::create_with(name, mem, config).map_err(|e| alloc::format!("{e}"))?;
+    crate::kprintln!("svm: MMU server `{name}` over real frames, MAXPHYADDR {phys_bits}");
+    Ok((server, mem))
 }

@@ -1,0 +1,696 @@
+//! The reference MMU server: simple and obviously correct, the oracle that
+//! faster servers are compared against.
+//!
+//! # Design
+//! - One `spin::Mutex` around all state; every request runs under it.
+//! - **One shadow tree per vCPU**, rooted in a frame allocated at
+//!   `CreateVcpu`. A vCPU's tree behaves exactly like that vCPU's TLB: it
+//!   only ever holds translations produced by a full guest walk for an
+//!   access of that vCPU, and it is emptied whenever the vCPU's TLB would be
+//!   (CR3 write, INVLPG, paging-mode change) and on zap-all. Emptying a
+//!   tree is always allowed (dropping translations never widens anything).
+//! - **No write-protection of guest page tables.** Because a vCPU's tree is
+//!   a TLB that is emptied on every CR3 write and INVLPG, a guest write to its
+//!   page tables may leave stale shadow entries exactly where a real TLB may
+//!   keep stale entries, until the guest invalidates. So guest page-table
+//!   pages are mapped like data; this server never answers `EmulateWrite`,
+//!   and an `EmulatedWrite` it receives anyway is treated as a plain guest
+//!   store (written with compare-exchange, logged dirty; shadows untouched).
+//! - **Leaves are 4 KiB only**: 2 MiB and 1 GiB guest pages are shadowed one
+//!   4 KiB frame at a time. Non-leaf shadow entries are P|RW|US|A; the leaf
+//!   carries the combined guest permissions: U/S if U/S at every level, R/W
+//!   only if R/W at every level **and** the guest's D bit is set (so the
+//!   first write faults and the walker sets D) **and** (dirty logging off
+//!   or this fault is the logged write), NX if EFER.NXE and NX at some
+//!   level. A supervisor write allowed only by CR0.WP = 0 gets a
+//!   supervisor-only writable leaf (U/S clear), so user accesses fault and
+//!   are re-checked.
+//! - Guest frames come only from the domain's memory map; a walk that
+//!   leaves it injects #PF with P | RSVD (see [`crate::walk`]).
+//!
+//! # Flushes and frame reuse
+//! Per vCPU the server tracks `ran_on` (pCPUs whose TLB may hold entries of
+//! its tree since it was last emptied) and `must_flush` (pCPUs to flush
+//! before the vCPU next runs there). Emptying a tree yields a flush of
+//! `ran_on` (scope All) and adds `ran_on` to `must_flush`; any later request
+//! from the vCPU on a pCPU in `must_flush` (including `VcpuScheduled`) gets
+//! a flush of that pCPU merged into its reply. The tree's frames are freed at
+//! once when the vCPU is out of the guest (the request is its own, or it is
+//! descheduled); otherwise they are kept, unhooked, until its next request or
+//! `VcpuDescheduled`. So a frame is reused only when no pCPU can walk it
+//! before a flush.
+//!
+//! # Out of shadow frames
+//! A fault that finds the pool empty empties the vCPU's own tree and
+//! retries; then empties every other vCPU's tree (all domains; frames of
+//! running vCPUs are only freed later) and retries; then answers
+//! `OutOfShadowMemory` with the flush of everything it emptied.
+
+use crate::shadow::{self, InstallError};
+use crate::walk::{self, GuestMem, WalkError, PTE_A, PTE_D, PTE_NX, PTE_P, PTE_RW, PTE_US};
+use crate::Config;
+use abi::mmu::{MemoryMap, Resource, DIRTY_CHUNK_BYTES, DIRTY_CHUNK_PAGES};
+use abi::{
+    CpuSet, DirtyChunk, DomainId, FlushObligation, FlushScope, Gfn, Gpa, GuestCr3, Gva, Hpa, Mfn,
+    MmuError, MmuReply, MmuServer, PagingMode, PcpuId, PfErrorCode, PhysMem, VcpuId, PAGE_SIZE,
+};
+use alloc::vec::Vec;
+use spin::Mutex;
+
+/// The registry name of this implementation.
+pub const NAME: &str = "reference";
+
+/// Paging-mode bits this server implements (the rest are refused).
+pub const SUPPORTED_MODE: u32 =
+    PagingMode::WP | PagingMode::NXE | PagingMode::PGE | PagingMode::PCIDE;
+
+/// The reference server over host memory `M`.
+pub struct Reference<'m, M: PhysMem + ?Sized> {
+    mem: &'m M,
+    config: Config,
+    state: Mutex<State>,
+}
+
+struct State {
+    domains: Vec<Domain>,
+    vcpus: Vec<Vcpu>,
+}
+
+/// Dirty bitmap: one `Vec<u64>` per memory-map region.
+type DirtyLog = Vec<Vec<u64>>;
+
+struct Domain {
+    id: DomainId,
+    memory: MemoryMap,
+    dirty: Option<DirtyLog>,
+}
+
+struct Vcpu {
+    id: VcpuId,
+    domain: DomainId,
+    cr3: GuestCr3,
+    mode: PagingMode,
+    root: Mfn,
+    running_on: Option<PcpuId>,
+    ran_on: CpuSet,
+    must_flush: CpuSet,
+    deferred: Vec<Mfn>,
+}
+
+fn all(cpus: CpuSet) -> Option<FlushObligation> {
+    FlushObligation::merge(
+        None,
+        Some(FlushObligation {
+            cpus,
+            scope: FlushScope::All,
+        }),
+    )
+}
+
+fn add(acc: &mut Option<FlushObligation>, f: Option<FlushObligation>) {
+    *acc = FlushObligation::merge(*acc, f);
+}
+
+fn finish(r: Result<MmuReply, MmuError>, flush: Option<FlushObligation>) -> MmuReply {
+    match r {
+        Ok(reply) => reply.add_flush(flush),
+        Err(reason) => MmuReply::Error { reason, flush },
+    }
+}
+
+fn mark_dirty(dirty: &mut Option<DirtyLog>, map: &MemoryMap, gfn: Gfn) {
+    let Some(log) = dirty else { return };
+    for (r, bits) in map.iter().zip(log.iter_mut()) {
+        if r.translate(gfn).is_some() {
+            let i = (gfn.0 - r.gfn.0) as usize;
+            bits[i / 64] |= 1 << (i % 64);
+        }
+    }
+}
+
+impl State {
+    fn vcpu(&mut self, id: VcpuId) -> Result<&mut Vcpu, MmuError> {
+        self.vcpus
+            .iter_mut()
+            .find(|v| v.id == id)
+            .ok_or(MmuError::UnknownVcpu(id))
+    }
+
+    fn domain_index(&self, id: DomainId) -> Result<usize, MmuError> {
+        self.domains
+            .iter()
+            .position(|d| d.id == id)
+            .ok_or(MmuError::UnknownDomain(id))
+    }
+}
+
+impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
+    /// A reference server with no domains over `mem`.
+    pub fn new(mem: &'m M, config: Config) -> Self {
+        Reference {
+            mem,
+            config,
+            state: Mutex::new(State {
+                domains: Vec::new(),
+                vcpus: Vec::new(),
+            }),
+        }
+    }
+
+    /// The root of a vCPU's shadow tree (for tests and diagnostics).
+    pub fn shadow_root(&self, vcpu: VcpuId) -> Option<Mfn> {
+        self.state.lock().vcpu(vcpu).ok().map(|v| v.root)
+    }
+
+    fn free_all(&self, frames: &mut Vec<Mfn>) -> Result<(), MmuError> {
+        let mut first = Ok(());
+        for f in frames.drain(..) {
+            if let Err(e) = self.mem.free_frame(f) {
+                first = first.and(Err(MmuError::Memory(e)));
+            }
+        }
+        first
+    }
+
+    /// The vCPU sent a request from `pcpu` (it is out of the guest there):
+    /// free its unhooked frames, owe `pcpu` a flush if it must get one.
+    fn enter(
+        &self,
+        v: &mut Vcpu,
+        pcpu: PcpuId,
+        flush: &mut Option<FlushObligation>,
+    ) -> Result<(), MmuError> {
+        if !pcpu.is_valid() {
+            return Err(MmuError::InvalidPcpu(pcpu));
+        }
+        if v.must_flush.contains(pcpu) {
+            v.must_flush.remove(pcpu);
+            add(flush, all(CpuSet::single(pcpu)));
+        }
+        v.running_on = Some(pcpu);
+        v.ran_on.insert(pcpu);
+        self.free_all(&mut v.deferred)
+    }
+
+    /// Empties the vCPU's tree. `current`: the pCPU the vCPU is out of the
+    /// guest on (its own request), which this very reply flushes.
+    fn zap(
+        &self,
+        v: &mut Vcpu,
+        current: Option<PcpuId>,
+        flush: &mut Option<FlushObligation>,
+    ) -> Result<(), MmuError> {
+        let mut frames = Vec::new();
+        let collected = shadow::collect(self.mem, v.root, &mut frames);
+        add(flush, all(v.ran_on));
+        v.must_flush = v.must_flush.union(v.ran_on);
+        v.ran_on = CpuSet::EMPTY;
+        if let Some(p) = current {
+            v.must_flush.remove(p);
+            v.ran_on.insert(p);
+        }
+        if current.is_some() || v.running_on.is_none() {
+            self.free_all(&mut frames)?;
+        } else {
+            v.deferred.append(&mut frames);
+        }
+        collected.map_err(MmuError::Memory)
+    }
+
+    /// Write-protects every shadow leaf of the domain's vCPUs.
+    fn write_protect_domain(
+        &self,
+        st: &mut State,
+        domain: DomainId,
+        flush: &mut Option<FlushObligation>,
+    ) -> Result<(), MmuError> {
+        for v in st.vcpus.iter().filter(|v| v.domain == domain) {
+            if shadow::write_protect(self.mem, v.root)? {
+                add(flush, all(v.ran_on));
+            }
+        }
+        Ok(())
+    }
+
+    fn page_fault_locked(
+        &self,
+        st: &mut State,
+        flush: &mut Option<FlushObligation>,
+        vcpu: VcpuId,
+        pcpu: PcpuId,
+        gva: Gva,
+        error_code: PfErrorCode,
+    ) -> Result<MmuReply, MmuError> {
+        let v = st.vcpu(vcpu)?;
+        let (domain, cr3, mode, root) = (v.domain, v.cr3, v.mode, v.root);
+        self.enter(v, pcpu, flush)?;
+        let di = st.domain_index(domain)?;
+        let Domain { memory, dirty, .. } = &mut st.domains[di];
+        let guest = GuestMem {
+            mem: self.mem,
+            map: memory,
+        };
+        let access = error_code.access();
+        let walked = walk::walk(
+            &guest,
+            cr3,
+            mode,
+            self.config.maxphyaddr,
+            gva,
+            access,
+            &mut |g| mark_dirty(dirty, memory, g),
+        );
+        let t = match walked {
+            Ok(t) => t,
+            Err(WalkError::Fault(code)) => {
+                return Ok(MmuReply::InjectPageFault {
+                    error_code: code,
+                    address: gva,
+                    flush: None,
+                })
+            }
+            Err(WalkError::Contended) => return Ok(MmuReply::Resume { flush: None }),
+            Err(WalkError::Memory(e)) => return Err(MmuError::Memory(e)),
+        };
+        let write = access.is_write();
+        let mut user = t.user;
+        let mut writable = t.writable && t.dirty;
+        if write && !access.is_user() && !t.writable && !mode.wp() {
+            // CR0.WP = 0 lets the supervisor write; keep users out.
+            writable = true;
+            user = false;
+        }
+        if dirty.is_some() {
+            if write {
+                mark_dirty(dirty, memory, t.gfn);
+            } else {
+                writable = false;
+            }
+        }
+        let mut leaf = t.mfn.base().0 | PTE_P | PTE_A;
+        if writable {
+            leaf |= PTE_RW | PTE_D;
+        }
+        if user {
+            leaf |= PTE_US;
+        }
+        if t.nx {
+            leaf |= PTE_NX;
+        }
+        // Install, emptying trees when the pool runs dry.
+        for attempt in 0..3 {
+            match shadow::install(self.mem, root, gva, leaf) {
+                Ok(old) => {
+                    if old & PTE_P != 0 {
+                        add(
+                            flush,
+                            Some(FlushObligation {
+                                cpus: CpuSet::single(pcpu),
+                                scope: FlushScope::Page(gva),
+                            }),
+                        );
+                    }
+                    return Ok(MmuReply::Resume { flush: None });
+                }
+                Err(InstallError::Memory(e)) => return Err(MmuError::Memory(e)),
+                Err(InstallError::OutOfPool) => match attempt {
+                    0 => self.zap(st.vcpu(vcpu)?, Some(pcpu), flush)?,
+                    1 => {
+                        for v in st.vcpus.iter_mut().filter(|v| v.id != vcpu) {
+                            self.zap(v, None, flush)?;
+                        }
+                    }
+                    _ => {}
+                },
+            }
+        }
+        Err(MmuError::OutOfShadowMemory(domain))
+    }
+
+    // The arguments are the request's fields plus the locked state.
+    #[allow(clippy::too_many_arguments)]
+    fn emulated_write_locked(
+        &self,
+        st: &mut State,
+        flush: &mut Option<FlushObligation>,
+        vcpu: VcpuId,
+        pcpu: PcpuId,
+        gpa: Gpa,
+        value: u64,
+        size: u8,
+    ) -> Result<MmuReply, MmuError> {
+        let v = st.vcpu(vcpu)?;
+        let domain = v.domain;
+        self.enter(v, pcpu, flush)?;
+        if !matches!(size, 1 | 2 | 4 | 8) {
+            return Err(MmuError::BadWriteSize(size));
+        }
+        if gpa.page_offset() + u64::from(size) > PAGE_SIZE {
+            return Err(MmuError::WriteCrossesPage(gpa));
+        }
+        let di = st.domain_index(domain)?;
+        let Domain { memory, dirty, .. } = &mut st.domains[di];
+        let guest = GuestMem {
+            mem: self.mem,
+            map: memory,
+        };
+        let hpa = guest.hpa(gpa).ok_or(MmuError::GpaNotInMemory(gpa))?;
+        // Write byte by byte into the (one or two) words the store covers,
+        // each word with a compare-exchange loop (a concurrent guest store to
+        // the same word makes progress each time ours fails).
+        let bytes = value.to_le_bytes();
+        let mut k = 0usize;
+        while k < usize::from(size) {
+            let a = hpa.0 + k as u64;
+            let word = Hpa(a & !7);
+            let first = (a & 7) as usize;
+            let n = (8 - first).min(usize::from(size) - k);
+            loop {
+                let old = self.mem.read_u64(word)?;
+                let mut b = old.to_le_bytes();
+                b[first..first + n].copy_from_slice(&bytes[k..k + n]);
+                if self
+                    .mem
+                    .compare_exchange_u64(word, old, u64::from_le_bytes(b))?
+                    .is_ok()
+                {
+                    break;
+                }
+            }
+            k += n;
+        }
+        mark_dirty(dirty, memory, gpa.frame());
+        Ok(MmuReply::WriteDone { flush: None })
+    }
+
+    fn get_and_clear_dirty_locked(
+        &self,
+        st: &mut State,
+        flush: &mut Option<FlushObligation>,
+        domain: DomainId,
+        start: Gfn,
+    ) -> Result<MmuReply, MmuError> {
+        let di = st.domain_index(domain)?;
+        let d = &mut st.domains[di];
+        let Some(log) = d.dirty.as_mut() else {
+            return Err(MmuError::DirtyLogDisabled(domain));
+        };
+        let mut bits = heapless::Vec::<u8, DIRTY_CHUNK_BYTES>::new();
+        let _ = bits.resize(DIRTY_CHUNK_BYTES, 0);
+        let end = start.0.saturating_add(DIRTY_CHUNK_PAGES);
+        let mut any = false;
+        for (r, words) in d.memory.iter().zip(log.iter_mut()) {
+            let lo = r.gfn.0.max(start.0);
+            let hi = (r.gfn.0 + r.pages).min(end);
+            for g in lo..hi {
+                let i = (g - r.gfn.0) as usize;
+                if words[i / 64] & (1 << (i % 64)) != 0 {
+                    words[i / 64] &= !(1 << (i % 64));
+                    let j = (g - start.0) as usize;
+                    bits[j / 8] |= 1 << (j % 8);
+                    any = true;
+                }
+            }
+        }
+        let next = d
+            .memory
+            .iter()
+            .filter_map(|r| {
+                let last = r.gfn.0 + r.pages;
+                if end >= last {
+                    None
+                } else {
+                    Some(r.gfn.0.max(end))
+                }
+            })
+            .min()
+            .map(Gfn);
+        if any {
+            // Every writable leaf maps a frame whose bit was set (maybe in
+            // another chunk); protecting them all keeps the invariant.
+            self.write_protect_domain(st, domain, flush)?;
+        }
+        Ok(MmuReply::DirtyBitmap {
+            chunk: DirtyChunk { start, bits, next },
+            flush: None,
+        })
+    }
+}
+
+impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn create_domain(&self, domain: DomainId, memory: &MemoryMap) -> MmuReply {
+        let mut st = self.state.lock();
+        if st.domains.iter().any(|d| d.id == domain) {
+            return MmuReply::error(MmuError::DomainExists(domain));
+        }
+        if st.domains.len() >= self.config.max_domains as usize {
+            return MmuReply::error(MmuError::CapacityExceeded {
+                what: Resource::Domains,
+                limit: self.config.max_domains,
+            });
+        }
+        let mut total: u64 = 0;
+        for (i, r) in memory.iter().enumerate() {
+            if !r.is_valid() {
+                return MmuReply::error(MmuError::BadRegion(*r));
+            }
+            for o in &memory[..i] {
+                if r.gfn.0 < o.gfn.0 + o.pages && o.gfn.0 < r.gfn.0 + r.pages {
+                    return MmuReply::error(MmuError::OverlappingRegions(Gfn(r
+                        .gfn
+                        .0
+                        .max(o.gfn.0))));
+                }
+            }
+            total = total.saturating_add(r.pages);
+        }
+        if total > self.config.max_guest_frames {
+            return MmuReply::error(MmuError::CapacityExceeded {
+                what: Resource::GuestFrames,
+                limit: u32::try_from(self.config.max_guest_frames).unwrap_or(u32::MAX),
+            });
+        }
+        st.domains.push(Domain {
+            id: domain,
+            memory: memory.clone(),
+            dirty: None,
+        });
+        MmuReply::Done { flush: None }
+    }
+
+    fn destroy_domain(&self, domain: DomainId) -> MmuReply {
+        let mut st = self.state.lock();
+        let di = match st.domain_index(domain) {
+            Ok(i) => i,
+            Err(e) => return MmuReply::error(e),
+        };
+        if let Some(v) = st
+            .vcpus
+            .iter()
+            .find(|v| v.domain == domain && v.running_on.is_some())
+        {
+            return MmuReply::error(MmuError::VcpuRunning(v.id));
+        }
+        let mut flush = None;
+        let mut result = Ok(());
+        let mut i = 0;
+        while i < st.vcpus.len() {
+            if st.vcpus[i].domain != domain {
+                i += 1;
+                continue;
+            }
+            let mut v = st.vcpus.swap_remove(i);
+            add(&mut flush, all(v.ran_on.union(v.must_flush)));
+            let mut frames = core::mem::take(&mut v.deferred);
+            let r = shadow::collect(self.mem, v.root, &mut frames).map_err(MmuError::Memory);
+            frames.push(v.root);
+            result = result.and(r).and(self.free_all(&mut frames));
+        }
+        st.domains.swap_remove(di);
+        finish(result.map(|_| MmuReply::Done { flush: None }), flush)
+    }
+
+    fn create_vcpu(&self, domain: DomainId, vcpu: VcpuId) -> MmuReply {
+        let mut st = self.state.lock();
+        if let Err(e) = st.domain_index(domain) {
+            return MmuReply::error(e);
+        }
+        if st.vcpus.iter().any(|v| v.id == vcpu) {
+            return MmuReply::error(MmuError::VcpuExists(vcpu));
+        }
+        if st.vcpus.len() >= self.config.max_vcpus as usize {
+            return MmuReply::error(MmuError::CapacityExceeded {
+                what: Resource::Vcpus,
+                limit: self.config.max_vcpus,
+            });
+        }
+        let root = match shadow::alloc_table(self.mem) {
+            Ok(r) => r,
+            Err(InstallError::OutOfPool) => {
+                return MmuReply::error(MmuError::OutOfShadowMemory(domain))
+            }
+            Err(InstallError::Memory(e)) => return MmuReply::error(MmuError::Memory(e)),
+        };
+        st.vcpus.push(Vcpu {
+            id: vcpu,
+            domain,
+            cr3: GuestCr3(0),
+            mode: PagingMode(0),
+            root,
+            running_on: None,
+            ran_on: CpuSet::EMPTY,
+            must_flush: CpuSet::EMPTY,
+            deferred: Vec::new(),
+        });
+        MmuReply::Done { flush: None }
+    }
+
+    fn vcpu_scheduled(&self, vcpu: VcpuId, pcpu: PcpuId) -> MmuReply {
+        let mut st = self.state.lock();
+        let mut flush = None;
+        let r = st.vcpu(vcpu).and_then(|v| {
+            self.enter(v, pcpu, &mut flush)?;
+            Ok(MmuReply::LoadShadowRoot {
+                vcpu,
+                root: v.root.base(),
+                flush: None,
+            })
+        });
+        finish(r, flush)
+    }
+
+    fn vcpu_descheduled(&self, vcpu: VcpuId, pcpu: PcpuId) -> MmuReply {
+        let mut st = self.state.lock();
+        let r = st.vcpu(vcpu).and_then(|v| {
+            if !pcpu.is_valid() {
+                return Err(MmuError::InvalidPcpu(pcpu));
+            }
+            v.running_on = None;
+            self.free_all(&mut v.deferred)?;
+            Ok(MmuReply::Done { flush: None })
+        });
+        finish(r, None)
+    }
+
+    fn page_fault(
+        &self,
+        vcpu: VcpuId,
+        pcpu: PcpuId,
+        gva: Gva,
+        error_code: PfErrorCode,
+    ) -> MmuReply {
+        let mut st = self.state.lock();
+        let mut flush = None;
+        let r = self.page_fault_locked(&mut st, &mut flush, vcpu, pcpu, gva, error_code);
+        finish(r, flush)
+    }
+
+    fn write_cr3(&self, vcpu: VcpuId, pcpu: PcpuId, cr3: GuestCr3) -> MmuReply {
+        let mut st = self.state.lock();
+        let mut flush = None;
+        let r = st.vcpu(vcpu).and_then(|v| {
+            self.enter(v, pcpu, &mut flush)?;
+            v.cr3 = cr3;
+            self.zap(v, Some(pcpu), &mut flush)?;
+            Ok(MmuReply::LoadShadowRoot {
+                vcpu,
+                root: v.root.base(),
+                flush: None,
+            })
+        });
+        finish(r, flush)
+    }
+
+    fn set_paging_mode(&self, vcpu: VcpuId, pcpu: PcpuId, mode: PagingMode) -> MmuReply {
+        let mut st = self.state.lock();
+        let mut flush = None;
+        let r = st.vcpu(vcpu).and_then(|v| {
+            self.enter(v, pcpu, &mut flush)?;
+            if mode.0 & !SUPPORTED_MODE != 0 {
+                return Err(MmuError::UnsupportedPagingMode(mode));
+            }
+            v.mode = mode;
+            self.zap(v, Some(pcpu), &mut flush)?;
+            Ok(MmuReply::Done { flush: None })
+        });
+        finish(r, flush)
+    }
+
+    fn invlpg(&self, vcpu: VcpuId, pcpu: PcpuId, _gva: Gva) -> MmuReply {
+        let mut st = self.state.lock();
+        let mut flush = None;
+        let r = st.vcpu(vcpu).and_then(|v| {
+            self.enter(v, pcpu, &mut flush)?;
+            // Simplest correct: INVLPG drops the vCPU's whole tree (a 2 MiB
+            // or 1 GiB guest page is many shadow leaves anyway).
+            self.zap(v, Some(pcpu), &mut flush)?;
+            Ok(MmuReply::Done { flush: None })
+        });
+        finish(r, flush)
+    }
+
+    fn emulated_write(
+        &self,
+        vcpu: VcpuId,
+        pcpu: PcpuId,
+        gpa: Gpa,
+        value: u64,
+        size: u8,
+    ) -> MmuReply {
+        let mut st = self.state.lock();
+        let mut flush = None;
+        let r = self.emulated_write_locked(&mut st, &mut flush, vcpu, pcpu, gpa, value, size);
+        finish(r, flush)
+    }
+
+    fn enable_dirty_log(&self, domain: DomainId) -> MmuReply {
+        let mut st = self.state.lock();
+        let mut flush = None;
+        let r = st.domain_index(domain).and_then(|di| {
+            let d = &mut st.domains[di];
+            if d.dirty.is_none() {
+                let log = d
+                    .memory
+                    .iter()
+                    .map(|r| alloc::vec![0u64; r.pages.div_ceil(64) as usize])
+                    .collect();
+                d.dirty = Some(log);
+            }
+            self.write_protect_domain(&mut st, domain, &mut flush)?;
+            Ok(MmuReply::Done { flush: None })
+        });
+        finish(r, flush)
+    }
+
+    fn disable_dirty_log(&self, domain: DomainId) -> MmuReply {
+        let mut st = self.state.lock();
+        let r = st.domain_index(domain).map(|di| {
+            st.domains[di].dirty = None;
+            MmuReply::Done { flush: None }
+        });
+        finish(r, None)
+    }
+
+    fn get_and_clear_dirty(&self, domain: DomainId, start: Gfn) -> MmuReply {
+        let mut st = self.state.lock();
+        let mut flush = None;
+        let r = self.get_and_clear_dirty_locked(&mut st, &mut flush, domain, start);
+        finish(r, flush)
+    }
+
+    fn zap_all(&self, domain: DomainId) -> MmuReply {
+        let mut st = self.state.lock();
+        let mut flush = None;
+        let r = st.domain_index(domain).and_then(|_| {
+            for v in st.vcpus.iter_mut().filter(|v| v.domain == domain) {
+                self.zap(v, None, &mut flush)?;
+            }
+            Ok(MmuReply::Done { flush: None })
+        });
+        finish(r, flush)
+    }
+}
