@@ -96,7 +96,9 @@ fn procs16(_: u64) -> ! {
         for j in 0..PAGES {
             let page = alloc_page();
             map4k(*l4, WORK_BASE + j * 4096, page, pte::W);
-            wr(page, pattern(p as u64, 0));
+            if j == 0 {
+                wr(page, pattern(p as u64, 0));
+            }
         }
     }
     for round in 1..=24u64 {
@@ -111,7 +113,16 @@ fn procs16(_: u64) -> ! {
                 let got = unsafe { a.read_volatile() };
                 let want = if j == 0 { pattern(p as u64, round - 1) } else if round == 1 { 0 } else { round - 1 };
                 if got != want {
-                    fail("procs-16: a process saw another's data, proc", p as u64);
+                    puts("procs-16: proc ");
+                    puthex(p as u64);
+                    puts(" page ");
+                    puthex(j);
+                    puts(" read ");
+                    puthex(got);
+                    puts(" want ");
+                    puthex(want);
+                    puts("\n");
+                    fail("procs-16: a process saw wrong data, round", round);
                 }
                 // SAFETY: as above.
                 unsafe { a.write_volatile(if j == 0 { pattern(p as u64, round) } else { round }) };
