@@ -1,0 +1,260 @@
+//! Random operation sequences from a seeded PRNG (reproducible: a failure
+//! names its seed): two domains, six vCPUs moving over eight pCPUs, four
+//! processes per domain, mixing accesses of every kind, hostile page-table
+//! edits (through the guest's own direct map), INVLPG, CR3 switches,
+//! migrations, paging-mode changes, dirty-log rounds and zap-all. The machine
+//! checks the oracle after every step.
+
+use crate::arch::{self, Access, Ctrl, Size, NX, P, PS, RW, US};
+use crate::machine::{Machine, Outcome, Res, DIRECT};
+use crate::scenarios::USER;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+/// A small, fast, seedable PRNG (SplitMix64).
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// A number below `n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// True with probability `pct` percent.
+    pub fn chance(&mut self, pct: u64) -> bool {
+        self.below(100) < pct
+    }
+    /// A random element of `xs` (non-empty).
+    pub fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len() as u64) as usize]
+    }
+}
+
+const RAM: u64 = 1024;
+const LARGE_GPA: u64 = 0x20_0000;
+const FULL: u64 = P | RW | US;
+
+struct Dom {
+    d: usize,
+    vcpus: Vec<usize>,
+    procs: Vec<u64>,
+    data: Vec<u64>,
+    tables: Vec<u64>,
+}
+
+fn slot(r: &mut Rng) -> u64 {
+    match r.below(10) {
+        0..=4 => USER + r.below(32) * 4096,
+        5..=7 => USER + 0x20_0000 + r.below(32) * 4096,
+        _ => USER + 0x40_0000 + r.below(512) * 4096,
+    }
+}
+
+fn flags(r: &mut Rng) -> u64 {
+    let mut f = P;
+    if r.chance(70) {
+        f |= RW;
+    }
+    if r.chance(70) {
+        f |= US;
+    }
+    if r.chance(15) {
+        f |= NX;
+    }
+    if r.chance(20) {
+        f |= arch::A;
+    }
+    if r.chance(10) {
+        f |= arch::D;
+    }
+    f
+}
+
+fn setup(m: &mut Machine<'_>, r: &mut Rng, first_pcpu: usize, nvcpu: usize) -> Res<Dom> {
+    let d = m.create_domain(&[(0, RAM)])?;
+    let master = m.new_space(d, None)?;
+    let slot_k = arch::index(DIRECT, 4) * 8;
+    let kernel = m.peek(d, master + slot_k).unwrap_or(0);
+    let data: Vec<u64> = (0..48).map(|_| m.alloc_gfn(d)).collect();
+    let mut procs = Vec::new();
+    let mut tables = Vec::new();
+    for _ in 0..4 {
+        let cr3 = m.alloc_gfn(d) << 12;
+        m.setup_write(d, cr3 + slot_k, kernel)?;
+        for i in 0..32u64 {
+            let g = r.pick(&data);
+            m.map(d, None, cr3, USER + i * 4096, g << 12, Size::K4, FULL)?;
+            let g = r.pick(&data);
+            m.map(d, None, cr3, USER + 0x20_0000 + i * 4096, g << 12, Size::K4, flags(r))?;
+        }
+        m.map(d, None, cr3, USER + 0x40_0000, LARGE_GPA, Size::M2, FULL)?;
+        tables.push(cr3 >> 12);
+        for level in 1..=3 {
+            for va in [USER, USER + 0x20_0000] {
+                if let Some(ea) = m.entry_addr(d, cr3, va, level) {
+                    tables.push(ea >> 12);
+                }
+            }
+        }
+        procs.push(cr3);
+    }
+    tables.sort_unstable();
+    tables.dedup();
+    let mut vcpus = Vec::new();
+    for i in 0..nvcpu {
+        let v = m.create_vcpu(d, Ctrl::DEFAULT)?;
+        m.schedule(v, first_pcpu + i)?;
+        let p = r.pick(&procs);
+        m.write_cr3(v, p)?;
+        vcpus.push(v);
+    }
+    Ok(Dom {
+        d,
+        vcpus,
+        procs,
+        data,
+        tables,
+    })
+}
+
+fn ensure_running(m: &mut Machine<'_>, r: &mut Rng, v: usize) -> Res<()> {
+    if m.running_on(v).is_none() {
+        let p = r.below(m.pcpu_count() as u64) as usize;
+        m.schedule(v, p)?;
+    }
+    Ok(())
+}
+
+fn judge(m: &Machine<'_>, o: Outcome, gva: u64) -> Res<()> {
+    match o {
+        Outcome::Refused(e) => Err(m.fail(
+            "no refusal with an unlimited pool",
+            Some(gva),
+            String::from("Ok or #PF"),
+            format!("Refused({e:?})"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn edit(m: &mut Machine<'_>, r: &mut Rng, dom: &Dom, v: usize) -> Res<()> {
+    let cr3 = r.pick(&dom.procs);
+    let va = slot(r);
+    let large = va >= USER + 0x40_0000;
+    let level = match r.below(20) {
+        0 => 3,
+        1..=2 => 2,
+        _ if large => 2,
+        _ => 1,
+    };
+    let Some(ea) = m.entry_addr(dom.d, cr3, va, level) else {
+        return Ok(());
+    };
+    let old = m.peek(dom.d, ea).unwrap_or(0);
+    let new = match r.below(20) {
+        0..=6 if level == 1 => r.pick(&dom.data) << 12 | flags(r),
+        0..=6 if level == 2 && r.chance(50) => LARGE_GPA | PS | flags(r),
+        0..=6 => old | arch::A,
+        7..=9 => 0,
+        10..=12 => old ^ r.pick(&[RW, US, NX, P]),
+        13 => r.pick(&dom.tables) << 12 | flags(r),
+        14 => old | 1 << r.pick(&[48u64, 50, 51]),
+        15 => (RAM + r.below(1 << 20)) << 12 | FULL,
+        16 if level > 1 => old | PS,
+        _ => old & !(arch::A | arch::D) | (r.next() & (arch::A | arch::D)),
+    };
+    let o = m.access(v, DIRECT + ea, Access::WRITE, new)?;
+    judge(m, o, DIRECT + ea)
+}
+
+/// One random run of `steps` operations from `seed` on machine `m`.
+pub fn random_run(m: &mut Machine<'_>, seed: u64, steps: u64) -> Res<()> {
+    let mut r = Rng::new(seed);
+    let pc = m.pcpu_count();
+    let na = (pc / 2).clamp(1, 4);
+    let doms = [setup(m, &mut r, 0, na)?, setup(m, &mut r, na, (pc - na).clamp(1, 2))?];
+    for _ in 0..steps {
+        let dom = &doms[if r.chance(65) { 0 } else { 1 }];
+        let v = r.pick(&dom.vcpus);
+        ensure_running(m, &mut r, v)?;
+        match r.below(100) {
+            0..=49 => {
+                let gva = if r.chance(8) {
+                    DIRECT + (r.below(RAM * 512) << 3)
+                } else {
+                    slot(&mut r) + (r.below(512) << 3)
+                };
+                let acc = r.pick(&Access::ALL);
+                let value = if r.chance(30) {
+                    r.pick(&dom.data) << 12 | flags(&mut r)
+                } else {
+                    r.next() & 0xffff_ffff
+                };
+                // Plain data writes stay off the page tables most of the
+                // time so that the address spaces live long.
+                if acc.write && gva >= DIRECT && !r.chance(20) {
+                    continue;
+                }
+                let o = m.access(v, gva, acc, value)?;
+                judge(m, o, gva)?;
+            }
+            50..=71 => edit(m, &mut r, dom, v)?,
+            72..=81 => {
+                let va = slot(&mut r);
+                m.invlpg(v, va)?;
+            }
+            82..=88 => {
+                let p = r.pick(&dom.procs);
+                m.write_cr3(v, p)?;
+            }
+            89..=92 => {
+                let p = r.below(pc as u64) as usize;
+                m.schedule(v, p)?;
+            }
+            93..=96 => {
+                if !m.dirty_on(dom.d) {
+                    m.enable_dirty(dom.d)?;
+                } else if r.chance(80) {
+                    m.get_dirty(dom.d)?;
+                } else {
+                    m.disable_dirty(dom.d)?;
+                }
+            }
+            97 => m.zap_all(dom.d)?,
+            98 => {
+                let ctrl = Ctrl {
+                    wp: !r.chance(30),
+                    nxe: !r.chance(20),
+                };
+                m.set_mode(v, ctrl)?;
+            }
+            _ => {
+                // A guest shootdown: every vCPU of the domain flushes one page.
+                let va = slot(&mut r);
+                for &w in &dom.vcpus {
+                    if m.running_on(w).is_some() {
+                        m.invlpg(w, va)?;
+                    }
+                }
+            }
+        }
+    }
+    for dom in &doms {
+        if m.dirty_on(dom.d) {
+            m.get_dirty(dom.d)?;
+        }
+    }
+    Ok(())
+}
