@@ -12,6 +12,7 @@
 //! - [`guest`]: the guest kernels (workloads) themselves.
 //! - [`stats`]: the counters behind the run's report.
 
+pub mod conf;
 pub mod decode;
 pub mod domain;
 pub mod exit;
@@ -140,7 +141,7 @@ pub fn enable_on_this_cpu() -> Result<u64, &'static str> {
 
 /// Creates every workload's domain on `server`, runs them on all CPUs, and
 /// prints the report. Returns whether every workload passed.
-pub fn run(server: Box<dyn MmuServer>, mem: &'static RealMem) -> Result<bool, &'static str> {
+pub fn run(server: Box<dyn MmuServer>, mem: &'static RealMem, test_mode: bool) -> Result<bool, &'static str> {
     let ncpu = host::cpus_online();
     crate::kprintln!("svm: MMU server `{}`; {} workloads on {} CPUs", server.name(), WORKLOADS.len(), ncpu);
     let iopm_pa = host::alloc_zeroed(3)?;
@@ -206,7 +207,7 @@ pub fn run(server: Box<dyn MmuServer>, mem: &'static RealMem) -> Result<bool, &'
             crate::kprintln!("svm: cpu {i}: {e}");
         }
     }
-    Ok(report(svm, ncpu))
+    Ok(report(svm, ncpu, test_mode))
 }
 
 fn expect_done(reply: MmuReply, what: &'static str) -> Result<(), &'static str> {
@@ -263,7 +264,7 @@ fn verdict(d: &Domain) -> (bool, &'static str) {
     }
 }
 
-fn report(svm: &Svm, ncpu: usize) -> bool {
+fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
     use exit::{BUCKETS, BUCKET_NAMES};
     crate::kprintln!("svm: ---- exits by reason, per pCPU ----");
     let mut line = alloc::string::String::new();
@@ -324,6 +325,16 @@ fn report(svm: &Svm, ncpu: usize) -> bool {
     let doms = svm.domains.get().map(|v| v.as_slice()).unwrap_or(&[]);
     let passed = doms.iter().filter(|d| verdict(d).0).count();
     crate::kprintln!("svm: {passed}/{} workloads passed", doms.len());
+    if test_mode {
+        let name = svm.server.name();
+        for d in doms {
+            match verdict(d) {
+                (true, _) => crate::kprintln!("test svm-{name}-{} ... ok", d.workload.name),
+                (false, why) => crate::kprintln!("test svm-{name}-{} ... FAILED: {why}", d.workload.name),
+            }
+        }
+        TEST_TALLY.call_once(|| (passed as u32, (doms.len() - passed) as u32));
+    }
     let _ = CpuSet::EMPTY;
     all
 }
@@ -364,14 +375,31 @@ pub fn boot_hook(cmdline: &str) -> bool {
             return false;
         }
     };
-    match run(server, mem) {
+    let test_mode = crate::boot::has_arg(cmdline, "svm-test");
+    let ok = match run(server, mem, test_mode) {
         Ok(all) => all,
         Err(e) => {
             crate::kprintln!("svm: run failed: {e}");
+            if test_mode {
+                crate::kprintln!("test svm-{name}-setup ... FAILED: {e}");
+            }
             false
         }
+    };
+    if !test_mode {
+        return ok;
     }
+    // The test image: the conformance scenarios on real frames, then a
+    // summary over the workload and scenario lines.
+    let (wp, wf) = TEST_TALLY.get().copied().unwrap_or((0, 1));
+    let (cp, cf) = conf::run_all(name);
+    let (p, f) = (wp + cp, wf + cf);
+    crate::kprintln!("umbra: svm-test: {p} passed, {f} failed");
+    ok && f == 0
 }
+
+/// Passed/failed workload lines of the test-mode run.
+static TEST_TALLY: Once<(u32, u32)> = Once::new();
 
 /// Creates the MMU implementation `name` from `mmu_server::registry` (the
 /// one place implementations are chosen), over real frames, with the
