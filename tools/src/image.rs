@@ -26,6 +26,10 @@ pub struct RunArgs {
     /// Seconds before a run that has not ended is killed and failed.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    /// The MMU server implementation the guest workloads run on: a name from
+    /// `mmu_server::registry` (`reference`, ...), or `none` to only boot.
+    #[arg(long, default_value = "reference")]
+    pub mmu: String,
     /// Arguments passed to the kernel command line (QEMU `-append`).
     #[arg(last = true)]
     pub kernel_args: Vec<String>,
@@ -209,8 +213,18 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     prereq::ensure_qemu()?;
     prereq::ensure_kernel_target()?;
+    if args.mmu != "none" && !mmu_server::registry::NAMES.contains(&args.mmu.as_str()) {
+        bail!(
+            "--mmu {}: no such MMU implementation; registered: {}",
+            args.mmu,
+            mmu_server::registry::NAMES.join(", ")
+        );
+    }
     let image = build_kernel(args.debug)?;
-    let append = args.kernel_args.join(" ");
+    let mut append = args.kernel_args.join(" ");
+    if args.mmu != "none" {
+        append = format!("mmu={} {append}", args.mmu).trim_end().to_string();
+    }
     eprintln!(
         "xtask: booting {} with -smp {}{}",
         image.display(),
@@ -330,6 +344,8 @@ pub fn test_image() -> Result<Tally> {
         },
     );
 
+    svm_boots(&image, &mut tally)?;
+
     eprintln!(
         "xtask: test image: expected-failure boot (command line `test-fault`): \
          the fault report below is expected"
@@ -359,6 +375,35 @@ pub fn test_image() -> Result<Tally> {
         );
     }
     Ok(tally)
+}
+
+/// The guest workloads and the in-image conformance scenarios, one boot per
+/// registered MMU implementation (command line `mmu=<name> svm-test`).
+fn svm_boots(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
+    for name in mmu_server::registry::NAMES {
+        eprintln!("xtask: test image: guest workloads and conformance on MMU `{name}`");
+        let append = format!("mmu={name} svm-test");
+        let out = boot(image, 8, &append, TEST_TIMEOUT, true)?;
+        let lines = tally_test_lines(&out.lines);
+        *tally += lines;
+        let summary = out.lines.iter().any(|l| l.starts_with("umbra: svm-test: "));
+        record(
+            tally,
+            &format!("svm_run_{name}"),
+            match &out.ending {
+                _ if !summary => Err(format!("no svm-test summary; {}", describe(&out.ending))),
+                Ending::Success if lines.failed == 0 => Ok(()),
+                Ending::Failure if lines.failed > 0 => {
+                    Err(format!("{} workload/scenario test(s) failed", lines.failed))
+                }
+                e => Err(format!(
+                    "test lines and exit status disagree: {}",
+                    describe(e)
+                )),
+            },
+        );
+    }
+    Ok(())
 }
 
 /// Counts one host-side check of the test-image stage and prints its line.

@@ -21,8 +21,12 @@ pub fn run_all(name: &str) -> (u32, u32) {
     // SAFETY: the block was just taken from the frame allocator, is
     // identity-mapped, 4 KiB aligned and used only through this slice (as
     // atomics) until it is freed below.
-    let words: &[AtomicU64] =
-        unsafe { core::slice::from_raw_parts(host::va(base).cast::<AtomicU64>(), (RAM_FRAMES * 512) as usize) };
+    let words: &[AtomicU64] = unsafe {
+        core::slice::from_raw_parts(
+            host::va(base).cast::<AtomicU64>(),
+            (RAM_FRAMES * 512) as usize,
+        )
+    };
     let (mut passed, mut failed) = (0, 0);
     for sc in scenarios() {
         // SAFETY: as above; no reference into the block outlives a scenario.
@@ -34,7 +38,11 @@ pub fn run_all(name: &str) -> (u32, u32) {
         match run_scenario(sc, &make, Ram::new(base, words)) {
             Ok(stats) => {
                 passed += 1;
-                crate::kprintln!("test conf-{name}-{} ... ok ({} steps)", sc.name, stats.steps);
+                crate::kprintln!(
+                    "test conf-{name}-{} ... ok ({} steps)",
+                    sc.name,
+                    stats.steps
+                );
             }
             Err(f) => {
                 failed += 1;

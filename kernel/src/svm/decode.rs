@@ -124,7 +124,11 @@ pub fn decode(bytes: &[u8], rip: u64, regs: &RegFile) -> Result<Decoded, DecodeE
         return Err(DecodeError::Invalid);
     }
     let op = classify(&instr, regs)?;
-    Ok(Decoded { len: instr.len() as u8, op, mnemonic: instr.mnemonic() })
+    Ok(Decoded {
+        len: instr.len() as u8,
+        op,
+        mnemonic: instr.mnemonic(),
+    })
 }
 
 fn classify(instr: &Instruction, regs: &RegFile) -> Result<Op, DecodeError> {
@@ -135,12 +139,14 @@ fn classify(instr: &Instruction, regs: &RegFile) -> Result<Op, DecodeError> {
     };
     match instr.code() {
         Code::Mov_cr_r64 if instr.op_register(0) == Register::CR3 => {
-            let value = regs.get(instr.op_register(1)).ok_or(DecodeError::Unsupported)?;
+            let value = regs
+                .get(instr.op_register(1))
+                .ok_or(DecodeError::Unsupported)?;
             Ok(Op::Cr3Write { value })
         }
-        Code::Mov_r64_cr if instr.op_register(1) == Register::CR3 => {
-            Ok(Op::Cr3Read { dest: instr.op_register(0) })
-        }
+        Code::Mov_r64_cr if instr.op_register(1) == Register::CR3 => Ok(Op::Cr3Read {
+            dest: instr.op_register(0),
+        }),
         Code::Invlpg_m => Ok(Op::Invlpg { gva: ea(0)? }),
         _ => match instr.mnemonic() {
             Mnemonic::Mov if instr.op_count() == 2 && instr.op_kind(0) == OpKind::Memory => {
@@ -149,7 +155,9 @@ fn classify(instr: &Instruction, regs: &RegFile) -> Result<Op, DecodeError> {
                     return Err(DecodeError::Unsupported);
                 }
                 let value = match instr.op_kind(1) {
-                    OpKind::Register => regs.get(instr.op_register(1)).ok_or(DecodeError::Unsupported)?,
+                    OpKind::Register => regs
+                        .get(instr.op_register(1))
+                        .ok_or(DecodeError::Unsupported)?,
                     OpKind::Immediate8
                     | OpKind::Immediate16
                     | OpKind::Immediate32
@@ -157,8 +165,16 @@ fn classify(instr: &Instruction, regs: &RegFile) -> Result<Op, DecodeError> {
                     | OpKind::Immediate8to64 => instr.immediate(1),
                     _ => return Err(DecodeError::Unsupported),
                 };
-                let mask = if size == 8 { u64::MAX } else { (1u64 << (size * 8)) - 1 };
-                Ok(Op::Write { gva: ea(0)?, value: value & mask, size: size as u8 })
+                let mask = if size == 8 {
+                    u64::MAX
+                } else {
+                    (1u64 << (size * 8)) - 1
+                };
+                Ok(Op::Write {
+                    gva: ea(0)?,
+                    value: value & mask,
+                    size: size as u8,
+                })
             }
             _ => Ok(Op::Other),
         },

@@ -119,8 +119,12 @@ impl Domain {
     /// instruction fetch); returns how many could be read.
     pub fn read_virt(&self, cr3: u64, gva: u64, buf: &mut [u8]) -> usize {
         for (i, b) in buf.iter_mut().enumerate() {
-            let Some(gpa) = self.guest_translate(cr3, gva.wrapping_add(i as u64)) else { return i };
-            let Some(p) = self.gpa_ptr(gpa, 1) else { return i };
+            let Some(gpa) = self.guest_translate(cr3, gva.wrapping_add(i as u64)) else {
+                return i;
+            };
+            let Some(p) = self.gpa_ptr(gpa, 1) else {
+                return i;
+            };
             // SAFETY: inside guest memory (checked by gpa_ptr).
             *b = unsafe { p.read_volatile() };
         }
@@ -137,19 +141,28 @@ struct Loader {
 
 impl Loader {
     fn w64(&self, gpa: u64, v: u64) {
-        assert!(gpa + 8 <= self.bytes, "loader write at gpa {gpa:#x} outside guest memory");
+        assert!(
+            gpa + 8 <= self.bytes,
+            "loader write at gpa {gpa:#x} outside guest memory"
+        );
         // SAFETY: inside the zeroed guest memory this loader owns.
         unsafe { host::va(self.pa + gpa).cast::<u64>().write(v) }
     }
     fn r64(&self, gpa: u64) -> u64 {
-        assert!(gpa + 8 <= self.bytes, "loader read at gpa {gpa:#x} outside guest memory");
+        assert!(
+            gpa + 8 <= self.bytes,
+            "loader read at gpa {gpa:#x} outside guest memory"
+        );
         // SAFETY: as w64.
         unsafe { host::va(self.pa + gpa).cast::<u64>().read() }
     }
     fn page(&mut self) -> u64 {
         let g = self.next;
         self.next += 4096;
-        assert!(self.next <= self.bytes, "guest memory too small for the loader");
+        assert!(
+            self.next <= self.bytes,
+            "guest memory too small for the loader"
+        );
         g
     }
     /// Maps gva -> gpa with a leaf at `level` (1: 4 KiB, 2: 2 MiB).
@@ -182,7 +195,11 @@ pub fn load(
 ) -> Result<(Domain, alloc::vec::Vec<VcpuBoot>), &'static str> {
     let bytes = workload.mem_mib << 20;
     let pa = host::alloc_zeroed(bytes / 4096)?;
-    let mut ld = Loader { pa, bytes, next: gl::LOADER_ALLOC_GPA };
+    let mut ld = Loader {
+        pa,
+        bytes,
+        next: gl::LOADER_ALLOC_GPA,
+    };
 
     // The image copy, mapped at the addresses the kernel runs it at.
     let (img_start, img_end) = host::image_span();
@@ -190,7 +207,13 @@ pub fn load(
     let img_gpa = bytes - img_bytes - 4096;
     // SAFETY: source is the loaded image (identity-mapped, readable);
     // destination is guest memory inside the allocation.
-    unsafe { core::ptr::copy_nonoverlapping(img_start as *const u8, host::va(pa + img_gpa), img_bytes as usize) };
+    unsafe {
+        core::ptr::copy_nonoverlapping(
+            img_start as *const u8,
+            host::va(pa + img_gpa),
+            img_bytes as usize,
+        )
+    };
     for off in (0..img_bytes).step_by(4096) {
         ld.map(img_start + off, img_gpa + off, pte::W, 1);
     }

@@ -44,8 +44,8 @@ pub const BUCKETS: usize = 13;
 
 /// Report column names, indexed by [`ExitReason::bucket`].
 pub const BUCKET_NAMES: [&str; BUCKETS] = [
-    "#PF", "cr3-wr", "cr3-rd", "invlpg", "vmmcall", "hlt", "ioio", "intr", "shutdn", "msr", "exc", "invalid",
-    "other",
+    "#PF", "cr3-wr", "cr3-rd", "invlpg", "vmmcall", "hlt", "ioio", "intr", "shutdn", "msr", "exc",
+    "invalid", "other",
 ];
 
 impl ExitReason {

@@ -9,7 +9,10 @@ use x86_64::{PhysAddr, VirtAddr};
 /// A host-virtual pointer to host-physical `pa` (the kernel identity-maps
 /// the low 4 GiB).
 pub fn va(pa: u64) -> *mut u8 {
-    assert!(pa < frames::MANAGED_BYTES, "physical address {pa:#x} outside the identity map");
+    assert!(
+        pa < frames::MANAGED_BYTES,
+        "physical address {pa:#x} outside the identity map"
+    );
     pa as *mut u8
 }
 

@@ -24,7 +24,9 @@ impl RealMem {
     pub fn new(frames: u64) -> Result<RealMem, &'static str> {
         let pool_base = host::alloc_zeroed(frames)?;
         let free = (0..frames as u32).rev().collect();
-        let taken = (0..frames.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        let taken = (0..frames.div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect();
         Ok(RealMem {
             pool_base,
             pool_frames: frames,
@@ -48,7 +50,10 @@ impl RealMem {
 
     /// Shadow frames in use now, and the most ever in use.
     pub fn shadow_pages(&self) -> (u64, u64) {
-        (self.in_use.load(Ordering::Relaxed), self.peak.load(Ordering::Relaxed))
+        (
+            self.in_use.load(Ordering::Relaxed),
+            self.peak.load(Ordering::Relaxed),
+        )
     }
 
     fn in_pool(&self, pa: u64) -> bool {
@@ -60,7 +65,12 @@ impl RealMem {
         if !pa.is_multiple_of(8) {
             return Err(MemError::Misaligned(at));
         }
-        let ok = self.in_pool(pa) || self.guest.read().iter().any(|&(p, n)| pa >= p && pa < p + n);
+        let ok = self.in_pool(pa)
+            || self
+                .guest
+                .read()
+                .iter()
+                .any(|&(p, n)| pa >= p && pa < p + n);
         if !ok {
             return Err(MemError::OutOfRange(at));
         }
@@ -87,14 +97,22 @@ impl PhysMem for RealMem {
         Ok(())
     }
 
-    fn compare_exchange_u64(&self, at: Hpa, current: u64, new: u64) -> Result<Result<u64, u64>, MemError> {
-        Ok(self.atomic(at)?.compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire))
+    fn compare_exchange_u64(
+        &self,
+        at: Hpa,
+        current: u64,
+        new: u64,
+    ) -> Result<Result<u64, u64>, MemError> {
+        Ok(self
+            .atomic(at)?
+            .compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire))
     }
 
     fn zero_frame(&self, frame: Mfn) -> Result<(), MemError> {
         let base = frame.0.checked_mul(4096).ok_or(MemError::BadFrame(frame))?;
         for i in 0..512 {
-            self.write_u64(Hpa(base + i * 8), 0).map_err(|_| MemError::BadFrame(frame))?;
+            self.write_u64(Hpa(base + i * 8), 0)
+                .map_err(|_| MemError::BadFrame(frame))?;
         }
         Ok(())
     }

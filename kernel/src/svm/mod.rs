@@ -25,8 +25,8 @@ pub mod vmcb;
 pub mod world;
 
 use abi::{
-    CpuSet, DomainId, FlushObligation, FlushScope, GuestCr3, MemRegion, MemoryMap, Mfn, MmuReply, MmuRequest,
-    MmuServer, PagingMode, PcpuId, VcpuId, MAX_MESSAGE, PROTOCOL_VERSION,
+    CpuSet, DomainId, FlushObligation, FlushScope, GuestCr3, MemRegion, MemoryMap, Mfn, MmuReply,
+    MmuRequest, MmuServer, PagingMode, PcpuId, VcpuId, MAX_MESSAGE, PROTOCOL_VERSION,
 };
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -77,7 +77,8 @@ impl Svm {
         };
         let mut out = [0u8; MAX_MESSAGE];
         let m = abi::dispatch(&*self.server, &buf[..n], &mut out);
-        abi::decode::<MmuReply>(&out[..m]).unwrap_or_else(|e| MmuReply::error(abi::mmu::MmuError::Malformed(e)))
+        abi::decode::<MmuReply>(&out[..m])
+            .unwrap_or_else(|e| MmuReply::error(abi::mmu::MmuError::Malformed(e)))
     }
 
     /// Carries out a flush obligation for `dom`: every listed pCPU flushes
@@ -90,7 +91,8 @@ impl Svm {
         bump(&STATS[me].obligations);
         let mut cpus = f.cpus.0 & online_mask();
         if f.scope == FlushScope::AllReloadRoots {
-            dom.root_gen.fetch_add(1, core::sync::atomic::Ordering::AcqRel);
+            dom.root_gen
+                .fetch_add(1, core::sync::atomic::Ordering::AcqRel);
             bump(&STATS[me].zaps);
             cpus |= dom.pcpus & online_mask();
         }
@@ -98,9 +100,15 @@ impl Svm {
             return;
         }
         let remote = (cpus & !(1u64 << me)).count_ones() as u64;
-        STATS[me].ipis.fetch_add(remote, core::sync::atomic::Ordering::Relaxed);
-        STATS[me].cpus_flushed.fetch_add(cpus.count_ones() as u64, core::sync::atomic::Ordering::Relaxed);
-        dom.shootdown_ipis.fetch_add(remote, core::sync::atomic::Ordering::Relaxed);
+        STATS[me]
+            .ipis
+            .fetch_add(remote, core::sync::atomic::Ordering::Relaxed);
+        STATS[me].cpus_flushed.fetch_add(
+            cpus.count_ones() as u64,
+            core::sync::atomic::Ordering::Relaxed,
+        );
+        dom.shootdown_ipis
+            .fetch_add(remote, core::sync::atomic::Ordering::Relaxed);
         host::guest_shootdown(cpus, dom.asid);
     }
 }
@@ -141,9 +149,18 @@ pub fn enable_on_this_cpu() -> Result<u64, &'static str> {
 
 /// Creates every workload's domain on `server`, runs them on all CPUs, and
 /// prints the report. Returns whether every workload passed.
-pub fn run(server: Box<dyn MmuServer>, mem: &'static RealMem, test_mode: bool) -> Result<bool, &'static str> {
+pub fn run(
+    server: Box<dyn MmuServer>,
+    mem: &'static RealMem,
+    test_mode: bool,
+) -> Result<bool, &'static str> {
     let ncpu = host::cpus_online();
-    crate::kprintln!("svm: MMU server `{}`; {} workloads on {} CPUs", server.name(), WORKLOADS.len(), ncpu);
+    crate::kprintln!(
+        "svm: MMU server `{}`; {} workloads on {} CPUs",
+        server.name(),
+        WORKLOADS.len(),
+        ncpu
+    );
     let iopm_pa = host::alloc_zeroed(3)?;
     let msrpm_pa = host::alloc_zeroed(2)?;
     // SAFETY: freshly allocated, exclusively owned frames in the identity map.
@@ -155,8 +172,17 @@ pub fn run(server: Box<dyn MmuServer>, mem: &'static RealMem, test_mode: bool) -
     for _ in 0..ncpu {
         queues.push(Mutex::new(Vec::new()));
     }
-    let svm = SVM.call_once(|| Svm { server, mem, domains: Once::new(), queues, iopm_pa, msrpm_pa });
-    match svm.mmu(&MmuRequest::Hello { version: PROTOCOL_VERSION }) {
+    let svm = SVM.call_once(|| Svm {
+        server,
+        mem,
+        domains: Once::new(),
+        queues,
+        iopm_pa,
+        msrpm_pa,
+    });
+    match svm.mmu(&MmuRequest::Hello {
+        version: PROTOCOL_VERSION,
+    }) {
         MmuReply::Welcome { .. } => {}
         other => {
             crate::kprintln!("svm: handshake refused: {other:?}");
@@ -176,18 +202,45 @@ pub fn run(server: Box<dyn MmuServer>, mem: &'static RealMem, test_mode: bool) -
         let dom: &'static Domain = Box::leak(Box::new(dom));
         mem.add_guest_range(dom.mem_pa, dom.mem_bytes);
         let mut map = MemoryMap::new();
-        let region = MemRegion { gfn: abi::Gfn(0), mfn: Mfn(dom.mem_pa / 4096), pages: dom.mem_bytes / 4096 };
+        let region = MemRegion {
+            gfn: abi::Gfn(0),
+            mfn: Mfn(dom.mem_pa / 4096),
+            pages: dom.mem_bytes / 4096,
+        };
         map.push(region).map_err(|_| "memory map full")?;
-        expect_done(svm.mmu(&MmuRequest::CreateDomain { domain: id, memory: map }), "CreateDomain")?;
+        expect_done(
+            svm.mmu(&MmuRequest::CreateDomain {
+                domain: id,
+                memory: map,
+            }),
+            "CreateDomain",
+        )?;
         for (v, boot) in boots.iter().enumerate() {
             let pcpu = (w.first_pcpu as usize + v) % ncpu;
             let vid = VcpuId(next_vcpu + v as u32);
             let p = PcpuId(pcpu as u32);
-            expect_done(svm.mmu(&MmuRequest::CreateVcpu { domain: id, vcpu: vid }), "CreateVcpu")?;
+            expect_done(
+                svm.mmu(&MmuRequest::CreateVcpu {
+                    domain: id,
+                    vcpu: vid,
+                }),
+                "CreateVcpu",
+            )?;
             let mode = PagingMode(PagingMode::WP | PagingMode::NXE);
-            expect_done(svm.mmu(&MmuRequest::SetPagingMode { vcpu: vid, pcpu: p, mode }), "SetPagingMode")?;
+            expect_done(
+                svm.mmu(&MmuRequest::SetPagingMode {
+                    vcpu: vid,
+                    pcpu: p,
+                    mode,
+                }),
+                "SetPagingMode",
+            )?;
             let cr3 = GuestCr3(guest::layout::L4_GPA);
-            let r = svm.mmu(&MmuRequest::WriteCr3 { vcpu: vid, pcpu: p, cr3 });
+            let r = svm.mmu(&MmuRequest::WriteCr3 {
+                vcpu: vid,
+                pcpu: p,
+                cr3,
+            });
             if let MmuReply::Error { reason, .. } = r {
                 crate::kprintln!("svm: WriteCr3 at creation failed: {reason}");
                 return Err("MMU server refused the initial CR3");
@@ -228,7 +281,11 @@ fn pcpu_main() -> Result<(), &'static str> {
     let me = host::cpu_index();
     let svm = svm();
     let mut queue = core::mem::take(&mut *svm.queues[me].lock());
-    let mut pcpu = vcpu::PcpuState { host_vmcb, pending: 0, last: None };
+    let mut pcpu = vcpu::PcpuState {
+        host_vmcb,
+        pending: 0,
+        last: None,
+    };
     let mut cur = 0;
     while !queue.is_empty() {
         cur %= queue.len();
@@ -257,7 +314,10 @@ fn verdict(d: &Domain) -> (bool, &'static str) {
     if stop.is_some() {
         return (false, "FAIL (stopped)");
     }
-    if reported == 1 && d.exited_bad.load(Acquire) == 0 && d.exited_ok.load(Acquire) == d.workload.vcpus {
+    if reported == 1
+        && d.exited_bad.load(Acquire) == 0
+        && d.exited_ok.load(Acquire) == d.workload.vcpus
+    {
         (true, "PASS")
     } else {
         (false, "FAIL")
@@ -273,7 +333,11 @@ fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
     for n in BUCKET_NAMES {
         let _ = write!(line, "{n:>8}");
     }
-    let _ = write!(line, "{:>8}{:>8}{:>8}{:>7}{:>6}{:>7}{:>7}", "fixed", "inject", "emul", "zaps", "ipis", "flushd", "mmu");
+    let _ = write!(
+        line,
+        "{:>8}{:>8}{:>8}{:>7}{:>6}{:>7}{:>7}",
+        "fixed", "inject", "emul", "zaps", "ipis", "flushd", "mmu"
+    );
     crate::kprintln!("{line}");
     let mut tot = [0u64; BUCKETS + 8];
     for (c, s) in STATS.iter().enumerate().take(ncpu) {
@@ -330,7 +394,9 @@ fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
         for d in doms {
             match verdict(d) {
                 (true, _) => crate::kprintln!("test svm-{name}-{} ... ok", d.workload.name),
-                (false, why) => crate::kprintln!("test svm-{name}-{} ... FAILED: {why}", d.workload.name),
+                (false, why) => {
+                    crate::kprintln!("test svm-{name}-{} ... FAILED: {why}", d.workload.name)
+                }
             }
         }
         TEST_TALLY.call_once(|| (passed as u32, (doms.len() - passed) as u32));
@@ -366,7 +432,9 @@ fn print_row(label: &str, row: &[u64]) {
 /// the command line, runs the guest workloads on that MMU server. Returns
 /// false when something failed.
 pub fn boot_hook(cmdline: &str) -> bool {
-    let Some(name) = crate::boot::arg_value(cmdline, "mmu") else { return true };
+    let Some(name) = crate::boot::arg_value(cmdline, "mmu") else {
+        return true;
+    };
     crate::kprintln!("umbra: MMU implementation: {name}");
     let (server, mem) = match make_server(name) {
         Ok(s) => s,
@@ -404,11 +472,17 @@ static TEST_TALLY: Once<(u32, u32)> = Once::new();
 /// Creates the MMU implementation `name` from `mmu_server::registry` (the
 /// one place implementations are chosen), over real frames, with the
 /// guest's MAXPHYADDR taken from CPUID.
-fn make_server(name: &str) -> Result<(Box<dyn MmuServer>, &'static RealMem), alloc::string::String> {
+fn make_server(
+    name: &str,
+) -> Result<(Box<dyn MmuServer>, &'static RealMem), alloc::string::String> {
     let mem: &'static RealMem = Box::leak(Box::new(RealMem::new(SHADOW_POOL_FRAMES)?));
     let phys_bits = (core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xFF) as u8;
-    let config = mmu_server::Config { maxphyaddr: phys_bits.clamp(32, 52), ..mmu_server::Config::default() };
-    let server = mmu_server::registry::create_with(name, mem, config).map_err(|e| alloc::format!("{e}"))?;
+    let config = mmu_server::Config {
+        maxphyaddr: phys_bits.clamp(32, 52),
+        ..mmu_server::Config::default()
+    };
+    let server =
+        mmu_server::registry::create_with(name, mem, config).map_err(|e| alloc::format!("{e}"))?;
     crate::kprintln!("svm: MMU server `{name}` over real frames, MAXPHYADDR {phys_bits}");
     Ok((server, mem))
 }

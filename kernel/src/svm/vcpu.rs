@@ -116,19 +116,38 @@ impl Vcpu {
             v.set_segment(s, Segment::DATA);
         }
         v.set_segment(off::FS, Segment::NULL);
-        v.set_segment(off::GS, Segment { base: boot.gs_base, ..Segment::NULL });
+        v.set_segment(
+            off::GS,
+            Segment {
+                base: boot.gs_base,
+                ..Segment::NULL
+            },
+        );
         v.set_segment(off::TR, Segment::tss(0));
         v.set_segment(
             off::GDTR,
-            Segment { selector: 0, attrib: 0, limit: 23, base: super::guest::layout::DIRECT_BASE + super::guest::layout::GDT_GPA },
+            Segment {
+                selector: 0,
+                attrib: 0,
+                limit: 23,
+                base: super::guest::layout::DIRECT_BASE + super::guest::layout::GDT_GPA,
+            },
         );
         v.set_segment(
             off::IDTR,
-            Segment { selector: 0, attrib: 0, limit: 4095, base: super::guest::layout::DIRECT_BASE + super::guest::layout::IDT_GPA },
+            Segment {
+                selector: 0,
+                attrib: 0,
+                limit: 4095,
+                base: super::guest::layout::DIRECT_BASE + super::guest::layout::IDT_GPA,
+            },
         );
         v.set_rip(boot.rip);
         v.set_rsp(boot.rsp);
-        let gprs = GuestGprs { rdi: boot.rdi, ..GuestGprs::default() };
+        let gprs = GuestGprs {
+            rdi: boot.rdi,
+            ..GuestGprs::default()
+        };
         Ok(Vcpu {
             id,
             index,
@@ -150,7 +169,10 @@ impl Vcpu {
     /// Asks the server for this vCPU's shadow root on this pCPU.
     fn schedule(&mut self) -> bool {
         let gen = self.dom.root_gen.load(Ordering::Acquire);
-        let reply = svm().mmu(&MmuRequest::VcpuScheduled { vcpu: self.id, pcpu: self.pcpu() });
+        let reply = svm().mmu(&MmuRequest::VcpuScheduled {
+            vcpu: self.id,
+            pcpu: self.pcpu(),
+        });
         svm().carry_out(self.dom, reply.flush());
         match reply {
             MmuReply::LoadShadowRoot { root, .. } => {
@@ -168,7 +190,10 @@ impl Vcpu {
 
     fn deschedule(&mut self) {
         if self.root_gen.take().is_some() {
-            let reply = svm().mmu(&MmuRequest::VcpuDescheduled { vcpu: self.id, pcpu: self.pcpu() });
+            let reply = svm().mmu(&MmuRequest::VcpuDescheduled {
+                vcpu: self.id,
+                pcpu: self.pcpu(),
+            });
             svm().carry_out(self.dom, reply.flush());
         }
     }
@@ -186,7 +211,8 @@ impl Vcpu {
                 self.dom.exited_bad.fetch_add(1, Ordering::Relaxed);
                 return Slice::Done;
             }
-            if self.root_gen != Some(self.dom.root_gen.load(Ordering::Acquire)) && !self.schedule() {
+            if self.root_gen != Some(self.dom.root_gen.load(Ordering::Acquire)) && !self.schedule()
+            {
                 continue;
             }
             world::clgi();
@@ -198,7 +224,10 @@ impl Vcpu {
                 pcpu.pending = 0;
                 self.flush_next = false;
             }
-            self.vmcb.write8(off::TLB_CONTROL, if flush { vmcb::TLB_FLUSH_ALL } else { 0 });
+            self.vmcb.write8(
+                off::TLB_CONTROL,
+                if flush { vmcb::TLB_FLUSH_ALL } else { 0 },
+            );
             // SAFETY: SVM is on (pcpu_main), GIF=0 (clgi above), the VMCBs are
             // ours, and the guest state only reaches the guest's frames
             // through the server's shadow root.
@@ -233,7 +262,11 @@ impl Vcpu {
     }
 
     fn fail_reply(&mut self, what: &'static str, reply: &MmuReply) -> Step {
-        crate::kprintln!("[d{} v{}] MMU server: {what}: {reply:?}", self.dom.id.0, self.index);
+        crate::kprintln!(
+            "[d{} v{}] MMU server: {what}: {reply:?}",
+            self.dom.id.0,
+            self.index
+        );
         self.stop("MMU server refused", 0)
     }
 
@@ -301,7 +334,9 @@ impl Vcpu {
         let (info1, info2) = (self.vmcb.exit_info1(), self.vmcb.exit_info2());
         match reason {
             ExitReason::PageFault => self.page_fault(info1, info2),
-            ExitReason::Cr3Write | ExitReason::Cr3Read | ExitReason::Invlpg => self.paging_instruction(),
+            ExitReason::Cr3Write | ExitReason::Cr3Read | ExitReason::Invlpg => {
+                self.paging_instruction()
+            }
             ExitReason::Vmmcall => self.hypercall(),
             ExitReason::Hlt => {
                 self.advance(1);
@@ -321,7 +356,12 @@ impl Vcpu {
 
     fn page_fault(&mut self, err: u64, gva: u64) -> Step {
         let me = host::cpu_index();
-        let req = MmuRequest::PageFault { vcpu: self.id, pcpu: self.pcpu(), gva: Gva(gva), error_code: PfErrorCode(err as u32) };
+        let req = MmuRequest::PageFault {
+            vcpu: self.id,
+            pcpu: self.pcpu(),
+            gva: Gva(gva),
+            error_code: PfErrorCode(err as u32),
+        };
         let reply = svm().mmu(&req);
         svm().carry_out(self.dom, reply.flush());
         match reply {
@@ -329,7 +369,11 @@ impl Vcpu {
                 bump(&STATS[me].fixed);
                 Step::Continue
             }
-            MmuReply::InjectPageFault { error_code, address, .. } => {
+            MmuReply::InjectPageFault {
+                error_code,
+                address,
+                ..
+            } => {
                 bump(&STATS[me].injected);
                 self.vmcb.inject_page_fault(address.0, error_code.0);
                 Step::Continue
@@ -350,7 +394,10 @@ impl Vcpu {
             Err(e) => return self.stop(e, self.vmcb.rip()),
         };
         let Op::Write { gva, value, size } = d.op else {
-            return self.stop("write to a protected page table by an instruction not emulated, rip", self.vmcb.rip());
+            return self.stop(
+                "write to a protected page table by an instruction not emulated, rip",
+                self.vmcb.rip(),
+            );
         };
         let last = gva.wrapping_add(size as u64 - 1);
         if gva >> 12 != fault_gva >> 12 || last >> 12 != gva >> 12 {
@@ -358,7 +405,13 @@ impl Vcpu {
             return self.stop("emulated write crosses a page, at", gva);
         }
         let gpa = (fault_gpa & !0xFFF) | (gva & 0xFFF);
-        let req = MmuRequest::EmulatedWrite { vcpu: self.id, pcpu: self.pcpu(), gpa: abi::Gpa(gpa), value, size };
+        let req = MmuRequest::EmulatedWrite {
+            vcpu: self.id,
+            pcpu: self.pcpu(),
+            gpa: abi::Gpa(gpa),
+            value,
+            size,
+        };
         let reply = svm().mmu(&req);
         svm().carry_out(self.dom, reply.flush());
         match reply {
@@ -379,7 +432,11 @@ impl Vcpu {
         match d.op {
             Op::Cr3Write { value } => {
                 self.guest_cr3 = value;
-                let req = MmuRequest::WriteCr3 { vcpu: self.id, pcpu: self.pcpu(), cr3: GuestCr3(value) };
+                let req = MmuRequest::WriteCr3 {
+                    vcpu: self.id,
+                    pcpu: self.pcpu(),
+                    cr3: GuestCr3(value),
+                };
                 let reply = svm().mmu(&req);
                 svm().carry_out(self.dom, reply.flush());
                 match reply {
@@ -398,7 +455,11 @@ impl Vcpu {
                 self.set_regs(&r);
             }
             Op::Invlpg { gva } => {
-                let req = MmuRequest::Invlpg { vcpu: self.id, pcpu: self.pcpu(), gva: Gva(gva) };
+                let req = MmuRequest::Invlpg {
+                    vcpu: self.id,
+                    pcpu: self.pcpu(),
+                    gva: Gva(gva),
+                };
                 let reply = svm().mmu(&req);
                 svm().carry_out(self.dom, reply.flush());
                 match reply {
@@ -420,13 +481,17 @@ impl Vcpu {
         let (a, b, c) = (self.gprs.rdi, self.gprs.rsi, self.gprs.rdx);
         let ret = match nr {
             hc::REPORT => {
-                self.dom.reported.store(if a == 1 { 1 } else { 2 }, Ordering::Release);
+                self.dom
+                    .reported
+                    .store(if a == 1 { 1 } else { 2 }, Ordering::Release);
                 self.dom.detail.store(b, Ordering::Relaxed);
                 0
             }
             hc::DIRTY_START => {
                 if !self.dom.dirty_on.swap(true, Ordering::AcqRel) {
-                    let reply = svm().mmu(&MmuRequest::EnableDirtyLog { domain: self.dom.id });
+                    let reply = svm().mmu(&MmuRequest::EnableDirtyLog {
+                        domain: self.dom.id,
+                    });
                     svm().carry_out(self.dom, reply.flush());
                     if !matches!(reply, MmuReply::Done { .. }) {
                         return self.fail_reply("EnableDirtyLog", &reply);
@@ -442,7 +507,9 @@ impl Vcpu {
             },
             hc::ZAP_ALL => {
                 bump(&STATS[host::cpu_index()].zaps);
-                let reply = svm().mmu(&MmuRequest::ZapAll { domain: self.dom.id });
+                let reply = svm().mmu(&MmuRequest::ZapAll {
+                    domain: self.dom.id,
+                });
                 svm().carry_out(self.dom, reply.flush());
                 if !matches!(reply, MmuReply::Done { .. }) {
                     return self.fail_reply("ZapAll", &reply);
@@ -460,7 +527,10 @@ impl Vcpu {
     fn collect_dirty(&mut self, mut f: impl FnMut(u64)) -> Option<()> {
         let mut start = abi::Gfn(0);
         loop {
-            let reply = svm().mmu(&MmuRequest::GetAndClearDirty { domain: self.dom.id, start });
+            let reply = svm().mmu(&MmuRequest::GetAndClearDirty {
+                domain: self.dom.id,
+                start,
+            });
             svm().carry_out(self.dom, reply.flush());
             match reply {
                 MmuReply::DirtyBitmap { chunk, .. } => {
@@ -520,7 +590,11 @@ impl Vcpu {
         }
         let rax = self.vmcb.rax();
         if is_in {
-            let ones = if size == 4 { 0xFFFF_FFFF } else { (1u64 << (size * 8)) - 1 };
+            let ones = if size == 4 {
+                0xFFFF_FFFF
+            } else {
+                (1u64 << (size * 8)) - 1
+            };
             self.vmcb.set_rax((rax & !ones) | ones);
         } else if port == CONSOLE_PORT {
             let b = rax as u8;
@@ -529,7 +603,8 @@ impl Vcpu {
                 self.line_len += 1;
             }
             if b == b'\n' || self.line_len == self.line.len() {
-                let text = core::str::from_utf8(&self.line[..self.line_len]).unwrap_or("<non-utf8>");
+                let text =
+                    core::str::from_utf8(&self.line[..self.line_len]).unwrap_or("<non-utf8>");
                 crate::kprintln!("[d{} v{}] {text}", self.dom.id.0, self.index);
                 self.line_len = 0;
             }

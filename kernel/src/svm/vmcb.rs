@@ -128,14 +128,34 @@ pub struct Segment {
 
 impl Segment {
     /// Flat 64-bit ring-0 code: present, S, type execute/read accessed, L.
-    pub const CODE64: Segment = Segment { selector: 0x08, attrib: 0x029B, limit: 0xFFFF_FFFF, base: 0 };
+    pub const CODE64: Segment = Segment {
+        selector: 0x08,
+        attrib: 0x029B,
+        limit: 0xFFFF_FFFF,
+        base: 0,
+    };
     /// Flat ring-0 data: present, S, type read/write accessed, D/B, G.
-    pub const DATA: Segment = Segment { selector: 0x10, attrib: 0x0C93, limit: 0xFFFF_FFFF, base: 0 };
+    pub const DATA: Segment = Segment {
+        selector: 0x10,
+        attrib: 0x0C93,
+        limit: 0xFFFF_FFFF,
+        base: 0,
+    };
     /// A null data segment (usable in 64-bit mode).
-    pub const NULL: Segment = Segment { selector: 0, attrib: 0, limit: 0, base: 0 };
+    pub const NULL: Segment = Segment {
+        selector: 0,
+        attrib: 0,
+        limit: 0,
+        base: 0,
+    };
     /// A 64-bit TSS (type 0xB busy), needed by VMRUN's consistency checks.
     pub const fn tss(base: u64) -> Segment {
-        Segment { selector: 0x18, attrib: 0x008B, limit: 0x67, base }
+        Segment {
+            selector: 0x18,
+            attrib: 0x008B,
+            limit: 0x67,
+            base,
+        }
     }
 }
 
@@ -170,28 +190,40 @@ impl Vmcb {
 
     /// Reads the u64 at `offset`.
     pub fn read64(&self, offset: usize) -> u64 {
-        assert!(offset.is_multiple_of(8) && offset < 4096, "bad VMCB offset {offset:#x}");
+        assert!(
+            offset.is_multiple_of(8) && offset < 4096,
+            "bad VMCB offset {offset:#x}"
+        );
         // SAFETY: in-bounds, aligned, the page is ours (see from_page).
         unsafe { self.va.add(offset).cast::<u64>().read_volatile() }
     }
 
     /// Writes the u64 at `offset`.
     pub fn write64(&mut self, offset: usize, value: u64) {
-        assert!(offset.is_multiple_of(8) && offset < 4096, "bad VMCB offset {offset:#x}");
+        assert!(
+            offset.is_multiple_of(8) && offset < 4096,
+            "bad VMCB offset {offset:#x}"
+        );
         // SAFETY: in-bounds, aligned, the page is ours (see from_page).
         unsafe { self.va.add(offset).cast::<u64>().write_volatile(value) }
     }
 
     /// Reads the u32 at `offset`.
     pub fn read32(&self, offset: usize) -> u32 {
-        assert!(offset.is_multiple_of(4) && offset < 4096, "bad VMCB offset {offset:#x}");
+        assert!(
+            offset.is_multiple_of(4) && offset < 4096,
+            "bad VMCB offset {offset:#x}"
+        );
         // SAFETY: in-bounds, aligned, the page is ours (see from_page).
         unsafe { self.va.add(offset).cast::<u32>().read_volatile() }
     }
 
     /// Writes the u32 at `offset`.
     pub fn write32(&mut self, offset: usize, value: u32) {
-        assert!(offset.is_multiple_of(4) && offset < 4096, "bad VMCB offset {offset:#x}");
+        assert!(
+            offset.is_multiple_of(4) && offset < 4096,
+            "bad VMCB offset {offset:#x}"
+        );
         // SAFETY: in-bounds, aligned, the page is ours (see from_page).
         unsafe { self.va.add(offset).cast::<u32>().write_volatile(value) }
     }
@@ -256,7 +288,8 @@ impl Vmcb {
     /// CR2 in the save area (the #PF intercept leaves the guest CR2 alone).
     pub fn inject_page_fault(&mut self, addr: u64, error_code: u32) {
         self.write64(off::CR2, addr);
-        let ev = 14 | EVENTINJ_TYPE_EXCEPTION | EVENTINJ_EV | EVENTINJ_VALID | (error_code as u64) << 32;
+        let ev =
+            14 | EVENTINJ_TYPE_EXCEPTION | EVENTINJ_EV | EVENTINJ_VALID | (error_code as u64) << 32;
         self.write64(off::EVENTINJ, ev);
     }
 }

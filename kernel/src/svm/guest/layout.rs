@@ -113,7 +113,10 @@ impl DomainInfo {
             if end > self.alloc_end {
                 return None;
             }
-            match self.next_free.compare_exchange(cur, end, Ordering::AcqRel, Ordering::Relaxed) {
+            match self
+                .next_free
+                .compare_exchange(cur, end, Ordering::AcqRel, Ordering::Relaxed)
+            {
                 Ok(_) => return Some(start),
                 Err(now) => cur = now,
             }

@@ -135,7 +135,9 @@ pub fn wr(gpa: u64, v: u64) {
 /// Writes one byte to the guest console.
 pub fn putc(b: u8) {
     // SAFETY: port I/O is intercepted by the hypervisor (IOIO).
-    unsafe { asm!("out dx, al", in("dx") CONSOLE_PORT, in("al") b, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("out dx, al", in("dx") CONSOLE_PORT, in("al") b, options(nomem, nostack, preserves_flags))
+    };
 }
 
 /// Writes a string to the guest console.
@@ -163,7 +165,9 @@ pub fn hypercall(nr: u64, a: u64, b: u64, c: u64) -> u64 {
     let ret: u64;
     // SAFETY: VMMCALL is intercepted; the hypervisor preserves every register
     // except RAX.
-    unsafe { asm!("vmmcall", inout("rax") nr => ret, in("rdi") a, in("rsi") b, in("rdx") c, options(nostack)) };
+    unsafe {
+        asm!("vmmcall", inout("rax") nr => ret, in("rdi") a, in("rsi") b, in("rdx") c, options(nostack))
+    };
     ret
 }
 
@@ -221,7 +225,9 @@ pub fn invlpg(gva: u64) {
 
 /// Allocates one zeroed guest page, failing the workload when memory runs out.
 pub fn alloc_page() -> u64 {
-    let Some(gpa) = domain().alloc(4096, 4096) else { fail("out of guest memory", domain().mem_bytes) };
+    let Some(gpa) = domain().alloc(4096, 4096) else {
+        fail("out of guest memory", domain().mem_bytes)
+    };
     for i in 0..512 {
         wr(gpa + i * 8, 0);
     }
@@ -231,7 +237,11 @@ pub fn alloc_page() -> u64 {
 /// Takes the domain's page-table lock (yielding while it is held).
 pub fn pt_lock() {
     let d = domain();
-    while d.pt_lock.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_err() {
+    while d
+        .pt_lock
+        .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
         yield_now();
     }
 }

@@ -26,15 +26,78 @@ pub struct Workload {
 
 /// Every workload, in report order.
 pub const WORKLOADS: &[Workload] = &[
-    Workload { name: "demand-64M", vcpus: 1, mem_mib: 72, first_pcpu: 1, run: demand64, ends_in_shutdown: false },
-    Workload { name: "procs-16", vcpus: 1, mem_mib: 8, first_pcpu: 2, run: procs16, ends_in_shutdown: false },
-    Workload { name: "downgrade", vcpus: 4, mem_mib: 8, first_pcpu: 4, run: downgrade, ends_in_shutdown: false },
-    Workload { name: "unmap-reuse", vcpus: 1, mem_mib: 8, first_pcpu: 3, run: unmap_reuse, ends_in_shutdown: false },
-    Workload { name: "huge-2M", vcpus: 1, mem_mib: 16, first_pcpu: 5, run: huge2m, ends_in_shutdown: false },
-    Workload { name: "dirty-log", vcpus: 1, mem_mib: 8, first_pcpu: 6, run: dirty_log, ends_in_shutdown: false },
-    Workload { name: "zap-all", vcpus: 1, mem_mib: 8, first_pcpu: 7, run: zap_all, ends_in_shutdown: false },
-    Workload { name: "smp-8", vcpus: 8, mem_mib: 16, first_pcpu: 0, run: smp8, ends_in_shutdown: false },
-    Workload { name: "hostile", vcpus: 1, mem_mib: 4, first_pcpu: 0, run: hostile, ends_in_shutdown: true },
+    Workload {
+        name: "demand-64M",
+        vcpus: 1,
+        mem_mib: 72,
+        first_pcpu: 1,
+        run: demand64,
+        ends_in_shutdown: false,
+    },
+    Workload {
+        name: "procs-16",
+        vcpus: 1,
+        mem_mib: 8,
+        first_pcpu: 2,
+        run: procs16,
+        ends_in_shutdown: false,
+    },
+    Workload {
+        name: "downgrade",
+        vcpus: 4,
+        mem_mib: 8,
+        first_pcpu: 4,
+        run: downgrade,
+        ends_in_shutdown: false,
+    },
+    Workload {
+        name: "unmap-reuse",
+        vcpus: 1,
+        mem_mib: 8,
+        first_pcpu: 3,
+        run: unmap_reuse,
+        ends_in_shutdown: false,
+    },
+    Workload {
+        name: "huge-2M",
+        vcpus: 1,
+        mem_mib: 16,
+        first_pcpu: 5,
+        run: huge2m,
+        ends_in_shutdown: false,
+    },
+    Workload {
+        name: "dirty-log",
+        vcpus: 1,
+        mem_mib: 8,
+        first_pcpu: 6,
+        run: dirty_log,
+        ends_in_shutdown: false,
+    },
+    Workload {
+        name: "zap-all",
+        vcpus: 1,
+        mem_mib: 8,
+        first_pcpu: 7,
+        run: zap_all,
+        ends_in_shutdown: false,
+    },
+    Workload {
+        name: "smp-8",
+        vcpus: 8,
+        mem_mib: 16,
+        first_pcpu: 0,
+        run: smp8,
+        ends_in_shutdown: false,
+    },
+    Workload {
+        name: "hostile",
+        vcpus: 1,
+        mem_mib: 4,
+        first_pcpu: 0,
+        run: hostile,
+        ends_in_shutdown: true,
+    },
 ];
 
 /// The entry every vCPU starts at: RDI = its VcpuInfo gva, then the
@@ -111,7 +174,13 @@ fn procs16(_: u64) -> ! {
                 let a = (WORK_BASE + j * 4096) as *mut u64;
                 // SAFETY: every process maps these pages.
                 let got = unsafe { a.read_volatile() };
-                let want = if j == 0 { pattern(p as u64, round - 1) } else if round == 1 { 0 } else { round - 1 };
+                let want = if j == 0 {
+                    pattern(p as u64, round - 1)
+                } else if round == 1 {
+                    0
+                } else {
+                    round - 1
+                };
                 if got != want {
                     puts("procs-16: proc ");
                     puthex(p as u64);
@@ -125,7 +194,13 @@ fn procs16(_: u64) -> ! {
                     fail("procs-16: a process saw wrong data, round", round);
                 }
                 // SAFETY: as above.
-                unsafe { a.write_volatile(if j == 0 { pattern(p as u64, round) } else { round }) };
+                unsafe {
+                    a.write_volatile(if j == 0 {
+                        pattern(p as u64, round)
+                    } else {
+                        round
+                    })
+                };
             }
         }
     }
@@ -166,10 +241,16 @@ fn downgrade(me: u64) -> ! {
         invlpg(gva);
         let before = vcpu().faults;
         if probe_write(gva + me * 8, 0xBAD).is_ok() {
-            fail("downgrade: write after downgrade+INVLPG did not fault, vcpu", me);
+            fail(
+                "downgrade: write after downgrade+INVLPG did not fault, vcpu",
+                me,
+            );
         }
         if vcpu().faults != before + 1 || vcpu().last_fault_err & 3 != 3 {
-            fail("downgrade: expected a write protection fault, err", vcpu().last_fault_err);
+            fail(
+                "downgrade: expected a write protection fault, err",
+                vcpu().last_fault_err,
+            );
         }
         for k in 0..n {
             match probe_read(gva + k * 8) {
@@ -236,7 +317,9 @@ fn unmap_reuse(_: u64) -> ! {
 fn huge2m(_: u64) -> ! {
     const HUGE: u64 = 4;
     let l4 = domain().l4_gpa;
-    let Some(base) = domain().alloc(HUGE << 21, 1 << 21) else { fail("huge-2M: no 2 MiB memory", 0) };
+    let Some(base) = domain().alloc(HUGE << 21, 1 << 21) else {
+        fail("huge-2M: no 2 MiB memory", 0)
+    };
     for h in 0..HUGE {
         let e = entry_gpa(l4, WORK_BASE + (h << 21), 2);
         wr(e, (base + (h << 21)) | pte::P | pte::W | pte::PS);
@@ -254,7 +337,10 @@ fn huge2m(_: u64) -> ! {
     // Split huge page 1 into a reversed 4 KiB table.
     let pt = alloc_page();
     for j in 0..512 {
-        wr(pt + j * 8, (base + (1 << 21) + (511 - j) * 4096) | pte::P | pte::W);
+        wr(
+            pt + j * 8,
+            (base + (1 << 21) + (511 - j) * 4096) | pte::P | pte::W,
+        );
     }
     let e = entry_gpa(l4, WORK_BASE + (1 << 21), 2);
     wr(e, pt | pte::P | pte::W);
@@ -277,7 +363,9 @@ fn huge2m(_: u64) -> ! {
 fn dirty_log(_: u64) -> ! {
     const PAGES: u64 = 256;
     let l4 = domain().l4_gpa;
-    let Some(base) = domain().alloc(PAGES * 4096, 4096) else { fail("dirty-log: no memory", 0) };
+    let Some(base) = domain().alloc(PAGES * 4096, 4096) else {
+        fail("dirty-log: no memory", 0)
+    };
     let record = alloc_page();
     for p in 0..PAGES {
         map4k(l4, WORK_BASE + p * 4096, base + p * 4096, pte::W);
@@ -354,7 +442,10 @@ fn smp8(me: u64) -> ! {
     }
     barrier(5, 1);
     if d.shared[4].load(Ordering::Acquire) != 500 * n {
-        fail("smp-8: shared counter wrong:", d.shared[4].load(Ordering::Acquire));
+        fail(
+            "smp-8: shared counter wrong:",
+            d.shared[4].load(Ordering::Acquire),
+        );
     }
     for k in 0..n {
         for p in 0..SLICE / 4096 {
@@ -381,24 +472,38 @@ fn hostile(_: u64) -> ! {
     let d = domain();
     let l4 = d.l4_gpa;
     let mem = d.mem_bytes;
-    let outside = [mem, mem + (1 << 30), 0x000F_FFFF_FFFF_F000, 0x0000_00FF_0000_0000];
+    let outside = [
+        mem,
+        mem + (1 << 30),
+        0x000F_FFFF_FFFF_F000,
+        0x0000_00FF_0000_0000,
+    ];
     for (i, &gpa) in outside.iter().enumerate() {
         let gva = WORK_BASE + (i as u64) * 4096;
         map4k(l4, gva, gpa, pte::W);
         if probe_read(gva).is_ok() || probe_write(gva, 1).is_ok() {
-            fail("hostile: access outside guest memory did not fault, gpa", gpa);
+            fail(
+                "hostile: access outside guest memory did not fault, gpa",
+                gpa,
+            );
         }
     }
     // A 2 MiB page beyond memory, and one with a reserved bit set.
     let e = entry_gpa(l4, WORK_BASE + (8 << 21), 2);
-    wr(e, ((mem + (2 << 20)) & !((2 << 20) - 1)) | pte::P | pte::W | pte::PS);
+    wr(
+        e,
+        ((mem + (2 << 20)) & !((2 << 20) - 1)) | pte::P | pte::W | pte::PS,
+    );
     if probe_read(WORK_BASE + (8 << 21)).is_ok() {
         fail("hostile: 2 MiB page outside memory did not fault", mem);
     }
     let gva = WORK_BASE + 0x40_0000;
     map4k(l4, gva, alloc_page() | (1 << 51), pte::W);
     if probe_read(gva).is_ok() || vcpu().last_fault_err & 8 == 0 {
-        fail("hostile: reserved bit did not give an RSVD fault, err", vcpu().last_fault_err);
+        fail(
+            "hostile: reserved bit did not give an RSVD fault, err",
+            vcpu().last_fault_err,
+        );
     }
     // Self-referencing L4 (slot 3): walking it four times lands on the L4
     // itself, so that address must read the L4's own first entry.
