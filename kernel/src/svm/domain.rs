@@ -64,6 +64,18 @@ pub struct Domain {
     pub exits: AtomicU64,
     /// Dirty pages logged but not written (extra, harmless).
     pub dirty_extra: AtomicU64,
+    /// #PF exits.
+    pub pf_exits: AtomicU64,
+    /// #PF exits the server fixed (Resume).
+    pub fixed: AtomicU64,
+    /// #PF exits turned into an injected guest #PF.
+    pub injected: AtomicU64,
+    /// Page-table writes emulated.
+    pub emulated: AtomicU64,
+    /// Zaps of this domain (its own hypercalls and the kernel's timer zaps).
+    pub zaps: AtomicU64,
+    /// vCPUs that have ended (any way).
+    pub ended: AtomicU32,
 }
 
 impl Domain {
@@ -280,6 +292,12 @@ pub fn load(
         shootdown_ipis: AtomicU64::new(0),
         exits: AtomicU64::new(0),
         dirty_extra: AtomicU64::new(0),
+        pf_exits: AtomicU64::new(0),
+        fixed: AtomicU64::new(0),
+        injected: AtomicU64::new(0),
+        emulated: AtomicU64::new(0),
+        zaps: AtomicU64::new(0),
+        ended: AtomicU32::new(0),
     };
     Ok((domain, boots))
 }

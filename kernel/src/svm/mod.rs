@@ -113,6 +113,42 @@ impl Svm {
     }
 }
 
+/// Zaps every shadow of `dom` and carries out the reply's flush.
+pub fn zap(dom: &Domain) -> Result<(), MmuReply> {
+    bump(&STATS[host::cpu_index()].zaps);
+    bump(&dom.zaps);
+    let reply = svm().mmu(&MmuRequest::ZapAll { domain: dom.id });
+    svm().carry_out(dom, reply.flush());
+    match reply {
+        MmuReply::Done { .. } => Ok(()),
+        other => Err(other),
+    }
+}
+
+/// INTR exits seen on pCPU 0 (the kernel's zap clock).
+static TICKS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Every 2nd INTR exit on pCPU 0, the kernel zaps each domain whose workload
+/// asks for it while its vCPUs run on other pCPUs: a zap-all in the middle
+/// of a run that the guest does not ask for (the flush obligation forces
+/// the running vCPUs out and makes them fetch new roots).
+pub fn timer_zaps() {
+    if TICKS.fetch_add(1, core::sync::atomic::Ordering::Relaxed) % 2 != 1 {
+        return;
+    }
+    for d in svm().domains.get().map(|v| v.as_slice()).unwrap_or(&[]) {
+        let running = d.ended.load(core::sync::atomic::Ordering::Acquire) < d.workload.vcpus;
+        if d.workload.kernel_zaps
+            && running
+            && !d.stopped.load(core::sync::atomic::Ordering::Acquire)
+        {
+            if let Err(reply) = zap(d) {
+                crate::kprintln!("svm: timer zap of d{} refused: {reply:?}", d.id.0);
+            }
+        }
+    }
+}
+
 fn online_mask() -> u64 {
     let n = host::cpus_online();
     if n >= 64 {
@@ -293,7 +329,10 @@ fn pcpu_main() -> Result<(), &'static str> {
         match queue[cur].run_slice(&mut pcpu, others) {
             vcpu::Slice::Yield => cur += 1,
             vcpu::Slice::Done => {
-                queue.remove(cur);
+                let v = queue.remove(cur);
+                v.domain()
+                    .ended
+                    .fetch_add(1, core::sync::atomic::Ordering::AcqRel);
             }
         }
     }
@@ -372,13 +411,29 @@ fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
         let (ok, text) = verdict(d);
         all &= ok;
         let stop = *d.stop_reason.lock();
+        let n = |c: &core::sync::atomic::AtomicU64| c.load(core::sync::atomic::Ordering::Relaxed);
+        let exits = n(&d.exits);
+        let injected = n(&d.injected);
+        // Exits per guest demand fault: every exit of the domain (barriers,
+        // console and checks included) over the guest's demand faults.
+        let per_fault = match d.workload.demand_faults {
+            0 => "-".into(),
+            f => alloc::format!("{:.2}", exits as f64 / f as f64),
+        };
         crate::kprintln!(
-            "svm: workload {:<12} d{} vcpus {} exits {:>7} shootdown-ipis {:>5}  {}{}",
+            "svm: workload {:<12} d{} vcpus {} exits {:>6} #PF {:>6} fixed {:>6} inject {:>5} emul {:>5} \
+             exits/demand-fault {:>5} zaps {:>3} shootdown-ipis {:>4}  {}{}",
             d.workload.name,
             d.id.0,
             d.workload.vcpus,
-            d.exits.load(core::sync::atomic::Ordering::Relaxed),
-            d.shootdown_ipis.load(core::sync::atomic::Ordering::Relaxed),
+            exits,
+            n(&d.pf_exits),
+            n(&d.fixed),
+            injected,
+            n(&d.emulated),
+            per_fault,
+            n(&d.zaps),
+            n(&d.shootdown_ipis),
             text,
             match stop {
                 Some((why, v)) => alloc::format!(" [stopped: {why} {v:#x}]"),

@@ -162,6 +162,11 @@ impl Vcpu {
         })
     }
 
+    /// The domain the vCPU belongs to.
+    pub fn domain(&self) -> &'static Domain {
+        self.dom
+    }
+
     fn pcpu(&self) -> PcpuId {
         PcpuId(host::cpu_index() as u32)
     }
@@ -346,6 +351,9 @@ impl Vcpu {
             ExitReason::Intr | ExitReason::Nmi => {
                 // The interrupt itself was delivered to the host after STGI.
                 host::serve_shootdowns();
+                if me == 0 {
+                    super::timer_zaps();
+                }
                 Step::Preempt
             }
             ExitReason::Shutdown => self.stop("shutdown", self.vmcb.rip()),
@@ -364,9 +372,11 @@ impl Vcpu {
         };
         let reply = svm().mmu(&req);
         svm().carry_out(self.dom, reply.flush());
+        bump(&self.dom.pf_exits);
         match reply {
             MmuReply::Resume { .. } => {
                 bump(&STATS[me].fixed);
+                bump(&self.dom.fixed);
                 Step::Continue
             }
             MmuReply::InjectPageFault {
@@ -375,6 +385,7 @@ impl Vcpu {
                 ..
             } => {
                 bump(&STATS[me].injected);
+                bump(&self.dom.injected);
                 self.vmcb.inject_page_fault(address.0, error_code.0);
                 Step::Continue
             }
@@ -417,6 +428,7 @@ impl Vcpu {
         match reply {
             MmuReply::WriteDone { .. } => {
                 bump(&STATS[host::cpu_index()].emulated);
+                bump(&self.dom.emulated);
                 self.advance(d.len);
                 Step::Continue
             }
@@ -506,12 +518,7 @@ impl Vcpu {
                 None => return Step::Done,
             },
             hc::ZAP_ALL => {
-                bump(&STATS[host::cpu_index()].zaps);
-                let reply = svm().mmu(&MmuRequest::ZapAll {
-                    domain: self.dom.id,
-                });
-                svm().carry_out(self.dom, reply.flush());
-                if !matches!(reply, MmuReply::Done { .. }) {
+                if let Err(reply) = super::zap(self.dom) {
                     return self.fail_reply("ZapAll", &reply);
                 }
                 0

@@ -22,6 +22,11 @@ pub struct Workload {
     /// True when the workload ends by a deliberate triple fault after its
     /// report (the hostile guest): the kernel must stop it and go on.
     pub ends_in_shutdown: bool,
+    /// True when the kernel zaps the domain on its own clock while it runs.
+    pub kernel_zaps: bool,
+    /// Guest-level demand faults the workload takes (for the report's
+    /// exits per demand fault), 0 when it has none by design.
+    pub demand_faults: u64,
 }
 
 /// Every workload, in report order.
@@ -33,6 +38,8 @@ pub const WORKLOADS: &[Workload] = &[
         first_pcpu: 1,
         run: demand64,
         ends_in_shutdown: false,
+        kernel_zaps: true,
+        demand_faults: 64 * 256,
     },
     Workload {
         name: "procs-16",
@@ -41,6 +48,8 @@ pub const WORKLOADS: &[Workload] = &[
         first_pcpu: 2,
         run: procs16,
         ends_in_shutdown: false,
+        kernel_zaps: false,
+        demand_faults: 0,
     },
     Workload {
         name: "downgrade",
@@ -49,6 +58,8 @@ pub const WORKLOADS: &[Workload] = &[
         first_pcpu: 4,
         run: downgrade,
         ends_in_shutdown: false,
+        kernel_zaps: false,
+        demand_faults: 0,
     },
     Workload {
         name: "unmap-reuse",
@@ -57,6 +68,8 @@ pub const WORKLOADS: &[Workload] = &[
         first_pcpu: 3,
         run: unmap_reuse,
         ends_in_shutdown: false,
+        kernel_zaps: false,
+        demand_faults: 0,
     },
     Workload {
         name: "huge-2M",
@@ -65,6 +78,8 @@ pub const WORKLOADS: &[Workload] = &[
         first_pcpu: 5,
         run: huge2m,
         ends_in_shutdown: false,
+        kernel_zaps: false,
+        demand_faults: 0,
     },
     Workload {
         name: "dirty-log",
@@ -73,6 +88,8 @@ pub const WORKLOADS: &[Workload] = &[
         first_pcpu: 6,
         run: dirty_log,
         ends_in_shutdown: false,
+        kernel_zaps: false,
+        demand_faults: 0,
     },
     Workload {
         name: "zap-all",
@@ -81,6 +98,8 @@ pub const WORKLOADS: &[Workload] = &[
         first_pcpu: 7,
         run: zap_all,
         ends_in_shutdown: false,
+        kernel_zaps: false,
+        demand_faults: 0,
     },
     Workload {
         name: "smp-8",
@@ -89,6 +108,8 @@ pub const WORKLOADS: &[Workload] = &[
         first_pcpu: 0,
         run: smp8,
         ends_in_shutdown: false,
+        kernel_zaps: true,
+        demand_faults: 8 * 64,
     },
     Workload {
         name: "hostile",
@@ -97,6 +118,8 @@ pub const WORKLOADS: &[Workload] = &[
         first_pcpu: 0,
         run: hostile,
         ends_in_shutdown: true,
+        kernel_zaps: false,
+        demand_faults: 0,
     },
 ];
 
