@@ -180,3 +180,97 @@ fn classify(instr: &Instruction, regs: &RegFile) -> Result<Op, DecodeError> {
         },
     }
 }
+
+/// In-image checks of the decoder on known encodings (the kernel crate has
+/// no host tests); returns the first mismatch.
+pub fn self_test() -> Result<(), &'static str> {
+    let mut regs = RegFile::default();
+    for (i, r) in regs.r.iter_mut().enumerate() {
+        *r = 0x1000 * (i as u64 + 1) + i as u64;
+    }
+    let (rax, rcx, rdx, rbx, rsi, rdi) = (
+        regs.r[0], regs.r[1], regs.r[2], regs.r[3], regs.r[6], regs.r[7],
+    );
+    let cases: &[(&[u8], u8, Op)] = &[
+        // mov [rax+8], rcx
+        (
+            &[0x48, 0x89, 0x48, 0x08],
+            4,
+            Op::Write {
+                gva: rax + 8,
+                value: rcx,
+                size: 8,
+            },
+        ),
+        // mov cr3, rdi
+        (&[0x0F, 0x22, 0xDF], 3, Op::Cr3Write { value: rdi }),
+        // mov rax, cr3
+        (
+            &[0x0F, 0x20, 0xD8],
+            3,
+            Op::Cr3Read {
+                dest: Register::RAX,
+            },
+        ),
+        // invlpg [rdx]
+        (&[0x0F, 0x01, 0x3A], 3, Op::Invlpg { gva: rdx }),
+        // mov dword [rbx], 0x12345678
+        (
+            &[0xC7, 0x03, 0x78, 0x56, 0x34, 0x12],
+            6,
+            Op::Write {
+                gva: rbx,
+                value: 0x1234_5678,
+                size: 4,
+            },
+        ),
+        // mov byte [rsi+1], al
+        (
+            &[0x88, 0x46, 0x01],
+            3,
+            Op::Write {
+                gva: rsi + 1,
+                value: rax & 0xFF,
+                size: 1,
+            },
+        ),
+        // mov qword [rdi+rcx*8], 0xFFFFFFFFFFFFFFFF (imm32 sign-extended)
+        (
+            &[0x48, 0xC7, 0x04, 0xCF, 0xFF, 0xFF, 0xFF, 0xFF],
+            8,
+            Op::Write {
+                gva: rdi.wrapping_add(rcx * 8),
+                value: u64::MAX,
+                size: 8,
+            },
+        ),
+        // mov [r9], r10
+        (
+            &[0x4D, 0x89, 0x11],
+            3,
+            Op::Write {
+                gva: regs.r[9],
+                value: regs.r[10],
+                size: 8,
+            },
+        ),
+        // hlt
+        (&[0xF4], 1, Op::Other),
+    ];
+    for (bytes, len, op) in cases {
+        let d = decode(bytes, 0x40_0000, &regs).map_err(|_| "a known encoding did not decode")?;
+        if d.len != *len {
+            return Err("wrong instruction length");
+        }
+        if d.op != *op {
+            return Err("wrong operands");
+        }
+    }
+    if decode(&[0x0F, 0xFF], 0, &regs).is_ok() {
+        return Err("an invalid encoding decoded");
+    }
+    if decode(&[0x48, 0x89], 0, &regs).is_ok() {
+        return Err("a truncated instruction decoded");
+    }
+    Ok(())
+}

@@ -514,7 +514,17 @@ pub fn boot_hook(cmdline: &str) -> bool {
     }
     // The test image: the conformance scenarios on real frames, then a
     // summary over the workload and scenario lines.
-    let (wp, wf) = TEST_TALLY.get().copied().unwrap_or((0, 1));
+    let (mut wp, mut wf) = TEST_TALLY.get().copied().unwrap_or((0, 1));
+    match decode::self_test() {
+        Ok(()) => {
+            wp += 1;
+            crate::kprintln!("test svm-decode ... ok");
+        }
+        Err(e) => {
+            wf += 1;
+            crate::kprintln!("test svm-decode ... FAILED: {e}");
+        }
+    }
     let (cp, cf) = conf::run_all(name);
     let (p, f) = (wp + cp, wf + cf);
     crate::kprintln!("umbra: svm-test: {p} passed, {f} failed");
