@@ -21,8 +21,11 @@ pub const PS: u64 = 1 << 7;
 pub const NX: u64 = 1 << 63;
 
 /// Physical-address width the oracle assumes (bits at and above it, up to
-/// bit 51, are reserved in every paging entry).
-pub const MAXPHYADDR: u32 = 48;
+/// bit 51, are reserved in every paging entry). It must match the servers'
+/// (`mmu_server::Config::default().maxphyaddr`, pinned by a test): with 52,
+/// bits 48..51 are address bits, and an entry using them names memory
+/// outside the guest.
+pub const MAXPHYADDR: u32 = 52;
 
 /// Page-fault error code bit: the translation was present (protection or
 /// reserved-bit fault).
@@ -187,11 +190,12 @@ impl Rights {
         }
         true
     }
-    /// Whether every access `self` allows, `other` allows too.
-    pub fn within(self, other: Rights, ctrl: Ctrl) -> bool {
+    /// Whether every access `self` allows under `ctrl`, `other` allows
+    /// under `other_ctrl` too.
+    pub fn within(self, ctrl: Ctrl, other: Rights, other_ctrl: Ctrl) -> bool {
         Access::ALL
             .iter()
-            .all(|&a| !self.allows(a, ctrl) || other.allows(a, ctrl))
+            .all(|&a| !self.allows(a, ctrl) || other.allows(a, other_ctrl))
     }
 }
 
@@ -376,6 +380,14 @@ pub const fn index(va: u64, level: u32) -> u64 {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn maxphyaddr_matches_the_servers() {
+        assert_eq!(
+            MAXPHYADDR,
+            u32::from(mmu_server::Config::default().maxphyaddr)
+        );
+    }
 
     fn mem(entries: &[(u64, u64)]) -> BTreeMap<u64, u64> {
         entries.iter().copied().collect()

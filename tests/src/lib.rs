@@ -39,9 +39,25 @@ pub const RAM_FRAMES: u64 = GUEST_FRAMES + POOL_FRAMES;
 /// pCPUs of the simulated machine.
 pub const PCPUS: usize = 8;
 
-/// Builds a fresh server that reaches memory only through the given
-/// `PhysMem` (the suite's, which records what the server does).
-pub type MakeServer<'f> = &'f dyn for<'a> Fn(&'a SuitePhys<'a>) -> Box<dyn MmuServer + 'a>;
+/// Builds fresh servers that reach memory only through the given `PhysMem`
+/// (the suite's, which records what the server does).
+pub trait Factory {
+    /// A new server over `phys`, or why there is none.
+    fn make<'a>(&self, phys: &'a SuitePhys<'a>) -> Result<Box<dyn MmuServer + 'a>, String>;
+}
+
+/// The implementation registered as this name in `mmu_server::registry`.
+#[derive(Clone, Copy, Debug)]
+pub struct Registered(pub &'static str);
+
+impl Factory for Registered {
+    fn make<'a>(&self, phys: &'a SuitePhys<'a>) -> Result<Box<dyn MmuServer + 'a>, String> {
+        mmu_server::registry::create(self.0, phys).map_err(|e| format!("{e}"))
+    }
+}
+
+/// What the runners take: any [`Factory`].
+pub type MakeServer<'f> = &'f dyn Factory;
 
 /// Runs one scenario against a fresh server built by `make` over `ram`
 /// (at least [`RAM_FRAMES`] frames; the first [`GUEST_FRAMES`] become guest
@@ -77,10 +93,25 @@ pub fn run_closure(
             gva: None,
             expected: format!("at least {RAM_FRAMES} frames"),
             observed: format!("{} frames", ram.frames()),
+            recent: alloc::vec::Vec::new(),
         }));
     }
     let phys = SuitePhys::new(ram, ram.first_mfn() + GUEST_FRAMES);
-    let server = make(&phys);
+    let server = match make.make(&phys) {
+        Ok(s) => s,
+        Err(e) => {
+            return Err(Box::new(Failure {
+                scenario: String::from(name),
+                step: 0,
+                op: String::from("setup"),
+                what: String::from("server construction"),
+                gva: None,
+                expected: String::from("a server"),
+                observed: e,
+                recent: alloc::vec::Vec::new(),
+            }))
+        }
+    };
     let mut m = Machine::new(name, &*server, &phys, GUEST_FRAMES, PCPUS);
     let hello = m.hello(PROTOCOL_VERSION)?;
     if hello
@@ -103,5 +134,7 @@ pub fn run_closure(
 /// fresh server (see [`random`]); the failure's scenario names the seed.
 pub fn run_random(seed: u64, steps: u64, make: MakeServer<'_>, ram: Ram<'_>) -> Res<Stats> {
     let name = format!("random seed {seed:#x} ({steps} steps)");
-    run_closure(&name, make, ram, &mut |m| random::random_run(m, seed, steps))
+    run_closure(&name, make, ram, &mut |m| {
+        random::random_run(m, seed, steps)
+    })
 }

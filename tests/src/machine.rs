@@ -36,7 +36,7 @@ use abi::{
     MAX_MESSAGE,
 };
 use alloc::boxed::Box;
-use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -68,7 +68,12 @@ pub struct Failure {
     pub expected: String,
     /// What the server did.
     pub observed: String,
+    /// The steps before it, oldest first (up to [`RECENT`]).
+    pub recent: Vec<String>,
 }
+
+/// How many earlier steps a failure report lists.
+pub const RECENT: usize = 600;
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -84,7 +89,15 @@ impl fmt::Display for Failure {
             f,
             "\n    expected: {}\n    observed: {}",
             self.expected, self.observed
-        )
+        )?;
+        if !self.recent.is_empty() {
+            write!(f, "\n    steps before it:")?;
+            for (i, r) in self.recent.iter().enumerate() {
+                let n = self.step as usize + i - self.recent.len();
+                write!(f, "\n      {n}: {r}")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -199,6 +212,7 @@ pub struct Machine<'m> {
     cur_path: (Vec<u64>, bool),
     /// Emulated writes of this step: (dom, gpa, value).
     cur_emulated: Vec<(usize, u64, u64)>,
+    recent: VecDeque<String>,
     /// Counters.
     pub stats: Stats,
 }
@@ -236,6 +250,7 @@ impl<'m> Machine<'m> {
             cur_path: (Vec::new(), false),
             cur_emulated: Vec::new(),
             stats: Stats::default(),
+            recent: VecDeque::new(),
         }
     }
 
@@ -260,10 +275,18 @@ impl<'m> Machine<'m> {
             gva,
             expected,
             observed,
+            recent: self.recent.iter().cloned().collect(),
         })
     }
 
     fn begin(&mut self, op: String) {
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        let last = core::mem::take(&mut self.op);
+        if self.step > 0 {
+            self.recent.push_back(last);
+        }
         self.step += 1;
         self.stats.steps += 1;
         self.op = op;
@@ -696,11 +719,19 @@ impl<'m> Machine<'m> {
             .filter(|g| !set.contains(g))
             .collect();
         if !missing.is_empty() {
+            let mut why = String::new();
+            for &g in &missing {
+                if let Some(mfn) = self.doms[d].mfn(g) {
+                    for w in self.writable_paths(mfn) {
+                        why.push_str(&format!("; gfn {g:#x} writable via {w}"));
+                    }
+                }
+            }
             return Err(self.fail(
                 "dirty log holds every page written while logging",
                 None,
                 format!("gfns {:x?} marked", self.doms[d].dirty_pending),
-                format!("gfns {missing:x?} missing from {set:x?}"),
+                format!("gfns {missing:x?} missing from {set:x?}{why}"),
             ));
         }
         self.doms[d].dirty_pending.clear();
@@ -781,14 +812,26 @@ impl<'m> Machine<'m> {
         v as u32
     }
 
+    /// The paging controls the hardware walks the shadow tables with: the
+    /// guest's EFER.NXE, and CR0.WP always set (as KVM does: a guest with
+    /// WP=0 gets supervisor-writable, user-inaccessible shadow entries, so
+    /// write protection of guest page tables also stops supervisor writes).
+    pub fn hw_ctrl(&self, v: usize) -> Ctrl {
+        Ctrl {
+            wp: true,
+            nxe: self.vcpus[v].ctrl.nxe,
+        }
+    }
+
     /// What the shadow hardware does for `acc` at `gva`: a host address, or
     /// the fault error code it raises.
     fn hw(&mut self, v: usize, p: usize, gva: u64, acc: Access) -> Res<Result<u64, u64>> {
-        let ctrl = self.vcpus[v].ctrl;
+        let ctrl = self.hw_ctrl(v);
         let key = self.key(v);
         if let Some(e) = self.pcpus[p].tlb.lookup(key, gva) {
             if e.rights.allows(acc, ctrl) {
                 if !acc.write || e.dirty {
+                    self.op.push_str(" [tlb]");
                     return Ok(Ok(e.hpa + (gva & (e.size.bytes() - 1))));
                 }
             } else {
@@ -826,6 +869,7 @@ impl<'m> Machine<'m> {
                     dirty: acc.write || leaf.vals[leaf.depth - 1] & arch::D != 0,
                 };
                 self.check_translation(v, e.va, e.size, e.hpa, e.rights, "shadow walk")?;
+                self.op.push_str(" [shadow]");
                 self.pcpus[p].tlb.insert(e);
                 Ok(Ok(hpa))
             }
@@ -877,6 +921,7 @@ impl<'m> Machine<'m> {
                 Err(ec) => ec,
             };
             self.stats.faults += 1;
+            self.op.push_str(&format!(" [#PF {ec:#x}]"));
             let r = self.call(&MmuRequest::PageFault {
                 vcpu: self.vcpus[v].id,
                 pcpu: PcpuId(p as u32),
@@ -1021,6 +1066,7 @@ impl<'m> Machine<'m> {
             }
         }
         self.cur_emulated.push((d, want, value));
+        self.op.push_str(" [emulated]");
         let now = self.peek(d, want).unwrap_or(0);
         if now != value {
             return Err(self.fail(
@@ -1121,12 +1167,13 @@ impl<'m> Machine<'m> {
         via: &str,
     ) -> Res<()> {
         let ctrl = self.vcpus[v].ctrl;
+        let hw = self.hw_ctrl(v);
         let d = self.vcpus[v].dom;
         if size != Size::K4 {
             // Whole-leaf fast path: the guest maps the range with a leaf at
             // least as large, contiguous in the memory map.
             if let Walk::Ok(l) = self.guest_walk_now(v, va) {
-                if l.size >= size && rights.within(l.rights, ctrl) {
+                if l.size >= size && rights.within(hw, l.rights, ctrl) {
                     let gpa = l.phys(va);
                     let pages = size.bytes() >> 12;
                     if let Some((m, n)) = self.doms[d].contiguous(gpa >> 12, pages) {
@@ -1151,7 +1198,7 @@ impl<'m> Machine<'m> {
         let dom = &self.doms[d];
         let found = self.search_state(v, va, &mut |w| match w {
             Walk::Ok(l) => {
-                rights.within(l.rights, ctrl) && dom.mfn(l.phys(va) >> 12) == Some(hpa >> 12)
+                rights.within(hw, l.rights, ctrl) && dom.mfn(l.phys(va) >> 12) == Some(hpa >> 12)
             }
             _ => false,
         });
@@ -1397,6 +1444,42 @@ impl<'m> Machine<'m> {
             }
         }
         Ok(())
+    }
+
+    /// Where running vCPUs can write host frame `mfn` without a fault now
+    /// (for failure reports).
+    fn writable_paths(&self, mfn: u64) -> Vec<String> {
+        let mut out = Vec::new();
+        for (p, pc) in self.pcpus.iter().enumerate() {
+            let Some(v) = pc.vcpu else { continue };
+            for e in &pc.tlb.entries {
+                if e.rights.write
+                    && e.dirty
+                    && mfn >= e.hpa >> 12
+                    && mfn < (e.hpa + e.size.bytes()) >> 12
+                {
+                    out.push(format!(
+                        "TLB of pCPU {p} (vCPU key {}) va {:#x}",
+                        e.vcpu, e.va
+                    ));
+                }
+            }
+            let Some(root) = self.vcpus[v].root else {
+                continue;
+            };
+            let mut leaves = Vec::new();
+            if self.shadow_leaves(v, root, &mut leaves).is_ok() {
+                for (va, size, hpa, r) in leaves {
+                    if r.write && mfn >= hpa >> 12 && mfn < (hpa + size.bytes()) >> 12 {
+                        out.push(format!(
+                            "shadow of vCPU {} on pCPU {p} (root {root:#x}) va {va:#x} {size:?}",
+                            self.vcpus[v].id.0
+                        ));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The oracle over the whole machine (run after every step).

@@ -97,7 +97,15 @@ fn setup(m: &mut Machine<'_>, r: &mut Rng, first_pcpu: usize, nvcpu: usize) -> R
             let g = r.pick(&data);
             m.map(d, None, cr3, USER + i * 4096, g << 12, Size::K4, FULL)?;
             let g = r.pick(&data);
-            m.map(d, None, cr3, USER + 0x20_0000 + i * 4096, g << 12, Size::K4, flags(r))?;
+            m.map(
+                d,
+                None,
+                cr3,
+                USER + 0x20_0000 + i * 4096,
+                g << 12,
+                Size::K4,
+                flags(r),
+            )?;
         }
         m.map(d, None, cr3, USER + 0x40_0000, LARGE_GPA, Size::M2, FULL)?;
         tables.push(cr3 >> 12);
@@ -162,6 +170,11 @@ fn edit(m: &mut Machine<'_>, r: &mut Rng, dom: &Dom, v: usize) -> Res<()> {
     let Some(ea) = m.entry_addr(dom.d, cr3, va, level) else {
         return Ok(());
     };
+    if ea >= RAM << 12 {
+        // A clobbered table pointer led outside guest RAM (and maybe to a
+        // non-canonical direct-map address): nothing the guest can edit.
+        return Ok(());
+    }
     let old = m.peek(dom.d, ea).unwrap_or(0);
     let new = match r.below(20) {
         0..=6 if level == 1 => r.pick(&dom.data) << 12 | flags(r),
@@ -184,7 +197,10 @@ pub fn random_run(m: &mut Machine<'_>, seed: u64, steps: u64) -> Res<()> {
     let mut r = Rng::new(seed);
     let pc = m.pcpu_count();
     let na = (pc / 2).clamp(1, 4);
-    let doms = [setup(m, &mut r, 0, na)?, setup(m, &mut r, na, (pc - na).clamp(1, 2))?];
+    let doms = [
+        setup(m, &mut r, 0, na)?,
+        setup(m, &mut r, na, (pc - na).clamp(1, 2))?,
+    ];
     for _ in 0..steps {
         let dom = &doms[if r.chance(65) { 0 } else { 1 }];
         let v = r.pick(&dom.vcpus);

@@ -1110,7 +1110,7 @@ fn accessed_dirty(m: &mut Machine<'_>) -> Res<()> {
         m.guest_write(b.d, Some(v), pte, e & !(A | D))?;
         m.invlpg(v, USER)?;
         if round % 2 == 0 {
-            rd(m, v, USER, 1)?;
+            rd(m, v, USER, if round == 0 { 1 } else { 2 })?;
             let e2 = m.peek(b.d, pte).unwrap_or(0);
             if e2 & A == 0 || e2 & D != 0 {
                 return Err(m.fail(
