@@ -109,7 +109,10 @@ impl MemRegion {
     /// The host frame backing `gfn`, if the region holds it.
     pub const fn translate(&self, gfn: Gfn) -> Option<Mfn> {
         if gfn.0 >= self.gfn.0 && gfn.0 - self.gfn.0 < self.pages {
-            Some(Mfn(self.mfn.0 + (gfn.0 - self.gfn.0)))
+            match self.mfn.0.checked_add(gfn.0 - self.gfn.0) {
+                Some(m) => Some(Mfn(m)),
+                None => None,
+            }
         } else {
             None
         }

@@ -25,7 +25,7 @@ impl From<MemError> for InstallError {
 }
 
 fn entry(table: Mfn, index: usize) -> Hpa {
-    Hpa(table.base().0 + 8 * index as u64)
+    Hpa(table.base().0.wrapping_add(8 * index as u64))
 }
 
 /// Takes a frame from the pool and zeroes it.

@@ -21,7 +21,7 @@ pub struct SimMem {
     /// Free pool frames (a stack) and, per pool frame, whether it is allocated.
     free: Mutex<(Vec<u64>, Vec<bool>)>,
     in_use: AtomicUsize,
-    /// When set, `alloc_frame` fails once this many more frames are taken.
+    /// `alloc_frame` fails while this many frames are in use.
     limit: AtomicUsize,
 }
 
@@ -71,9 +71,9 @@ impl SimMem {
         self.free.lock().1[(mfn.0 - self.pool.start) as usize]
     }
 
-    /// Lets at most `n` more frames be allocated in total from now on
-    /// (`usize::MAX`: no limit), to provoke pool exhaustion.
-    pub fn set_alloc_limit(&self, n: usize) {
+    /// Shrinks the pool to at most `n` frames in use at once (`usize::MAX`:
+    /// the whole pool), to provoke exhaustion.
+    pub fn set_frame_limit(&self, n: usize) {
         self.limit.store(n, Ordering::SeqCst);
     }
 
@@ -136,15 +136,11 @@ impl PhysMem for SimMem {
 
     fn alloc_frame(&self) -> Option<Mfn> {
         let mut g = self.free.lock();
-        let limit = self.limit.load(Ordering::SeqCst);
-        if limit == 0 {
+        if self.in_use.load(Ordering::SeqCst) >= self.limit.load(Ordering::SeqCst) {
             return None;
         }
         let f = g.0.pop()?;
         g.1[(f - self.pool.start) as usize] = true;
-        if limit != usize::MAX {
-            self.limit.store(limit - 1, Ordering::SeqCst);
-        }
         self.in_use.fetch_add(1, Ordering::SeqCst);
         // Fresh frames hold garbage, as real ones may.
         let base = (f * WORDS_PER_FRAME) as usize;
@@ -216,7 +212,9 @@ impl<'a> GuestTables<'a> {
 
     /// Writes a guest word.
     pub fn write(&self, gpa: abi::Gpa, value: u64) {
-        self.mem.write_u64(self.hpa(gpa), value).expect("guest word")
+        self.mem
+            .write_u64(self.hpa(gpa), value)
+            .expect("guest word")
     }
 
     /// Takes the next free guest frame for a table and zeroes it.
@@ -272,8 +270,15 @@ impl<'a> GuestTables<'a> {
             };
         }
         let at = abi::Gpa(table.base().0 + 8 * gva.table_index(leaf_level) as u64);
-        let ps = if leaf_level > 1 { crate::walk::PTE_PS } else { 0 };
-        self.write(at, target.align_down(size).0 | flags | crate::walk::PTE_P | ps);
+        let ps = if leaf_level > 1 {
+            crate::walk::PTE_PS
+        } else {
+            0
+        };
+        self.write(
+            at,
+            target.align_down(size).0 | flags | crate::walk::PTE_P | ps,
+        );
         at
     }
 }

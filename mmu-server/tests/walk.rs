@@ -64,7 +64,8 @@ impl Ctx<'_> {
         )
     }
     fn entry(&self, gva: u64, level: u8) -> u64 {
-        self.t.read(self.t.entry(self.pml4, Gva(gva), level).unwrap())
+        self.t
+            .read(self.t.entry(self.pml4, Gva(gva), level).unwrap())
     }
 }
 
@@ -76,9 +77,18 @@ fn fault(code: u32) -> Result<Translation, WalkError> {
 fn read_sets_accessed_on_every_level_but_not_dirty() {
     let (mem, map) = setup();
     let mut c = ctx(&mem, &map);
-    c.t.map(c.pml4, Gva(0x40_1000), Gpa(0x5000), PageSize::Size4K, PTE_RW | PTE_US);
+    c.t.map(
+        c.pml4,
+        Gva(0x40_1000),
+        Gpa(0x5000),
+        PageSize::Size4K,
+        PTE_RW | PTE_US,
+    );
     let t = c.walk(NXE, 0x40_1234, U).unwrap();
-    assert_eq!((t.gfn, t.mfn, t.size), (Gfn(5), Mfn(1029), PageSize::Size4K));
+    assert_eq!(
+        (t.gfn, t.mfn, t.size),
+        (Gfn(5), Mfn(1029), PageSize::Size4K)
+    );
     assert!(t.writable && t.user && !t.nx && !t.dirty);
     for level in 1..=4 {
         assert_ne!(c.entry(0x40_1000, level) & PTE_A, 0, "A at level {level}");
@@ -102,7 +112,13 @@ fn not_present_at_each_level() {
     let (mem, map) = setup();
     let mut c = ctx(&mem, &map);
     assert_eq!(c.walk(NXE, 0x1000, W | U), fault(W | U));
-    c.t.map(c.pml4, Gva(0x1000), Gpa(0x7000), PageSize::Size4K, PTE_RW | PTE_US);
+    c.t.map(
+        c.pml4,
+        Gva(0x1000),
+        Gpa(0x7000),
+        PageSize::Size4K,
+        PTE_RW | PTE_US,
+    );
     for level in 1..=4 {
         let at = c.t.entry(c.pml4, Gva(0x1000), level).unwrap();
         let old = c.t.read(at);
@@ -117,7 +133,13 @@ fn not_present_at_each_level() {
 fn user_and_write_permissions_combine_all_levels() {
     let (mem, map) = setup();
     let mut c = ctx(&mem, &map);
-    c.t.map(c.pml4, Gva(0x1000), Gpa(0x7000), PageSize::Size4K, PTE_RW | PTE_US);
+    c.t.map(
+        c.pml4,
+        Gva(0x1000),
+        Gpa(0x7000),
+        PageSize::Size4K,
+        PTE_RW | PTE_US,
+    );
     // Clear U/S in the PDPTE only: user access faults, supervisor is fine.
     let pdpte = c.t.entry(c.pml4, Gva(0x1000), 3).unwrap();
     c.t.write(pdpte, c.t.read(pdpte) & !PTE_US);
@@ -141,7 +163,13 @@ fn user_and_write_permissions_combine_all_levels() {
 fn nx_with_and_without_nxe() {
     let (mem, map) = setup();
     let mut c = ctx(&mem, &map);
-    c.t.map(c.pml4, Gva(0x1000), Gpa(0x7000), PageSize::Size4K, PTE_US | PTE_NX);
+    c.t.map(
+        c.pml4,
+        Gva(0x1000),
+        Gpa(0x7000),
+        PageSize::Size4K,
+        PTE_US | PTE_NX,
+    );
     assert_eq!(c.walk(NXE, 0x1000, I | U), fault(P | I | U));
     let t = c.walk(NXE, 0x1000, U).unwrap();
     assert!(t.nx);
@@ -167,7 +195,11 @@ fn reserved_bits() {
     let good = c.t.read(pte);
     c.t.write(pte, good | (1 << 45));
     assert_eq!(c.walk_m(NXE, 40, 0x1000, W), fault(P | W | RSVD));
-    assert_eq!(c.walk_m(NXE, 52, 0x1000, W), fault(P | W | RSVD), "outside guest");
+    assert_eq!(
+        c.walk_m(NXE, 52, 0x1000, W),
+        fault(P | W | RSVD),
+        "outside guest"
+    );
     c.t.write(pte, good);
     // PS in a PML4E is reserved.
     let pml4e = c.t.entry(c.pml4, Gva(0x1000), 4).unwrap();
@@ -177,7 +209,13 @@ fn reserved_bits() {
     assert_eq!(a_before, 0, "a faulting walk sets no A bit");
     c.t.write(pml4e, c.t.read(pml4e) & !PTE_PS);
     // Large pages: bits 20..13 (2 MiB) and 29..13 (1 GiB) are reserved.
-    let pde = c.t.map(c.pml4, Gva(0x20_0000), Gpa(0x20_0000), PageSize::Size2M, PTE_RW);
+    let pde = c.t.map(
+        c.pml4,
+        Gva(0x20_0000),
+        Gpa(0x20_0000),
+        PageSize::Size2M,
+        PTE_RW,
+    );
     c.t.write(pde, c.t.read(pde) | (1 << 13));
     assert_eq!(c.walk(NXE, 0x20_0000, R), fault(P | RSVD));
     c.t.write(pde, c.t.read(pde) & !(1 << 13));
@@ -185,7 +223,8 @@ fn reserved_bits() {
     // PAT bit 12 of a large page is not reserved.
     c.t.write(pde, c.t.read(pde) | (1 << 12));
     assert!(c.walk(NXE, 0x20_0000, R).is_ok());
-    let pdpte = c.t.map(c.pml4, Gva(0x4000_0000), Gpa(0), PageSize::Size1G, PTE_RW);
+    let pdpte =
+        c.t.map(c.pml4, Gva(0x4000_0000), Gpa(0), PageSize::Size1G, PTE_RW);
     c.t.write(pdpte, c.t.read(pdpte) | (1 << 20));
     assert_eq!(c.walk(NXE, 0x4000_0000, R), fault(P | RSVD));
 }
@@ -194,15 +233,34 @@ fn reserved_bits() {
 fn large_pages_translate_with_offsets() {
     let (mem, map) = setup();
     let mut c = ctx(&mem, &map);
-    c.t.map(c.pml4, Gva(0x8000_0000), Gpa(0x20_0000), PageSize::Size2M, PTE_RW);
+    c.t.map(
+        c.pml4,
+        Gva(0x8000_0000),
+        Gpa(0x20_0000),
+        PageSize::Size2M,
+        PTE_RW,
+    );
     let t = c.walk(NXE, 0x8003_4567, W).unwrap();
     assert_eq!((t.gfn, t.size), (Gfn(0x234), PageSize::Size2M));
     assert_ne!(c.entry(0x8000_0000, 2) & PTE_D, 0);
     // A 1 GiB page at guest 0: only its first 1024 frames are guest memory.
-    c.t.map(c.pml4, Gva(0x40_0000_0000), Gpa(0), PageSize::Size1G, PTE_RW);
+    c.t.map(
+        c.pml4,
+        Gva(0x40_0000_0000),
+        Gpa(0),
+        PageSize::Size1G,
+        PTE_RW,
+    );
     let t = c.walk(NXE, 0x40_0012_3456, R).unwrap();
-    assert_eq!((t.gfn, t.mfn, t.size), (Gfn(0x123), Mfn(1024 + 0x123), PageSize::Size1G));
-    assert_eq!(c.walk(NXE, 0x40_0040_0000, R), fault(P | RSVD), "beyond guest memory");
+    assert_eq!(
+        (t.gfn, t.mfn, t.size),
+        (Gfn(0x123), Mfn(1024 + 0x123), PageSize::Size1G)
+    );
+    assert_eq!(
+        c.walk(NXE, 0x40_0040_0000, R),
+        fault(P | RSVD),
+        "beyond guest memory"
+    );
 }
 
 #[test]
@@ -219,7 +277,15 @@ fn tables_outside_guest_memory_fault() {
         mem: &mem,
         map: &map,
     };
-    let r = walk(&g, GuestCr3(9000 << 12), NXE, 52, Gva(0), PfErrorCode(0), &mut |_| {});
+    let r = walk(
+        &g,
+        GuestCr3(9000 << 12),
+        NXE,
+        52,
+        Gva(0),
+        PfErrorCode(0),
+        &mut |_| {},
+    );
     assert_eq!(r, fault(P | RSVD));
 }
 
@@ -256,11 +322,17 @@ fn dirty_callback_names_written_table_frames() {
     };
     let mut seen = Vec::new();
     let cr3 = GuestCr3(c.pml4.base().0);
-    walk(&g, cr3, NXE, 52, Gva(0x1000), PfErrorCode(W), &mut |f| seen.push(f)).unwrap();
+    walk(&g, cr3, NXE, 52, Gva(0x1000), PfErrorCode(W), &mut |f| {
+        seen.push(f)
+    })
+    .unwrap();
     assert_eq!(seen.len(), 4);
     assert_eq!(seen[0], c.pml4);
     seen.clear();
     // Second read: A already set everywhere, D set: nothing written.
-    walk(&g, cr3, NXE, 52, Gva(0x1000), PfErrorCode(W), &mut |f| seen.push(f)).unwrap();
+    walk(&g, cr3, NXE, 52, Gva(0x1000), PfErrorCode(W), &mut |f| {
+        seen.push(f)
+    })
+    .unwrap();
     assert!(seen.is_empty());
 }
