@@ -3,14 +3,13 @@
 //! real frames (a contiguous block reached through the identity map).
 
 use super::host;
-use alloc::boxed::Box;
-use conformance::{run_scenario, scenarios, Ram, SuitePhys, RAM_FRAMES};
+use conformance::{run_scenario, scenarios, Ram, Registered, RAM_FRAMES};
 use core::sync::atomic::AtomicU64;
 
 /// Runs every scripted scenario against implementation `name`, printing one
 /// `test conf-<name>-<scenario> ... ok|FAILED` line each; returns (passed,
 /// failed).
-pub fn run_all(name: &str) -> (u32, u32) {
+pub fn run_all(name: &'static str) -> (u32, u32) {
     let base = match host::alloc_zeroed(RAM_FRAMES) {
         Ok(b) => b,
         Err(e) => {
@@ -31,11 +30,7 @@ pub fn run_all(name: &str) -> (u32, u32) {
     for sc in scenarios() {
         // SAFETY: as above; no reference into the block outlives a scenario.
         unsafe { core::ptr::write_bytes(host::va(base), 0, (RAM_FRAMES * 4096) as usize) };
-        let make = higher_ranked(|phys| match mmu_server::registry::create(name, phys) {
-            Ok(s) => s,
-            Err(e) => panic!("{e}"),
-        });
-        match run_scenario(sc, &make, Ram::new(base, words)) {
+        match run_scenario(sc, &Registered(name), Ram::new(base, words)) {
             Ok(stats) => {
                 passed += 1;
                 crate::kprintln!(
@@ -54,10 +49,3 @@ pub fn run_all(name: &str) -> (u32, u32) {
     (passed, failed)
 }
 
-/// Pins a closure to the higher-ranked signature `MakeServer` wants.
-fn higher_ranked<F>(f: F) -> F
-where
-    F: for<'a> Fn(&'a SuitePhys<'a>) -> Box<dyn abi::MmuServer + 'a>,
-{
-    f
-}

@@ -113,15 +113,16 @@ impl Svm {
     }
 }
 
-/// Zaps every shadow of `dom` and carries out the reply's flush.
-pub fn zap(dom: &Domain) -> Result<(), MmuReply> {
+/// Zaps every shadow of `dom` and carries out the reply's flush; an
+/// unexpected reply comes back boxed.
+pub fn zap(dom: &Domain) -> Result<(), Box<MmuReply>> {
     bump(&STATS[host::cpu_index()].zaps);
     bump(&dom.zaps);
     let reply = svm().mmu(&MmuRequest::ZapAll { domain: dom.id });
     svm().carry_out(dom, reply.flush());
     match reply {
         MmuReply::Done { .. } => Ok(()),
-        other => Err(other),
+        other => Err(Box::new(other)),
     }
 }
 
@@ -486,7 +487,7 @@ fn print_row(label: &str, row: &[u64]) {
 /// Called by `kernel_main` once every CPU is online: with `mmu=<name>` on
 /// the command line, runs the guest workloads on that MMU server. Returns
 /// false when something failed.
-pub fn boot_hook(cmdline: &str) -> bool {
+pub fn boot_hook(cmdline: &'static str) -> bool {
     let Some(name) = crate::boot::arg_value(cmdline, "mmu") else {
         return true;
     };
