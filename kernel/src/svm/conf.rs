@@ -48,4 +48,3 @@ pub fn run_all(name: &'static str) -> (u32, u32) {
     host::free(base, RAM_FRAMES);
     (passed, failed)
 }
-
