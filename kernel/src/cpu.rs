@@ -94,6 +94,27 @@ fn mask_below(n: usize) -> u64 {
     }
 }
 
+/// One `T` per CPU, for subsystems that keep per-CPU state outside [`Cpu`]
+/// (e.g. `static HSAVE: PerCpu<AtomicU64> = PerCpu::new([const { AtomicU64::new(0) }; MAX_CPUS]);`).
+pub struct PerCpu<T>([T; MAX_CPUS]);
+
+impl<T> PerCpu<T> {
+    /// One value per CPU slot.
+    pub const fn new(values: [T; MAX_CPUS]) -> Self {
+        PerCpu(values)
+    }
+
+    /// The running CPU's value.
+    pub fn this(&self) -> &T {
+        &self.0[current().index()]
+    }
+
+    /// CPU `index`'s value.
+    pub fn of(&self, index: usize) -> &T {
+        &self.0[index]
+    }
+}
+
 /// A job a CPU runs when asked (see [`crate::smp::run_on`]).
 pub type Job = fn() -> Result<(), &'static str>;
 

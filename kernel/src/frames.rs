@@ -235,6 +235,16 @@ pub fn alloc() -> Result<PhysFrame<Size4KiB>, FrameError> {
     FRAMES.lock().alloc()
 }
 
+/// Takes one frame from the kernel's allocator, filled with zeros.
+pub fn alloc_zeroed() -> Result<PhysFrame<Size4KiB>, FrameError> {
+    let frame = alloc()?;
+    let ptr = frame.start_address().as_u64() as usize as *mut u8;
+    // SAFETY: the frame was just taken from the allocator (nobody else
+    // uses it) and the low 4 GiB are identity-mapped.
+    unsafe { core::ptr::write_bytes(ptr, 0, FRAME_SIZE as usize) };
+    Ok(frame)
+}
+
 /// Takes `count` contiguous frames from the kernel's allocator.
 pub fn alloc_contiguous(count: u64) -> Result<PhysFrame<Size4KiB>, FrameError> {
     FRAMES.lock().alloc_contiguous(count)

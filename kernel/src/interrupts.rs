@@ -15,10 +15,12 @@ pub const SHOOTDOWN_VECTOR: u8 = 0xF0;
 /// Vector of the wake-up IPI (a CPU halted in its idle loop has work).
 pub const WAKE_VECTOR: u8 = 0xF1;
 
-/// The register state saved by an interrupt stub.
+/// The register state saved by an interrupt stub: general registers (named
+/// as in the ISA), the vector, the error code (0 if the CPU pushes none),
+/// then the CPU's own interrupt frame.
 #[repr(C)]
 #[derive(Debug)]
-#[allow(missing_docs)]
+#[allow(missing_docs)] // register names need no further words
 pub struct Frame {
     pub r15: u64,
     pub r14: u64,

@@ -19,8 +19,9 @@
 //! Boot order: [`boot`] (Multiboot stub, long mode) -> [`serial`] ->
 //! [`frames`] and [`heap`] -> [`madt`] -> [`cpu`] (GDT/TSS/IDT/per-CPU) ->
 //! [`smp`] (APs, with [`apic`] timer calibration) -> self-tests or done.
-//! The command line (QEMU `-append`) selects: `test` runs [`selftest`],
-//! `test-fault` runs the expected-failure boot.
+//! The command line (QEMU `-append`) selects: `test` runs [`selftest`];
+//! `test-fault`, `test-panic`, `test-triple-fault` and `test-hang` are the
+//! expected-failure boots the runner checks.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
@@ -167,18 +168,30 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
         apic::tsc_per_ms(),
         apic::apic_ticks_per_ms()
     );
+    if online != n {
+        kprintln!(
+            "umbra: only {online}/{n} CPUs came online within {} ms",
+            smp::AP_START_LIMIT_MS
+        );
+        exit(ExitCode::Failure)
+    }
     kprintln!(
-        "umbra: {online} CPUs online {}.{:03} ms after kernel entry",
+        "umbra: all {n} CPUs online {}.{:03} ms after kernel entry",
         us / 1000,
         us % 1000
     );
-    if online != n {
-        kprintln!("umbra: only {online}/{n} CPUs online");
-        exit(ExitCode::Failure)
-    }
 
     if boot::has_arg(cmdline(), "test-fault") {
         selftest::fault_on_last_cpu();
+    }
+    if boot::has_arg(cmdline(), "test-panic") {
+        selftest::panic_on_last_cpu();
+    }
+    if boot::has_arg(cmdline(), "test-triple-fault") {
+        selftest::triple_fault();
+    }
+    if boot::has_arg(cmdline(), "test-hang") {
+        selftest::hang();
     }
     if boot::has_arg(cmdline(), "test") {
         selftest::run_all();
@@ -195,6 +208,10 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     let cpu = cpu::current_index_checked().map_or(-1, |i| i as i64);
-    serial::print_emergency(format_args!("umbra: PANIC on cpu {cpu}: {info}\n"));
+    let (file, line) = info.location().map_or(("?", 0), |l| (l.file(), l.line()));
+    serial::print_emergency(format_args!(
+        "umbra: PANIC on cpu {cpu}: {} at {file}:{line}\n",
+        info.message()
+    ));
     qemu::exit(qemu::ExitCode::Failure)
 }

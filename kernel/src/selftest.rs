@@ -13,7 +13,7 @@ use crate::shootdown::{FlushRequest, Reason, Scope, Space};
 use crate::{apic, boot, frames, kprintln, qemu, shootdown, smp};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicUsize, Ordering};
 use x86_64::structures::paging::PhysFrame;
 use x86_64::{PhysAddr, VirtAddr};
 
@@ -27,9 +27,11 @@ pub static TESTS: &[(&str, Test)] = &[
     ("frames_foreign_free_refused", frames_foreign_free_refused),
     ("frames_contiguous_runs", frames_contiguous_runs),
     ("frames_kernel_allocator", frames_kernel_allocator),
+    ("frames_alloc_zeroed", frames_alloc_zeroed),
     ("heap_alloc_and_free", heap_alloc_and_free),
     ("cmdline_words", cmdline_words),
     ("percpu_data_on_every_cpu", percpu_data_on_every_cpu),
+    ("percpu_slots_on_every_cpu", percpu_slots_on_every_cpu),
     ("timer_ticks_on_every_cpu", timer_ticks_on_every_cpu),
     ("shootdown_one_to_all", shootdown_one_to_all),
     (
@@ -79,6 +81,43 @@ pub fn fault_on_last_cpu() -> ! {
     });
     kprintln!("umbra: test-fault: no fault happened");
     qemu::exit(qemu::ExitCode::Failure)
+}
+
+/// The expected-failure run `test-panic`: the highest-numbered CPU panics.
+pub fn panic_on_last_cpu() -> ! {
+    let last = cpu::count() - 1;
+    smp::run_on(CpuSet::only(last), || {
+        panic!("deliberate panic (test-panic)")
+    });
+    kprintln!("umbra: test-panic: no panic happened");
+    qemu::exit(qemu::ExitCode::Failure)
+}
+
+/// The expected-failure run `test-triple-fault`: with an empty IDT, a
+/// breakpoint escalates to a triple fault, which QEMU (`-no-reboot`) turns
+/// into exit status 0; the runner must count that as a failure.
+pub fn triple_fault() -> ! {
+    let empty = x86_64::structures::DescriptorTablePointer {
+        limit: 0,
+        base: VirtAddr::zero(),
+    };
+    // SAFETY: deliberately not safe: the CPU must reset (triple fault).
+    unsafe {
+        x86_64::instructions::interrupts::disable();
+        x86_64::instructions::tables::lidt(&empty);
+        core::arch::asm!("int3");
+    }
+    qemu::exit(qemu::ExitCode::Failure)
+}
+
+/// The expected-failure run `test-hang`: never ends, so the runner's time
+/// limit must end it.
+pub fn hang() -> ! {
+    kprintln!("umbra: test-hang: spinning with interrupts off");
+    x86_64::instructions::interrupts::disable();
+    loop {
+        core::hint::spin_loop();
+    }
 }
 
 /// The address `test-fault` writes to (canonical, not mapped).
@@ -217,6 +256,22 @@ fn frames_kernel_allocator() -> Result<(), &'static str> {
     check(frames::free_frames() == before, "free count did not return")
 }
 
+fn frames_alloc_zeroed() -> Result<(), &'static str> {
+    let f = frames::alloc().map_err(|_| "kernel allocator is empty")?;
+    let ptr = f.start_address().as_u64() as usize as *mut u8;
+    // SAFETY: the frame is ours until freed and identity-mapped.
+    unsafe { core::ptr::write_bytes(ptr, 0xEE, FRAME_SIZE as usize) };
+    frames::free(f).map_err(|_| "free failed")?;
+    let z = frames::alloc_zeroed().map_err(|_| "kernel allocator is empty")?;
+    let ptr = z.start_address().as_u64() as usize as *const u8;
+    // SAFETY: as above; the frame is read only while we own it.
+    let zeroed = unsafe { core::slice::from_raw_parts(ptr, FRAME_SIZE as usize) }
+        .iter()
+        .all(|&b| b == 0);
+    frames::free(z).map_err(|_| "free failed")?;
+    check(zeroed, "alloc_zeroed returned a frame with non-zero bytes")
+}
+
 fn heap_alloc_and_free() -> Result<(), &'static str> {
     let v: Vec<u64> = (0..100_000).collect();
     check(
@@ -257,10 +312,10 @@ fn cmdline_words() -> Result<(), &'static str> {
 }
 
 fn all_ok(results: &[Option<Result<(), &'static str>>; cpu::MAX_CPUS]) -> Result<(), &'static str> {
-    for i in 0..cpu::count() {
-        match results[i] {
+    for result in &results[..cpu::count()] {
+        match result {
             Some(Ok(())) => {}
-            Some(Err(why)) => return Err(why),
+            Some(Err(why)) => return Err(*why),
             None => return Err("a CPU did not run the job"),
         }
     }
@@ -282,16 +337,32 @@ fn percpu_data_on_every_cpu() -> Result<(), &'static str> {
     }))
 }
 
+static SLOTS: cpu::PerCpu<AtomicUsize> =
+    cpu::PerCpu::new([const { AtomicUsize::new(usize::MAX) }; cpu::MAX_CPUS]);
+
+fn percpu_slots_on_every_cpu() -> Result<(), &'static str> {
+    all_ok(&smp::run_on(CpuSet::all(), || {
+        SLOTS
+            .this()
+            .store(cpu::current().index(), Ordering::Relaxed);
+        Ok(())
+    }))?;
+    check(
+        (0..cpu::count()).all(|i| SLOTS.of(i).load(Ordering::Relaxed) == i),
+        "a CPU's PerCpu slot does not hold its own index",
+    )
+}
+
 fn timer_ticks_on_every_cpu() -> Result<(), &'static str> {
     all_ok(&smp::run_on(CpuSet::all(), || {
         let me = cpu::current();
         let before = me.ticks.load(Ordering::Relaxed);
-        apic::delay_us(50_000); // 5 periods at 100 Hz
+        apic::delay_us(200_000); // 20 periods at 100 Hz
         let ticks = me.ticks.load(Ordering::Relaxed) - before;
-        check(
-            (2..=20).contains(&ticks),
-            "timer ticks in 50 ms outside 2..=20 at 100 Hz",
-        )
+        // A descheduled vCPU thread merges periods (busy host), so only
+        // "running" and "not grossly too fast" are checked.
+        check(ticks >= 1, "no timer tick in 200 ms")?;
+        check(ticks <= 40, "more than 40 timer ticks in 200 ms at 100 Hz")
     }))
 }
 

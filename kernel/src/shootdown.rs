@@ -135,11 +135,14 @@ impl Default for Counters {
 
 /// Counter values at one moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[allow(missing_docs)]
 pub struct CounterSnapshot {
+    /// See [`Counters::ipis_sent`].
     pub ipis_sent: u64,
+    /// See [`Counters::flushes_done`].
     pub flushes_done: u64,
+    /// See [`Counters::local_flushes`].
     pub local_flushes: u64,
+    /// See [`Counters::waits`].
     pub waits: u64,
 }
 

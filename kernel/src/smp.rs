@@ -13,6 +13,10 @@ use core::sync::atomic::{AtomicU64, Ordering};
 /// Physical address the trampoline runs at (SIPI vector 0x08).
 pub const TRAMPOLINE: u64 = 0x8000;
 
+/// How long the bootstrap CPU waits for every AP to come online (generous:
+/// a busy 2-core host runs 8 or 16 vCPU threads).
+pub const AP_START_LIMIT_MS: u64 = 5000;
+
 /// Stack top of each application processor, by local APIC id.
 static AP_STACK_TOPS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
 
@@ -81,7 +85,8 @@ extern "C" {
     static umbra_ap_trampoline_end: u8;
 }
 
-/// Starts every listed application processor and waits (up to one second)
+/// Starts every listed application processor and waits (up to
+/// [`AP_START_LIMIT_MS`])
 /// until all are online. Also calibrates the timers: the calibration is the
 /// wait between INIT and SIPI. Returns the CPUs that came online.
 pub fn start_aps() -> usize {
@@ -106,7 +111,7 @@ pub fn start_aps() -> usize {
     for i in 1..n {
         apic::send_init(cpu::get(i).apic_id());
     }
-    apic::calibrate(10);
+    apic::calibrate(5, 2);
     for _ in 0..2 {
         for i in 1..n {
             let c = cpu::get(i);
@@ -118,7 +123,7 @@ pub fn start_aps() -> usize {
         }
         apic::delay_us(200);
     }
-    let deadline = apic::tsc() + 1000 * apic::tsc_per_ms();
+    let deadline = apic::tsc() + AP_START_LIMIT_MS * apic::tsc_per_ms();
     while cpu::online_count() < n && apic::tsc() < deadline {
         core::hint::spin_loop();
     }

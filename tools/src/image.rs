@@ -109,7 +109,8 @@ pub fn boot(
     echo: bool,
 ) -> Result<Outcome> {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-machine", "q35", "-m", "512M", "-smp"])
+    // -nodefaults: no VGA, no NIC (whose option ROM slows the firmware).
+    cmd.args(["-machine", "q35", "-nodefaults", "-m", "512M", "-smp"])
         .arg(smp.to_string())
         .args([
             "-display",
@@ -128,6 +129,9 @@ pub fn boot(
         .stdout(Stdio::piped());
     if !append.is_empty() {
         cmd.args(["-append", append]);
+    }
+    if echo {
+        eprintln!("xtask: {cmd:?}");
     }
     let start = Instant::now();
     let mut child = cmd
@@ -314,8 +318,28 @@ fn check_fault_report(out: &Outcome, cpu: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks the `test-panic` boot: a panic report naming the CPU and the
+/// message, and a run reported as failed.
+fn check_panic_report(out: &Outcome, cpu: u32) -> Result<(), String> {
+    let want = format!("umbra: PANIC on cpu {cpu}: ");
+    let report = out
+        .line_with(&want)
+        .ok_or(format!("no `{want}` report on the console"))?;
+    if !report.contains("deliberate panic (test-panic)") {
+        return Err(format!("panic report `{report}` lacks the panic message"));
+    }
+    if out.ending != Ending::Failure {
+        return Err(format!(
+            "the panicking run was not reported as failed: {}",
+            describe(&out.ending)
+        ));
+    }
+    Ok(())
+}
+
 /// Boots the test image and tallies its test lines, then the
-/// expected-failure boot and plain boots at -smp 1, 4 and 16.
+/// expected-failure boots (fault, panic, triple fault, hang: each must be
+/// reported as a failure) and plain boots at -smp 1, 4 and 16.
 pub fn test_image() -> Result<Tally> {
     prereq::ensure_qemu()?;
     prereq::ensure_kernel_target()?;
@@ -355,6 +379,42 @@ pub fn test_image() -> Result<Tally> {
         &mut tally,
         "expected_failure_fault_report",
         check_fault_report(&out, 7),
+    );
+
+    eprintln!("xtask: test image: expected-failure boot (`test-panic`)");
+    let out = boot(&image, 4, "test-panic", BOOT_TIMEOUT, true)?;
+    record(
+        &mut tally,
+        "expected_failure_panic_report",
+        check_panic_report(&out, 3),
+    );
+
+    eprintln!("xtask: test image: expected-failure boot (`test-triple-fault`)");
+    let out = boot(&image, 2, "test-triple-fault", BOOT_TIMEOUT, true)?;
+    record(
+        &mut tally,
+        "expected_failure_triple_fault",
+        match out.ending {
+            Ending::TripleFault => Ok(()),
+            other => Err(format!(
+                "expected QEMU exit status 0, got: {}",
+                describe(&other)
+            )),
+        },
+    );
+
+    eprintln!("xtask: test image: expected-failure boot (`test-hang`, 3 s limit)");
+    let out = boot(&image, 2, "test-hang", Duration::from_secs(3), true)?;
+    record(
+        &mut tally,
+        "expected_failure_hang_timeout",
+        match out.ending {
+            Ending::Timeout(_) => Ok(()),
+            other => Err(format!(
+                "expected the time limit to end the run, got: {}",
+                describe(&other)
+            )),
+        },
     );
 
     for smp in [1, 4, 16] {
