@@ -297,8 +297,44 @@ pub fn run(
             crate::kprintln!("svm: cpu {i}: {e}");
         }
     }
-    Ok(report(svm, ncpu, test_mode))
+    let all_passed = report(svm, ncpu, test_mode);
+    Ok(teardown(svm, test_mode) && all_passed)
 }
+
+/// Destroys every domain (all vCPUs are descheduled by now), gives its
+/// memory back, and checks that the server returned every shadow frame.
+fn teardown(svm: &Svm, test_mode: bool) -> bool {
+    let mut ok = true;
+    for d in svm.domains.get().map(|v| v.as_slice()).unwrap_or(&[]) {
+        let reply = svm.mmu(&MmuRequest::DestroyDomain { domain: d.id });
+        svm.carry_out(d, reply.flush());
+        if !matches!(reply, MmuReply::Done { .. }) {
+            crate::kprintln!("svm: DestroyDomain d{}: {reply:?}", d.id.0);
+            ok = false;
+            continue;
+        }
+        svm.mem.remove_guest_range(d.mem_pa);
+        host::free(d.mem_pa, d.mem_bytes / 4096);
+    }
+    let (left, peak) = svm.mem.shadow_pages();
+    crate::kprintln!("svm: every domain destroyed; shadow pages still taken: {left} (peak {peak})");
+    let clean = ok && left == 0;
+    if test_mode {
+        let name = svm.server.name();
+        if clean {
+            crate::kprintln!("test svm-{name}-teardown-no-leak ... ok");
+        } else {
+            crate::kprintln!(
+                "test svm-{name}-teardown-no-leak ... FAILED: {left} shadow pages leaked"
+            );
+        }
+        TEARDOWN.call_once(|| clean);
+    }
+    clean
+}
+
+/// Whether the test-mode teardown was clean.
+static TEARDOWN: Once<bool> = Once::new();
 
 fn expect_done(reply: MmuReply, what: &'static str) -> Result<(), &'static str> {
     match reply {
@@ -516,6 +552,10 @@ pub fn boot_hook(cmdline: &'static str) -> bool {
     // The test image: the conformance scenarios on real frames, then a
     // summary over the workload and scenario lines.
     let (mut wp, mut wf) = TEST_TALLY.get().copied().unwrap_or((0, 1));
+    match TEARDOWN.get() {
+        Some(true) => wp += 1,
+        _ => wf += 1,
+    }
     match decode::self_test() {
         Ok(()) => {
             wp += 1;
