@@ -43,6 +43,13 @@
 //! - Translations cached for one vCPU are used only by that vCPU: an ASID
 //!   per vCPU, or a flush when a pCPU switches between vCPUs.
 //! - A domain is destroyed only when none of its vCPUs is scheduled.
+//! - While a guest runs on shadow tables the hardware CR0.WP is 1, whatever
+//!   the guest's CR0.WP (the kernel intercepts CR0 and reports the guest's
+//!   value with [`MmuRequest::SetPagingMode`]). Shadow leaves are read-only
+//!   to catch first writes (guest D bits, dirty logging); a server emulates
+//!   the guest's CR0.WP = 0 in its shadow entries, not through hardware.
+//! - Hardware EFER.NXE may be 1 even when the guest's is 0 (servers never set
+//!   NX in a shadow entry for a guest with EFER.NXE = 0). SMEP/SMAP are off.
 //! - Requests naming a vCPU are sent from the pCPU it runs on, while it is
 //!   out of the guest (in an exit).
 //!

@@ -12,6 +12,7 @@
 
 extern crate alloc;
 
+pub mod fast;
 pub mod reference;
 pub mod registry;
 pub mod shadow;

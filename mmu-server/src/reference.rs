@@ -29,6 +29,11 @@
 //!   leaves it injects #PF with P | RSVD (see [`crate::walk`]).
 //!
 //! # Flushes and frame reuse
+//! Invariant: a pCPU's TLB never holds, for a vCPU, a translation wider
+//! than that vCPU's current shadow tree (replacing a present leaf flushes
+//! the page on `ran_on`; write-protecting flushes `ran_on`). Dirty logging
+//! depends on it.
+//!
 //! Per vCPU the server tracks `ran_on` (pCPUs whose TLB may hold entries of
 //! its tree since it was last emptied) and `must_flush` (pCPUs to flush
 //! before the vCPU next runs there). Emptying a tree yields a flush of
@@ -302,10 +307,16 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
             match shadow::install(self.mem, root, gva, leaf) {
                 Ok(old) => {
                     if old & PTE_P != 0 {
+                        // The old leaf may be cached wherever the vCPU ran
+                        // since its tree was last emptied, and may be wider
+                        // in some way (U/S vs R/W under CR0.WP = 0): flush
+                        // it everywhere, so caches never hold more than the
+                        // tree (dirty logging relies on it).
+                        let ran_on = st.vcpu(vcpu)?.ran_on;
                         add(
                             flush,
                             Some(FlushObligation {
-                                cpus: CpuSet::single(pcpu),
+                                cpus: ran_on,
                                 scope: FlushScope::Page(gva),
                             }),
                         );

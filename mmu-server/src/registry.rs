@@ -5,6 +5,8 @@
 //! To add an implementation: add its name to [`NAMES`] and an arm to
 //! [`create_with`].
 
+use crate::fast::policy::{PerPcpuCopies, SharedRoots};
+use crate::fast::FastServer;
 use crate::reference::{self, Reference};
 use crate::Config;
 use abi::{MmuServer, PhysMem};
@@ -12,7 +14,12 @@ use alloc::boxed::Box;
 use core::fmt;
 
 /// Every registered implementation, in the order reports list them.
-pub const NAMES: &[&str] = &[reference::NAME];
+pub const NAMES: &[&str] = &[reference::NAME, FAST_SHARED, FAST_PERCPU];
+
+/// The fast server with one shared shadow root per guest L4.
+pub const FAST_SHARED: &str = "fast-shared";
+/// The fast server with per-pCPU copies of the shadow L4.
+pub const FAST_PERCPU: &str = "fast-percpu";
 
 /// The name asked for is not registered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +51,16 @@ pub fn create_with<'m, 'n>(
 ) -> Result<Box<dyn MmuServer + 'm>, UnknownImpl<'n>> {
     match name {
         reference::NAME => Ok(Box::new(Reference::new(mem, config))),
+        FAST_SHARED => Ok(Box::new(FastServer::<SharedRoots>::new(
+            FAST_SHARED,
+            mem,
+            config,
+        ))),
+        FAST_PERCPU => Ok(Box::new(FastServer::<PerPcpuCopies>::new(
+            FAST_PERCPU,
+            mem,
+            config,
+        ))),
         _ => Err(UnknownImpl(name)),
     }
 }

@@ -9,9 +9,11 @@
 //!   are: bits 51..MAXPHYADDR at every level; bit 63 (NX) when EFER.NXE = 0;
 //!   bit 7 of a PML4E; bits 29..13 of a 1 GiB PDPTE; bits 20..13 of a 2 MiB
 //!   PDE.
-//! - A paging-structure frame or the final frame outside the domain's memory
-//!   map stops the walk: #PF with P | RSVD (the guest sees a reserved-bit
-//!   fault; no mapping is ever made to a frame outside the guest).
+//! - A paging-structure frame or the final 4 KiB frame outside the domain's
+//!   memory map stops the walk: #PF with P | RSVD (the guest sees a
+//!   reserved-bit fault; no mapping is ever made to a frame outside the
+//!   guest). Like reserved bits, this is found while walking, so it takes
+//!   priority over permission faults.
 //! - Permissions combine all levels: user access needs U/S at every level;
 //!   a write needs R/W at every level, except a supervisor write with
 //!   CR0.WP = 0; with EFER.NXE = 1 a fetch faults if any level has NX.
@@ -197,6 +199,15 @@ pub fn walk<M: PhysMem + ?Sized>(
             table = Gpa(e & PTE_ADDR_MASK);
             level -= 1;
         };
+        // The final frame outside guest memory counts as a reserved-bit
+        // fault of the leaf, found while walking: before permissions.
+        let gpa = Gpa(frame_base.0 + gva.offset_in(size));
+        let gfn = gpa.frame();
+        let Some(mfn) = guest.mfn(gfn) else {
+            return Err(WalkError::Fault(
+                code.with(PfErrorCode::P | PfErrorCode::RSVD),
+            ));
+        };
         // Permissions over all levels.
         let is_user = access.is_user();
         let is_write = access.is_write();
@@ -206,13 +217,6 @@ pub fn walk<M: PhysMem + ?Sized>(
         if denied {
             return Err(WalkError::Fault(code.with(PfErrorCode::P)));
         }
-        let gpa = Gpa(frame_base.0 + gva.offset_in(size));
-        let gfn = gpa.frame();
-        let Some(mfn) = guest.mfn(gfn) else {
-            return Err(WalkError::Fault(
-                code.with(PfErrorCode::P | PfErrorCode::RSVD),
-            ));
-        };
         // Success: set A everywhere, D in the leaf on a write.
         let mut leaf_value = 0;
         for (i, &(hpa, old, entry_gpa)) in entries[..n].iter().enumerate() {

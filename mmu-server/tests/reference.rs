@@ -247,11 +247,17 @@ fn wp0_supervisor_write_gets_a_supervisor_only_writable_leaf() {
         PTE_RW,
         "writable for the supervisor only"
     );
-    // A user read re-checks and gets the user read-only leaf back.
-    assert!(matches!(
-        w.fault(V0, P0, 0x1000, U | PfErrorCode::P),
-        MmuReply::Resume { .. }
-    ));
+    // V0 moves to P1; a user read there re-checks and gets the user
+    // read-only leaf back. The supervisor-writable leaf may still be cached
+    // on P0, so the page is flushed on both.
+    send(&w.s, MmuRequest::VcpuDescheduled { vcpu: V0, pcpu: P0 });
+    send(&w.s, MmuRequest::VcpuScheduled { vcpu: V0, pcpu: P1 });
+    assert_eq!(
+        w.fault(V0, P1, 0x1000, U | PfErrorCode::P),
+        MmuReply::Resume {
+            flush: flush(&[P0, P1], FlushScope::Page(Gva(0x1000)))
+        }
+    );
     assert_eq!(w.leaf(V0, 0x1000).unwrap() & (PTE_RW | PTE_US), PTE_US);
 }
 

@@ -336,3 +336,12 @@ fn dirty_callback_names_written_table_frames() {
     .unwrap();
     assert!(seen.is_empty());
 }
+
+#[test]
+fn outside_memory_takes_priority_over_permissions() {
+    let (mem, map) = setup();
+    let mut c = ctx(&mem, &map);
+    // Supervisor-only, read-only page at a frame outside the guest.
+    c.t.map(c.pml4, Gva(0x1000), Gpa(5000 << 12), PageSize::Size4K, 0);
+    assert_eq!(c.walk(NXE, 0x1000, W | U), fault(P | RSVD | W | U));
+}

@@ -73,7 +73,7 @@ pub struct Failure {
 }
 
 /// How many earlier steps a failure report lists.
-pub const RECENT: usize = 600;
+pub const RECENT: usize = 16;
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1235,7 +1235,14 @@ impl<'m> Machine<'m> {
                     ),
                     Some(va),
                     expected,
-                    format!("hpa {hpa:#x}, rights {rights}, {size:?}"),
+                    format!(
+                        "hpa {hpa:#x}{}, rights {rights}, {size:?}",
+                        if dom.gfn_of(hpa >> 12).is_none() {
+                            " (not a frame of this guest)"
+                        } else {
+                            ""
+                        }
+                    ),
                 ))
             }
         }

@@ -21,7 +21,7 @@ impl Rng {
         Rng(seed)
     }
     /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -30,7 +30,7 @@ impl Rng {
     }
     /// A number below `n` (n > 0).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
     /// True with probability `pct` percent.
     pub fn chance(&mut self, pct: u64) -> bool {
@@ -186,7 +186,7 @@ fn edit(m: &mut Machine<'_>, r: &mut Rng, dom: &Dom, v: usize) -> Res<()> {
         14 => old | 1 << r.pick(&[48u64, 50, 51]),
         15 => (RAM + r.below(1 << 20)) << 12 | FULL,
         16 if level > 1 => old | PS,
-        _ => old & !(arch::A | arch::D) | (r.next() & (arch::A | arch::D)),
+        _ => old & !(arch::A | arch::D) | (r.next_u64() & (arch::A | arch::D)),
     };
     let o = m.access(v, DIRECT + ea, Access::WRITE, new)?;
     judge(m, o, DIRECT + ea)
@@ -201,11 +201,14 @@ pub fn random_run(m: &mut Machine<'_>, seed: u64, steps: u64) -> Res<()> {
         setup(m, &mut r, 0, na)?,
         setup(m, &mut r, na, (pc - na).clamp(1, 2))?,
     ];
+    let mut recents: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
     for _ in 0..steps {
-        let dom = &doms[if r.chance(65) { 0 } else { 1 }];
+        let which = if r.chance(65) { 0 } else { 1 };
+        let dom = &doms[which];
+        let recent = &mut recents[which];
         let v = r.pick(&dom.vcpus);
         ensure_running(m, &mut r, v)?;
-        match r.below(100) {
+        match r.below(104) {
             0..=49 => {
                 let gva = if r.chance(8) {
                     DIRECT + (r.below(RAM * 512) << 3)
@@ -216,7 +219,7 @@ pub fn random_run(m: &mut Machine<'_>, seed: u64, steps: u64) -> Res<()> {
                 let value = if r.chance(30) {
                     r.pick(&dom.data) << 12 | flags(&mut r)
                 } else {
-                    r.next() & 0xffff_ffff
+                    r.next_u64() & 0xffff_ffff
                 };
                 // Plain data writes stay off the page tables most of the
                 // time so that the address spaces live long.
@@ -225,6 +228,12 @@ pub fn random_run(m: &mut Machine<'_>, seed: u64, steps: u64) -> Res<()> {
                 }
                 let o = m.access(v, gva, acc, value)?;
                 judge(m, o, gva)?;
+                if gva < DIRECT && matches!(o, Outcome::Ok(_)) {
+                    if recent.len() == 8 {
+                        recent.remove(0);
+                    }
+                    recent.push(gva & !0xfff);
+                }
             }
             50..=71 => edit(m, &mut r, dom, v)?,
             72..=81 => {
@@ -255,6 +264,32 @@ pub fn random_run(m: &mut Machine<'_>, seed: u64, steps: u64) -> Res<()> {
                     nxe: !r.chance(20),
                 };
                 m.set_mode(v, ctrl)?;
+            }
+            99..=102 if !recent.is_empty() => {
+                // mprotect / munmap / remap of a page just used, then a
+                // shootdown: every running vCPU of the domain flushes it and
+                // touches it again.
+                let va = r.pick(recent);
+                if let Some(ea) = m
+                    .entry_addr(dom.d, m.cr3(v), va, 1)
+                    .filter(|&ea| ea < RAM << 12)
+                {
+                    let old = m.peek(dom.d, ea).unwrap_or(0);
+                    let new = match r.below(3) {
+                        0 => old & !RW,
+                        1 => 0,
+                        _ => r.pick(&dom.data) << 12 | flags(&mut r),
+                    };
+                    let o = m.access(v, DIRECT + ea, Access::WRITE, new)?;
+                    judge(m, o, DIRECT + ea)?;
+                    for &w in &dom.vcpus {
+                        if m.running_on(w).is_some() {
+                            m.invlpg(w, va)?;
+                            let o = m.access(w, va, Access::WRITE, r.next_u64() & 0xffff)?;
+                            judge(m, o, va)?;
+                        }
+                    }
+                }
             }
             _ => {
                 // A guest shootdown: every vCPU of the domain flushes one page.

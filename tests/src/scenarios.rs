@@ -211,12 +211,13 @@ fn malformed(m: &mut Machine<'_>) -> Res<()> {
         &mut good,
     )
     .unwrap_or(0);
-    let mut cases: Vec<Vec<u8>> = Vec::new();
-    cases.push(Vec::new());
-    cases.push(alloc::vec![0xff]);
-    cases.push(alloc::vec![0xff; 40]);
-    cases.push(alloc::vec![0x80; 12]);
-    cases.push(good[..n - 1].to_vec());
+    let mut cases: Vec<Vec<u8>> = alloc::vec![
+        Vec::new(),
+        alloc::vec![0xff],
+        alloc::vec![0xff; 40],
+        alloc::vec![0x80; 12],
+        good[..n - 1].to_vec(),
+    ];
     let mut trailing = good[..n].to_vec();
     trailing.push(0);
     cases.push(trailing);
@@ -680,7 +681,7 @@ fn self_reference(m: &mut Machine<'_>) -> Res<()> {
     let r = 510u64;
     m.guest_write(b.d, Some(v), b.cr3 + r * 8, b.cr3 | P | RW)?;
     let rec = |l4: u64, l3: u64, l2: u64, l1: u64| {
-        arch::canonical(r << 39 | l4 << 30 | l3 << 21 | l2 << 12 | l1 * 8)
+        arch::canonical(r << 39 | l4 << 30 | l3 << 21 | l2 << 12 | (l1 * 8))
     };
     let (i4, i3, i2, i1) = (
         arch::index(USER, 4),

@@ -28,9 +28,9 @@ fn parse() -> Result<Opts, String> {
         only_impl: None,
         only_scenario: None,
         seeds: Vec::new(),
-        steps: 2500,
+        steps: 4000,
     };
-    let mut nseeds = 8u64;
+    let mut nseeds = 24u64;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = |what: &str| args.next().ok_or(format!("{a} needs {what}"));

@@ -1,0 +1,61 @@
+//! Every scripted conformance scenario against `fast-shared` and
+//! `fast-percpu` (and the reference, as a control), built through the
+//! registry exactly as `cargo xtask conformance` does.
+
+use conformance::{run_scenario, scenarios, Ram, SuitePhys, RAM_FRAMES};
+use core::sync::atomic::AtomicU64;
+use mmu_server::registry;
+
+fn shared<'a>(p: &'a SuitePhys<'a>) -> Box<dyn abi::MmuServer + 'a> {
+    registry::create(registry::FAST_SHARED, p).expect("registered")
+}
+
+fn percpu<'a>(p: &'a SuitePhys<'a>) -> Box<dyn abi::MmuServer + 'a> {
+    registry::create(registry::FAST_PERCPU, p).expect("registered")
+}
+
+/// Runs every scenario; returns the failures.
+fn failures(make: conformance::MakeServer<'_>) -> Vec<(&'static str, String)> {
+    let mut failed = Vec::new();
+    for sc in scenarios() {
+        let words: Vec<AtomicU64> = (0..RAM_FRAMES * 512).map(|_| AtomicU64::new(0)).collect();
+        let ram = Ram::new(0x100_0000, &words);
+        if let Err(f) = run_scenario(sc, make, ram) {
+            failed.push((sc.name, format!("{f}")));
+        }
+    }
+    failed
+}
+
+/// The fast server must pass every scenario the reference passes (a
+/// scenario the reference fails too is a suite bug, reported by the suite's
+/// own run).
+fn suite(name: &str, make: conformance::MakeServer<'_>) {
+    let control: Vec<&str> = failures(&reference).iter().map(|f| f.0).collect();
+    let failed: Vec<String> = failures(make)
+        .into_iter()
+        .filter(|f| !control.contains(&f.0))
+        .map(|f| f.1)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{name}: {} of {} scenarios failed:\n{}",
+        failed.len(),
+        scenarios().len(),
+        failed.join("\n")
+    );
+}
+
+#[test]
+fn scenarios_fast_shared() {
+    suite(registry::FAST_SHARED, &shared);
+}
+
+#[test]
+fn scenarios_fast_percpu() {
+    suite(registry::FAST_PERCPU, &percpu);
+}
+
+fn reference<'a>(p: &'a SuitePhys<'a>) -> Box<dyn abi::MmuServer + 'a> {
+    registry::create("reference", p).expect("registered")
+}

@@ -1,0 +1,144 @@
+//! The fast server on the conformance suite's simulated machine: random
+//! guest workloads (page-table edits, CR3 switches between processes, dirty
+//! logging, zaps, several vCPUs) judged by the suite's oracle after every
+//! step, with the server's own invariants audited along the way.
+
+use conformance::arch::{Access, Ctrl, Size, NX, P, RW, US};
+use conformance::machine::{Machine, Outcome};
+use conformance::ram::{Ram, SuitePhys};
+use core::sync::atomic::AtomicU64;
+use mmu_server::fast::policy::{L4Policy, PerPcpuCopies, SharedRoots};
+use mmu_server::fast::FastServer;
+
+const FRAMES: u64 = 4096;
+const GUEST: u64 = 1024;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn run<P: L4Policy>(name: &'static str, seed: u64, steps: usize) {
+    let words: Vec<AtomicU64> = (0..FRAMES * 512).map(|_| AtomicU64::new(0)).collect();
+    let ram = Ram::new(0x10_0000, &words);
+    let phys = SuitePhys::new(ram, ram.first_mfn() + GUEST);
+    let server = FastServer::<P>::new(name, &phys, mmu_server::Config::default());
+    let mut m = Machine::new(name, &server, &phys, GUEST, 4);
+    let r = (|| -> Result<(), String> {
+        let e = |f: Box<conformance::machine::Failure>| format!("{f}");
+        let d = m.create_domain(&[(0, 512), (0x1000, 256)]).map_err(e)?;
+        let vs: Vec<usize> = (0..3)
+            .map(|_| m.create_vcpu(d, Ctrl::DEFAULT))
+            .collect::<Result<_, _>>()
+            .map_err(e)?;
+        let spaces: Vec<u64> = (0..4)
+            .map(|_| m.new_space(d, None))
+            .collect::<Result<_, _>>()
+            .map_err(e)?;
+        for (i, &v) in vs.iter().enumerate() {
+            m.schedule(v, i).map_err(e)?;
+            m.write_cr3(v, spaces[i % spaces.len()]).map_err(e)?;
+        }
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let data: Vec<u64> = (0..24).map(|_| m.alloc_gfn(d)).collect();
+        for step in 0..steps {
+            let v = vs[rng.below(vs.len() as u64) as usize];
+            let va = 0x4000_0000 + rng.below(32) * 0x1000;
+            match rng.below(20) {
+                0..=3 => {
+                    let cr3 = m.cr3(v);
+                    let gpa = data[rng.below(data.len() as u64) as usize] << 12;
+                    let flags = P
+                        | [0, RW][rng.below(2) as usize]
+                        | [0, US][rng.below(2) as usize]
+                        | [0, NX][rng.below(2) as usize];
+                    let flags = if rng.below(8) == 0 { 0 } else { flags };
+                    m.map(d, Some(v), cr3, va, gpa, Size::K4, flags)
+                        .map_err(e)?;
+                }
+                4 => {
+                    let s = spaces[rng.below(spaces.len() as u64) as usize];
+                    m.write_cr3(v, s).map_err(e)?;
+                }
+                5 => {
+                    let cr3 = m.cr3(v);
+                    m.invlpg(v, va).map_err(e)?;
+                    let _ = cr3;
+                }
+                6 => {
+                    if m.dirty_on(d) {
+                        if rng.below(4) == 0 {
+                            m.disable_dirty(d).map_err(e)?;
+                        } else {
+                            m.get_dirty(d).map_err(e)?;
+                        }
+                    } else {
+                        m.enable_dirty(d).map_err(e)?;
+                    }
+                }
+                7 if step % 5 == 0 => m.zap_all(d).map_err(e)?,
+                8 => {
+                    // Migrate to a free pCPU (4 pCPUs, 3 vCPUs).
+                    let busy: Vec<usize> = vs.iter().filter_map(|&x| m.running_on(x)).collect();
+                    let p = (0..4).find(|p| !busy.contains(p)).expect("a free pCPU");
+                    m.schedule(v, p).map_err(e)?;
+                }
+                _ => {
+                    let acc = Access::ALL[rng.below(6) as usize];
+                    match m.access(v, va, acc, rng.next()).map_err(e)? {
+                        Outcome::Refused(r) => return Err(format!("refused: {r:?}")),
+                        Outcome::Ok(_) | Outcome::Fault(_) => {}
+                    }
+                }
+            }
+            server
+                .audit()
+                .map_err(|a| format!("audit after step {step}: {a}"))?;
+        }
+        let st = server.stats();
+        let o = core::sync::atomic::Ordering::Relaxed;
+        eprintln!(
+            "{name} seed {seed}: sp created {} freed {} fast {} slow {} unshadowed {} | {:?}",
+            st.sp_created.load(o),
+            st.sp_freed.load(o),
+            st.fast_fixes.load(o),
+            st.slow_faults.load(o),
+            st.unshadowed.load(o),
+            m.stats
+        );
+        Ok(())
+    })();
+    if let Err(f) = r {
+        panic!("{name} seed {seed}: {f}");
+    }
+}
+
+fn seeds() -> std::ops::RangeInclusive<u64> {
+    match std::env::var("FAST_SEED").ok().and_then(|s| s.parse().ok()) {
+        Some(s) => s..=s,
+        None => 1..=20,
+    }
+}
+
+#[test]
+fn random_workloads_shared_roots() {
+    for seed in seeds() {
+        run::<SharedRoots>("fast-shared", seed, 300);
+    }
+}
+
+#[test]
+fn random_workloads_per_pcpu_copies() {
+    for seed in seeds() {
+        run::<PerPcpuCopies>("fast-percpu", seed, 300);
+    }
+}
