@@ -91,6 +91,21 @@ pub enum Op {
         /// 1, 2, 4 or 8.
         size: u8,
     },
+    /// A read-modify-write of memory (XCHG, CMPXCHG, OR, AND, ADD, XADD,
+    /// with or without LOCK): its effect depends on the old value, see
+    /// [`rmw_apply`].
+    ReadModifyWrite {
+        /// Effective address.
+        gva: u64,
+        /// 1, 2, 4 or 8.
+        size: u8,
+        /// Which operation.
+        kind: Rmw,
+        /// The source operand (register value or immediate, zero-extended).
+        src: u64,
+        /// The source register, if it is one (XCHG/XADD write it back).
+        reg: Option<Register>,
+    },
     /// Some other instruction (only its length is known).
     Other,
 }
@@ -148,36 +163,283 @@ fn classify(instr: &Instruction, regs: &RegFile) -> Result<Op, DecodeError> {
             dest: instr.op_register(0),
         }),
         Code::Invlpg_m => Ok(Op::Invlpg { gva: ea(0)? }),
-        _ => match instr.mnemonic() {
-            Mnemonic::Mov if instr.op_count() == 2 && instr.op_kind(0) == OpKind::Memory => {
-                let size = instr.memory_size().size();
-                if !matches!(size, 1 | 2 | 4 | 8) {
-                    return Err(DecodeError::Unsupported);
+        _ => {
+            let rmw = match instr.mnemonic() {
+                Mnemonic::Mov => None,
+                Mnemonic::Xchg => Some(Rmw::Xchg),
+                Mnemonic::Cmpxchg => Some(Rmw::Cmpxchg),
+                Mnemonic::Or => Some(Rmw::Or),
+                Mnemonic::And => Some(Rmw::And),
+                Mnemonic::Add => Some(Rmw::Add),
+                Mnemonic::Xadd => Some(Rmw::Xadd),
+                Mnemonic::Sub => Some(Rmw::Sub),
+                Mnemonic::Inc | Mnemonic::Dec
+                    if instr.op_count() == 1 && instr.op_kind(0) == OpKind::Memory =>
+                {
+                    let size = instr.memory_size().size() as u8;
+                    if !matches!(size, 1 | 2 | 4 | 8) {
+                        return Err(DecodeError::Unsupported);
+                    }
+                    let kind = if instr.mnemonic() == Mnemonic::Inc {
+                        Rmw::Inc
+                    } else {
+                        Rmw::Dec
+                    };
+                    return Ok(Op::ReadModifyWrite {
+                        gva: ea(0)?,
+                        size,
+                        kind,
+                        src: 1,
+                        reg: None,
+                    });
                 }
-                let value = match instr.op_kind(1) {
-                    OpKind::Register => regs
-                        .get(instr.op_register(1))
-                        .ok_or(DecodeError::Unsupported)?,
-                    OpKind::Immediate8
-                    | OpKind::Immediate16
-                    | OpKind::Immediate32
-                    | OpKind::Immediate32to64
-                    | OpKind::Immediate8to64 => instr.immediate(1),
-                    _ => return Err(DecodeError::Unsupported),
-                };
-                let mask = if size == 8 {
-                    u64::MAX
-                } else {
-                    (1u64 << (size * 8)) - 1
-                };
-                Ok(Op::Write {
-                    gva: ea(0)?,
-                    value: value & mask,
-                    size: size as u8,
-                })
+                _ => return Ok(Op::Other),
+            };
+            if instr.op_count() != 2 || instr.op_kind(0) != OpKind::Memory {
+                return Ok(Op::Other);
             }
-            _ => Ok(Op::Other),
+            let size = instr.memory_size().size();
+            if !matches!(size, 1 | 2 | 4 | 8) {
+                return Err(DecodeError::Unsupported);
+            }
+            let (value, reg) = match instr.op_kind(1) {
+                OpKind::Register => {
+                    let r = instr.op_register(1);
+                    (regs.get(r).ok_or(DecodeError::Unsupported)?, Some(r))
+                }
+                OpKind::Immediate8
+                | OpKind::Immediate16
+                | OpKind::Immediate32
+                | OpKind::Immediate32to64
+                | OpKind::Immediate8to64 => (instr.immediate(1), None),
+                _ => return Err(DecodeError::Unsupported),
+            };
+            let value = value & size_mask(size as u8);
+            let gva = ea(0)?;
+            let size = size as u8;
+            match rmw {
+                None => Ok(Op::Write { gva, value, size }),
+                Some(kind) => {
+                    // XCHG, CMPXCHG and XADD write a register back: only
+                    // 32- and 64-bit ones are emulated.
+                    if matches!(kind, Rmw::Xchg | Rmw::Cmpxchg | Rmw::Xadd) && size < 4 {
+                        return Err(DecodeError::Unsupported);
+                    }
+                    Ok(Op::ReadModifyWrite {
+                        gva,
+                        size,
+                        kind,
+                        src: value,
+                        reg,
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// The all-ones mask of a `size`-byte value.
+pub fn size_mask(size: u8) -> u64 {
+    if size >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (size * 8)) - 1
+    }
+}
+
+/// A read-modify-write instruction on memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rmw {
+    /// XCHG m, r: m := r, r := old.
+    Xchg,
+    /// CMPXCHG m, r: if old == rAX { m := r, ZF=1 } else { rAX := old, ZF=0 }.
+    Cmpxchg,
+    /// OR m, src.
+    Or,
+    /// AND m, src.
+    And,
+    /// ADD m, src.
+    Add,
+    /// XADD m, r: m := old + r, r := old.
+    Xadd,
+    /// SUB m, src.
+    Sub,
+    /// INC m (CF unchanged).
+    Inc,
+    /// DEC m (CF unchanged).
+    Dec,
+}
+
+/// What a read-modify-write does given the old memory value: the new
+/// memory value (None: no write), register write-backs and the new
+/// arithmetic flags (CF, PF, AF, ZF, SF, OF).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RmwResult {
+    /// Value to store, if any.
+    pub store: Option<u64>,
+    /// Register to write and its value.
+    pub reg_write: Option<(Register, u64)>,
+    /// New RFLAGS arithmetic bits (within [`ARITH_FLAGS`]), or None to
+    /// leave them.
+    pub flags: Option<u64>,
+    /// Which flags `flags` replaces (INC/DEC keep CF).
+    pub flags_mask: u64,
+}
+
+const CF: u64 = 1;
+const PF: u64 = 1 << 2;
+const AF: u64 = 1 << 4;
+const ZF: u64 = 1 << 6;
+const SF: u64 = 1 << 7;
+const OF: u64 = 1 << 11;
+/// The arithmetic flags an RMW may change.
+pub const ARITH_FLAGS: u64 = CF | PF | AF | ZF | SF | OF;
+
+fn szp(result: u64, size: u8) -> u64 {
+    let sign = 1u64 << (size * 8 - 1);
+    let mut f = 0;
+    if result & size_mask(size) == 0 {
+        f |= ZF;
+    }
+    if result & sign != 0 {
+        f |= SF;
+    }
+    if (result as u8).count_ones() % 2 == 0 {
+        f |= PF;
+    }
+    f
+}
+
+/// Computes an RMW's effect from the old memory value and the registers.
+pub fn rmw_apply(
+    kind: Rmw,
+    size: u8,
+    old: u64,
+    src: u64,
+    reg: Option<Register>,
+    regs: &RegFile,
+) -> RmwResult {
+    let m = size_mask(size);
+    let old = old & m;
+    let sign = 1u64 << (size * 8 - 1);
+    let add = |a: u64, b: u64| {
+        let r = a.wrapping_add(b) & m;
+        let mut f = szp(r, size);
+        if r < a {
+            f |= CF;
+        }
+        if (a ^ r) & (b ^ r) & sign != 0 {
+            f |= OF;
+        }
+        if (a ^ b ^ r) & 0x10 != 0 {
+            f |= AF;
+        }
+        (r, f)
+    };
+    let sub = |a: u64, b: u64| {
+        let r = a.wrapping_sub(b) & m;
+        let mut f = szp(r, size);
+        if a < b {
+            f |= CF;
+        }
+        if (a ^ b) & (a ^ r) & sign != 0 {
+            f |= OF;
+        }
+        if (a ^ b ^ r) & 0x10 != 0 {
+            f |= AF;
+        }
+        (r, f)
+    };
+    let all = ARITH_FLAGS;
+    match kind {
+        Rmw::Xchg => RmwResult {
+            store: Some(src),
+            reg_write: reg.map(|r| (r, old)),
+            flags: None,
+            flags_mask: 0,
         },
+        Rmw::Sub => {
+            let (r, f) = sub(old, src);
+            RmwResult {
+                store: Some(r),
+                reg_write: None,
+                flags: Some(f),
+                flags_mask: all,
+            }
+        }
+        Rmw::Inc => {
+            let (r, f) = add(old, 1);
+            RmwResult {
+                store: Some(r),
+                reg_write: None,
+                flags: Some(f & !CF),
+                flags_mask: all & !CF,
+            }
+        }
+        Rmw::Dec => {
+            let (r, f) = sub(old, 1);
+            RmwResult {
+                store: Some(r),
+                reg_write: None,
+                flags: Some(f & !CF),
+                flags_mask: all & !CF,
+            }
+        }
+        Rmw::Or => RmwResult {
+            store: Some(old | src),
+            reg_write: None,
+            flags: Some(szp(old | src, size)),
+            flags_mask: all,
+        },
+        Rmw::And => RmwResult {
+            store: Some(old & src),
+            reg_write: None,
+            flags: Some(szp(old & src, size)),
+            flags_mask: all,
+        },
+        Rmw::Add => {
+            let (r, f) = add(old, src);
+            RmwResult {
+                store: Some(r),
+                reg_write: None,
+                flags: Some(f),
+                flags_mask: all,
+            }
+        }
+        Rmw::Xadd => {
+            let (r, f) = add(old, src);
+            RmwResult {
+                store: Some(r),
+                reg_write: reg.map(|r| (r, old)),
+                flags: Some(f),
+                flags_mask: all,
+            }
+        }
+        Rmw::Cmpxchg => {
+            // Flags as for CMP rAX, old (rAX - old).
+            let acc = regs.r[0] & m;
+            let (_, f) = sub(acc, old);
+            let acc_reg = if size == 8 {
+                Register::RAX
+            } else {
+                Register::EAX
+            };
+            if acc == old {
+                RmwResult {
+                    store: Some(src),
+                    reg_write: None,
+                    flags: Some(f),
+                    flags_mask: all,
+                }
+            } else {
+                RmwResult {
+                    store: None,
+                    reg_write: Some((acc_reg, old)),
+                    flags: Some(f),
+                    flags_mask: all,
+                }
+            }
+        }
     }
 }
 

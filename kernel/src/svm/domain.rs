@@ -76,6 +76,8 @@ pub struct Domain {
     pub zaps: AtomicU64,
     /// vCPUs that have ended (any way).
     pub ended: AtomicU32,
+    /// Serializes emulated writes (read-modify-write emulation).
+    pub emul_lock: Mutex<()>,
 }
 
 impl Domain {
@@ -298,6 +300,7 @@ pub fn load(
         emulated: AtomicU64::new(0),
         zaps: AtomicU64::new(0),
         ended: AtomicU32::new(0),
+        emul_lock: Mutex::new(()),
     };
     Ok((domain, boots))
 }

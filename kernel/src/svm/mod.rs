@@ -246,6 +246,8 @@ pub fn run(
         };
         map.push(region).map_err(|_| "memory map full")?;
         expect_done(
+            svm,
+            dom,
             svm.mmu(&MmuRequest::CreateDomain {
                 domain: id,
                 memory: map,
@@ -257,14 +259,27 @@ pub fn run(
             let vid = VcpuId(next_vcpu + v as u32);
             let p = PcpuId(pcpu as u32);
             expect_done(
+                svm,
+                dom,
                 svm.mmu(&MmuRequest::CreateVcpu {
                     domain: id,
                     vcpu: vid,
                 }),
                 "CreateVcpu",
             )?;
+            // CR3 first: a server may build a root as soon as paging is on,
+            // and a root for the initial CR3 of 0 would shadow gfn 0.
+            let cr3 = GuestCr3(guest::layout::L4_GPA);
+            let r = svm.mmu(&MmuRequest::WriteCr3 {
+                vcpu: vid,
+                pcpu: p,
+                cr3,
+            });
+            expect_done(svm, dom, r, "WriteCr3")?;
             let mode = PagingMode(PagingMode::WP | PagingMode::NXE);
             expect_done(
+                svm,
+                dom,
                 svm.mmu(&MmuRequest::SetPagingMode {
                     vcpu: vid,
                     pcpu: p,
@@ -272,16 +287,7 @@ pub fn run(
                 }),
                 "SetPagingMode",
             )?;
-            let cr3 = GuestCr3(guest::layout::L4_GPA);
-            let r = svm.mmu(&MmuRequest::WriteCr3 {
-                vcpu: vid,
-                pcpu: p,
-                cr3,
-            });
-            if let MmuReply::Error { reason, .. } = r {
-                crate::kprintln!("svm: WriteCr3 at creation failed: {reason}");
-                return Err("MMU server refused the initial CR3");
-            }
+
             let vcpu = Vcpu::new(vid, v as u32, dom, boot, svm.iopm_pa, svm.msrpm_pa)?;
             svm.queues[pcpu].lock().push(vcpu);
         }
@@ -336,10 +342,18 @@ fn teardown(svm: &Svm, test_mode: bool) -> bool {
 /// Whether the test-mode teardown was clean.
 static TEARDOWN: Once<bool> = Once::new();
 
-fn expect_done(reply: MmuReply, what: &'static str) -> Result<(), &'static str> {
+/// Carries out a control reply at domain creation: its flush, and nothing
+/// else (a root handed out here is fetched again by `VcpuScheduled` before
+/// the vCPU first runs).
+fn expect_done(
+    svm: &Svm,
+    dom: &Domain,
+    reply: MmuReply,
+    what: &'static str,
+) -> Result<(), &'static str> {
+    svm.carry_out(dom, reply.flush());
     match reply {
-        MmuReply::Done { flush: None } => Ok(()),
-        MmuReply::Done { .. } => Ok(()),
+        MmuReply::Done { .. } | MmuReply::LoadShadowRoot { .. } => Ok(()),
         other => {
             crate::kprintln!("svm: {what}: unexpected reply {other:?}");
             Err("MMU server refused a control request")

@@ -404,11 +404,20 @@ impl Vcpu {
             Ok(d) => d,
             Err(e) => return self.stop(e, self.vmcb.rip()),
         };
-        let Op::Write { gva, value, size } = d.op else {
-            return self.stop(
-                "write to a protected page table by an instruction not emulated, rip",
-                self.vmcb.rip(),
-            );
+        let (gva, size) = match d.op {
+            Op::Write { gva, size, .. } | Op::ReadModifyWrite { gva, size, .. } => (gva, size),
+            _ => {
+                crate::kprintln!(
+                    "[d{} v{}] protected write at gpa {fault_gpa:#x} by {:?}",
+                    self.dom.id.0,
+                    self.index,
+                    d.mnemonic
+                );
+                return self.stop(
+                    "write to a protected page by an instruction not emulated, rip",
+                    self.vmcb.rip(),
+                );
+            }
         };
         let last = gva.wrapping_add(size as u64 - 1);
         if gva >> 12 != fault_gva >> 12 || last >> 12 != gva >> 12 {
@@ -416,24 +425,62 @@ impl Vcpu {
             return self.stop("emulated write crosses a page, at", gva);
         }
         let gpa = (fault_gpa & !0xFFF) | (gva & 0xFFF);
-        let req = MmuRequest::EmulatedWrite {
-            vcpu: self.id,
-            pcpu: self.pcpu(),
-            gpa: abi::Gpa(gpa),
-            value,
-            size,
-        };
-        let reply = svm().mmu(&req);
-        svm().carry_out(self.dom, reply.flush());
-        match reply {
-            MmuReply::WriteDone { .. } => {
-                bump(&STATS[host::cpu_index()].emulated);
-                bump(&self.dom.emulated);
-                self.advance(d.len);
-                Step::Continue
+        // Emulated writes of a domain are serialized, so a read-modify-write
+        // sees no other emulated write between its read and its store (the
+        // page is write-protected: other guest writes trap here too).
+        let _guard = self.dom.emul_lock.lock();
+        let mut regs = self.regs();
+        let (value, result) = match d.op {
+            Op::Write { value, .. } => (Some(value), None),
+            Op::ReadModifyWrite { kind, src, reg, .. } => {
+                let Some(p) = self.dom.gpa_ptr(gpa & !7, 8) else {
+                    return self.stop("emulated write outside guest memory, gpa", gpa);
+                };
+                // SAFETY: inside guest memory (checked); the 8-byte aligned
+                // word holding the operand (size <= 8, not crossing it when
+                // naturally aligned; misaligned operands read the word the
+                // first byte is in and are refused below).
+                let word = unsafe { p.cast::<u64>().read_volatile() };
+                if (gpa & 7) + size as u64 > 8 {
+                    return self.stop("misaligned read-modify-write of a page table, gpa", gpa);
+                }
+                let old = word >> ((gpa & 7) * 8);
+                let r = decode::rmw_apply(kind, size, old, src, reg, &regs);
+                (r.store, Some(r))
             }
-            other => self.fail_reply("EmulatedWrite", &other),
+            _ => (None, None),
+        };
+        if let Some(value) = value {
+            let req = MmuRequest::EmulatedWrite {
+                vcpu: self.id,
+                pcpu: self.pcpu(),
+                gpa: abi::Gpa(gpa),
+                value,
+                size,
+            };
+            let reply = svm().mmu(&req);
+            svm().carry_out(self.dom, reply.flush());
+            if !matches!(reply, MmuReply::WriteDone { .. }) {
+                return self.fail_reply("EmulatedWrite", &reply);
+            }
+            bump(&STATS[host::cpu_index()].emulated);
+            bump(&self.dom.emulated);
         }
+        if let Some(r) = result {
+            if let Some((reg, v)) = r.reg_write {
+                if regs.set(reg, v).is_err() {
+                    return self.stop("read-modify-write into an unsupported register", reg as u64);
+                }
+                self.set_regs(&regs);
+            }
+            if let Some(f) = r.flags {
+                let rf = self.vmcb.read64(off::RFLAGS);
+                self.vmcb
+                    .write64(off::RFLAGS, (rf & !r.flags_mask) | (f & r.flags_mask));
+            }
+        }
+        self.advance(d.len);
+        Step::Continue
     }
 
     fn paging_instruction(&mut self) -> Step {
