@@ -304,7 +304,7 @@ fn szp(result: u64, size: u8) -> u64 {
     if result & sign != 0 {
         f |= SF;
     }
-    if (result as u8).count_ones() % 2 == 0 {
+    if (result as u8).count_ones().is_multiple_of(2) {
         f |= PF;
     }
     f
@@ -527,6 +527,50 @@ pub fn self_test() -> Result<(), &'static str> {
         if d.op != *op {
             return Err("wrong operands");
         }
+    }
+    // lock cmpxchg [rcx+0x30], rdx
+    let d = decode(&[0xF0, 0x48, 0x0F, 0xB1, 0x51, 0x30], 0, &regs)
+        .map_err(|_| "cmpxchg did not decode")?;
+    let want = Op::ReadModifyWrite {
+        gva: rcx + 0x30,
+        size: 8,
+        kind: Rmw::Cmpxchg,
+        src: rdx,
+        reg: Some(Register::RDX),
+    };
+    if d.len != 6 || d.op != want {
+        return Err("wrong cmpxchg decode");
+    }
+    // lock inc qword [rax+0x40]
+    let d =
+        decode(&[0xF0, 0x48, 0xFF, 0x40, 0x40], 0, &regs).map_err(|_| "lock inc did not decode")?;
+    if d.len != 5
+        || d.op
+            != (Op::ReadModifyWrite {
+                gva: rax + 0x40,
+                size: 8,
+                kind: Rmw::Inc,
+                src: 1,
+                reg: None,
+            })
+    {
+        return Err("wrong lock inc decode");
+    }
+    // CMPXCHG: equal -> store, ZF=1; different -> RAX := old, ZF=0.
+    let hit = rmw_apply(Rmw::Cmpxchg, 8, rax, 7, Some(Register::RDX), &regs);
+    if hit.store != Some(7) || hit.flags.map(|f| f & ZF) != Some(ZF) || hit.reg_write.is_some() {
+        return Err("cmpxchg success emulated wrongly");
+    }
+    let miss = rmw_apply(Rmw::Cmpxchg, 8, 5, 7, Some(Register::RDX), &regs);
+    if miss.store.is_some()
+        || miss.flags.map(|f| f & ZF) != Some(0)
+        || miss.reg_write != Some((Register::RAX, 5))
+    {
+        return Err("cmpxchg failure emulated wrongly");
+    }
+    let inc = rmw_apply(Rmw::Inc, 1, 0xFF, 1, None, &regs);
+    if inc.store != Some(0) || inc.flags.map(|f| f & ZF) != Some(ZF) || inc.flags_mask & CF != 0 {
+        return Err("inc emulated wrongly");
     }
     if decode(&[0x0F, 0xFF], 0, &regs).is_ok() {
         return Err("an invalid encoding decoded");
