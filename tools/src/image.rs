@@ -27,7 +27,8 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
     /// The MMU server implementation the guest workloads run on: a name from
-    /// `mmu_server::registry` (`reference`, ...), or `none` to only boot.
+    /// `mmu_server::registry` (`reference`, `fast-shared`, ...), `all` for
+    /// one boot per registered implementation, or `none` to only boot.
     #[arg(long, default_value = "reference")]
     pub mmu: String,
     /// Arguments passed to the kernel command line (QEMU `-append`).
@@ -217,44 +218,53 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     prereq::ensure_qemu()?;
     prereq::ensure_kernel_target()?;
-    if args.mmu != "none" && !mmu_server::registry::NAMES.contains(&args.mmu.as_str()) {
-        bail!(
-            "--mmu {}: no such MMU implementation; registered: {}",
-            args.mmu,
+    let names: Vec<&str> = match args.mmu.as_str() {
+        "none" => vec![""],
+        "all" => mmu_server::registry::NAMES.to_vec(),
+        one if mmu_server::registry::NAMES.contains(&one) => vec![one],
+        other => bail!(
+            "--mmu {other}: no such MMU implementation; registered: {} (or `all`, `none`)",
             mmu_server::registry::NAMES.join(", ")
-        );
-    }
+        ),
+    };
     let image = build_kernel(args.debug)?;
-    let mut append = args.kernel_args.join(" ");
-    if args.mmu != "none" {
-        append = format!("mmu={} {append}", args.mmu).trim_end().to_string();
-    }
-    eprintln!(
-        "xtask: booting {} with -smp {}{}",
-        image.display(),
-        args.smp,
-        if append.is_empty() {
-            String::new()
-        } else {
-            format!(", command line \"{append}\"")
+    let mut failed = Vec::new();
+    for name in names {
+        let mut append = args.kernel_args.join(" ");
+        if !name.is_empty() {
+            append = format!("mmu={name} {append}").trim_end().to_string();
         }
-    );
-    let out = boot(
-        &image,
-        args.smp,
-        &append,
-        Duration::from_secs(args.timeout),
-        true,
-    )?;
-    if let Some(t) = out.online_after {
         eprintln!(
-            "xtask: all CPUs online {:.3} s after QEMU start (wall)",
-            t.as_secs_f64()
+            "xtask: booting {} with -smp {}{}",
+            image.display(),
+            args.smp,
+            if append.is_empty() {
+                String::new()
+            } else {
+                format!(", command line \"{append}\"")
+            }
         );
+        let out = boot(
+            &image,
+            args.smp,
+            &append,
+            Duration::from_secs(args.timeout),
+            true,
+        )?;
+        if let Some(t) = out.online_after {
+            eprintln!(
+                "xtask: all CPUs online {:.3} s after QEMU start (wall)",
+                t.as_secs_f64()
+            );
+        }
+        if out.ending != Ending::Success {
+            eprintln!("xtask: run {append:?}: {}", describe(&out.ending));
+            failed.push(describe(&out.ending));
+        }
     }
-    match out.ending {
-        Ending::Success => Ok(()),
-        other => bail!("{}", describe(&other)),
+    match failed.first() {
+        None => Ok(()),
+        Some(why) => bail!("{} run(s) failed; first: {why}", failed.len()),
     }
 }
 

@@ -11,6 +11,43 @@
 //! - [`domain`], [`vcpu`]: loading guests and handling their exits.
 //! - [`guest`]: the guest kernels (workloads) themselves.
 //! - [`stats`]: the counters behind the run's report.
+//! - [`conf`]: the conformance scenarios in the image.
+//! - [`host`]: the only contact points with the rest of the kernel.
+//!
+//! # How a run goes
+//! `kernel_main` calls [`boot_hook`] once every CPU is online. With
+//! `mmu=<name>` on the command line it creates that implementation from
+//! `mmu_server::registry` over [`mem::RealMem`], loads one domain per
+//! workload ([`guest::work::WORKLOADS`]), pins each vCPU to a pCPU and runs
+//! all pCPUs at once (`smp::run_on`). Each pCPU round-robins its vCPUs: a
+//! vCPU gives way on HLT (the guests' yield) and on timer exits. Then the
+//! report, the verdicts, and the teardown (every domain destroyed, no shadow
+//! page may stay taken).
+//!
+//! # Guests
+//! The guest kernels are Rust code in this image ([`guest`]). The loader
+//! gives each domain a private copy of the image mapped at the same
+//! addresses, page tables built in guest memory, a GDT, an IDT with the
+//! guest's own #PF handler, and a stack and info block per vCPU; the guest
+//! starts in 64-bit mode at `guest_main`. The guest reaches the kernel only
+//! through exits: VMMCALL hypercalls, its console (port 0x3F8) and its exit
+//! port (0xF4).
+//!
+//! # TLB and ASIDs
+//! One ASID per domain. A pCPU flushes (TLB_CONTROL = flush all, the only
+//! kind TCG offers) before a VMRUN when it switches vCPUs, after an emulated
+//! MOV CR3 or INVLPG, after a new root, and when a flush obligation named it:
+//! a flush obligation is a kernel shootdown in the guest space, which marks
+//! the ASID pending on each target (a target in guest mode leaves it with an
+//! INTR exit to acknowledge). The pending mask is read after CLGI, so an IPI
+//! that arrives later turns the VMRUN into an immediate exit instead of
+//! being missed. `AllReloadRoots` also bumps the domain's root generation:
+//! each vCPU asks for its root again (VcpuScheduled) before it next runs.
+//!
+//! # Not done
+//! CR0/CR4 writes, EFER writes (WRMSR) and string I/O stop the domain (no
+//! guest here needs them, so paging-mode changes reach the server only at
+//! creation); emulated writes that cross a page are refused, not split.
 
 pub mod conf;
 pub mod decode;
@@ -308,7 +345,8 @@ pub fn run(
 }
 
 /// Destroys every domain (all vCPUs are descheduled by now), gives its
-/// memory back, and checks that the server returned every shadow frame.
+/// memory back, and checks that the server returned its shadow frames (all
+/// but at most one per pCPU).
 fn teardown(svm: &Svm, test_mode: bool) -> bool {
     let mut ok = true;
     for d in svm.domains.get().map(|v| v.as_slice()).unwrap_or(&[]) {
@@ -323,8 +361,13 @@ fn teardown(svm: &Svm, test_mode: bool) -> bool {
         host::free(d.mem_pa, d.mem_bytes / 4096);
     }
     let (left, peak) = svm.mem.shadow_pages();
-    crate::kprintln!("svm: every domain destroyed; shadow pages still taken: {left} (peak {peak})");
-    let clean = ok && left == 0;
+    // A server may keep a frame per pCPU for its whole life (fast-percpu's
+    // L4 copy frames); anything beyond that is a leak.
+    let allowed = host::cpus_online() as u64;
+    crate::kprintln!(
+        "svm: every domain destroyed; shadow pages still taken: {left} (peak {peak}, at most {allowed} may stay)"
+    );
+    let clean = ok && left <= allowed;
     if test_mode {
         let name = svm.server.name();
         if clean {

@@ -570,6 +570,7 @@ impl Vcpu {
                 }
                 0
             }
+            hc::EXITS => self.dom.exits.load(Ordering::Relaxed),
             _ => u64::MAX,
         };
         self.vmcb.set_rax(ret);

@@ -39,6 +39,9 @@ pub mod hc {
     pub const DIRTY_CHECK: u64 = 3;
     /// Ask the kernel to zap every shadow page of the domain now.
     pub const ZAP_ALL: u64 = 4;
+    /// Returns in RAX the number of exits the domain has taken so far (this
+    /// one included): lets a guest measure exits per operation.
+    pub const EXITS: u64 = 5;
 }
 
 /// Page-table entry bits the guests and the loader use.

@@ -356,3 +356,36 @@ extern "C" fn guest_pf_handler(frame: *mut u64) {
     puts("\n");
     finish(false, cr2)
 }
+
+/// Prints `num / den` with two decimals (for exits-per-fault figures).
+pub fn put_ratio(num: u64, den: u64) {
+    let den = den.max(1);
+    let hundredths = num * 100 / den;
+    putdec(hundredths / 100);
+    putc(b'.');
+    putc(b'0' + ((hundredths / 10) % 10) as u8);
+    putc(b'0' + (hundredths % 10) as u8);
+}
+
+/// Writes `v` in decimal to the guest console.
+pub fn putdec(v: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    let mut v = v;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for &b in &buf[i..] {
+        putc(b);
+    }
+}
+
+/// The domain's exits so far (a hypercall, itself counted).
+pub fn exits_so_far() -> u64 {
+    hypercall(hc::EXITS, 0, 0, 0)
+}

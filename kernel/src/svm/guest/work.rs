@@ -72,6 +72,16 @@ pub const WORKLOADS: &[Workload] = &[
         demand_faults: 0,
     },
     Workload {
+        name: "touch-16M",
+        vcpus: 1,
+        mem_mib: 24,
+        first_pcpu: 3,
+        run: touch16,
+        ends_in_shutdown: false,
+        kernel_zaps: false,
+        demand_faults: 0,
+    },
+    Workload {
         name: "huge-2M",
         vcpus: 1,
         mem_mib: 16,
@@ -144,11 +154,18 @@ fn demand64(_: u64) -> ! {
     let v = vcpu();
     v.demand_lo = WORK_BASE;
     v.demand_hi = WORK_BASE + PAGES * 4096;
+    let e0 = exits_so_far();
     for i in 0..PAGES {
         let a = WORK_BASE + i * 4096 + (i % 512) * 8;
         // SAFETY: the demand region is mapped on first touch by the handler.
         unsafe { (a as *mut u64).write_volatile(pattern(i, 1)) };
     }
+    let e1 = exits_so_far();
+    puts("demand-64M: ");
+    putdec(e1 - e0 - 1);
+    puts(" exits for 16384 guest demand faults = ");
+    put_ratio(e1 - e0 - 1, PAGES);
+    puts(" per fault\n");
     for i in 0..PAGES {
         let a = WORK_BASE + i * 4096 + (i % 512) * 8;
         // SAFETY: mapped above.
@@ -162,6 +179,37 @@ fn demand64(_: u64) -> ! {
     }
     puts("demand-64M: 16384 pages faulted in and checked\n");
     finish(true, PAGES)
+}
+
+/// Shadow demand paging: 16 MiB the guest maps itself (present PTEs), then
+/// touches once per page: every touch is a shadow miss the server fixes.
+/// The guest prints the exits the touch phase took per page.
+fn touch16(_: u64) -> ! {
+    const PAGES: u64 = 16 * 256;
+    let l4 = domain().l4_gpa;
+    let Some(base) = domain().alloc(PAGES * 4096, 4096) else {
+        fail("touch-16M: no memory", 0)
+    };
+    for p in 0..PAGES {
+        map4k(l4, WORK_BASE + p * 4096, base + p * 4096, pte::W);
+    }
+    let e0 = exits_so_far();
+    for p in 0..PAGES {
+        // SAFETY: mapped above.
+        unsafe { ((WORK_BASE + p * 4096 + 32) as *mut u64).write_volatile(pattern(p, 3)) };
+    }
+    let e1 = exits_so_far();
+    for p in 0..PAGES {
+        if rd(base + p * 4096 + 32) != pattern(p, 3) {
+            fail("touch-16M: direct map disagrees at page", p);
+        }
+    }
+    puts("touch-16M: ");
+    putdec(e1 - e0 - 1);
+    puts(" exits for 4096 first touches of mapped pages = ");
+    put_ratio(e1 - e0 - 1, PAGES);
+    puts(" per fault\n");
+    finish(true, e1 - e0 - 1)
 }
 
 /// 16 processes (address spaces) sharing the kernel half, each with private
