@@ -60,7 +60,7 @@ pub struct Domain {
     pub root_gen: AtomicU64,
     /// Shootdown IPIs caused by this domain's obligations.
     pub shootdown_ipis: AtomicU64,
-    /// Guest demand faults reported by the guest kernel (from its info).
+    /// Exits taken by the domain's vCPUs.
     pub exits: AtomicU64,
     /// Dirty pages logged but not written (extra, harmless).
     pub dirty_extra: AtomicU64,

@@ -80,12 +80,6 @@ pub fn serve_shootdowns() {
     shootdown::serve();
 }
 
-/// Per-CPU shootdown counters: (IPIs sent, flushes done for others).
-pub fn shootdown_counters(cpu_index: usize) -> (u64, u64) {
-    let s = cpu::get(cpu_index).counters.snapshot();
-    (s.ipis_sent, s.flushes_done + s.local_flushes)
-}
-
 /// The loaded kernel image [start, end of data): what a guest gets a private
 /// copy of, mapped at the same addresses.
 pub fn image_span() -> (u64, u64) {

@@ -62,7 +62,7 @@ pub mod vmcb;
 pub mod world;
 
 use abi::{
-    CpuSet, DomainId, FlushObligation, FlushScope, GuestCr3, MemRegion, MemoryMap, Mfn, MmuReply,
+    DomainId, FlushObligation, FlushScope, GuestCr3, MemRegion, MemoryMap, Mfn, MmuReply,
     MmuRequest, MmuServer, PagingMode, PcpuId, VcpuId, MAX_MESSAGE, PROTOCOL_VERSION,
 };
 use alloc::boxed::Box;
@@ -478,8 +478,6 @@ fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
         for (b, r) in row.iter_mut().enumerate().take(BUCKETS) {
             *r = get(&s.exits[b]);
         }
-        let (ipis, _) = host::shootdown_counters(c);
-        let _ = ipis;
         row[BUCKETS] = get(&s.fixed);
         row[BUCKETS + 1] = get(&s.injected);
         row[BUCKETS + 2] = get(&s.emulated);
@@ -550,7 +548,6 @@ fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
         }
         TEST_TALLY.call_once(|| (passed as u32, (doms.len() - passed) as u32));
     }
-    let _ = CpuSet::EMPTY;
     all
 }
 
