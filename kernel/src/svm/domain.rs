@@ -78,6 +78,12 @@ pub struct Domain {
     pub ended: AtomicU32,
     /// Serializes emulated writes (read-modify-write emulation).
     pub emul_lock: Mutex<()>,
+    /// Dirty pages harvested from the server's log since the guest's last
+    /// round started, one bit per gfn (the kernel harvests on its own clock
+    /// too, while the guest writes).
+    pub harvest: Mutex<alloc::vec::Vec<u64>>,
+    /// Harvests the kernel made on its own clock.
+    pub harvests: AtomicU64,
 }
 
 impl Domain {
@@ -301,6 +307,8 @@ pub fn load(
         zaps: AtomicU64::new(0),
         ended: AtomicU32::new(0),
         emul_lock: Mutex::new(()),
+        harvest: Mutex::new(alloc::vec![0; (bytes / 4096).div_ceil(64) as usize]),
+        harvests: AtomicU64::new(0),
     };
     Ok((domain, boots))
 }

@@ -67,6 +67,7 @@ use abi::{
 };
 use alloc::boxed::Box;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 use domain::Domain;
 use guest::work::WORKLOADS;
 use mem::RealMem;
@@ -163,25 +164,94 @@ pub fn zap(dom: &Domain) -> Result<(), Box<MmuReply>> {
     }
 }
 
-/// INTR exits seen on pCPU 0 (the kernel's zap clock).
-static TICKS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+/// Gets and clears the domain's whole dirty log from the server, ORing it
+/// into `bits` (one bit per gfn).
+pub fn harvest_dirty(dom: &Domain, bits: &mut [u64]) -> Result<(), Box<MmuReply>> {
+    let mut start = abi::Gfn(0);
+    loop {
+        let reply = svm().mmu(&MmuRequest::GetAndClearDirty {
+            domain: dom.id,
+            start,
+        });
+        svm().carry_out(dom, reply.flush());
+        match reply {
+            MmuReply::DirtyBitmap { chunk, .. } => {
+                for g in chunk.dirty() {
+                    if let Some(w) = bits.get_mut((g.0 / 64) as usize) {
+                        *w |= 1 << (g.0 % 64);
+                    }
+                }
+                match chunk.next {
+                    Some(n) if n.0 > start.0 => start = n,
+                    _ => return Ok(()),
+                }
+            }
+            other => return Err(Box::new(other)),
+        }
+    }
+}
 
-/// Every 2nd INTR exit on pCPU 0, the kernel zaps each domain whose workload
-/// asks for it while its vCPUs run on other pCPUs: a zap-all in the middle
-/// of a run that the guest does not ask for (the flush obligation forces
-/// the running vCPUs out and makes them fetch new roots).
-pub fn timer_zaps() {
-    if TICKS.fetch_add(1, core::sync::atomic::Ordering::Relaxed) % 2 != 1 {
+/// The longest a run may take before the watchdog stops what still runs.
+pub const RUN_SECONDS: u64 = 100;
+
+/// TSC value after which the watchdog fires (0: not armed).
+static DEADLINE: AtomicU64 = AtomicU64::new(0);
+/// TSC value of the next kernel clock work (zaps, dirty harvests).
+static NEXT_WORK: AtomicU64 = AtomicU64::new(0);
+/// Interval of the kernel clock work (dirty harvests), in ms.
+const WORK_MS: u64 = 20;
+/// Kernel zaps come every this many work intervals (250 ms: a few per run,
+/// so they do not swamp the exit counts).
+const ZAP_EVERY: u64 = 12;
+/// Work intervals so far.
+static WORK_TICKS: AtomicU64 = AtomicU64::new(0);
+
+/// Whether the run's deadline has passed.
+pub fn past_deadline() -> bool {
+    let d = DEADLINE.load(Ordering::Relaxed);
+    d != 0 && crate::apic::tsc() > d
+}
+
+/// The kernel's own clock, run from INTR exits on whichever pCPU comes first
+/// after each interval: it zaps each domain whose workload asks for it and
+/// harvests the dirty log of each domain that logs, while their vCPUs run on
+/// other pCPUs (a zap-all or a log clear in the middle of a run that the
+/// guest did not ask for; the flush obligations force the running vCPUs out).
+pub fn timer_work() {
+    let now = crate::apic::tsc();
+    let next = NEXT_WORK.load(Ordering::Relaxed);
+    if now < next
+        || NEXT_WORK
+            .compare_exchange(
+                next,
+                now + WORK_MS * crate::apic::tsc_per_ms(),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_err()
+    {
         return;
     }
+    let zap_now = WORK_TICKS.fetch_add(1, Ordering::Relaxed) % ZAP_EVERY == ZAP_EVERY - 1;
     for d in svm().domains.get().map(|v| v.as_slice()).unwrap_or(&[]) {
-        let running = d.ended.load(core::sync::atomic::Ordering::Acquire) < d.workload.vcpus;
-        if d.workload.kernel_zaps
-            && running
-            && !d.stopped.load(core::sync::atomic::Ordering::Acquire)
-        {
+        let running = d.ended.load(Ordering::Acquire) < d.workload.vcpus
+            && !d.stopped.load(Ordering::Acquire);
+        if !running {
+            continue;
+        }
+        if d.workload.kernel_zaps && zap_now {
             if let Err(reply) = zap(d) {
                 crate::kprintln!("svm: timer zap of d{} refused: {reply:?}", d.id.0);
+            }
+        }
+        if d.dirty_on.load(Ordering::Acquire) {
+            if let Some(mut bits) = d.harvest.try_lock() {
+                match harvest_dirty(d, &mut bits) {
+                    Ok(()) => bump(&d.harvests),
+                    Err(reply) => {
+                        crate::kprintln!("svm: timer harvest of d{} refused: {reply:?}", d.id.0)
+                    }
+                }
             }
         }
     }
@@ -333,6 +403,12 @@ pub fn run(
     }
     svm.domains.call_once(|| domains);
 
+    let now = crate::apic::tsc();
+    DEADLINE.store(
+        now + RUN_SECONDS * 1000 * crate::apic::tsc_per_ms(),
+        Ordering::Relaxed,
+    );
+    NEXT_WORK.store(now, Ordering::Relaxed);
     let all = crate::cpu::CpuSet(online_mask());
     let results = crate::smp::run_on(all, pcpu_main);
     for (i, r) in results.iter().enumerate().take(ncpu) {
@@ -514,7 +590,7 @@ fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
         };
         crate::kprintln!(
             "svm: workload {:<12} d{} vcpus {} exits {:>6} #PF {:>6} fixed {:>6} inject {:>5} emul {:>5} \
-             exits/demand-fault {:>5} zaps {:>3} shootdown-ipis {:>4}  {}{}",
+             exits/demand-fault {:>5} zaps {:>3} harvests {:>3} shootdown-ipis {:>4}  {}{}",
             d.workload.name,
             d.id.0,
             d.workload.vcpus,
@@ -525,6 +601,7 @@ fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
             n(&d.emulated),
             per_fault,
             n(&d.zaps),
+            n(&d.harvests),
             n(&d.shootdown_ipis),
             text,
             match stop {

@@ -351,9 +351,13 @@ impl Vcpu {
             ExitReason::Intr | ExitReason::Nmi => {
                 // The interrupt itself was delivered to the host after STGI.
                 host::serve_shootdowns();
-                if me == 0 {
-                    super::timer_zaps();
+                if super::past_deadline() {
+                    return self.stop(
+                        "watchdog: the run took longer than seconds:",
+                        super::RUN_SECONDS,
+                    );
                 }
+                super::timer_work();
                 Step::Preempt
             }
             ExitReason::Shutdown => self.stop("shutdown", self.vmcb.rip()),
@@ -555,8 +559,14 @@ impl Vcpu {
                     if !matches!(reply, MmuReply::Done { .. }) {
                         return self.fail_reply("EnableDirtyLog", &reply);
                     }
-                } else if self.collect_dirty(|_| {}).is_none() {
-                    return Step::Done;
+                } else {
+                    let mut bits = self.dom.harvest.lock();
+                    let r = super::harvest_dirty(self.dom, &mut bits);
+                    bits.iter_mut().for_each(|w| *w = 0);
+                    drop(bits);
+                    if let Err(reply) = r {
+                        return self.fail_reply("GetAndClearDirty", &reply);
+                    }
                 }
                 0
             }
@@ -578,55 +588,41 @@ impl Vcpu {
         Step::Continue
     }
 
-    /// Gets and clears the whole dirty log, calling `f` for every dirty gfn.
-    fn collect_dirty(&mut self, mut f: impl FnMut(u64)) -> Option<()> {
-        let mut start = abi::Gfn(0);
-        loop {
-            let reply = svm().mmu(&MmuRequest::GetAndClearDirty {
-                domain: self.dom.id,
-                start,
-            });
-            svm().carry_out(self.dom, reply.flush());
-            match reply {
-                MmuReply::DirtyBitmap { chunk, .. } => {
-                    chunk.dirty().for_each(|g| f(g.0));
-                    match chunk.next {
-                        Some(n) if n.0 > start.0 => start = n,
-                        _ => return Some(()),
-                    }
-                }
-                other => {
-                    self.fail_reply("GetAndClearDirty", &other);
-                    return None;
-                }
-            }
-        }
-    }
-
     /// Compares the guest's record of written pages (a bitmap at gpa
-    /// `record` for gfns first..first+count) with the server's dirty log;
-    /// returns how many written pages the log missed.
+    /// `record` for gfns first..first+count) with what the kernel harvested
+    /// from the server's dirty log during the round plus a final harvest;
+    /// returns how many written pages the log missed, and starts the next
+    /// round empty.
     fn dirty_check(&mut self, record: u64, first: u64, count: u64) -> Option<u64> {
-        if count > 64 * 64 {
-            self.stop("dirty check over too many pages", count);
+        let mut bits = self.dom.harvest.lock();
+        if first
+            .checked_add(count)
+            .is_none_or(|end| end > bits.len() as u64 * 64)
+        {
+            drop(bits);
+            self.stop("dirty check outside guest memory, first gfn", first);
             return None;
         }
-        let mut logged = [0u64; 64];
-        self.collect_dirty(|g| {
-            if g >= first && g < first + count {
-                logged[((g - first) / 64) as usize] |= 1 << ((g - first) % 64);
-            }
-        })?;
+        if let Err(reply) = super::harvest_dirty(self.dom, &mut bits) {
+            drop(bits);
+            self.fail_reply("GetAndClearDirty", &reply);
+            return None;
+        }
         let mut missing = 0;
         let mut extra = 0;
-        for w in 0..count.div_ceil(64) {
-            let Some(written) = self.dom.read_u64(record + w * 8) else {
+        for i in 0..count {
+            let g = first + i;
+            let Some(word) = self.dom.read_u64(record + (i / 64) * 8) else {
+                drop(bits);
                 self.stop("dirty record outside guest memory", record);
                 return None;
             };
-            missing += (written & !logged[w as usize]).count_ones() as u64;
-            extra += (logged[w as usize] & !written).count_ones() as u64;
+            let written = word & (1 << (i % 64)) != 0;
+            let logged = bits[(g / 64) as usize] & (1 << (g % 64)) != 0;
+            missing += (written && !logged) as u64;
+            extra += (logged && !written) as u64;
         }
+        bits.iter_mut().for_each(|w| *w = 0);
         self.dom.dirty_extra.fetch_add(extra, Ordering::Relaxed);
         Some(missing)
     }
