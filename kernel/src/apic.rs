@@ -26,7 +26,13 @@ const REG_TIMER_DIVIDE: usize = 0x3E0;
 const ICR_PENDING: u32 = 1 << 12;
 const IA32_APIC_BASE: u32 = 0x1B;
 
-static BASE: AtomicU64 = AtomicU64::new(0xFEE0_0000);
+/// The architectural default base of the local APIC.
+const DEFAULT_BASE: u64 = 0xFEE0_0000;
+/// Where the boot page tables map MMIO: the top GiB of the identity map,
+/// uncached (see [`crate::boot`]).
+const UNCACHED: core::ops::Range<u64> = (3 << 30)..(4 << 30);
+
+static BASE: AtomicU64 = AtomicU64::new(DEFAULT_BASE);
 static TSC_PER_MS: AtomicU64 = AtomicU64::new(0);
 static APIC_TICKS_PER_MS: AtomicU64 = AtomicU64::new(0);
 
@@ -35,18 +41,31 @@ fn reg(offset: usize) -> *mut u32 {
 }
 
 fn read(offset: usize) -> u32 {
-    // SAFETY: the local APIC page is identity-mapped uncached by the boot
-    // page tables and `offset` is one of the architectural registers.
+    // SAFETY: BASE is the default or a base `set_base` checked: a page in
+    // the uncached top GiB of the identity map, so the APIC registers are
+    // mapped (uncached, as MMIO must be) at their physical address.
+    // `offset` is one of the architectural register offsets (below 4 KiB,
+    // 16-byte aligned), and the page belongs to no Rust allocation, so a
+    // volatile 32-bit access there touches only the device.
     unsafe { reg(offset).read_volatile() }
 }
 
 fn write(offset: usize, value: u32) {
-    // SAFETY: as in `read`; writing these registers has no memory effects.
+    // SAFETY: as in `read`. A register write acts on the APIC (EOI, IPIs,
+    // timer), never on memory Rust code can see.
     unsafe { reg(offset).write_volatile(value) }
 }
 
 /// Sets the local APIC's physical base (from the MADT).
+///
+/// Panics if `base` is not a page in the uncached top GiB of the identity
+/// map (where every PC puts it): register accesses would miss the device
+/// or hit cached RAM.
 pub fn set_base(base: u64) {
+    assert!(
+        UNCACHED.contains(&base) && base.is_multiple_of(4096),
+        "local APIC base {base:#x} is not a page in the uncached identity map {UNCACHED:#x?}"
+    );
     BASE.store(base, Ordering::Relaxed);
 }
 

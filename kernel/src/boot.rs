@@ -3,12 +3,17 @@
 //! QEMU's `-kernel` loads the image at 1 MiB (Multiboot v1, a.out kludge) and
 //! enters `umbra_boot32` in 32-bit protected mode with paging off. The stub
 //! identity-maps the low 4 GiB with 2 MiB pages (the last GiB uncached: local
-//! APIC, IO-APIC), enables long mode and calls `kernel_main(magic, info)`.
-//! The same page tables and GDT serve the application processors.
+//! APIC, IO-APIC), enables long mode and calls `kernel_main(magic, info)`
+//! on a 64 KiB stack with a guard page below it (unmapped later by
+//! [`crate::paging::init`]). The same page tables and GDT serve the
+//! application processors.
 
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, Ordering};
-use x86_64::PhysAddr;
+use x86_64::{PhysAddr, VirtAddr};
+
+/// The bootstrap CPU's stack (in the image), in 4 KiB frames.
+pub const BOOT_STACK_FRAMES: u64 = 16;
 
 /// Value of EAX when a Multiboot v1 loader hands over control.
 pub const MULTIBOOT_MAGIC: u32 = 0x2BAD_B002;
@@ -26,6 +31,17 @@ pub fn image_span() -> (PhysAddr, PhysAddr) {
     )
 }
 
+/// The page below the bootstrap CPU's stack (in the image's bss; left
+/// unmapped by [`crate::paging::init`] so an overflow faults).
+pub fn boot_stack_guard() -> VirtAddr {
+    VirtAddr::new(core::ptr::addr_of!(umbra_boot_stack_guard) as u64)
+}
+
+/// One past the top of the bootstrap CPU's stack.
+pub fn boot_stack_top() -> VirtAddr {
+    VirtAddr::new(core::ptr::addr_of!(umbra_boot_stack_top) as u64)
+}
+
 /// TSC value read by the entry stub, before anything else ran.
 pub fn entry_tsc() -> u64 {
     ENTRY_TSC.load(Ordering::Relaxed)
@@ -39,6 +55,8 @@ extern "C" {
     static __image_start: u8;
     static __image_end: u8;
     static umbra_boot_pml4: u8;
+    static umbra_boot_stack_guard: u8;
+    static umbra_boot_stack_top: u8;
     /// The boot GDT's pseudo-descriptor (also used by the AP trampoline).
     pub static umbra_boot_gdt: u8;
 }
@@ -63,7 +81,10 @@ umbra_multiboot_header:
 umbra_boot_pml4:  .skip 4096
 umbra_boot_pdpt:  .skip 4096
 umbra_boot_pd:    .skip 4096 * 4
-umbra_boot_stack: .skip 65536
+    .global umbra_boot_stack_guard
+    .global umbra_boot_stack_top
+umbra_boot_stack_guard: .skip 4096
+umbra_boot_stack: .skip {boot_stack_bytes}
 umbra_boot_stack_top:
 umbra_mb_magic:   .skip 4
 umbra_mb_info:    .skip 4
@@ -155,7 +176,8 @@ umbra_boot64:
 5:  cli
     hlt
     jmp 5b
-"#
+"#,
+    boot_stack_bytes = const BOOT_STACK_FRAMES * 4096,
 );
 
 /// One usable RAM region from the boot memory map.

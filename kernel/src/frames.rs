@@ -4,7 +4,9 @@
 //! low 1 MiB) and `free`. A frame can only be freed if it is usable and not
 //! already free, so double frees and frees of foreign memory are errors, not
 //! corruption. Exhaustion is an error value, never a panic. Only the low
-//! 4 GiB (the identity-mapped part) is managed.
+//! 4 GiB (the identity-mapped part) is managed, and every frame handed out
+//! is mapped: the only unmapped pages there are the null page (below 1 MiB,
+//! never managed) and stack guard pages, which are [`retire`]d.
 
 use crate::boot::BootInfo;
 use spin::Mutex;
@@ -240,7 +242,8 @@ pub fn alloc_zeroed() -> Result<PhysFrame<Size4KiB>, FrameError> {
     let frame = alloc()?;
     let ptr = frame.start_address().as_u64() as usize as *mut u8;
     // SAFETY: the frame was just taken from the allocator (nobody else
-    // uses it) and the low 4 GiB are identity-mapped.
+    // uses it) and every frame it hands out is identity-mapped (see the
+    // module doc).
     unsafe { core::ptr::write_bytes(ptr, 0, FRAME_SIZE as usize) };
     Ok(frame)
 }
@@ -248,6 +251,13 @@ pub fn alloc_zeroed() -> Result<PhysFrame<Size4KiB>, FrameError> {
 /// Takes `count` contiguous frames from the kernel's allocator.
 pub fn alloc_contiguous(count: u64) -> Result<PhysFrame<Size4KiB>, FrameError> {
     FRAMES.lock().alloc_contiguous(count)
+}
+
+/// Takes an allocated frame out of the kernel's allocator for good: it is
+/// never handed out again and [`free`] refuses it as not managed (for stack
+/// guard pages, which are unmapped).
+pub fn retire(frame: PhysFrame<Size4KiB>) {
+    FRAMES.lock().reserve(frame.start_address(), FRAME_SIZE);
 }
 
 /// Gives a frame back to the kernel's allocator.

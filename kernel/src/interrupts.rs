@@ -3,9 +3,12 @@
 //! Every stub pushes the vector (and a zero error code when the CPU pushes
 //! none), saves the general registers and calls [`dispatch`] with a
 //! [`Frame`]. Exceptions are fatal: they print vector, error code, RIP, CR2
-//! and CPU number, then end the run with the failure exit code.
+//! and CPU number, then end the run with the failure exit code. A fault in
+//! a stack's guard page is first reported as `stack overflow on cpu N`
+//! (it arrives as #DF on the #DF IST stack when the #PF could not be
+//! pushed on the full stack), one in the null page as a null dereference.
 
-use crate::{apic, cpu, qemu, serial, shootdown};
+use crate::{apic, cpu, paging, qemu, serial, shootdown};
 use core::arch::global_asm;
 use core::sync::atomic::Ordering;
 use x86_64::registers::control::Cr2;
@@ -181,7 +184,9 @@ impl Idt {
                 18 => cpu::IST_MACHINE_CHECK,
                 _ => 0,
             };
-            // SAFETY: the table is a static of stub addresses from global_asm.
+            // SAFETY: `umbra_isr_table` is defined in the global_asm above
+            // with one `.quad` per entry of STUB_VECTORS (so the declared
+            // length is right), lives in .rodata and is never written.
             let handler = unsafe { umbra_isr_table[i] };
             self.0[v as usize] = Gate::interrupt(handler, ist);
         }
@@ -218,7 +223,9 @@ pub fn exception_name(vector: u64) -> &'static str {
 }
 
 extern "C" fn dispatch(frame: *mut Frame) {
-    // SAFETY: the stub passes a pointer to the frame it built on this stack.
+    // SAFETY: the stub passes RSP, which points at the Frame it just
+    // pushed (layout matches `Frame`, repr(C)); it stays valid and is used
+    // by nothing else until this function returns.
     let frame = unsafe { &mut *frame };
     match frame.vector as u8 {
         v if v == SHOOTDOWN_VECTOR => {
@@ -235,8 +242,43 @@ extern "C" fn dispatch(frame: *mut Frame) {
     }
 }
 
+/// What a fault address says about the cause, for the line before the
+/// exception report: a stack overflow (the address is in a stack's guard
+/// page) or a null dereference (the address is in the null page).
+fn diagnose(frame: &Frame, cr2: u64, cpu: Option<usize>) {
+    let cpu = cpu.map_or(-1, |i| i as i64);
+    // A #PF names the address in CR2. A #DF from a stack overflow follows a
+    // #PF whose delivery failed on the same full stack: CR2 is in the
+    // guard page, and the interrupted RSP at most one push above it.
+    let mut suspects = [Some(cr2), None];
+    if frame.vector == 8 {
+        suspects[1] = Some(frame.rsp.wrapping_sub(8));
+    }
+    let faulting_access = matches!(frame.vector, 8 | 14);
+    if let Some((owner, kind)) = suspects
+        .into_iter()
+        .flatten()
+        .filter(|_| faulting_access)
+        .find_map(cpu::stack_guard_owner)
+    {
+        serial::print_emergency(format_args!(
+            "umbra: stack overflow on cpu {cpu}: {} hit the guard page below cpu {owner}'s {} \
+             (cr2 {cr2:#x}, rsp {:#x})\n",
+            exception_name(frame.vector),
+            kind.name(),
+            frame.rsp,
+        ));
+    } else if frame.vector == 14 && cr2 < paging::PAGE_SIZE {
+        serial::print_emergency(format_args!(
+            "umbra: null pointer dereference on cpu {cpu}: address {cr2:#x} (the null page is unmapped), rip {:#x}\n",
+            frame.rip,
+        ));
+    }
+}
+
 fn fatal_exception(frame: &Frame) -> ! {
     let cpu = cpu::current_index_checked();
+    diagnose(frame, Cr2::read_raw(), cpu);
     serial::print_emergency(format_args!(
         "umbra: EXCEPTION {} vector {} error {:#x} rip {:#x} cr2 {:#x} cpu {} rsp {:#x}\n",
         exception_name(frame.vector),

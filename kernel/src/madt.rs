@@ -1,8 +1,10 @@
 //! ACPI: find the RSDP, read the MADT, list the CPUs and the local APIC address.
 
+use crate::paging;
 use acpi::madt::{Madt, MadtEntry};
 use acpi::{AcpiHandler, AcpiTables, PhysicalMapping};
 use core::ptr::NonNull;
+use x86_64::{PhysAddr, VirtAddr};
 
 /// ACPI table access through the identity map of the low 4 GiB.
 #[derive(Clone, Copy, Debug)]
@@ -11,8 +13,19 @@ struct IdentityMap;
 impl AcpiHandler for IdentityMap {
     unsafe fn map_physical_region<T>(&self, phys: usize, size: usize) -> PhysicalMapping<Self, T> {
         let ptr = NonNull::new(phys as *mut T).expect("ACPI table at physical address 0");
-        // SAFETY: the low 4 GiB are identity-mapped, so the physical address
-        // is the virtual one; the caller vouches for the contents.
+        let (start, end) = (phys as u64, phys as u64 + size.max(1) as u64);
+        let mut page = start & !(paging::PAGE_SIZE - 1);
+        while page < end {
+            let va = VirtAddr::new(page);
+            assert!(
+                paging::translate(va) == Some(PhysAddr::new(page)),
+                "ACPI region {start:#x}..{end:#x} is not identity-mapped at {page:#x}"
+            );
+            page += paging::PAGE_SIZE;
+        }
+        // SAFETY: every page of the region was just checked to be mapped to
+        // itself, so `ptr` addresses the physical bytes; the acpi crate (our
+        // caller) vouches that they hold a `T` and only reads them.
         unsafe { PhysicalMapping::new(phys, ptr, size, size, *self) }
     }
 
@@ -36,7 +49,11 @@ pub struct CpuList {
 
 /// Reads the MADT (RSDP found by the BIOS-area search).
 pub fn read_cpus() -> Result<CpuList, acpi::AcpiError> {
-    // SAFETY: the BIOS areas searched are identity-mapped RAM/ROM.
+    // SAFETY: the search reads the BIOS data area (page 0: the EBDA
+    // pointer), the EBDA and the BIOS ROM area, all below 1 MiB, through
+    // `IdentityMap`, which checks that each region is identity-mapped (page
+    // 0 is, until `paging::init`); every read is of firmware memory no Rust
+    // allocation owns.
     let tables = unsafe { AcpiTables::search_for_rsdp_bios(IdentityMap)? };
     let madt = tables.find_table::<Madt>()?;
     let mut out = CpuList {

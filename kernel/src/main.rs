@@ -17,11 +17,13 @@
 //! - Every `unsafe` block says why it is sound.
 //!
 //! Boot order: [`boot`] (Multiboot stub, long mode) -> [`serial`] ->
-//! [`frames`] and [`heap`] -> [`madt`] -> [`cpu`] (GDT/TSS/IDT/per-CPU) ->
+//! [`frames`] and [`heap`] -> [`madt`] -> [`paging`] (null page and boot
+//! stack guard unmapped) -> [`cpu`] (GDT/TSS/IDT/per-CPU) ->
 //! [`smp`] (APs, with [`apic`] timer calibration) -> self-tests or done.
 //! The command line (QEMU `-append`) selects: `test` runs [`selftest`];
-//! `test-fault`, `test-panic`, `test-triple-fault` and `test-hang` are the
-//! expected-failure boots the runner checks.
+//! `test-fault`, `test-panic`, `test-triple-fault`, `test-hang`,
+//! `test-stack-overflow` and `test-null` are the expected-failure boots the
+//! runner checks.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
@@ -41,6 +43,8 @@ pub mod heap;
 pub mod interrupts;
 #[cfg(target_os = "none")]
 pub mod madt;
+#[cfg(target_os = "none")]
+pub mod paging;
 #[cfg(target_os = "none")]
 pub mod qemu;
 #[cfg(target_os = "none")]
@@ -119,6 +123,12 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
             exit(ExitCode::Failure)
         }
     };
+    // The RSDP search above read the BIOS data area in page 0; from here on
+    // page 0 and the page below the boot stack are unmapped.
+    if let Err(e) = paging::init() {
+        kprintln!("umbra: cannot unmap the null page and the boot stack guard: {e:?}");
+        exit(ExitCode::Failure)
+    }
     apic::set_base(list.local_apic);
     kprintln!(
         "umbra: ACPI MADT lists {} CPUs ({} enabled), APIC ids {:?}, local APIC at {:#x}",
@@ -192,6 +202,12 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     }
     if boot::has_arg(cmdline(), "test-hang") {
         selftest::hang();
+    }
+    if boot::has_arg(cmdline(), "test-stack-overflow") {
+        selftest::stack_overflow_on_last_cpu();
+    }
+    if boot::has_arg(cmdline(), "test-null") {
+        selftest::null_deref_on_last_cpu();
     }
     if boot::has_arg(cmdline(), "test") {
         selftest::run_all();

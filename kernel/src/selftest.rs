@@ -7,10 +7,10 @@
 //! run on the bootstrap CPU with every CPU online; [`smp::run_on`] runs code
 //! on all of them at once.
 
-use crate::cpu::{self, CpuSet};
+use crate::cpu::{self, CpuSet, CpuSetExt, StackKind};
 use crate::frames::{FrameError, FrameSet, FRAME_SIZE};
 use crate::shootdown::{FlushRequest, Reason, Scope, Space};
-use crate::{apic, boot, frames, kprintln, qemu, shootdown, smp};
+use crate::{apic, boot, frames, kprintln, paging, qemu, shootdown, smp};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicUsize, Ordering};
@@ -30,6 +30,19 @@ pub static TESTS: &[(&str, Test)] = &[
     ("frames_alloc_zeroed", frames_alloc_zeroed),
     ("heap_alloc_and_free", heap_alloc_and_free),
     ("cmdline_words", cmdline_words),
+    ("null_page_unmapped", null_page_unmapped),
+    (
+        "guard_pages_below_every_stack",
+        guard_pages_below_every_stack,
+    ),
+    (
+        "cpus_run_on_their_guarded_stacks",
+        cpus_run_on_their_guarded_stacks,
+    ),
+    (
+        "cpuset_is_abi_with_index_helpers",
+        cpuset_is_abi_with_index_helpers,
+    ),
     ("percpu_data_on_every_cpu", percpu_data_on_every_cpu),
     ("percpu_slots_on_every_cpu", percpu_slots_on_every_cpu),
     ("timer_ticks_on_every_cpu", timer_ticks_on_every_cpu),
@@ -74,9 +87,19 @@ pub fn fault_on_last_cpu() -> ! {
     let last = cpu::count() - 1;
     kprintln!("umbra: test-fault: cpu {last} writes to {FAULT_ADDR:#x}");
     smp::run_on(CpuSet::only(last), || {
-        // SAFETY: deliberately not safe: the address is unmapped (above the
-        // identity-mapped 4 GiB) and the write must raise #PF.
-        unsafe { (FAULT_ADDR as *mut u64).write_volatile(0xBAD) };
+        // SAFETY: a store through inline asm, not a Rust pointer write: it
+        // targets FAULT_ADDR, which is canonical, above the identity-mapped
+        // 4 GiB, unmapped and part of no Rust allocation. It either faults
+        // (the intended outcome; the handler ends the run) or changes no
+        // memory Rust code can see.
+        unsafe {
+            core::arch::asm!(
+                "mov qword ptr [{a}], {v}",
+                a = in(reg) FAULT_ADDR,
+                v = in(reg) 0xBADu64,
+                options(nostack, preserves_flags),
+            );
+        }
         Err("the write to an unmapped address did not fault")
     });
     kprintln!("umbra: test-fault: no fault happened");
@@ -101,7 +124,10 @@ pub fn triple_fault() -> ! {
         limit: 0,
         base: VirtAddr::zero(),
     };
-    // SAFETY: deliberately not safe: the CPU must reset (triple fault).
+    // SAFETY: with interrupts off, IDTR is pointed at an empty table and
+    // `int3` raised: the breakpoint cannot be delivered (#GP), nor can that
+    // (#DF), so the CPU shuts down and QEMU (`-no-reboot`) ends. No memory
+    // is written and no code after this block runs.
     unsafe {
         x86_64::instructions::interrupts::disable();
         x86_64::instructions::tables::lidt(&empty);
@@ -118,6 +144,70 @@ pub fn hang() -> ! {
     loop {
         core::hint::spin_loop();
     }
+}
+
+/// The expected-failure run `test-stack-overflow`: the highest-numbered
+/// CPU (an AP on its allocated stack, or with one CPU the bootstrap CPU on
+/// the boot stack) recurses without end. The guard page below its stack
+/// must turn that into `stack overflow on cpu N` and a failed run.
+pub fn stack_overflow_on_last_cpu() -> ! {
+    let last = cpu::count() - 1;
+    kprintln!("umbra: test-stack-overflow: cpu {last} recurses until its stack overflows");
+    let job: cpu::Job = || {
+        let depth = recurse(0);
+        kprintln!("umbra: test-stack-overflow: recursion returned at depth {depth}");
+        Err("the recursion returned")
+    };
+    if last == 0 {
+        let _ = job();
+    } else {
+        smp::run_on(CpuSet::only(last), job);
+    }
+    kprintln!("umbra: test-stack-overflow: no stack overflow was reported");
+    qemu::exit(qemu::ExitCode::Failure)
+}
+
+/// Recurses with a 512-byte frame until `black_box` says stop (never: the
+/// compiler cannot know, so neither the frames nor the calls go away).
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    let frame = core::hint::black_box([depth; 64]);
+    if core::hint::black_box(depth) == u64::MAX {
+        return depth;
+    }
+    recurse(depth + 1) + frame[depth as usize % 64]
+}
+
+/// The expected-failure run `test-null`: the highest-numbered CPU reads
+/// address 0; the unmapped null page must turn that into a `null pointer
+/// dereference on cpu N` report and a failed run.
+pub fn null_deref_on_last_cpu() -> ! {
+    let last = cpu::count() - 1;
+    kprintln!("umbra: test-null: cpu {last} reads address 0");
+    let job: cpu::Job = || {
+        let value: u64;
+        // SAFETY: a load through inline asm, not a Rust pointer dereference,
+        // so no Rust-level null-pointer rule applies; it reads 8 bytes at
+        // address 0, touches no Rust-visible memory, and either faults (the
+        // intended outcome, which ends the run) or yields a plain u64.
+        unsafe {
+            core::arch::asm!(
+                "mov {v}, qword ptr [{a}]",
+                a = in(reg) core::hint::black_box(0u64),
+                v = out(reg) value,
+                options(nostack, readonly, preserves_flags),
+            );
+        }
+        kprintln!("umbra: test-null: address 0 held {value:#x}");
+        Err("the read of address 0 did not fault")
+    };
+    if last == 0 {
+        let _ = job();
+    } else {
+        smp::run_on(CpuSet::only(last), job);
+    }
+    kprintln!("umbra: test-null: no fault happened");
+    qemu::exit(qemu::ExitCode::Failure)
 }
 
 /// The address `test-fault` writes to (canonical, not mapped).
@@ -308,6 +398,124 @@ fn cmdline_words() -> Result<(), &'static str> {
     check(
         boot::arg_value(line, "x").is_none(),
         "arg_value invented a value",
+    )
+}
+
+fn null_page_unmapped() -> Result<(), &'static str> {
+    check(
+        !paging::is_mapped(VirtAddr::zero()),
+        "address 0 is mapped: a null dereference would not fault",
+    )?;
+    check(
+        !paging::is_mapped(VirtAddr::new(0xFFF)),
+        "the last byte of the null page is mapped",
+    )?;
+    // Only the null page: the rest of the low 2 MiB stays identity-mapped
+    // (the AP trampoline runs at 0x8000).
+    for a in [0x1000u64, 0x8000, 0x1F_F000] {
+        check(
+            paging::translate(VirtAddr::new(a)) == Some(PhysAddr::new(a)),
+            "a page next to the null page lost its identity mapping",
+        )?;
+    }
+    Ok(())
+}
+
+fn guard_pages_below_every_stack() -> Result<(), &'static str> {
+    for i in 0..cpu::count() {
+        let c = cpu::get(i);
+        for kind in StackKind::ALL {
+            let (guard, top) = c.stack(kind).ok_or("a CPU's stack was never prepared")?;
+            let frames = match kind {
+                StackKind::Kernel if i == 0 => boot::BOOT_STACK_FRAMES,
+                StackKind::Kernel => cpu::STACK_FRAMES,
+                _ => cpu::IST_FRAMES,
+            };
+            check(
+                top - guard == (frames + 1) * FRAME_SIZE,
+                "a stack's guard page is not right below the stack",
+            )?;
+            check(!paging::is_mapped(guard), "a stack's guard page is mapped")?;
+            check(
+                !paging::is_mapped(guard + (FRAME_SIZE - 8)),
+                "the top of a stack's guard page is mapped",
+            )?;
+            for a in [guard - FRAME_SIZE, guard + FRAME_SIZE, top - 8u64] {
+                check(
+                    paging::translate(a) == Some(PhysAddr::new(a.as_u64())),
+                    "a page next to a guard page lost its identity mapping",
+                )?;
+            }
+            let frame = PhysFrame::containing_address(PhysAddr::new(guard.as_u64()));
+            check(
+                !matches!(frames::free(frame), Ok(()) | Err(FrameError::DoubleFree(_))),
+                "a guard page's frame could be freed (and handed out unmapped)",
+            )?;
+            check(
+                cpu::stack_guard_owner(guard.as_u64() + 0x123) == Some((i, kind)),
+                "the fault report would not name a guard page's CPU and stack",
+            )?;
+        }
+        // The IST slots in the TSS are the recorded (guarded) stacks.
+        check(
+            c.stack(StackKind::DoubleFault) != c.stack(StackKind::Nmi),
+            "two IST stacks share a guard page",
+        )?;
+    }
+    check(
+        cpu::stack_guard_owner(0x1000).is_none(),
+        "an ordinary page was taken for a guard page",
+    )
+}
+
+fn cpus_run_on_their_guarded_stacks() -> Result<(), &'static str> {
+    all_ok(&smp::run_on(CpuSet::all(), || {
+        let rsp: u64;
+        // SAFETY: copies RSP into a register; no memory is touched.
+        unsafe {
+            core::arch::asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack, preserves_flags))
+        };
+        let me = cpu::current();
+        let (guard, top) = me
+            .stack(StackKind::Kernel)
+            .ok_or("the running CPU has no recorded kernel stack")?;
+        check(
+            rsp > guard.as_u64() + FRAME_SIZE && rsp <= top.as_u64(),
+            "a CPU runs on a stack other than its guarded kernel stack",
+        )
+    }))
+}
+
+fn cpuset_is_abi_with_index_helpers() -> Result<(), &'static str> {
+    let n = cpu::count();
+    let set: abi::CpuSet = CpuSet::all();
+    check(
+        set.len() as usize == n,
+        "CpuSet::all() does not hold every CPU",
+    )?;
+    check(
+        set == abi::CpuSet::first(n as u32),
+        "CpuSet::all() differs from abi's first(count)",
+    )?;
+    check(
+        CpuSet::all_but_self().len() as usize == n - 1
+            && !CpuSet::all_but_self().has(cpu::current().index()),
+        "all_but_self() holds the caller or misses another CPU",
+    )?;
+    let s = CpuSet::only(5).with(63).with(64).without(5).with(2);
+    check(
+        s == CpuSet((1 << 63) | (1 << 2)),
+        "only/with/without gave the wrong bits",
+    )?;
+    check(
+        s.has(63) && s.has(2) && !s.has(5) && !s.has(64) && !s.has(usize::MAX),
+        "has() is wrong (an index >= 64 must never be in a set)",
+    )?;
+    check(CpuSet::only(64).is_empty(), "only(64) is not empty")?;
+    let mut it = s.indices();
+    check(
+        it.next() == Some(2) && it.next() == Some(63) && it.next().is_none(),
+        "indices() did not list 2 and 63 in order",
     )
 }
 

@@ -16,7 +16,7 @@
 //! records the ASID in [`take_guest_flushes`]'s mask: the world-switch code
 //! flushes that guest's TLB before its next VMRUN.
 
-use crate::cpu::{self, CpuSet};
+use crate::cpu::{self, CpuSet, CpuSetExt};
 use crate::{apic, interrupts};
 use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::VirtAddr;
@@ -237,12 +237,12 @@ impl FlushRequest {
     pub fn execute(self) {
         let me = cpu::current();
         let my = me.index();
-        if self.targets.contains(my) {
+        if self.targets.has(my) {
             flush_local(self.space, self.scope);
             me.counters.local_flushes.fetch_add(1, Ordering::Relaxed);
         }
         let online = CpuSet::all()
-            .iter()
+            .indices()
             .filter(|&i| cpu::get(i).is_online())
             .fold(CpuSet::EMPTY, CpuSet::with);
         let remote = CpuSet(self.targets.0 & online.0).without(my);
@@ -257,14 +257,14 @@ impl FlushRequest {
         );
         slot.post(self.space, self.scope, self.reason);
         slot.acks.store(remote.0, Ordering::Release);
-        for t in remote.iter() {
+        for t in remote.indices() {
             cpu::get(t)
                 .mailbox
                 .inbox
                 .fetch_or(1 << my, Ordering::AcqRel);
         }
         x86_64::instructions::interrupts::without_interrupts(|| {
-            for t in remote.iter() {
+            for t in remote.indices() {
                 apic::send_ipi(cpu::get(t).apic_id(), interrupts::SHOOTDOWN_VECTOR);
             }
         });
@@ -289,7 +289,7 @@ pub fn serve() {
         return;
     }
     let senders = CpuSet(inbox.swap(0, Ordering::AcqRel));
-    for s in senders.iter() {
+    for s in senders.indices() {
         let slot = &cpu::get(s).mailbox;
         let (space, scope, _reason) = slot.read();
         flush_local(space, scope);

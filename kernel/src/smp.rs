@@ -2,10 +2,11 @@
 //!
 //! The trampoline is copied to [`TRAMPOLINE`] (below 1 MiB). It goes from
 //! real mode straight to long mode on the boot page tables and GDT, picks its
-//! stack from `AP_STACK_TOPS[apic id]` (filled by the bootstrap CPU) and
-//! calls [`ap_main`].
+//! stack from `AP_STACK_TOPS[apic id]` (filled by the bootstrap CPU, see
+//! [`cpu::prepare_stacks`]: every stack has an unmapped guard page below)
+//! and calls [`ap_main`].
 
-use crate::cpu::{self, CpuSet, Job};
+use crate::cpu::{self, CpuSet, CpuSetExt, Job};
 use crate::{apic, interrupts, kprintln, qemu};
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -99,9 +100,11 @@ pub fn start_aps() -> usize {
         let len = core::ptr::addr_of!(umbra_ap_trampoline_end) as usize - start as usize;
         core::ptr::copy_nonoverlapping(start, TRAMPOLINE as *mut u8, len);
     }
+    // Every stack of every AP (each with its guard page) is made here,
+    // while only this CPU runs: see `cpu::prepare_stacks`.
     for i in 1..n {
         let c = cpu::get(i);
-        match cpu::alloc_stack() {
+        match cpu::prepare_stacks(i) {
             Ok(top) => {
                 AP_STACK_TOPS[c.apic_id() as usize % 256].store(top.as_u64(), Ordering::Release)
             }
@@ -172,7 +175,7 @@ pub fn run_on(cpus: CpuSet, job: Job) -> [Option<Result<(), &'static str>>; cpu:
     let me = cpu::current().index();
     let mut results = [None; cpu::MAX_CPUS];
     let remote: CpuSet = CpuSet(cpus.0 & CpuSet::all().0).without(me);
-    for i in remote.iter() {
+    for i in remote.indices() {
         let c = cpu::get(i);
         *c.job.lock() = Some(job);
         *c.job_result.lock() = None;
@@ -181,10 +184,10 @@ pub fn run_on(cpus: CpuSet, job: Job) -> [Option<Result<(), &'static str>>; cpu:
             apic::send_ipi(c.apic_id(), interrupts::WAKE_VECTOR)
         });
     }
-    if cpus.contains(me) {
+    if cpus.has(me) {
         results[me] = Some(job());
     }
-    for i in remote.iter() {
+    for i in remote.indices() {
         let c = cpu::get(i);
         while c.job_pending.load(Ordering::Acquire) {
             crate::shootdown::serve();

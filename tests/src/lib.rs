@@ -31,9 +31,9 @@ use alloc::format;
 use alloc::string::String;
 
 /// Guest RAM frames a run hands out to its domains.
-pub const GUEST_FRAMES: u64 = 4096;
+pub const GUEST_FRAMES: u64 = 2048;
 /// Frames of the server's shadow pool.
-pub const POOL_FRAMES: u64 = 2048;
+pub const POOL_FRAMES: u64 = 1024;
 /// Frames of memory one run needs (`Ram::frames()` at least this).
 pub const RAM_FRAMES: u64 = GUEST_FRAMES + POOL_FRAMES;
 /// pCPUs of the simulated machine.
@@ -127,7 +127,9 @@ pub fn run_closure(
         ));
     }
     script(&mut m)?;
-    Ok(m.stats)
+    let mut stats = m.stats;
+    stats.peak_pool = phys.peak.load(core::sync::atomic::Ordering::SeqCst);
+    Ok(stats)
 }
 
 /// Runs one random sequence of `steps` operations from `seed` against a

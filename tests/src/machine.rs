@@ -130,6 +130,8 @@ pub struct Stats {
     pub emulated: u64,
     /// Flush obligations carried out (per pCPU).
     pub flushes: u64,
+    /// The most shadow-pool frames the server held at once.
+    pub peak_pool: u64,
 }
 
 struct Dom {
@@ -345,19 +347,14 @@ impl<'m> Machine<'m> {
             }
             self.stats.flushes += 1;
             let tlb = &mut self.pcpus[p].tlb;
+            let is_mine = |v: u32| mine.contains(&v);
             match f.scope {
-                FlushScope::Page(g) => tlb
-                    .entries
-                    .retain(|e| !(mine.contains(&e.vcpu) && e.covers(g.0))),
-                FlushScope::Range { start, pages } => {
-                    let len = u64::from(pages).saturating_mul(4096);
-                    let end = start.0.saturating_add(len);
-                    tlb.entries.retain(|e| {
-                        !mine.contains(&e.vcpu)
-                            || e.va.saturating_add(e.size.bytes()) <= start.0 & !0xfff
-                            || e.va >= end
-                    })
-                }
+                FlushScope::Page(g) => tlb.flush_range(g.0 & !0xfff, 4096, &is_mine),
+                FlushScope::Range { start, pages } => tlb.flush_range(
+                    start.0 & !0xfff,
+                    u64::from(pages).saturating_mul(4096),
+                    &is_mine,
+                ),
                 // A full flush of every guest ASID on the pCPU.
                 FlushScope::All | FlushScope::AllReloadRoots => tlb.flush_all(),
             }
@@ -1382,7 +1379,7 @@ impl<'m> Machine<'m> {
         &self,
         v: usize,
         root: u64,
-        out: &mut Vec<(u64, Size, u64, Rights)>,
+        out: &mut Vec<(u64, Size, u64, Rights, bool)>,
     ) -> Res<()> {
         let ctrl = self.vcpus[v].ctrl;
         let rsvd_high = ((1u64 << 52) - 1) & !((1u64 << arch::MAXPHYADDR) - 1);
@@ -1436,7 +1433,13 @@ impl<'m> Machine<'m> {
                 };
                 if leaf {
                     let size = Size::of_level(level);
-                    out.push((nva, size, e & arch::ADDR_MASK & !(size.bytes() - 1), nr));
+                    out.push((
+                        nva,
+                        size,
+                        e & arch::ADDR_MASK & !(size.bytes() - 1),
+                        nr,
+                        e & arch::D != 0,
+                    ));
                     if out.len() > 1 << 20 {
                         return Err(self.fail(
                             "shadow size",
@@ -1459,7 +1462,7 @@ impl<'m> Machine<'m> {
         let mut out = Vec::new();
         for (p, pc) in self.pcpus.iter().enumerate() {
             let Some(v) = pc.vcpu else { continue };
-            for e in &pc.tlb.entries {
+            for e in pc.tlb.all() {
                 if e.rights.write
                     && e.dirty
                     && mfn >= e.hpa >> 12
@@ -1476,7 +1479,7 @@ impl<'m> Machine<'m> {
             };
             let mut leaves = Vec::new();
             if self.shadow_leaves(v, root, &mut leaves).is_ok() {
-                for (va, size, hpa, r) in leaves {
+                for (va, size, hpa, r, _) in leaves {
                     if r.write && mfn >= hpa >> 12 && mfn < (hpa + size.bytes()) >> 12 {
                         out.push(format!(
                             "shadow of vCPU {} on pCPU {p} (root {root:#x}) va {va:#x} {size:?}",
@@ -1501,13 +1504,7 @@ impl<'m> Machine<'m> {
                 continue;
             }
             let key = self.key(v);
-            let entries: Vec<Entry> = self.pcpus[p]
-                .tlb
-                .entries
-                .iter()
-                .filter(|e| e.vcpu == key)
-                .copied()
-                .collect();
+            let entries: Vec<Entry> = self.pcpus[p].tlb.of(key);
             for e in entries {
                 self.check_translation(
                     v,
@@ -1521,7 +1518,7 @@ impl<'m> Machine<'m> {
             if let (Some(root), false) = (self.vcpus[v].root, self.vcpus[v].need_root) {
                 let mut leaves = Vec::new();
                 self.shadow_leaves(v, root, &mut leaves)?;
-                for (va, size, hpa, r) in leaves {
+                for &(va, size, hpa, r, _) in &leaves {
                     self.check_translation(
                         v,
                         va,
@@ -1530,6 +1527,17 @@ impl<'m> Machine<'m> {
                         r,
                         &format!("shadow tables of pCPU {p}"),
                     )?;
+                }
+                // Speculative caching: the pCPU may have cached any of them.
+                for (va, size, hpa, rights, dirty) in leaves {
+                    self.pcpus[p].tlb.insert_if_free(Entry {
+                        vcpu: key,
+                        va,
+                        size,
+                        hpa,
+                        rights,
+                        dirty,
+                    });
                 }
             }
             self.pcpus[p].checked = Some(sig);

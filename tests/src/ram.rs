@@ -99,6 +99,8 @@ pub struct SuitePhys<'a> {
     bad: Mutex<Vec<(u64, &'static str)>>,
     /// Incremented on every server write (the shadow tables may have changed).
     pub shadow_writes: AtomicU64,
+    /// The most pool frames the server held at once.
+    pub peak: AtomicU64,
 }
 
 impl<'a> SuitePhys<'a> {
@@ -116,6 +118,7 @@ impl<'a> SuitePhys<'a> {
             foreign: Mutex::new(Vec::new()),
             bad: Mutex::new(Vec::new()),
             shadow_writes: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
         }
     }
     /// The memory block.
@@ -219,6 +222,7 @@ impl PhysMem for SuitePhys<'_> {
         }
         let f = p.free.pop()?;
         p.taken.insert(f);
+        self.peak.fetch_max(p.taken.len() as u64, Ordering::SeqCst);
         // Unspecified contents: make them garbage so a server that forgets
         // to zero a fresh table is caught.
         for i in 0..512u64 {

@@ -1,8 +1,11 @@
 //! A per-pCPU TLB model: caches every translation the simulated hardware
-//! used, tagged with the vCPU (ASID) that used it, and drops entries only
-//! when a flush obligation says so or an access faults on them.
+//! used or could have used (the machine fills it with every shadow
+//! translation reachable after each step, as speculative walks may), tagged
+//! with the vCPU (ASID) that may use it, and drops entries only when a flush
+//! obligation says so or an access faults on them.
 
 use crate::arch::{Rights, Size};
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 /// One cached translation.
@@ -28,42 +31,96 @@ impl Entry {
     pub fn covers(&self, va: u64) -> bool {
         va & !(self.size.bytes() - 1) == self.va
     }
+    fn end(&self) -> u64 {
+        self.va.saturating_add(self.size.bytes())
+    }
 }
 
-/// The TLB of one pCPU.
+/// The TLB of one pCPU, keyed by (vCPU, page start).
 #[derive(Default, Debug)]
 pub struct Tlb {
-    /// Cached translations (at most one per vCPU and page).
-    pub entries: Vec<Entry>,
+    entries: BTreeMap<(u32, u64), Entry>,
 }
+
+const SIZES: [Size; 3] = [Size::K4, Size::M2, Size::G1];
 
 impl Tlb {
     /// The entry `vcpu` would use for `va`.
     pub fn lookup(&self, vcpu: u32, va: u64) -> Option<Entry> {
-        self.entries
-            .iter()
-            .find(|e| e.vcpu == vcpu && e.covers(va))
-            .copied()
+        SIZES.iter().find_map(|s| {
+            self.entries
+                .get(&(vcpu, va & !(s.bytes() - 1)))
+                .filter(|e| e.size == *s)
+                .copied()
+        })
     }
     /// Caches `e`, replacing entries of the same vCPU that overlap it.
     pub fn insert(&mut self, e: Entry) {
-        self.entries
-            .retain(|o| !(o.vcpu == e.vcpu && (o.covers(e.va) || e.covers(o.va))));
-        self.entries.push(e);
+        if self.entries.get(&(e.vcpu, e.va)) == Some(&e) {
+            return;
+        }
+        for s in SIZES {
+            let k = (e.vcpu, e.va & !(s.bytes() - 1));
+            if self.entries.get(&k).is_some_and(|o| o.covers(e.va)) {
+                self.entries.remove(&k);
+            }
+        }
+        let inner: Vec<(u32, u64)> = self
+            .entries
+            .range((e.vcpu, e.va)..(e.vcpu, e.end()))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in inner {
+            self.entries.remove(&k);
+        }
+        self.entries.insert((e.vcpu, e.va), e);
+    }
+    /// Caches `e` unless the vCPU already caches something overlapping it
+    /// (a speculative fill never displaces an older, maybe stale, entry).
+    pub fn insert_if_free(&mut self, e: Entry) {
+        let overlaps = SIZES.iter().any(|s| {
+            self.entries
+                .get(&(e.vcpu, e.va & !(s.bytes() - 1)))
+                .is_some_and(|o| o.covers(e.va))
+        }) || self
+            .entries
+            .range((e.vcpu, e.va)..(e.vcpu, e.end()))
+            .next()
+            .is_some();
+        if !overlaps {
+            self.entries.insert((e.vcpu, e.va), e);
+        }
     }
     /// Drops `vcpu`'s entries translating `va` (what a #PF does).
     pub fn drop_va(&mut self, vcpu: u32, va: u64) {
-        self.entries.retain(|e| !(e.vcpu == vcpu && e.covers(va)));
+        for s in SIZES {
+            let k = (vcpu, va & !(s.bytes() - 1));
+            if self.entries.get(&k).is_some_and(|o| o.covers(va)) {
+                self.entries.remove(&k);
+            }
+        }
     }
-    /// Drops every entry translating any address in `[start, start+len)`.
-    pub fn flush_range(&mut self, start: u64, len: u64) {
+    /// Drops the entries of the vCPUs `mine` accepts that translate any
+    /// address in `[start, start+len)`.
+    pub fn flush_range(&mut self, start: u64, len: u64, mine: &dyn Fn(u32) -> bool) {
         let end = start.saturating_add(len);
         self.entries
-            .retain(|e| e.va.saturating_add(e.size.bytes()) <= start || e.va >= end);
+            .retain(|_, e| !mine(e.vcpu) || e.end() <= start || e.va >= end);
     }
     /// Drops everything.
     pub fn flush_all(&mut self) {
         self.entries.clear();
+    }
+    /// The entries of `vcpu`.
+    pub fn of(&self, vcpu: u32) -> Vec<Entry> {
+        self.entries
+            .range((vcpu, 0)..=(vcpu, u64::MAX))
+            .map(|(_, e)| *e)
+            .collect()
+    }
+    /// Every entry.
+    pub fn all(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values()
     }
 }
 
@@ -79,28 +136,32 @@ mod tests {
             nx: false,
         };
         let mut t = Tlb::default();
-        t.insert(Entry {
+        let e = |va, size| Entry {
             vcpu: 1,
-            va: 0x20_0000,
-            size: Size::M2,
+            va,
+            size,
             hpa: 0,
             rights: r,
             dirty: false,
-        });
-        t.insert(Entry {
-            vcpu: 1,
-            va: 0x1000,
-            size: Size::K4,
-            hpa: 0,
-            rights: r,
-            dirty: false,
-        });
+        };
+        t.insert(e(0x20_0000, Size::M2));
+        t.insert(e(0x1000, Size::K4));
         assert!(t.lookup(1, 0x3f_ffff).is_some());
         assert!(t.lookup(2, 0x3f_ffff).is_none());
-        t.flush_range(0x3f_f000, 0x1000);
-        assert!(t.lookup(1, 0x20_0000).is_none());
-        assert!(t.lookup(1, 0x1fff).is_some());
+        // A 4 KiB entry inside the 2 MiB one replaces it.
+        t.insert(e(0x20_1000, Size::K4));
+        assert_eq!(t.lookup(1, 0x20_0000), None);
+        assert_eq!(t.lookup(1, 0x20_1008).map(|x| x.size), Some(Size::K4));
+        // A 2 MiB entry replaces the 4 KiB ones inside it.
+        t.insert(e(0, Size::M2));
+        assert_eq!(t.lookup(1, 0x1000).map(|x| x.size), Some(Size::M2));
+        t.flush_range(0x3f_f000, 0x1000, &|_| true);
+        assert!(t.lookup(1, 0x20_1000).is_some());
+        t.flush_range(0x20_1000, 0x1000, &|v| v == 2);
+        assert!(t.lookup(1, 0x20_1000).is_some());
+        t.flush_range(0x20_1000, 0x1000, &|v| v == 1);
+        assert!(t.lookup(1, 0x20_1000).is_none());
         t.drop_va(1, 0x1000);
-        assert!(t.entries.is_empty());
+        assert_eq!(t.all().count(), 0);
     }
 }

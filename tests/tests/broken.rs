@@ -26,6 +26,9 @@ enum Bug {
     LoseDirty,
     /// Points every leaf it just filled at a frame outside the guest.
     OutsideFrame,
+    /// Flushes only the requesting pCPU (forgets where a vCPU ran before),
+    /// and never when a vCPU comes back to a pCPU.
+    FlushOnlyHere,
 }
 
 struct Broken<'a> {
@@ -33,6 +36,25 @@ struct Broken<'a> {
     phys: &'a SuitePhys<'a>,
     bug: Bug,
     roots: Mutex<BTreeMap<u32, u64>>,
+}
+
+fn only_here(r: MmuReply, pcpu: PcpuId) -> MmuReply {
+    r.flush().map_or(r.clone(), |f| {
+        let f = FlushObligation {
+            cpus: f.cpus.intersection(CpuSet::single(pcpu)),
+            scope: f.scope,
+        };
+        match r {
+            MmuReply::Done { .. } => MmuReply::Done { flush: Some(f) },
+            MmuReply::Resume { .. } => MmuReply::Resume { flush: Some(f) },
+            MmuReply::LoadShadowRoot { vcpu, root, .. } => MmuReply::LoadShadowRoot {
+                vcpu,
+                root,
+                flush: Some(f),
+            },
+            other => other,
+        }
+    })
 }
 
 fn without_flush(r: MmuReply) -> MmuReply {
@@ -94,7 +116,12 @@ impl MmuServer for Broken<'_> {
         self.inner.create_vcpu(domain, vcpu)
     }
     fn vcpu_scheduled(&self, vcpu: VcpuId, pcpu: PcpuId) -> MmuReply {
-        self.note(self.inner.vcpu_scheduled(vcpu, pcpu))
+        let r = self.note(self.inner.vcpu_scheduled(vcpu, pcpu));
+        if self.bug == Bug::FlushOnlyHere {
+            without_flush(r)
+        } else {
+            r
+        }
     }
     fn vcpu_descheduled(&self, vcpu: VcpuId, pcpu: PcpuId) -> MmuReply {
         self.inner.vcpu_descheduled(vcpu, pcpu)
@@ -124,17 +151,22 @@ impl MmuServer for Broken<'_> {
         r
     }
     fn write_cr3(&self, vcpu: VcpuId, pcpu: PcpuId, cr3: GuestCr3) -> MmuReply {
-        self.note(self.inner.write_cr3(vcpu, pcpu, cr3))
+        let r = self.note(self.inner.write_cr3(vcpu, pcpu, cr3));
+        if self.bug == Bug::FlushOnlyHere {
+            only_here(r, pcpu)
+        } else {
+            r
+        }
     }
     fn set_paging_mode(&self, vcpu: VcpuId, pcpu: PcpuId, mode: PagingMode) -> MmuReply {
         self.note(self.inner.set_paging_mode(vcpu, pcpu, mode))
     }
     fn invlpg(&self, vcpu: VcpuId, pcpu: PcpuId, gva: Gva) -> MmuReply {
         let r = self.note(self.inner.invlpg(vcpu, pcpu, gva));
-        if self.bug == Bug::SkipFlush {
-            without_flush(r)
-        } else {
-            r
+        match self.bug {
+            Bug::SkipFlush => without_flush(r),
+            Bug::FlushOnlyHere => only_here(r, pcpu),
+            _ => r,
         }
     }
     fn emulated_write(
@@ -272,11 +304,209 @@ fn a_frame_outside_the_guest_is_caught() {
 }
 
 #[test]
-fn cpu_set_is_used() {
-    // Keep the abi imports honest: a flush obligation names a CPU set.
-    let f = FlushObligation {
-        cpus: CpuSet::single(PcpuId(3)),
-        scope: abi::FlushScope::All,
-    };
-    assert!(f.cpus.contains(PcpuId(3)));
+fn a_flush_of_only_the_current_pcpu_is_caught() {
+    caught(
+        Bug::FlushOnlyHere,
+        &["migration"],
+        "translation allowed by the guest tables (TLB",
+    );
+}
+
+/// A correct variant that exercises the suite's EmulateWrite path: every
+/// supervisor write fault the guest tables allow is emulated (unless dirty
+/// logging is on), the rest goes to the reference.
+struct Emulating<'a> {
+    inner: Box<dyn MmuServer + 'a>,
+    /// Added to the gpa named in EmulateWrite (0: correct).
+    skew: u64,
+    phys: &'a SuitePhys<'a>,
+    st: Mutex<EmuState>,
+}
+
+#[derive(Default)]
+struct EmuState {
+    maps: BTreeMap<u32, MemoryMap>,
+    dom_of: BTreeMap<u32, u32>,
+    cr3: BTreeMap<u32, u64>,
+    mode: BTreeMap<u32, PagingMode>,
+    logging: std::collections::BTreeSet<u32>,
+}
+
+impl Emulating<'_> {
+    fn hpa(map: &MemoryMap, gpa: u64) -> Option<u64> {
+        map.iter()
+            .find_map(|r| r.translate(Gfn(gpa >> 12)))
+            .map(|m| m.0 << 12 | (gpa & 0xfff))
+    }
+}
+
+impl MmuServer for Emulating<'_> {
+    fn name(&self) -> &'static str {
+        "emulating"
+    }
+    fn create_domain(&self, domain: DomainId, memory: &MemoryMap) -> MmuReply {
+        self.st
+            .lock()
+            .unwrap()
+            .maps
+            .insert(domain.0, memory.clone());
+        self.inner.create_domain(domain, memory)
+    }
+    fn destroy_domain(&self, domain: DomainId) -> MmuReply {
+        self.inner.destroy_domain(domain)
+    }
+    fn create_vcpu(&self, domain: DomainId, vcpu: VcpuId) -> MmuReply {
+        self.st.lock().unwrap().dom_of.insert(vcpu.0, domain.0);
+        self.inner.create_vcpu(domain, vcpu)
+    }
+    fn vcpu_scheduled(&self, vcpu: VcpuId, pcpu: PcpuId) -> MmuReply {
+        self.inner.vcpu_scheduled(vcpu, pcpu)
+    }
+    fn vcpu_descheduled(&self, vcpu: VcpuId, pcpu: PcpuId) -> MmuReply {
+        self.inner.vcpu_descheduled(vcpu, pcpu)
+    }
+    fn page_fault(&self, vcpu: VcpuId, pcpu: PcpuId, gva: Gva, ec: PfErrorCode) -> MmuReply {
+        use conformance::arch::{walk, Access, Ctrl, Walk, A, D};
+        if ec.is_write() && !ec.is_user() {
+            let st = self.st.lock().unwrap();
+            let d = st.dom_of.get(&vcpu.0).copied().unwrap_or(0);
+            let mode = st.mode.get(&vcpu.0).copied().unwrap_or_default();
+            let ctrl = Ctrl {
+                wp: mode.wp(),
+                nxe: mode.nxe(),
+            };
+            if let (Some(map), Some(&cr3), false) = (
+                st.maps.get(&d),
+                st.cr3.get(&vcpu.0),
+                st.logging.contains(&d),
+            ) {
+                let read =
+                    |gpa: u64| Self::hpa(map, gpa).and_then(|h| self.phys.read_u64(Hpa(h)).ok());
+                if let Walk::Ok(l) = walk(&read, cr3, gva.0, ctrl) {
+                    let gpa = l.phys(gva.0);
+                    if l.rights.allows(Access::WRITE, ctrl) && Self::hpa(map, gpa).is_some() {
+                        for i in 0..l.depth {
+                            let bits = if i + 1 == l.depth { A | D } else { A };
+                            if let Some(h) = Self::hpa(map, l.path[i]) {
+                                let e = self.phys.read_u64(Hpa(h)).unwrap_or(0);
+                                if e & bits != bits {
+                                    let _ = self.phys.write_u64(Hpa(h), e | bits);
+                                }
+                            }
+                        }
+                        return MmuReply::EmulateWrite {
+                            gpa: Gpa(gpa + self.skew),
+                            flush: None,
+                        };
+                    }
+                }
+            }
+        }
+        self.inner.page_fault(vcpu, pcpu, gva, ec)
+    }
+    fn write_cr3(&self, vcpu: VcpuId, pcpu: PcpuId, cr3: GuestCr3) -> MmuReply {
+        self.st.lock().unwrap().cr3.insert(vcpu.0, cr3.table().0);
+        self.inner.write_cr3(vcpu, pcpu, cr3)
+    }
+    fn set_paging_mode(&self, vcpu: VcpuId, pcpu: PcpuId, mode: PagingMode) -> MmuReply {
+        self.st.lock().unwrap().mode.insert(vcpu.0, mode);
+        self.inner.set_paging_mode(vcpu, pcpu, mode)
+    }
+    fn invlpg(&self, vcpu: VcpuId, pcpu: PcpuId, gva: Gva) -> MmuReply {
+        self.inner.invlpg(vcpu, pcpu, gva)
+    }
+    fn emulated_write(
+        &self,
+        vcpu: VcpuId,
+        pcpu: PcpuId,
+        gpa: Gpa,
+        value: u64,
+        size: u8,
+    ) -> MmuReply {
+        let st = self.st.lock().unwrap();
+        let d = st.dom_of.get(&vcpu.0).copied().unwrap_or(0);
+        match (size, st.maps.get(&d).and_then(|m| Self::hpa(m, gpa.0))) {
+            (8, Some(h)) if gpa.0.is_multiple_of(8) => {
+                let _ = self.phys.write_u64(Hpa(h), value);
+                MmuReply::WriteDone { flush: None }
+            }
+            _ => {
+                drop(st);
+                self.inner.emulated_write(vcpu, pcpu, gpa, value, size)
+            }
+        }
+    }
+    fn enable_dirty_log(&self, domain: DomainId) -> MmuReply {
+        self.st.lock().unwrap().logging.insert(domain.0);
+        self.inner.enable_dirty_log(domain)
+    }
+    fn disable_dirty_log(&self, domain: DomainId) -> MmuReply {
+        self.st.lock().unwrap().logging.remove(&domain.0);
+        self.inner.disable_dirty_log(domain)
+    }
+    fn get_and_clear_dirty(&self, domain: DomainId, start: Gfn) -> MmuReply {
+        self.inner.get_and_clear_dirty(domain, start)
+    }
+    fn zap_all(&self, domain: DomainId) -> MmuReply {
+        self.inner.zap_all(domain)
+    }
+}
+
+struct MakeEmulating(u64);
+
+impl Factory for MakeEmulating {
+    fn make<'a>(&self, phys: &'a SuitePhys<'a>) -> Result<Box<dyn MmuServer + 'a>, String> {
+        let inner = mmu_server::registry::create("reference", phys).map_err(|e| e.to_string())?;
+        Ok(Box::new(Emulating {
+            inner,
+            skew: self.0,
+            phys,
+            st: Mutex::new(EmuState::default()),
+        }))
+    }
+}
+
+#[test]
+fn an_emulating_server_passes() {
+    let words: Vec<AtomicU64> = (0..RAM_FRAMES * 512).map(|_| AtomicU64::new(0)).collect();
+    let mut fails = Vec::new();
+    let mut emulated = 0;
+    for sc in scenarios() {
+        for w in &words {
+            w.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+        match run_scenario(sc, &MakeEmulating(0), Ram::new(0x10_0000_0000, &words)) {
+            Ok(s) => emulated += s.emulated,
+            Err(f) => fails.push(f.to_string()),
+        }
+    }
+    for seed in 0..2 {
+        match run_random(
+            seed,
+            1500,
+            &MakeEmulating(0),
+            Ram::new(0x10_0000_0000, &words),
+        ) {
+            Ok(s) => emulated += s.emulated,
+            Err(f) => fails.push(f.to_string()),
+        }
+    }
+    assert!(
+        fails.is_empty(),
+        "the emulating server failed:\n{}",
+        fails.join("\n")
+    );
+    assert!(emulated > 100, "only {emulated} writes were emulated");
+}
+
+#[test]
+fn a_wrong_emulated_gpa_is_caught() {
+    let words: Vec<AtomicU64> = (0..RAM_FRAMES * 512).map(|_| AtomicU64::new(0)).collect();
+    let sc = scenarios()
+        .iter()
+        .find(|s| s.name == "demand_paging")
+        .unwrap();
+    let r = run_scenario(sc, &MakeEmulating(8), Ram::new(0x10_0000_0000, &words));
+    let f = r.expect_err("an EmulateWrite naming the wrong gpa was not caught");
+    assert!(f.what.contains("EmulateWrite names the gpa"), "{f}");
 }

@@ -347,8 +347,63 @@ fn check_panic_report(out: &Outcome, cpu: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a `test-stack-overflow` boot: `stack overflow on cpu N` naming
+/// the guard page below that CPU's kernel stack, the exception report
+/// after it (#DF, taken on the #DF IST stack, or #PF), and a failed run.
+fn check_stack_overflow_report(out: &Outcome, cpu: u32) -> Result<(), String> {
+    let want = format!("umbra: stack overflow on cpu {cpu}: ");
+    let report = out
+        .line_with(&want)
+        .ok_or(format!("no `{want}` report on the console"))?;
+    let stack = format!("guard page below cpu {cpu}'s kernel stack");
+    if !report.contains(&stack) {
+        return Err(format!("stack overflow report `{report}` lacks `{stack}`"));
+    }
+    let exception = out
+        .line_with("umbra: EXCEPTION")
+        .ok_or("no `umbra: EXCEPTION` report after the stack overflow line")?;
+    if !(exception.contains("#DF vector 8") || exception.contains("#PF vector 14"))
+        || !exception.contains(&format!("cpu {cpu} "))
+    {
+        return Err(format!(
+            "exception report `{exception}` is not a #DF or #PF on cpu {cpu}"
+        ));
+    }
+    if out.ending != Ending::Failure {
+        return Err(format!(
+            "the overflowing run was not reported as failed: {}",
+            describe(&out.ending)
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a `test-null` boot: a null dereference report for the CPU, a #PF
+/// report with CR2 0, and a failed run.
+fn check_null_report(out: &Outcome, cpu: u32) -> Result<(), String> {
+    let want = format!("umbra: null pointer dereference on cpu {cpu}: address 0x0 ");
+    out.line_with(&want)
+        .ok_or(format!("no `{want}` report on the console"))?;
+    let exception = out
+        .line_with("umbra: EXCEPTION")
+        .ok_or("no `umbra: EXCEPTION` report after the null dereference line")?;
+    for w in ["#PF vector 14", "cr2 0x0 ", &format!("cpu {cpu} ")] {
+        if !exception.contains(w) {
+            return Err(format!("exception report `{exception}` lacks `{w}`"));
+        }
+    }
+    if out.ending != Ending::Failure {
+        return Err(format!(
+            "the null-dereferencing run was not reported as failed: {}",
+            describe(&out.ending)
+        ));
+    }
+    Ok(())
+}
+
 /// Boots the test image and tallies its test lines, then the
-/// expected-failure boots (fault, panic, triple fault, hang: each must be
+/// expected-failure boots (fault, panic, triple fault, hang, stack overflow
+/// on an AP and on the bootstrap CPU, null dereference: each must be
 /// reported as a failure) and plain boots at -smp 1, 4 and 16.
 pub fn test_image() -> Result<Tally> {
     prereq::ensure_qemu()?;
@@ -425,6 +480,30 @@ pub fn test_image() -> Result<Tally> {
                 describe(&other)
             )),
         },
+    );
+
+    for (smp, cpu) in [(4, 3), (1, 0)] {
+        eprintln!(
+            "xtask: test image: expected-failure boot (`test-stack-overflow`, -smp {smp}): \
+             the stack overflow report below is expected"
+        );
+        let out = boot(&image, smp, "test-stack-overflow", BOOT_TIMEOUT, true)?;
+        record(
+            &mut tally,
+            &format!("expected_failure_stack_overflow_cpu{cpu}"),
+            check_stack_overflow_report(&out, cpu),
+        );
+    }
+
+    eprintln!(
+        "xtask: test image: expected-failure boot (`test-null`): \
+         the null dereference report below is expected"
+    );
+    let out = boot(&image, 2, "test-null", BOOT_TIMEOUT, true)?;
+    record(
+        &mut tally,
+        "expected_failure_null_dereference",
+        check_null_report(&out, 1),
     );
 
     for smp in [1, 4, 16] {
@@ -536,5 +615,46 @@ mod tests {
         assert!(check_fault_report(&out(Ending::Failure, "umbra: booting"), 7).is_err());
         let no_cr2 = report.replace("cr2 0xdeadbee000", "cr2 0x0");
         assert!(check_fault_report(&out(Ending::Failure, &no_cr2), 7).is_err());
+    }
+
+    #[test]
+    fn stack_overflow_check_wants_the_cpu_the_stack_and_a_failed_run() {
+        let text = "umbra: stack overflow on cpu 3: #DF hit the guard page below cpu 3's \
+                    kernel stack (cr2 0x1207e08, rsp 0x1207e10)\n\
+                    umbra: EXCEPTION #DF vector 8 error 0x0 rip 0x10466b cr2 0x1207e08 cpu 3 rsp 0x1";
+        let out = |ending, text: &str| Outcome {
+            lines: lines(text),
+            ending,
+            online_after: None,
+        };
+        assert!(check_stack_overflow_report(&out(Ending::Failure, text), 3).is_ok());
+        assert!(check_stack_overflow_report(&out(Ending::Failure, text), 0).is_err());
+        assert!(check_stack_overflow_report(&out(Ending::TripleFault, text), 3).is_err());
+        let ist = text.replace("3's kernel stack", "3's #DF IST stack");
+        assert!(check_stack_overflow_report(&out(Ending::Failure, &ist), 3).is_err());
+        let no_exception = text.lines().next().unwrap();
+        assert!(check_stack_overflow_report(&out(Ending::Failure, no_exception), 3).is_err());
+        let plain_fault =
+            "umbra: EXCEPTION #PF vector 14 error 0x2 rip 0x1 cr2 0x1207e08 cpu 3 rsp 0x1";
+        assert!(check_stack_overflow_report(&out(Ending::Failure, plain_fault), 3).is_err());
+    }
+
+    #[test]
+    fn null_check_wants_the_report_cr2_zero_and_a_failed_run() {
+        let text = "umbra: null pointer dereference on cpu 1: address 0x0 (the null page is \
+                    unmapped), rip 0x100377\n\
+                    umbra: EXCEPTION #PF vector 14 error 0x0 rip 0x100377 cr2 0x0 cpu 1 rsp 0x1";
+        let out = |ending, text: &str| Outcome {
+            lines: lines(text),
+            ending,
+            online_after: None,
+        };
+        assert!(check_null_report(&out(Ending::Failure, text), 1).is_ok());
+        assert!(check_null_report(&out(Ending::Failure, text), 2).is_err());
+        assert!(check_null_report(&out(Ending::Other(Some(1)), text), 1).is_err());
+        let elsewhere = text.replace("cr2 0x0 ", "cr2 0x10 ");
+        assert!(check_null_report(&out(Ending::Failure, &elsewhere), 1).is_err());
+        let no_line = text.lines().nth(1).unwrap();
+        assert!(check_null_report(&out(Ending::Failure, no_line), 1).is_err());
     }
 }

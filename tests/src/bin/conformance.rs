@@ -78,6 +78,7 @@ fn main() -> ExitCode {
         }
         let make = Registered(name);
         let (mut passed, mut failed) = (0u64, 0u64);
+        let (mut peak, mut steps) = (0u64, 0u64);
         let mut details = Vec::new();
         let start = Instant::now();
         let mut run =
@@ -86,7 +87,11 @@ fn main() -> ExitCode {
                     (0..RAM_FRAMES * 512).map(|_| AtomicU64::new(0)).collect();
                 let ram = Ram::new(RAM_BASE, &words);
                 match catch_unwind(AssertUnwindSafe(|| f(ram))) {
-                    Ok(Ok(_)) => passed += 1,
+                    Ok(Ok(s)) => {
+                        passed += 1;
+                        peak = peak.max(s.peak_pool);
+                        steps += s.steps;
+                    }
                     Ok(Err(fail)) => {
                         failed += 1;
                         details.push(format!("{name}: FAILED {fail}"));
@@ -118,7 +123,8 @@ fn main() -> ExitCode {
             println!("{d}");
         }
         eprintln!(
-            "conformance: {name}: scripted {:.2?}, random {} x {} steps {:.2?}",
+            "conformance: {name}: {steps} steps checked, peak shadow pool {peak} frames; \
+             scripted {:.2?}, random {} x {} steps {:.2?}",
             scripted,
             if opts.only_scenario.is_none() {
                 opts.seeds.len()
