@@ -154,8 +154,9 @@ pub enum FlushScope {
         /// Number of pages.
         pages: u32,
     },
-    /// Every guest translation cached on the pCPU (of any domain: a full
-    /// flush of all guest ASIDs).
+    /// Every translation of the domain the request concerns (all its vCPUs'
+    /// ASIDs) cached on the pCPU. A full flush of every guest ASID is
+    /// allowed; a server must not rely on it reaching other domains.
     All,
     /// Like `All`, and every shadow root handed out for the domain the
     /// request concerns is void: each of its vCPUs must fetch its root again

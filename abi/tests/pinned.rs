@@ -284,6 +284,16 @@ fn pinned_scopes_and_decode_errors() {
         FlushScope::All,
         FlushScope::AllReloadRoots,
     ];
+    // Exhaustive: a new variant must be pinned here.
+    for (i, sc) in scopes.iter().enumerate() {
+        let idx = match sc {
+            FlushScope::Page(_) => 0,
+            FlushScope::Range { .. } => 1,
+            FlushScope::All => 2,
+            FlushScope::AllReloadRoots => 3,
+        };
+        assert_eq!(i, idx);
+    }
     check("scopes", scopes, &["008020", "01804003", "02", "03"][..]);
     let decode_errors = vec![
         DecodeError::UnexpectedEnd,
@@ -296,6 +306,20 @@ fn pinned_scopes_and_decode_errors() {
         DecodeError::TooLong(2000),
         DecodeError::Other,
     ];
+    for (i, e) in decode_errors.iter().enumerate() {
+        let idx = match e {
+            DecodeError::UnexpectedEnd => 0,
+            DecodeError::BadVarint => 1,
+            DecodeError::BadBool => 2,
+            DecodeError::BadOption => 3,
+            DecodeError::BadEnum => 4,
+            DecodeError::BadEncoding => 5,
+            DecodeError::TrailingBytes(_) => 6,
+            DecodeError::TooLong(_) => 7,
+            DecodeError::Other => 8,
+        };
+        assert_eq!(i, idx);
+    }
     check(
         "decode errors",
         decode_errors,

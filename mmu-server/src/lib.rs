@@ -2,7 +2,7 @@
 //!
 //! - [`walk`]: the guest page walker (the architecture's rules, written down).
 //! - [`shadow`]: plain shadow page-table trees.
-//! - [`reference`]: the reference server, simple and obviously correct.
+//! - [`reference`](mod@reference): the reference server, simple and obviously correct.
 //! - [`registry`]: the one list of implementations, by name.
 //! - `sim` (feature `sim`): simulated physical memory for host tests.
 //!

@@ -29,27 +29,34 @@
 //!   leaves it injects #PF with P | RSVD (see [`crate::walk`]).
 //!
 //! # Flushes and frame reuse
-//! Invariant: a pCPU's TLB never holds, for a vCPU, a translation wider
-//! than that vCPU's current shadow tree (replacing a present leaf flushes
-//! the page on `ran_on`; write-protecting flushes `ran_on`). Dirty logging
-//! depends on it.
-//!
 //! Per vCPU the server tracks `ran_on` (pCPUs whose TLB may hold entries of
 //! its tree since it was last emptied) and `must_flush` (pCPUs to flush
-//! before the vCPU next runs there). Emptying a tree yields a flush of
-//! `ran_on` (scope All) and adds `ran_on` to `must_flush`; any later request
-//! from the vCPU on a pCPU in `must_flush` (including `VcpuScheduled`) gets
-//! a flush of that pCPU merged into its reply. The tree's frames are freed at
-//! once when the vCPU is out of the guest (the request is its own, or it is
-//! descheduled); otherwise they are kept, unhooked, until its next request or
-//! `VcpuDescheduled`. So a frame is reused only when no pCPU can walk it
-//! before a flush.
+//! before the vCPU next runs there, because they may still cache entries of
+//! an emptied tree whose frames were reused). Emptying a tree yields a flush
+//! of `ran_on` and `must_flush` (scope All) and adds `ran_on` to
+//! `must_flush`; any later request from the vCPU on a pCPU in `must_flush`
+//! (including `VcpuScheduled`) gets a flush of that pCPU merged into its
+//! reply, and only that removes the pCPU from the set. The tree's frames are
+//! freed at once when the vCPU is out of the guest (the request is its own,
+//! or it is descheduled); otherwise they are kept, unhooked, until its next
+//! request or `VcpuDescheduled`. So a frame is reused only when no pCPU can
+//! walk it before a flush.
+//!
+//! Invariant: on the pCPUs of `ran_on`, the TLB never holds, for a vCPU, a
+//! translation wider than that vCPU's current shadow tree (replacing a
+//! present leaf flushes the page on `ran_on`; write-protecting flushes
+//! `ran_on`; emptying the tree moves `ran_on` into `must_flush`). Dirty
+//! logging depends on it: write-protecting for the log flushes `ran_on` (if
+//! a leaf changed) and `must_flush` (always).
 //!
 //! # Out of shadow frames
 //! A fault that finds the pool empty empties the vCPU's own tree and
 //! retries; then empties every other vCPU's tree (all domains; frames of
 //! running vCPUs are only freed later) and retries; then answers
-//! `OutOfShadowMemory` with the flush of everything it emptied.
+//! `OutOfShadowMemory` with the flush of everything it emptied in the
+//! domain. Emptying another domain's trees needs no flush now: no guest
+//! translation changed, and frame reuse is covered by those vCPUs'
+//! `must_flush`, paid in their own replies.
 
 use crate::shadow::{self, InstallError};
 use crate::walk::{self, GuestMem, WalkError, PTE_A, PTE_D, PTE_NX, PTE_P, PTE_RW, PTE_US};
@@ -207,7 +214,10 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
     ) -> Result<(), MmuError> {
         let mut frames = Vec::new();
         let collected = shadow::collect(self.mem, v.root, &mut frames);
-        add(flush, all(v.ran_on));
+        // `must_flush` pCPUs may still cache entries of an earlier tree
+        // (emptied without a flush, see pool exhaustion): a zap-all for a
+        // memory-map change must reach them too.
+        add(flush, all(v.ran_on.union(v.must_flush)));
         v.must_flush = v.must_flush.union(v.ran_on);
         v.ran_on = CpuSet::EMPTY;
         if let Some(p) = current {
@@ -230,9 +240,12 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
         flush: &mut Option<FlushObligation>,
     ) -> Result<(), MmuError> {
         for v in st.vcpus.iter().filter(|v| v.domain == domain) {
-            if shadow::write_protect(self.mem, v.root)? {
-                add(flush, all(v.ran_on));
-            }
+            // On `ran_on` the TLB holds nothing wider than the tree, so it
+            // needs a flush only if a leaf lost R/W. On `must_flush` it may
+            // still hold entries of an emptied tree (writable ones too).
+            let changed = shadow::write_protect(self.mem, v.root)?;
+            let cpus = if changed { v.ran_on } else { CpuSet::EMPTY };
+            add(flush, all(cpus.union(v.must_flush)));
         }
         Ok(())
     }
@@ -328,7 +341,18 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
                     0 => self.zap(st.vcpu(vcpu)?, Some(pcpu), flush)?,
                     1 => {
                         for v in st.vcpus.iter_mut().filter(|v| v.id != vcpu) {
-                            self.zap(v, None, flush)?;
+                            // Emptying a tree changes nothing the guest can
+                            // see; only frame reuse needs flushes, and those
+                            // reach each vCPU through its `must_flush` in its
+                            // own domain's replies. So other domains' pCPUs
+                            // are not named here (flushes are per domain).
+                            let mut theirs = None;
+                            let f = if v.domain == domain {
+                                &mut *flush
+                            } else {
+                                &mut theirs
+                            };
+                            self.zap(v, None, f)?;
                         }
                     }
                     _ => {}

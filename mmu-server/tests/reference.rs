@@ -959,3 +959,137 @@ fn eight_pcpus_fault_concurrently_on_one_domain() {
         assert_eq!(e & PTE_D != 0, written);
     }
 }
+
+#[test]
+fn pool_exhaustion_reclaims_other_domains_safely() {
+    let mem = SimMem::new(4096, 3072..4096);
+    let mut map_a = MemoryMap::new();
+    map_a
+        .push(MemRegion {
+            gfn: Gfn(0),
+            mfn: Mfn(1024),
+            pages: 512,
+        })
+        .unwrap();
+    let mut map_b = MemoryMap::new();
+    map_b
+        .push(MemRegion {
+            gfn: Gfn(0),
+            mfn: Mfn(1536),
+            pages: 512,
+        })
+        .unwrap();
+    let s = Reference::new(&mem, Config::default());
+    let (da, db) = (DomainId(1), DomainId(2));
+    let (va, vb) = (VcpuId(1), VcpuId(2));
+    // Identical tables in both domains: gva 0x1000 -> gfn 0x10.
+    let mut ta = GuestTables::new(&mem, map_a.clone(), Gfn(0x100));
+    let mut tb = GuestTables::new(&mem, map_b.clone(), Gfn(0x100));
+    let pa = ta.alloc_table();
+    let pb = tb.alloc_table();
+    ta.map(
+        pa,
+        Gva(0x1000),
+        Gpa(0x10000),
+        PageSize::Size4K,
+        PTE_RW | PTE_D,
+    );
+    tb.map(
+        pb,
+        Gva(0x1000),
+        Gpa(0x10000),
+        PageSize::Size4K,
+        PTE_RW | PTE_D,
+    );
+    for (d, v, map, pml4, p) in [(da, va, &map_a, pa, P0), (db, vb, &map_b, pb, P1)] {
+        send(
+            &s,
+            MmuRequest::CreateDomain {
+                domain: d,
+                memory: map.clone(),
+            },
+        );
+        send(&s, MmuRequest::CreateVcpu { domain: d, vcpu: v });
+        send(&s, MmuRequest::VcpuScheduled { vcpu: v, pcpu: p });
+        send(
+            &s,
+            MmuRequest::SetPagingMode {
+                vcpu: v,
+                pcpu: p,
+                mode: MODE,
+            },
+        );
+        send(
+            &s,
+            MmuRequest::WriteCr3 {
+                vcpu: v,
+                pcpu: p,
+                cr3: GuestCr3(pml4.base().0),
+            },
+        );
+    }
+    assert_eq!(
+        send(
+            &s,
+            MmuRequest::PageFault {
+                vcpu: va,
+                pcpu: P0,
+                gva: Gva(0x1000),
+                error_code: PfErrorCode(0)
+            }
+        ),
+        resume()
+    );
+    // A logs dirty pages and its vCPU writes: a writable leaf, maybe cached.
+    send(&s, MmuRequest::EnableDirtyLog { domain: da });
+    let r = send(
+        &s,
+        MmuRequest::PageFault {
+            vcpu: va,
+            pcpu: P0,
+            gva: Gva(0x1000),
+            error_code: PfErrorCode(W | PfErrorCode::P),
+        },
+    );
+    assert!(matches!(r, MmuReply::Resume { .. }));
+    send(&s, MmuRequest::VcpuDescheduled { vcpu: va, pcpu: P0 });
+    // Only A's frames are in use beyond the roots; B needs 3 and gets them
+    // by reclaiming the parked vCPU of A.
+    mem.set_frame_limit(mem.frames_in_use());
+    let r = send(
+        &s,
+        MmuRequest::PageFault {
+            vcpu: vb,
+            pcpu: P1,
+            gva: Gva(0x1000),
+            error_code: PfErrorCode(0),
+        },
+    );
+    assert!(matches!(r, MmuReply::Resume { .. }), "{r:?}");
+    // B's reply names only B's pCPU (flushes are per domain).
+    assert!(r.flush().is_none_or(|f| !f.cpus.contains(P0)), "{r:?}");
+    assert_eq!(
+        shadow::lookup(&mem, s.shadow_root(va).unwrap(), Gva(0x1000)).unwrap(),
+        None
+    );
+    // A's dirty round: P0 may still cache the writable entry of the emptied
+    // tree, so re-protecting flushes it (else a write would go unlogged).
+    let r = send(
+        &s,
+        MmuRequest::GetAndClearDirty {
+            domain: da,
+            start: Gfn(0),
+        },
+    );
+    let MmuReply::DirtyBitmap { chunk, flush: f } = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(chunk.dirty().collect::<Vec<_>>(), vec![Gfn(0x10)]);
+    assert!(f.is_some_and(|f| f.cpus.contains(P0)), "{f:?}");
+    // A's old frames were reused: A must flush P0 before it runs there again,
+    // through its own reply (the kernel flushes per domain).
+    let r = send(&s, MmuRequest::VcpuScheduled { vcpu: va, pcpu: P0 });
+    assert!(
+        matches!(r, MmuReply::LoadShadowRoot { flush: f, .. } if f == flush(&[P0], FlushScope::All))
+    );
+}
