@@ -4,6 +4,8 @@
 
 use conformance::{run_scenario, scenarios, Ram, SuitePhys, RAM_FRAMES};
 use core::sync::atomic::AtomicU64;
+use mmu_server::fast::policy::{PerPcpuCopies, SharedRoots};
+use mmu_server::fast::{DirtyMode, FastServer};
 use mmu_server::registry;
 
 fn shared<'a>(p: &'a SuitePhys<'a>) -> Box<dyn abi::MmuServer + 'a> {
@@ -12,6 +14,15 @@ fn shared<'a>(p: &'a SuitePhys<'a>) -> Box<dyn abi::MmuServer + 'a> {
 
 fn percpu<'a>(p: &'a SuitePhys<'a>) -> Box<dyn abi::MmuServer + 'a> {
     registry::create(registry::FAST_PERCPU, p).expect("registered")
+}
+
+/// A server constructor as the suite's [`conformance::Factory`].
+struct F(for<'a> fn(&'a SuitePhys<'a>) -> Box<dyn abi::MmuServer + 'a>);
+
+impl conformance::Factory for F {
+    fn make<'a>(&self, phys: &'a SuitePhys<'a>) -> Result<Box<dyn abi::MmuServer + 'a>, String> {
+        Ok((self.0)(phys))
+    }
 }
 
 /// Runs every scenario; returns the failures.
@@ -30,8 +41,27 @@ fn failures(make: conformance::MakeServer<'_>) -> Vec<(&'static str, String)> {
 /// The fast server must pass every scenario the reference passes (a
 /// scenario the reference fails too is a suite bug, reported by the suite's
 /// own run).
+fn dbits<'a>(p: &'a SuitePhys<'a>) -> Box<dyn abi::MmuServer + 'a> {
+    Box::new(FastServer::<SharedRoots>::with_dirty_mode(
+        "fast-shared-dbits",
+        p,
+        mmu_server::Config::default(),
+        DirtyMode::DirtyBits,
+    ))
+}
+
+fn dbits_percpu<'a>(p: &'a SuitePhys<'a>) -> Box<dyn abi::MmuServer + 'a> {
+    Box::new(FastServer::<PerPcpuCopies>::with_dirty_mode(
+        "fast-percpu-dbits",
+        p,
+        mmu_server::Config::default(),
+        DirtyMode::DirtyBits,
+    ))
+}
+
 fn suite(name: &str, make: conformance::MakeServer<'_>) {
-    let control: Vec<&str> = failures(&reference).iter().map(|f| f.0).collect();
+    static CONTROL: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    let control = CONTROL.get_or_init(|| failures(&F(reference)).iter().map(|f| f.0).collect());
     let failed: Vec<String> = failures(make)
         .into_iter()
         .filter(|f| !control.contains(&f.0))
@@ -48,14 +78,20 @@ fn suite(name: &str, make: conformance::MakeServer<'_>) {
 
 #[test]
 fn scenarios_fast_shared() {
-    suite(registry::FAST_SHARED, &shared);
+    suite(registry::FAST_SHARED, &F(shared));
 }
 
 #[test]
 fn scenarios_fast_percpu() {
-    suite(registry::FAST_PERCPU, &percpu);
+    suite(registry::FAST_PERCPU, &F(percpu));
 }
 
 fn reference<'a>(p: &'a SuitePhys<'a>) -> Box<dyn abi::MmuServer + 'a> {
     registry::create("reference", p).expect("registered")
+}
+
+#[test]
+fn scenarios_fast_dirty_bits() {
+    suite("fast-shared-dbits", &F(dbits));
+    suite("fast-percpu-dbits", &F(dbits_percpu));
 }

@@ -253,6 +253,14 @@ fn memory(s: &Side<'_>) -> Vec<u64> {
 }
 
 fn differential(fast: &'static str, seed: u64, steps: usize) {
+    differential_with(fast, seed, steps, &|name, p| {
+        registry::create(name, p).unwrap()
+    })
+}
+
+type Make = dyn for<'a> Fn(&'static str, &'a SuitePhys<'a>) -> Box<dyn abi::MmuServer + 'a>;
+
+fn differential_with(fast: &'static str, seed: u64, steps: usize, make: &Make) {
     let mk = || -> Vec<AtomicU64> { (0..FRAMES * 512).map(|_| AtomicU64::new(0)).collect() };
     let (wa, wb) = (mk(), mk());
     let (ra, rb) = (Ram::new(0x10_0000, &wa), Ram::new(0x10_0000, &wb));
@@ -261,7 +269,7 @@ fn differential(fast: &'static str, seed: u64, steps: usize) {
         SuitePhys::new(rb, rb.first_mfn() + GUEST),
     );
     let sa = registry::create("reference", &pa).unwrap();
-    let sb = registry::create(fast, &pb).unwrap();
+    let sb = make(fast, &pb);
     let run = || -> R<()> {
         let mut a = setup(Machine::new("reference", &*sa, &pa, GUEST, 4))?;
         let mut b = setup(Machine::new(fast, &*sb, &pb, GUEST, 4))?;
@@ -297,7 +305,7 @@ fn differential(fast: &'static str, seed: u64, steps: usize) {
 fn seeds() -> std::ops::RangeInclusive<u64> {
     match std::env::var("FAST_SEED").ok().and_then(|s| s.parse().ok()) {
         Some(s) => s..=s,
-        None => 1..=12,
+        None => 1..=8,
     }
 }
 
@@ -312,5 +320,21 @@ fn differential_fast_shared() {
 fn differential_fast_percpu() {
     for seed in seeds() {
         differential(registry::FAST_PERCPU, seed, 250);
+    }
+}
+
+#[test]
+fn differential_fast_dirty_bits() {
+    use mmu_server::fast::policy::SharedRoots;
+    use mmu_server::fast::{DirtyMode, FastServer};
+    for seed in seeds() {
+        differential_with("fast-shared-dbits", seed, 250, &|name, p| {
+            Box::new(FastServer::<SharedRoots>::with_dirty_mode(
+                name,
+                p,
+                mmu_server::Config::default(),
+                DirtyMode::DirtyBits,
+            ))
+        });
     }
 }

@@ -911,6 +911,12 @@ impl<'m> Machine<'m> {
                     vcpu: self.vcpus[v].id,
                     pcpu: PcpuId(p as u32),
                 })?;
+                if let MmuReply::Error { reason, flush } = r {
+                    // E.g. no pool frame for the new root: the vCPU cannot
+                    // run now (the kernel would retry later).
+                    self.flush(d, flush);
+                    return Ok(Outcome::Refused(reason));
+                }
                 self.take_root(v, r, "VcpuScheduled (reload)")?;
             }
             let ec = match self.hw(v, p, gva, acc)? {
@@ -1614,7 +1620,10 @@ impl<'m> Machine<'m> {
     }
 
     /// Adds the direct map (`DIRECT + gpa` -> gpa, supervisor RW, NX) of all
-    /// of domain `d`'s memory to the tables at `cr3`.
+    /// of domain `d`'s memory to the tables at `cr3`. Entries of even frames
+    /// are pre-dirtied (A and D set, as kernels map themselves), so a read
+    /// through them may be given a writable shadow: unless the frame is a
+    /// page table.
     pub fn map_direct(&mut self, d: usize, via: Option<usize>, cr3: u64) -> Res<()> {
         let regions = self.doms[d].regions.clone();
         for (gfn, _, pages) in regions {
@@ -1626,7 +1635,7 @@ impl<'m> Machine<'m> {
                     DIRECT + (g << 12),
                     g << 12,
                     Size::K4,
-                    arch::P | arch::RW | arch::NX,
+                    arch::P | arch::RW | arch::NX | if g % 2 == 0 { arch::A | arch::D } else { 0 },
                 )?;
             }
         }

@@ -210,7 +210,10 @@ pub fn random_run(m: &mut Machine<'_>, seed: u64, steps: u64) -> Res<()> {
         ensure_running(m, &mut r, v)?;
         match r.below(104) {
             0..=49 => {
-                let gva = if r.chance(8) {
+                let gva = if r.chance(4) {
+                    // The kernel reading (or writing) its page tables.
+                    DIRECT + (r.pick(&dom.tables) << 12) + (r.below(512) << 3)
+                } else if r.chance(5) {
                     DIRECT + (r.below(RAM * 512) << 3)
                 } else {
                     slot(&mut r) + (r.below(512) << 3)

@@ -672,6 +672,53 @@ fn table_is_data(m: &mut Machine<'_>) -> Res<()> {
     flt(m, v, USER, Access::UWRITE, PF_P | PF_W | PF_U)
 }
 
+fn pt_read_then_written(m: &mut Machine<'_>) -> Res<()> {
+    let b = boot(m, 64, 1, 0)?;
+    let v = b.vcpus[0];
+    map_data(m, &b, v, USER, 2, FULL)?;
+    wr(m, v, USER, 1)?;
+    wr(m, v, USER + 0x1000, 2)?;
+    let pte = m.entry_addr(b.d, b.cr3, USER, 1).unwrap_or(0);
+    // An alias of the page table, already accessed and dirty in the guest:
+    // a read through it must not yield a writable shadow of a page table.
+    let alias = USER + 0x20_0000;
+    m.map(
+        b.d,
+        Some(v),
+        b.cr3,
+        alias,
+        pte & !0xfff,
+        Size::K4,
+        FULL | A | D,
+    )?;
+    let e = m.peek(b.d, pte).unwrap_or(0);
+    expect(
+        m,
+        v,
+        alias + (pte & 0xfff),
+        Access::UREAD,
+        0,
+        Want::Reads(e),
+    )?;
+    rd(m, v, DIRECT + pte, e)?;
+    // Now the guest write-protects USER through both windows, and flushes.
+    expect(
+        m,
+        v,
+        alias + (pte & 0xfff),
+        Access::UWRITE,
+        e & !RW,
+        Want::Ok,
+    )?;
+    m.invlpg(v, USER)?;
+    flt(m, v, USER, Access::WRITE, PF_P | PF_W)?;
+    let e2 = m.peek(b.d, pte + 8).unwrap_or(0);
+    wr(m, v, DIRECT + pte + 8, e2 & !RW)?;
+    m.invlpg(v, USER + 0x1000)?;
+    flt(m, v, USER + 0x1000, Access::WRITE, PF_P | PF_W)?;
+    rd(m, v, USER + 0x1000, 2)
+}
+
 fn self_reference(m: &mut Machine<'_>) -> Res<()> {
     let b = boot(m, 64, 1, 0)?;
     let v = b.vcpus[0];
@@ -1295,6 +1342,10 @@ pub fn scenarios() -> &'static [Scenario] {
         s!(
             table_is_data,
             "a page that is both page table and user data"
+        ),
+        s!(
+            pt_read_then_written,
+            "a page table read, then written, through pre-dirtied aliases"
         ),
         s!(
             self_reference,

@@ -2,6 +2,7 @@
 //!
 //! Each subcommand's doc comment below is its `--help` text.
 
+mod bench;
 mod conformance;
 mod image;
 mod prereq;
@@ -29,6 +30,11 @@ enum Command {
     /// Run the MMU conformance suite against every registered MMU server
     /// implementation; one `<name>: N passed, M failed` line each.
     Conformance(conformance::ConformanceArgs),
+    /// Benchmark the MMU servers on the host (release build): dirty-logging
+    /// rounds, zap-all latency, CR3 switching, page-fault throughput and the
+    /// wire round trip, each for the fast servers and the reference, ending
+    /// with a `<figure>: fast <x> vs reference <y> = <ratio>x` summary.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +43,7 @@ fn main() -> ExitCode {
         Command::Run(args) => image::run(&args),
         Command::Test(args) => test::test(&args),
         Command::Conformance(args) => conformance::conformance(&args).map(|_| ()),
+        Command::Bench(args) => bench::bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -31,7 +31,19 @@
 //!   freed later, at most [`RECLAIM_BATCH`] per request, only once the flush
 //!   of the zap is acknowledged (see below) and after a fast-fault grace
 //!   period.
-//! - **Fast page fault** ([`lockless`], seed 001): without the main lock.
+//! - **Fast page fault** ([`lockless`], seed 001): a write fault on a
+//!   present leaf that is read-only only because of dirty logging is fixed
+//!   without the main lock, with one CAS, and the page is logged dirty. The
+//!   race proofs (ABA on gfn -> mfn, lost W/D) are `loom` models in
+//!   `mmu-server/tests/fast_loom.rs`. Here the gfn of a leaf is derived from
+//!   the mfn in the entry through the domain's memory map, which never
+//!   changes for the domain's life (a new map is a new domain), so the ABA
+//!   of seed 001 can only arise through frame reuse: shadow frames are freed
+//!   only after a grace period of the [`lockless::FastGate`] (G1).
+//! - **Dirty logging** is a constructor argument ([`DirtyMode`]): write
+//!   protection + the fast page fault (seed 001; what the registry's servers
+//!   use), or harvesting the hardware D bits of the shadow leaves through the
+//!   rmaps (no exit per written page; measured side by side in the benches).
 //! - **Shadow-L4 policy** ([`policy`]): shared roots or per-pCPU copies,
 //!   chosen by the type parameter `P` in the registry.
 //! - **Flush obligations**: every request accumulates its flushes in one
@@ -100,6 +112,21 @@ const ENTRIES: u64 = 512;
 /// Present non-leaf shadow entry bits (permissive: the leaf decides).
 const LINK_BITS: u64 = SPTE_P | SPTE_W | SPTE_U | SPTE_A;
 
+/// How the server logs written pages (a constructor argument, so both are
+/// measured side by side by the benches).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirtyMode {
+    /// Seed 001: get-and-clear write-protects the pages it reports; the next
+    /// write faults and the lockless fast page fault restores W with one CAS
+    /// and logs the page. The registered servers use this.
+    WriteProtect,
+    /// Hardware D bits: leaves stay writable; get-and-clear harvests and
+    /// clears the D bit of every leaf mapping a frame of the chunk (through
+    /// the rmaps) and flushes the TLBs that may cache a dirty entry. The
+    /// guest's writes take no exit at all.
+    DirtyBits,
+}
+
 /// Counters a benchmark or test can read.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -107,8 +134,6 @@ pub struct Stats {
     pub sp_created: AtomicU64,
     /// Shadow pages freed (frames returned).
     pub sp_freed: AtomicU64,
-    /// Faults fixed by the lockless path.
-    pub fast_fixes: AtomicU64,
     /// Faults handled under the lock.
     pub slow_faults: AtomicU64,
     /// Frames unshadowed by write-flood detection.
@@ -274,6 +299,7 @@ struct Inner<P> {
     /// pCPU of the request being served (None for control requests).
     requester: Option<PcpuId>,
     maxphyaddr: u8,
+    dirty_mode: DirtyMode,
 }
 
 /// The fast server over physical memory `mem` with shadow-L4 policy `P`.
@@ -314,8 +340,19 @@ fn spte_frame(v: u64) -> Mfn {
 }
 
 impl<'m, P: L4Policy> FastServer<'m, P> {
-    /// A server named `name` (its registry name) over `mem`.
+    /// A server named `name` (its registry name) over `mem`, logging dirty
+    /// pages by write protection and the lockless fast page fault.
     pub fn new(name: &'static str, mem: &'m dyn PhysMem, config: crate::Config) -> Self {
+        Self::with_dirty_mode(name, mem, config, DirtyMode::WriteProtect)
+    }
+
+    /// Like [`FastServer::new`] with the given way of logging dirty pages.
+    pub fn with_dirty_mode(
+        name: &'static str,
+        mem: &'m dyn PhysMem,
+        config: crate::Config,
+        dirty_mode: DirtyMode,
+    ) -> Self {
         Self {
             name,
             config,
@@ -333,6 +370,7 @@ impl<'m, P: L4Policy> FastServer<'m, P> {
                 flush: Flush::default(),
                 requester: None,
                 maxphyaddr: config.maxphyaddr,
+                dirty_mode,
             }),
             fast: spin::RwLock::new(BTreeMap::new()),
             stats: Stats::default(),
@@ -453,6 +491,26 @@ impl<'m, P: L4Policy> FastServer<'m, P> {
                 return Err(format!("R1: gfn {gfn} mapped but has no rmap"));
             }
         }
+        // P2: every root in use is live and pinned by exactly its users.
+        let mut users: BTreeMap<u32, u32> = BTreeMap::new();
+        for v in inner.vcpus.values() {
+            if let Some(r) = v.root {
+                *users.entry(r).or_default() += 1;
+            }
+        }
+        for (&id, &n) in &users {
+            let sp = &inner.sps[id as usize];
+            let current = inner
+                .domains
+                .get(&sp.domain)
+                .is_some_and(|d| d.gen == sp.gen);
+            if current && (!sp.live || sp.roots != n) {
+                return Err(format!(
+                    "P2: root sp {id} live={} pinned {} times, used by {n}",
+                    sp.live, sp.roots
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -494,8 +552,9 @@ impl<'m, P: L4Policy> FastServer<'m, P> {
             &*v.dom,
         );
         match out {
+            // (Not counted: a shared counter would bounce its cache line
+            // between the pCPUs this path exists to keep apart.)
             FastOutcome::Fixed { .. } | FastOutcome::AlreadyWritable => {
-                self.stats.fast_fixes.fetch_add(1, Ordering::Relaxed);
                 Some(MmuReply::Resume { flush: None })
             }
             FastOutcome::NotFast | FastOutcome::Raced => None,
@@ -576,6 +635,12 @@ impl<P: L4Policy> Inner<P> {
                         let at = entry_at(frame, i);
                         let v = mem.read_u64(at).unwrap_or(0);
                         if v & SPTE_P != 0 {
+                            let dbits = self.dirty_mode == DirtyMode::DirtyBits;
+                            if dbits && v & SPTE_D != 0 && d.shared.logging.load(Ordering::SeqCst) {
+                                if let Some(g) = mfn_to_gfn(&d.shared.memory, spte_frame(v)) {
+                                    d.shared.mark(g.0);
+                                }
+                            }
                             if let Some(g) = mfn_to_gfn(&d.shared.memory, spte_frame(v)) {
                                 if let Some(h) = d.rmap.get_mut(&g.0) {
                                     d.pool.remove(h, at);
@@ -632,6 +697,47 @@ impl<P: L4Policy> Inner<P> {
             }
         }
         Err(MmuError::OutOfShadowMemory(DomainId(did)))
+    }
+
+    /// A present leaf `old` was replaced: with D-bit logging, its D bit is
+    /// the only record of writes through it, so it goes to the log.
+    fn leaf_gone(&self, did: u32, old: u64) {
+        if self.dirty_mode != DirtyMode::DirtyBits || old & (SPTE_P | SPTE_D) != SPTE_P | SPTE_D {
+            return;
+        }
+        if let Some(d) = self.domains.get(&did) {
+            if d.shared.logging.load(Ordering::SeqCst) {
+                if let Some(g) = mfn_to_gfn(&d.shared.memory, spte_frame(old)) {
+                    d.shared.mark(g.0);
+                }
+            }
+        }
+    }
+
+    /// Clears the D bit of every leaf mapping a frame in `gfns` (D-bit
+    /// logging); returns the frames that had one set. Flushes if any.
+    fn harvest(&mut self, mem: &dyn PhysMem, did: u32, gfns: core::ops::Range<u64>) -> Vec<u64> {
+        let mut found = Vec::new();
+        let Some(d) = self.domains.get(&did) else {
+            return found;
+        };
+        for (&gfn, head) in d.rmap.range(gfns) {
+            let mut hit = false;
+            d.pool.for_each(head, |at| {
+                let cell = PhysCell { mem, at };
+                if cell.load() & SPTE_D != 0 {
+                    hit |= update_leaf(&cell, |v| v & !SPTE_D) & SPTE_D != 0;
+                }
+            });
+            if hit {
+                found.push(gfn);
+            }
+        }
+        if !found.is_empty() {
+            let mask = d.dirty_mask;
+            self.flush.add(mask, FlushScope::All);
+        }
+        found
     }
 
     /// Write-protects every leaf mapping `gfn` (clearing also the lockless
@@ -764,6 +870,9 @@ impl<P: L4Policy> Inner<P> {
         };
         if old & SPTE_P == 0 {
             return;
+        }
+        if level == 1 {
+            self.leaf_gone(did, old);
         }
         let Some(d) = self.domains.get_mut(&did) else {
             return;
@@ -1095,15 +1204,24 @@ impl<P: L4Policy> Inner<P> {
         }
         if wr && w.dirty && !is_pt {
             spte |= SPTE_FAST_W;
-            if !logging || ec.is_write() {
-                spte |= SPTE_W | SPTE_D;
-            }
-            if logging && ec.is_write() {
-                self.domains[&did].shared.mark(w.gfn.0);
+            match (logging, self.dirty_mode) {
+                (false, _) => spte |= SPTE_W | SPTE_D,
+                // The write about to happen is logged by the D bit.
+                (true, DirtyMode::DirtyBits) if ec.is_write() => spte |= SPTE_W | SPTE_D,
+                (true, DirtyMode::DirtyBits) => spte |= SPTE_W,
+                (true, DirtyMode::WriteProtect) if ec.is_write() => {
+                    spte |= SPTE_W | SPTE_D;
+                    self.domains[&did].shared.mark(w.gfn.0);
+                }
+                // Read-only until the first write, which the fast path fixes.
+                (true, DirtyMode::WriteProtect) => {}
             }
         }
         let at = entry_at(self.sps[sp as usize].frame, gva.table_index(1) as u64);
         let old = update_leaf(&PhysCell { mem, at }, |_| spte);
+        if spte_frame(old) != mfn || spte & SPTE_D == 0 {
+            self.leaf_gone(did, old);
+        }
         let d = self.dom(DomainId(did))?;
         let mask = d.dirty_mask;
         if old & SPTE_P == 0 || spte_frame(old) != mfn {
@@ -1236,11 +1354,21 @@ impl<P: L4Policy> Inner<P> {
                     let gfn = g + (t - bit);
                     let j = gfn - start.0;
                     bits[(j / 8) as usize] |= 1 << (j % 8);
-                    self.write_protect(mem, did, gfn, false);
+                    if self.dirty_mode == DirtyMode::WriteProtect {
+                        self.write_protect(mem, did, gfn, false);
+                    }
                 }
                 g += take;
             }
             base += r.pages;
+        }
+        if self.dirty_mode == DirtyMode::DirtyBits {
+            for gfn in self.harvest(mem, did, start.0..end) {
+                if shared.bit_of(gfn).is_some() {
+                    let j = gfn - start.0;
+                    bits[(j / 8) as usize] |= 1 << (j % 8);
+                }
+            }
         }
         let next = shared
             .memory
@@ -1484,9 +1612,17 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
                 w.store(0, Ordering::SeqCst);
             }
             d.shared.logging.store(true, Ordering::SeqCst);
-            let gfns: Vec<u64> = d.rmap.keys().copied().collect();
-            for g in gfns {
-                inner.write_protect(mem, domain.0, g, false);
+            match inner.dirty_mode {
+                DirtyMode::WriteProtect => {
+                    let gfns: Vec<u64> = d.rmap.keys().copied().collect();
+                    for g in gfns {
+                        inner.write_protect(mem, domain.0, g, false);
+                    }
+                }
+                // Forget writes from before: only D bits set from now count.
+                DirtyMode::DirtyBits => {
+                    inner.harvest(mem, domain.0, 0..u64::MAX);
+                }
             }
             MmuReply::Done { flush: None }
         })

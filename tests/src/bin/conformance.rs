@@ -79,6 +79,7 @@ fn main() -> ExitCode {
         let make = Registered(name);
         let (mut passed, mut failed) = (0u64, 0u64);
         let (mut peak, mut steps) = (0u64, 0u64);
+        let mut counts = [0u64; 4];
         let mut details = Vec::new();
         let start = Instant::now();
         let mut run =
@@ -91,6 +92,10 @@ fn main() -> ExitCode {
                         passed += 1;
                         peak = peak.max(s.peak_pool);
                         steps += s.steps;
+                        counts[0] += s.faults;
+                        counts[1] += s.injected;
+                        counts[2] += s.emulated;
+                        counts[3] += s.flushes;
                     }
                     Ok(Err(fail)) => {
                         failed += 1;
@@ -123,8 +128,13 @@ fn main() -> ExitCode {
             println!("{d}");
         }
         eprintln!(
-            "conformance: {name}: {steps} steps checked, peak shadow pool {peak} frames; \
+            "conformance: {name}: {steps} steps checked ({} page faults, {} injected, \
+             {} emulated writes, {} pCPU flushes), peak shadow pool {peak} frames; \
              scripted {:.2?}, random {} x {} steps {:.2?}",
+            counts[0],
+            counts[1],
+            counts[2],
+            counts[3],
             scripted,
             if opts.only_scenario.is_none() {
                 opts.seeds.len()
