@@ -62,7 +62,7 @@ pub fn guest_shootdown(cpus: u64, asid: u32) {
 /// Forces the CPUs in `cpus` out of guest mode once (an empty host flush).
 pub fn kick(cpus: u64) {
     shootdown::FlushRequest::new(
-        cpu::CpuSet(cpus).without(cpu_index()),
+        cpu::CpuSet(cpus & !(1u64 << cpu_index())),
         shootdown::Space::Host,
         shootdown::Scope::Page(VirtAddr::new(0)),
         shootdown::Reason::GuestTeardown,
