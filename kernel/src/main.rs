@@ -55,6 +55,8 @@ pub mod serial;
 pub mod shootdown;
 #[cfg(target_os = "none")]
 pub mod smp;
+#[cfg(target_os = "none")]
+pub mod svm;
 
 /// The kernel is built only for `x86_64-unknown-none`; on the host it is empty.
 #[cfg(not(target_os = "none"))]
@@ -209,6 +211,10 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     }
     if boot::has_arg(cmdline(), "test") {
         selftest::run_all();
+    }
+    if !svm::boot_hook(cmdline()) {
+        kprintln!("umbra: {online}/{n} CPUs online");
+        exit(ExitCode::Failure)
     }
     kprintln!("umbra: {online}/{n} CPUs online");
     exit(ExitCode::Success)

@@ -26,6 +26,11 @@ pub struct RunArgs {
     /// Seconds before a run that has not ended is killed and failed.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    /// The MMU server implementation the guest workloads run on: a name from
+    /// `mmu_server::registry` (`reference`, `fast-shared`, ...), `all` for
+    /// one boot per registered implementation, or `none` to only boot.
+    #[arg(long, default_value = "reference")]
+    pub mmu: String,
     /// Arguments passed to the kernel command line (QEMU `-append`).
     #[arg(last = true)]
     pub kernel_args: Vec<String>,
@@ -213,34 +218,53 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     prereq::ensure_qemu()?;
     prereq::ensure_kernel_target()?;
+    let names: Vec<&str> = match args.mmu.as_str() {
+        "none" => vec![""],
+        "all" => mmu_server::registry::NAMES.to_vec(),
+        one if mmu_server::registry::NAMES.contains(&one) => vec![one],
+        other => bail!(
+            "--mmu {other}: no such MMU implementation; registered: {} (or `all`, `none`)",
+            mmu_server::registry::NAMES.join(", ")
+        ),
+    };
     let image = build_kernel(args.debug)?;
-    let append = args.kernel_args.join(" ");
-    eprintln!(
-        "xtask: booting {} with -smp {}{}",
-        image.display(),
-        args.smp,
-        if append.is_empty() {
-            String::new()
-        } else {
-            format!(", command line \"{append}\"")
+    let mut failed = Vec::new();
+    for name in names {
+        let mut append = args.kernel_args.join(" ");
+        if !name.is_empty() {
+            append = format!("mmu={name} {append}").trim_end().to_string();
         }
-    );
-    let out = boot(
-        &image,
-        args.smp,
-        &append,
-        Duration::from_secs(args.timeout),
-        true,
-    )?;
-    if let Some(t) = out.online_after {
         eprintln!(
-            "xtask: all CPUs online {:.3} s after QEMU start (wall)",
-            t.as_secs_f64()
+            "xtask: booting {} with -smp {}{}",
+            image.display(),
+            args.smp,
+            if append.is_empty() {
+                String::new()
+            } else {
+                format!(", command line \"{append}\"")
+            }
         );
+        let out = boot(
+            &image,
+            args.smp,
+            &append,
+            Duration::from_secs(args.timeout),
+            true,
+        )?;
+        if let Some(t) = out.online_after {
+            eprintln!(
+                "xtask: all CPUs online {:.3} s after QEMU start (wall)",
+                t.as_secs_f64()
+            );
+        }
+        if out.ending != Ending::Success {
+            eprintln!("xtask: run {append:?}: {}", describe(&out.ending));
+            failed.push(describe(&out.ending));
+        }
     }
-    match out.ending {
-        Ending::Success => Ok(()),
-        other => bail!("{}", describe(&other)),
+    match failed.first() {
+        None => Ok(()),
+        Some(why) => bail!("{} run(s) failed; first: {why}", failed.len()),
     }
 }
 
@@ -409,6 +433,8 @@ pub fn test_image() -> Result<Tally> {
         },
     );
 
+    svm_boots(&image, &mut tally)?;
+
     eprintln!(
         "xtask: test image: expected-failure boot (command line `test-fault`): \
          the fault report below is expected"
@@ -498,6 +524,35 @@ pub fn test_image() -> Result<Tally> {
         );
     }
     Ok(tally)
+}
+
+/// The guest workloads and the in-image conformance scenarios, one boot per
+/// registered MMU implementation (command line `mmu=<name> svm-test`).
+fn svm_boots(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
+    for name in mmu_server::registry::NAMES {
+        eprintln!("xtask: test image: guest workloads and conformance on MMU `{name}`");
+        let append = format!("mmu={name} svm-test");
+        let out = boot(image, 8, &append, TEST_TIMEOUT, true)?;
+        let lines = tally_test_lines(&out.lines);
+        *tally += lines;
+        let summary = out.lines.iter().any(|l| l.starts_with("umbra: svm-test: "));
+        record(
+            tally,
+            &format!("svm_run_{name}"),
+            match &out.ending {
+                _ if !summary => Err(format!("no svm-test summary; {}", describe(&out.ending))),
+                Ending::Success if lines.failed == 0 => Ok(()),
+                Ending::Failure if lines.failed > 0 => {
+                    Err(format!("{} workload/scenario test(s) failed", lines.failed))
+                }
+                e => Err(format!(
+                    "test lines and exit status disagree: {}",
+                    describe(e)
+                )),
+            },
+        );
+    }
+    Ok(())
 }
 
 /// Counts one host-side check of the test-image stage and prints its line.

@@ -1,0 +1,582 @@
+//! Decoding the guest instruction behind an exit, with iced-x86's no_std
+//! decoder: TCG gives neither NRIPS nor decode assists, so after every exit
+//! RIP points at the intercepted instruction and the kernel itself must find
+//! its length, the MOV-to/from-CR3 register, the INVLPG operand and the
+//! destination, value and size of a write it emulates.
+
+use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+
+/// The guest's general-purpose registers in encoding order (RAX, RCX, RDX,
+/// RBX, RSP, RBP, RSI, RDI, R8..R15), plus the FS and GS bases.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RegFile {
+    /// Registers by encoding number.
+    pub r: [u64; 16],
+    /// FS base (for `fs:` operands).
+    pub fs_base: u64,
+    /// GS base (for `gs:` operands).
+    pub gs_base: u64,
+}
+
+impl RegFile {
+    /// The value of any general-purpose register of any width (AH..BH are
+    /// bits 8..15 of their full register), or a segment base.
+    pub fn get(&self, reg: Register) -> Option<u64> {
+        match reg {
+            Register::ES | Register::CS | Register::SS | Register::DS => return Some(0),
+            Register::FS => return Some(self.fs_base),
+            Register::GS => return Some(self.gs_base),
+            Register::AH | Register::CH | Register::DH | Register::BH => {
+                return Some((self.r[full_index(reg)?] >> 8) & 0xFF);
+            }
+            _ => {}
+        }
+        let v = self.r[full_index(reg)?];
+        Some(match reg.size() {
+            1 => v & 0xFF,
+            2 => v & 0xFFFF,
+            4 => v & 0xFFFF_FFFF,
+            8 => v,
+            _ => return None,
+        })
+    }
+
+    /// Writes a 64-bit register (or a 32-bit one, zero-extending as the
+    /// architecture does). Narrower destinations are not needed by Umbra.
+    pub fn set(&mut self, reg: Register, value: u64) -> Result<(), DecodeError> {
+        let i = full_index(reg).ok_or(DecodeError::Unsupported)?;
+        match reg.size() {
+            8 => self.r[i] = value,
+            4 => self.r[i] = value & 0xFFFF_FFFF,
+            _ => return Err(DecodeError::Unsupported),
+        }
+        Ok(())
+    }
+}
+
+/// Index 0..15 of a general-purpose register's full 64-bit form.
+fn full_index(reg: Register) -> Option<usize> {
+    let full = reg.full_register();
+    if !full.is_gpr64() {
+        return None;
+    }
+    Some(full as usize - Register::RAX as usize)
+}
+
+/// What the instruction at RIP does, as far as the exit handler cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// `mov cr3, reg`: the new guest CR3.
+    Cr3Write {
+        /// Value written.
+        value: u64,
+    },
+    /// `mov reg, cr3`: which register receives the guest CR3.
+    Cr3Read {
+        /// Destination register.
+        dest: Register,
+    },
+    /// `invlpg [mem]`: the guest-virtual address it names.
+    Invlpg {
+        /// The operand's effective address.
+        gva: u64,
+    },
+    /// A store to memory by MOV: destination
+    /// guest-virtual address, value and size in bytes.
+    Write {
+        /// Effective address.
+        gva: u64,
+        /// Value stored (zero-extended).
+        value: u64,
+        /// 1, 2, 4 or 8.
+        size: u8,
+    },
+    /// A read-modify-write of memory (XCHG, CMPXCHG, OR, AND, ADD, XADD,
+    /// with or without LOCK): its effect depends on the old value, see
+    /// [`rmw_apply`].
+    ReadModifyWrite {
+        /// Effective address.
+        gva: u64,
+        /// 1, 2, 4 or 8.
+        size: u8,
+        /// Which operation.
+        kind: Rmw,
+        /// The source operand (register value or immediate, zero-extended).
+        src: u64,
+        /// The source register, if it is one (XCHG/XADD write it back).
+        reg: Option<Register>,
+    },
+    /// Some other instruction (only its length is known).
+    Other,
+}
+
+/// An instruction at guest RIP, decoded.
+#[derive(Clone, Copy, Debug)]
+pub struct Decoded {
+    /// Length in bytes (RIP advances by this much once emulated).
+    pub len: u8,
+    /// What it does.
+    pub op: Op,
+    /// The mnemonic, for error messages.
+    pub mnemonic: Mnemonic,
+}
+
+/// Why an instruction could not be decoded or emulated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The bytes are not a valid instruction.
+    Invalid,
+    /// Valid, but not a form Umbra emulates.
+    Unsupported,
+}
+
+/// Decodes the instruction in `bytes` (up to 15 fetched at `rip`) in 64-bit
+/// mode and works out its effect on the operands the handler needs.
+pub fn decode(bytes: &[u8], rip: u64, regs: &RegFile) -> Result<Decoded, DecodeError> {
+    let mut decoder = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE);
+    let instr = decoder.decode();
+    if instr.is_invalid() {
+        return Err(DecodeError::Invalid);
+    }
+    let op = classify(&instr, regs)?;
+    Ok(Decoded {
+        len: instr.len() as u8,
+        op,
+        mnemonic: instr.mnemonic(),
+    })
+}
+
+fn classify(instr: &Instruction, regs: &RegFile) -> Result<Op, DecodeError> {
+    let ea = |operand: u32| {
+        instr
+            .virtual_address(operand, 0, |reg, _, _| regs.get(reg))
+            .ok_or(DecodeError::Unsupported)
+    };
+    match instr.code() {
+        Code::Mov_cr_r64 if instr.op_register(0) == Register::CR3 => {
+            let value = regs
+                .get(instr.op_register(1))
+                .ok_or(DecodeError::Unsupported)?;
+            Ok(Op::Cr3Write { value })
+        }
+        Code::Mov_r64_cr if instr.op_register(1) == Register::CR3 => Ok(Op::Cr3Read {
+            dest: instr.op_register(0),
+        }),
+        Code::Invlpg_m => Ok(Op::Invlpg { gva: ea(0)? }),
+        _ => {
+            let rmw = match instr.mnemonic() {
+                Mnemonic::Mov => None,
+                Mnemonic::Xchg => Some(Rmw::Xchg),
+                Mnemonic::Cmpxchg => Some(Rmw::Cmpxchg),
+                Mnemonic::Or => Some(Rmw::Or),
+                Mnemonic::And => Some(Rmw::And),
+                Mnemonic::Add => Some(Rmw::Add),
+                Mnemonic::Xadd => Some(Rmw::Xadd),
+                Mnemonic::Sub => Some(Rmw::Sub),
+                Mnemonic::Inc | Mnemonic::Dec
+                    if instr.op_count() == 1 && instr.op_kind(0) == OpKind::Memory =>
+                {
+                    let size = instr.memory_size().size() as u8;
+                    if !matches!(size, 1 | 2 | 4 | 8) {
+                        return Err(DecodeError::Unsupported);
+                    }
+                    let kind = if instr.mnemonic() == Mnemonic::Inc {
+                        Rmw::Inc
+                    } else {
+                        Rmw::Dec
+                    };
+                    return Ok(Op::ReadModifyWrite {
+                        gva: ea(0)?,
+                        size,
+                        kind,
+                        src: 1,
+                        reg: None,
+                    });
+                }
+                _ => return Ok(Op::Other),
+            };
+            if instr.op_count() != 2 || instr.op_kind(0) != OpKind::Memory {
+                return Ok(Op::Other);
+            }
+            let size = instr.memory_size().size();
+            if !matches!(size, 1 | 2 | 4 | 8) {
+                return Err(DecodeError::Unsupported);
+            }
+            let (value, reg) = match instr.op_kind(1) {
+                OpKind::Register => {
+                    let r = instr.op_register(1);
+                    (regs.get(r).ok_or(DecodeError::Unsupported)?, Some(r))
+                }
+                OpKind::Immediate8
+                | OpKind::Immediate16
+                | OpKind::Immediate32
+                | OpKind::Immediate32to64
+                | OpKind::Immediate8to64 => (instr.immediate(1), None),
+                _ => return Err(DecodeError::Unsupported),
+            };
+            let value = value & size_mask(size as u8);
+            let gva = ea(0)?;
+            let size = size as u8;
+            match rmw {
+                None => Ok(Op::Write { gva, value, size }),
+                Some(kind) => {
+                    // XCHG, CMPXCHG and XADD write a register back: only
+                    // 32- and 64-bit ones are emulated.
+                    if matches!(kind, Rmw::Xchg | Rmw::Cmpxchg | Rmw::Xadd) && size < 4 {
+                        return Err(DecodeError::Unsupported);
+                    }
+                    Ok(Op::ReadModifyWrite {
+                        gva,
+                        size,
+                        kind,
+                        src: value,
+                        reg,
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// The all-ones mask of a `size`-byte value.
+pub fn size_mask(size: u8) -> u64 {
+    if size >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (size * 8)) - 1
+    }
+}
+
+/// A read-modify-write instruction on memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rmw {
+    /// XCHG m, r: m := r, r := old.
+    Xchg,
+    /// CMPXCHG m, r: if old == rAX { m := r, ZF=1 } else { rAX := old, ZF=0 }.
+    Cmpxchg,
+    /// OR m, src.
+    Or,
+    /// AND m, src.
+    And,
+    /// ADD m, src.
+    Add,
+    /// XADD m, r: m := old + r, r := old.
+    Xadd,
+    /// SUB m, src.
+    Sub,
+    /// INC m (CF unchanged).
+    Inc,
+    /// DEC m (CF unchanged).
+    Dec,
+}
+
+/// What a read-modify-write does given the old memory value: the new
+/// memory value (None: no write), register write-backs and the new
+/// arithmetic flags (CF, PF, AF, ZF, SF, OF).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RmwResult {
+    /// Value to store, if any.
+    pub store: Option<u64>,
+    /// Register to write and its value.
+    pub reg_write: Option<(Register, u64)>,
+    /// New RFLAGS arithmetic bits (within [`ARITH_FLAGS`]), or None to
+    /// leave them.
+    pub flags: Option<u64>,
+    /// Which flags `flags` replaces (INC/DEC keep CF).
+    pub flags_mask: u64,
+}
+
+const CF: u64 = 1;
+const PF: u64 = 1 << 2;
+const AF: u64 = 1 << 4;
+const ZF: u64 = 1 << 6;
+const SF: u64 = 1 << 7;
+const OF: u64 = 1 << 11;
+/// The arithmetic flags an RMW may change.
+pub const ARITH_FLAGS: u64 = CF | PF | AF | ZF | SF | OF;
+
+fn szp(result: u64, size: u8) -> u64 {
+    let sign = 1u64 << (size * 8 - 1);
+    let mut f = 0;
+    if result & size_mask(size) == 0 {
+        f |= ZF;
+    }
+    if result & sign != 0 {
+        f |= SF;
+    }
+    if (result as u8).count_ones().is_multiple_of(2) {
+        f |= PF;
+    }
+    f
+}
+
+/// Computes an RMW's effect from the old memory value and the registers.
+pub fn rmw_apply(
+    kind: Rmw,
+    size: u8,
+    old: u64,
+    src: u64,
+    reg: Option<Register>,
+    regs: &RegFile,
+) -> RmwResult {
+    let m = size_mask(size);
+    let old = old & m;
+    let sign = 1u64 << (size * 8 - 1);
+    let add = |a: u64, b: u64| {
+        let r = a.wrapping_add(b) & m;
+        let mut f = szp(r, size);
+        if r < a {
+            f |= CF;
+        }
+        if (a ^ r) & (b ^ r) & sign != 0 {
+            f |= OF;
+        }
+        if (a ^ b ^ r) & 0x10 != 0 {
+            f |= AF;
+        }
+        (r, f)
+    };
+    let sub = |a: u64, b: u64| {
+        let r = a.wrapping_sub(b) & m;
+        let mut f = szp(r, size);
+        if a < b {
+            f |= CF;
+        }
+        if (a ^ b) & (a ^ r) & sign != 0 {
+            f |= OF;
+        }
+        if (a ^ b ^ r) & 0x10 != 0 {
+            f |= AF;
+        }
+        (r, f)
+    };
+    let all = ARITH_FLAGS;
+    match kind {
+        Rmw::Xchg => RmwResult {
+            store: Some(src),
+            reg_write: reg.map(|r| (r, old)),
+            flags: None,
+            flags_mask: 0,
+        },
+        Rmw::Sub => {
+            let (r, f) = sub(old, src);
+            RmwResult {
+                store: Some(r),
+                reg_write: None,
+                flags: Some(f),
+                flags_mask: all,
+            }
+        }
+        Rmw::Inc => {
+            let (r, f) = add(old, 1);
+            RmwResult {
+                store: Some(r),
+                reg_write: None,
+                flags: Some(f & !CF),
+                flags_mask: all & !CF,
+            }
+        }
+        Rmw::Dec => {
+            let (r, f) = sub(old, 1);
+            RmwResult {
+                store: Some(r),
+                reg_write: None,
+                flags: Some(f & !CF),
+                flags_mask: all & !CF,
+            }
+        }
+        Rmw::Or => RmwResult {
+            store: Some(old | src),
+            reg_write: None,
+            flags: Some(szp(old | src, size)),
+            flags_mask: all,
+        },
+        Rmw::And => RmwResult {
+            store: Some(old & src),
+            reg_write: None,
+            flags: Some(szp(old & src, size)),
+            flags_mask: all,
+        },
+        Rmw::Add => {
+            let (r, f) = add(old, src);
+            RmwResult {
+                store: Some(r),
+                reg_write: None,
+                flags: Some(f),
+                flags_mask: all,
+            }
+        }
+        Rmw::Xadd => {
+            let (r, f) = add(old, src);
+            RmwResult {
+                store: Some(r),
+                reg_write: reg.map(|r| (r, old)),
+                flags: Some(f),
+                flags_mask: all,
+            }
+        }
+        Rmw::Cmpxchg => {
+            // Flags as for CMP rAX, old (rAX - old).
+            let acc = regs.r[0] & m;
+            let (_, f) = sub(acc, old);
+            let acc_reg = if size == 8 {
+                Register::RAX
+            } else {
+                Register::EAX
+            };
+            if acc == old {
+                RmwResult {
+                    store: Some(src),
+                    reg_write: None,
+                    flags: Some(f),
+                    flags_mask: all,
+                }
+            } else {
+                RmwResult {
+                    store: None,
+                    reg_write: Some((acc_reg, old)),
+                    flags: Some(f),
+                    flags_mask: all,
+                }
+            }
+        }
+    }
+}
+
+/// In-image checks of the decoder on known encodings (the kernel crate has
+/// no host tests); returns the first mismatch.
+pub fn self_test() -> Result<(), &'static str> {
+    let mut regs = RegFile::default();
+    for (i, r) in regs.r.iter_mut().enumerate() {
+        *r = 0x1000 * (i as u64 + 1) + i as u64;
+    }
+    let (rax, rcx, rdx, rbx, rsi, rdi) = (
+        regs.r[0], regs.r[1], regs.r[2], regs.r[3], regs.r[6], regs.r[7],
+    );
+    let cases: &[(&[u8], u8, Op)] = &[
+        // mov [rax+8], rcx
+        (
+            &[0x48, 0x89, 0x48, 0x08],
+            4,
+            Op::Write {
+                gva: rax + 8,
+                value: rcx,
+                size: 8,
+            },
+        ),
+        // mov cr3, rdi
+        (&[0x0F, 0x22, 0xDF], 3, Op::Cr3Write { value: rdi }),
+        // mov rax, cr3
+        (
+            &[0x0F, 0x20, 0xD8],
+            3,
+            Op::Cr3Read {
+                dest: Register::RAX,
+            },
+        ),
+        // invlpg [rdx]
+        (&[0x0F, 0x01, 0x3A], 3, Op::Invlpg { gva: rdx }),
+        // mov dword [rbx], 0x12345678
+        (
+            &[0xC7, 0x03, 0x78, 0x56, 0x34, 0x12],
+            6,
+            Op::Write {
+                gva: rbx,
+                value: 0x1234_5678,
+                size: 4,
+            },
+        ),
+        // mov byte [rsi+1], al
+        (
+            &[0x88, 0x46, 0x01],
+            3,
+            Op::Write {
+                gva: rsi + 1,
+                value: rax & 0xFF,
+                size: 1,
+            },
+        ),
+        // mov qword [rdi+rcx*8], 0xFFFFFFFFFFFFFFFF (imm32 sign-extended)
+        (
+            &[0x48, 0xC7, 0x04, 0xCF, 0xFF, 0xFF, 0xFF, 0xFF],
+            8,
+            Op::Write {
+                gva: rdi.wrapping_add(rcx * 8),
+                value: u64::MAX,
+                size: 8,
+            },
+        ),
+        // mov [r9], r10
+        (
+            &[0x4D, 0x89, 0x11],
+            3,
+            Op::Write {
+                gva: regs.r[9],
+                value: regs.r[10],
+                size: 8,
+            },
+        ),
+        // hlt
+        (&[0xF4], 1, Op::Other),
+    ];
+    for (bytes, len, op) in cases {
+        let d = decode(bytes, 0x40_0000, &regs).map_err(|_| "a known encoding did not decode")?;
+        if d.len != *len {
+            return Err("wrong instruction length");
+        }
+        if d.op != *op {
+            return Err("wrong operands");
+        }
+    }
+    // lock cmpxchg [rcx+0x30], rdx
+    let d = decode(&[0xF0, 0x48, 0x0F, 0xB1, 0x51, 0x30], 0, &regs)
+        .map_err(|_| "cmpxchg did not decode")?;
+    let want = Op::ReadModifyWrite {
+        gva: rcx + 0x30,
+        size: 8,
+        kind: Rmw::Cmpxchg,
+        src: rdx,
+        reg: Some(Register::RDX),
+    };
+    if d.len != 6 || d.op != want {
+        return Err("wrong cmpxchg decode");
+    }
+    // lock inc qword [rax+0x40]
+    let d =
+        decode(&[0xF0, 0x48, 0xFF, 0x40, 0x40], 0, &regs).map_err(|_| "lock inc did not decode")?;
+    if d.len != 5
+        || d.op
+            != (Op::ReadModifyWrite {
+                gva: rax + 0x40,
+                size: 8,
+                kind: Rmw::Inc,
+                src: 1,
+                reg: None,
+            })
+    {
+        return Err("wrong lock inc decode");
+    }
+    // CMPXCHG: equal -> store, ZF=1; different -> RAX := old, ZF=0.
+    let hit = rmw_apply(Rmw::Cmpxchg, 8, rax, 7, Some(Register::RDX), &regs);
+    if hit.store != Some(7) || hit.flags.map(|f| f & ZF) != Some(ZF) || hit.reg_write.is_some() {
+        return Err("cmpxchg success emulated wrongly");
+    }
+    let miss = rmw_apply(Rmw::Cmpxchg, 8, 5, 7, Some(Register::RDX), &regs);
+    if miss.store.is_some()
+        || miss.flags.map(|f| f & ZF) != Some(0)
+        || miss.reg_write != Some((Register::RAX, 5))
+    {
+        return Err("cmpxchg failure emulated wrongly");
+    }
+    let inc = rmw_apply(Rmw::Inc, 1, 0xFF, 1, None, &regs);
+    if inc.store != Some(0) || inc.flags.map(|f| f & ZF) != Some(ZF) || inc.flags_mask & CF != 0 {
+        return Err("inc emulated wrongly");
+    }
+    if decode(&[0x0F, 0xFF], 0, &regs).is_ok() {
+        return Err("an invalid encoding decoded");
+    }
+    if decode(&[0x48, 0x89], 0, &regs).is_ok() {
+        return Err("a truncated instruction decoded");
+    }
+    Ok(())
+}

@@ -1,0 +1,314 @@
+//! A domain: one guest with its own contiguous guest-physical memory, loaded
+//! like a bootloader would: a private copy of the image (the guest kernels
+//! are code in it, mapped at the same addresses), page tables in guest memory
+//! (image + a 2 MiB-page direct map of all guest memory), GDT, IDT with the
+//! guest's #PF gate, and per-vCPU info blocks and stacks.
+
+use super::guest::layout::{self as gl, pte, DomainInfo, VcpuInfo};
+use super::guest::rt::umbra_guest_pf_entry;
+use super::guest::work::{guest_main, Workload};
+use super::host;
+use abi::DomainId;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use spin::Mutex;
+
+/// Where a vCPU starts: its registers as the loader set them.
+#[derive(Clone, Copy, Debug)]
+pub struct VcpuBoot {
+    /// Entry point.
+    pub rip: u64,
+    /// Stack top.
+    pub rsp: u64,
+    /// First argument (the VcpuInfo gva).
+    pub rdi: u64,
+    /// GS base (the VcpuInfo gva).
+    pub gs_base: u64,
+}
+
+/// A guest and everything the kernel knows about it.
+pub struct Domain {
+    /// Its id on the wire.
+    pub id: DomainId,
+    /// Its workload.
+    pub workload: &'static Workload,
+    /// Host-physical base of its (contiguous) guest memory; gpa 0 is here.
+    pub mem_pa: u64,
+    /// Bytes of guest memory.
+    pub mem_bytes: u64,
+    /// Its ASID (1..=15: TCG offers 16).
+    pub asid: u32,
+    /// Wire id of its vCPU 0 (vCPU i is first_vcpu + i).
+    pub first_vcpu: u32,
+    /// pCPUs its vCPUs are pinned to.
+    pub pcpus: u64,
+    /// Set when the domain was stopped (shutdown, unhandled exit, failure).
+    pub stopped: AtomicBool,
+    /// Why it was stopped.
+    pub stop_reason: Mutex<Option<(&'static str, u64)>>,
+    /// 0: no report yet, 1: reported pass, 2: reported fail.
+    pub reported: AtomicU8,
+    /// The detail word of the report.
+    pub detail: AtomicU64,
+    /// vCPUs that ended through the exit port with code 0.
+    pub exited_ok: AtomicU32,
+    /// vCPUs that ended any other way.
+    pub exited_bad: AtomicU32,
+    /// Dirty logging is on.
+    pub dirty_on: AtomicBool,
+    /// Bumped on every `AllReloadRoots` obligation: a vCPU whose root is
+    /// older asks for a new one before it next runs.
+    pub root_gen: AtomicU64,
+    /// Shootdown IPIs caused by this domain's obligations.
+    pub shootdown_ipis: AtomicU64,
+    /// Exits taken by the domain's vCPUs.
+    pub exits: AtomicU64,
+    /// Dirty pages logged but not written (extra, harmless).
+    pub dirty_extra: AtomicU64,
+    /// #PF exits.
+    pub pf_exits: AtomicU64,
+    /// #PF exits the server fixed (Resume).
+    pub fixed: AtomicU64,
+    /// #PF exits turned into an injected guest #PF.
+    pub injected: AtomicU64,
+    /// Page-table writes emulated.
+    pub emulated: AtomicU64,
+    /// Zaps of this domain (its own hypercalls and the kernel's timer zaps).
+    pub zaps: AtomicU64,
+    /// vCPUs that have ended (any way).
+    pub ended: AtomicU32,
+    /// Serializes emulated writes (read-modify-write emulation).
+    pub emul_lock: Mutex<()>,
+    /// Dirty pages harvested from the server's log since the guest's last
+    /// round started, one bit per gfn (the kernel harvests on its own clock
+    /// too, while the guest writes).
+    pub harvest: Mutex<alloc::vec::Vec<u64>>,
+    /// Harvests the kernel made on its own clock.
+    pub harvests: AtomicU64,
+}
+
+impl Domain {
+    /// Host pointer to guest-physical `gpa`, if `len` bytes from it are inside
+    /// guest memory.
+    pub fn gpa_ptr(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        let end = gpa.checked_add(len)?;
+        if end > self.mem_bytes {
+            return None;
+        }
+        Some(host::va(self.mem_pa + gpa))
+    }
+
+    /// Reads a u64 of guest memory (None outside it).
+    pub fn read_u64(&self, gpa: u64) -> Option<u64> {
+        let p = self.gpa_ptr(gpa, 8)?;
+        // SAFETY: in guest memory (checked); the guest may be writing it
+        // concurrently, so read volatile (a torn value only harms the guest).
+        Some(unsafe { p.cast::<u64>().read_volatile() })
+    }
+
+    /// Stops the domain with a reason (first reason wins).
+    pub fn stop(&self, why: &'static str, value: u64) {
+        let mut r = self.stop_reason.lock();
+        if r.is_none() {
+            *r = Some((why, value));
+        }
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    /// Walks the guest's own page tables (4-level, read-only: no A/D
+    /// updates) for `gva` under guest CR3 `cr3`; the gpa, or None if not
+    /// mapped or the tables leave guest memory.
+    pub fn guest_translate(&self, cr3: u64, gva: u64) -> Option<u64> {
+        let mut table = cr3 & pte::ADDR;
+        for level in (1..=4u32).rev() {
+            let idx = (gva >> (12 + 9 * (level - 1))) & 511;
+            let e = self.read_u64(table + idx * 8)?;
+            if e & pte::P == 0 {
+                return None;
+            }
+            let size_bits = 12 + 9 * (level - 1);
+            if level == 1 || (level <= 3 && e & pte::PS != 0) {
+                let base = e & pte::ADDR & !((1u64 << size_bits) - 1);
+                return Some(base | (gva & ((1u64 << size_bits) - 1)));
+            }
+            table = e & pte::ADDR;
+        }
+        None
+    }
+
+    /// Reads up to `buf.len()` bytes of guest-virtual memory (for
+    /// instruction fetch); returns how many could be read.
+    pub fn read_virt(&self, cr3: u64, gva: u64, buf: &mut [u8]) -> usize {
+        for (i, b) in buf.iter_mut().enumerate() {
+            let Some(gpa) = self.guest_translate(cr3, gva.wrapping_add(i as u64)) else {
+                return i;
+            };
+            let Some(p) = self.gpa_ptr(gpa, 1) else {
+                return i;
+            };
+            // SAFETY: inside guest memory (checked by gpa_ptr).
+            *b = unsafe { p.read_volatile() };
+        }
+        buf.len()
+    }
+}
+
+/// Builds guest memory page by page.
+struct Loader {
+    pa: u64,
+    bytes: u64,
+    next: u64,
+}
+
+impl Loader {
+    fn w64(&self, gpa: u64, v: u64) {
+        assert!(
+            gpa + 8 <= self.bytes,
+            "loader write at gpa {gpa:#x} outside guest memory"
+        );
+        // SAFETY: inside the zeroed guest memory this loader owns.
+        unsafe { host::va(self.pa + gpa).cast::<u64>().write(v) }
+    }
+    fn r64(&self, gpa: u64) -> u64 {
+        assert!(
+            gpa + 8 <= self.bytes,
+            "loader read at gpa {gpa:#x} outside guest memory"
+        );
+        // SAFETY: as w64.
+        unsafe { host::va(self.pa + gpa).cast::<u64>().read() }
+    }
+    fn page(&mut self) -> u64 {
+        let g = self.next;
+        self.next += 4096;
+        assert!(
+            self.next <= self.bytes,
+            "guest memory too small for the loader"
+        );
+        g
+    }
+    /// Maps gva -> gpa with a leaf at `level` (1: 4 KiB, 2: 2 MiB).
+    fn map(&mut self, gva: u64, gpa: u64, flags: u64, level: u32) {
+        let mut table = gl::L4_GPA;
+        for l in (level + 1..=4).rev() {
+            let e = table + ((gva >> (12 + 9 * (l - 1))) & 511) * 8;
+            let mut v = self.r64(e);
+            if v & pte::P == 0 {
+                v = self.page() | pte::P | pte::W;
+                self.w64(e, v);
+            }
+            table = v & pte::ADDR;
+        }
+        let e = table + ((gva >> (12 + 9 * (level - 1))) & 511) * 8;
+        let leaf = if level > 1 { pte::PS } else { 0 };
+        self.w64(e, gpa | flags | leaf | pte::P);
+    }
+}
+
+/// Creates a domain's memory and loads it. Returns the domain and each
+/// vCPU's starting registers.
+pub fn load(
+    id: DomainId,
+    workload: &'static Workload,
+    index: u64,
+    first_vcpu: u32,
+    asid: u32,
+    pcpus: u64,
+) -> Result<(Domain, alloc::vec::Vec<VcpuBoot>), &'static str> {
+    let bytes = workload.mem_mib << 20;
+    let pa = host::alloc_zeroed(bytes / 4096)?;
+    let mut ld = Loader {
+        pa,
+        bytes,
+        next: gl::LOADER_ALLOC_GPA,
+    };
+
+    // The image copy, mapped at the addresses the kernel runs it at.
+    let (img_start, img_end) = host::image_span();
+    let img_bytes = img_end - img_start;
+    let img_gpa = bytes - img_bytes - 4096;
+    // SAFETY: source is the loaded image (identity-mapped, readable);
+    // destination is guest memory inside the allocation.
+    unsafe {
+        core::ptr::copy_nonoverlapping(
+            img_start as *const u8,
+            host::va(pa + img_gpa),
+            img_bytes as usize,
+        )
+    };
+    for off in (0..img_bytes).step_by(4096) {
+        ld.map(img_start + off, img_gpa + off, pte::W, 1);
+    }
+    // The direct map: all guest memory with 2 MiB pages.
+    for off in (0..bytes).step_by(2 << 20) {
+        ld.map(gl::DIRECT_BASE + off, off, pte::W | pte::NX, 2);
+    }
+    // GDT: null, 64-bit code (0x08), data (0x10).
+    ld.w64(gl::GDT_GPA + 8, 0x00AF_9A00_0000_FFFF);
+    ld.w64(gl::GDT_GPA + 16, 0x00CF_9200_0000_FFFF);
+    // IDT: the #PF gate (interrupt gate, present, DPL 0, selector 0x08).
+    let h = umbra_guest_pf_entry as *const () as u64;
+    let lo = (h & 0xFFFF) | 0x08 << 16 | 0x8E00 << 32 | ((h >> 16) & 0xFFFF) << 48;
+    ld.w64(gl::IDT_GPA + 14 * 16, lo);
+    ld.w64(gl::IDT_GPA + 14 * 16 + 8, h >> 32);
+
+    // Per-vCPU info and stacks.
+    let mut boots = alloc::vec::Vec::new();
+    for v in 0..workload.vcpus as u64 {
+        let info = ld.page();
+        let stack_lo = ld.next;
+        for _ in 0..gl::STACK_BYTES / 4096 {
+            ld.page();
+        }
+        let info_gva = gl::DIRECT_BASE + info;
+        // SAFETY: the info page is inside guest memory, zeroed, unshared yet.
+        let vi = unsafe { &mut *host::va(pa + info).cast::<VcpuInfo>() };
+        vi.self_gva = info_gva;
+        vi.index = v;
+        vi.domain_gva = gl::DIRECT_BASE + gl::DOMAIN_INFO_GPA;
+        vi.cur_l4 = gl::L4_GPA;
+        boots.push(VcpuBoot {
+            rip: guest_main as *const () as u64,
+            rsp: gl::DIRECT_BASE + stack_lo + gl::STACK_BYTES - 8,
+            rdi: info_gva,
+            gs_base: info_gva,
+        });
+    }
+    // SAFETY: gpa 0 is inside guest memory, zeroed, unshared yet.
+    let di = unsafe { &mut *host::va(pa + gl::DOMAIN_INFO_GPA).cast::<DomainInfo>() };
+    di.mem_bytes = bytes;
+    di.alloc_end = img_gpa; // the image copy at the top is not the guest's to allocate
+    di.vcpus = workload.vcpus as u64;
+    di.workload = index;
+    di.l4_gpa = gl::L4_GPA;
+    di.next_free.store(ld.next, Ordering::Relaxed);
+
+    let domain = Domain {
+        id,
+        workload,
+        mem_pa: pa,
+        mem_bytes: bytes,
+        asid,
+        first_vcpu,
+        pcpus,
+        stopped: AtomicBool::new(false),
+        stop_reason: Mutex::new(None),
+        reported: AtomicU8::new(0),
+        detail: AtomicU64::new(0),
+        exited_ok: AtomicU32::new(0),
+        exited_bad: AtomicU32::new(0),
+        dirty_on: AtomicBool::new(false),
+        root_gen: AtomicU64::new(0),
+        shootdown_ipis: AtomicU64::new(0),
+        exits: AtomicU64::new(0),
+        dirty_extra: AtomicU64::new(0),
+        pf_exits: AtomicU64::new(0),
+        fixed: AtomicU64::new(0),
+        injected: AtomicU64::new(0),
+        emulated: AtomicU64::new(0),
+        zaps: AtomicU64::new(0),
+        ended: AtomicU32::new(0),
+        emul_lock: Mutex::new(()),
+        harvest: Mutex::new(alloc::vec![0; (bytes / 4096).div_ceil(64) as usize]),
+        harvests: AtomicU64::new(0),
+    };
+    Ok((domain, boots))
+}

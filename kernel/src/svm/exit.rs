@@ -1,0 +1,93 @@
+//! #VMEXIT codes (APM vol. 2, appendix C) and their names for the report.
+
+/// The exit reasons Umbra intercepts and counts. Anything else is `Other`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// MOV from CR3 (0x03).
+    Cr3Read,
+    /// MOV to CR3 (0x13).
+    Cr3Write,
+    /// Guest #PF (0x4E): EXITINFO1 = error code, EXITINFO2 = address.
+    PageFault,
+    /// Other intercepted exception (0x40..0x5F), with its vector.
+    Exception(u8),
+    /// Physical interrupt (0x60).
+    Intr,
+    /// Physical NMI (0x61).
+    Nmi,
+    /// CPUID (0x72).
+    Cpuid,
+    /// HLT (0x78).
+    Hlt,
+    /// INVLPG (0x79).
+    Invlpg,
+    /// INVLPGA (0x7A).
+    Invlpga,
+    /// IN/OUT (0x7B): EXITINFO1 = port and access, EXITINFO2 = next RIP.
+    Ioio,
+    /// RDMSR/WRMSR (0x7C).
+    Msr,
+    /// Shutdown, for example a triple fault (0x7F).
+    Shutdown,
+    /// VMRUN executed by the guest (0x80).
+    Vmrun,
+    /// VMMCALL: a hypercall (0x81).
+    Vmmcall,
+    /// VMRUN refused the guest state (-1, reported as 0xFFFF_FFFF by TCG).
+    Invalid,
+    /// Any other code.
+    Other(u64),
+}
+
+/// Number of report buckets (see [`ExitReason::bucket`]).
+pub const BUCKETS: usize = 13;
+
+/// Report column names, indexed by [`ExitReason::bucket`].
+pub const BUCKET_NAMES: [&str; BUCKETS] = [
+    "#PF", "cr3-wr", "cr3-rd", "invlpg", "vmmcall", "hlt", "ioio", "intr", "shutdn", "msr", "exc",
+    "invalid", "other",
+];
+
+impl ExitReason {
+    /// Decodes EXITCODE.
+    pub fn from_code(code: u64) -> ExitReason {
+        match code {
+            0x03 => ExitReason::Cr3Read,
+            0x13 => ExitReason::Cr3Write,
+            0x4E => ExitReason::PageFault,
+            0x40..=0x5F => ExitReason::Exception((code - 0x40) as u8),
+            0x60 => ExitReason::Intr,
+            0x61 => ExitReason::Nmi,
+            0x72 => ExitReason::Cpuid,
+            0x78 => ExitReason::Hlt,
+            0x79 => ExitReason::Invlpg,
+            0x7A => ExitReason::Invlpga,
+            0x7B => ExitReason::Ioio,
+            0x7C => ExitReason::Msr,
+            0x7F => ExitReason::Shutdown,
+            0x80 => ExitReason::Vmrun,
+            0x81 => ExitReason::Vmmcall,
+            0xFFFF_FFFF | 0xFFFF_FFFF_FFFF_FFFF => ExitReason::Invalid,
+            other => ExitReason::Other(other),
+        }
+    }
+
+    /// The report bucket this exit is counted in.
+    pub fn bucket(self) -> usize {
+        match self {
+            ExitReason::PageFault => 0,
+            ExitReason::Cr3Write => 1,
+            ExitReason::Cr3Read => 2,
+            ExitReason::Invlpg => 3,
+            ExitReason::Vmmcall => 4,
+            ExitReason::Hlt => 5,
+            ExitReason::Ioio => 6,
+            ExitReason::Intr | ExitReason::Nmi => 7,
+            ExitReason::Shutdown => 8,
+            ExitReason::Msr => 9,
+            ExitReason::Exception(_) => 10,
+            ExitReason::Invalid => 11,
+            _ => 12,
+        }
+    }
+}

@@ -1,0 +1,673 @@
+//! A vCPU: its VMCB and registers, the run loop of one scheduling slice, and
+//! the handling of every exit (forwarding page-table events to the MMU
+//! server and carrying out its replies).
+
+use super::decode::{self, Op, RegFile};
+use super::domain::{Domain, VcpuBoot};
+use super::exit::ExitReason;
+use super::guest::layout::{hc, CONSOLE_PORT, EXIT_PORT};
+use super::stats::{bump, STATS};
+use super::vmcb::{self, misc1, misc2, off, Segment, Vmcb};
+use super::world::{self, GuestGprs};
+use super::{host, svm};
+use abi::{GuestCr3, Gva, MmuReply, MmuRequest, PcpuId, PfErrorCode, VcpuId};
+use core::sync::atomic::Ordering;
+
+/// What a pCPU remembers between slices.
+pub struct PcpuState {
+    /// The page for VMSAVE/VMLOAD of host state.
+    pub host_vmcb: u64,
+    /// ASIDs (bit per ASID mod 64) whose TLB must be flushed before the next
+    /// VMRUN here.
+    pub pending: u64,
+    /// The vCPU that last ran here.
+    pub last: Option<VcpuId>,
+}
+
+/// How a slice ended.
+pub enum Slice {
+    /// The vCPU can run again later.
+    Yield,
+    /// The vCPU has ended (exited, failed, or its domain stopped).
+    Done,
+}
+
+enum Step {
+    Continue,
+    Preempt,
+    Yield,
+    Done,
+}
+
+/// One virtual CPU, pinned to a pCPU.
+pub struct Vcpu {
+    id: VcpuId,
+    index: u32,
+    dom: &'static Domain,
+    vmcb: Vmcb,
+    gprs: GuestGprs,
+    guest_cr3: u64,
+    root_gen: Option<u64>,
+    flush_next: bool,
+    line: [u8; 120],
+    line_len: usize,
+}
+
+impl Vcpu {
+    /// A vCPU in 64-bit mode at the loader's entry point.
+    pub fn new(
+        id: VcpuId,
+        index: u32,
+        dom: &'static Domain,
+        boot: &VcpuBoot,
+        iopm_pa: u64,
+        msrpm_pa: u64,
+    ) -> Result<Vcpu, &'static str> {
+        let pa = host::alloc_zeroed(1)?;
+        // SAFETY: a fresh zeroed page, owned by this vCPU from now on.
+        let mut v = unsafe { Vmcb::from_page(host::va(pa), pa) };
+        v.write32(off::INTERCEPT_CR, 1 << 3 | 1 << 16 | 1 << 19 | 1 << 20);
+        v.write32(off::INTERCEPT_EXCEPTIONS, 1 << 14);
+        v.write32(
+            off::INTERCEPT_MISC1,
+            misc1::INTR
+                | misc1::NMI
+                | misc1::SMI
+                | misc1::INIT
+                | misc1::CPUID
+                | misc1::INVD
+                | misc1::HLT
+                | misc1::INVLPG
+                | misc1::INVLPGA
+                | misc1::IOIO_PROT
+                | misc1::MSR_PROT
+                | misc1::TASK_SWITCH
+                | misc1::SHUTDOWN,
+        );
+        v.write32(
+            off::INTERCEPT_MISC2,
+            misc2::VMRUN
+                | misc2::VMMCALL
+                | misc2::VMLOAD
+                | misc2::VMSAVE
+                | misc2::STGI
+                | misc2::CLGI
+                | misc2::SKINIT
+                | misc2::ICEBP
+                | misc2::WBINVD
+                | misc2::MONITOR
+                | misc2::MWAIT
+                | misc2::XSETBV,
+        );
+        v.write64(off::IOPM_BASE_PA, iopm_pa);
+        v.write64(off::MSRPM_BASE_PA, msrpm_pa);
+        v.write32(off::GUEST_ASID, dom.asid);
+        v.write64(off::INT_CTL, vmcb::V_INTR_MASKING);
+        // 64-bit mode, paging on, write protect, NX.
+        v.write64(off::CR0, 0x8001_0033);
+        v.write64(off::CR4, 0x20);
+        v.write64(off::EFER, 0x1D00);
+        v.write64(off::RFLAGS, 0x2);
+        v.write64(off::DR6, 0xFFFF_0FF0);
+        v.write64(off::DR7, 0x400);
+        v.write64(off::G_PAT, 0x0007_0406_0007_0406);
+        v.set_segment(off::CS, Segment::CODE64);
+        for s in [off::DS, off::ES, off::SS] {
+            v.set_segment(s, Segment::DATA);
+        }
+        v.set_segment(off::FS, Segment::NULL);
+        v.set_segment(
+            off::GS,
+            Segment {
+                base: boot.gs_base,
+                ..Segment::NULL
+            },
+        );
+        v.set_segment(off::TR, Segment::tss(0));
+        v.set_segment(
+            off::GDTR,
+            Segment {
+                selector: 0,
+                attrib: 0,
+                limit: 23,
+                base: super::guest::layout::DIRECT_BASE + super::guest::layout::GDT_GPA,
+            },
+        );
+        v.set_segment(
+            off::IDTR,
+            Segment {
+                selector: 0,
+                attrib: 0,
+                limit: 4095,
+                base: super::guest::layout::DIRECT_BASE + super::guest::layout::IDT_GPA,
+            },
+        );
+        v.set_rip(boot.rip);
+        v.set_rsp(boot.rsp);
+        let gprs = GuestGprs {
+            rdi: boot.rdi,
+            ..GuestGprs::default()
+        };
+        Ok(Vcpu {
+            id,
+            index,
+            dom,
+            vmcb: v,
+            gprs,
+            guest_cr3: super::guest::layout::L4_GPA,
+            root_gen: None,
+            flush_next: true,
+            line: [0; 120],
+            line_len: 0,
+        })
+    }
+
+    /// The domain the vCPU belongs to.
+    pub fn domain(&self) -> &'static Domain {
+        self.dom
+    }
+
+    fn pcpu(&self) -> PcpuId {
+        PcpuId(host::cpu_index() as u32)
+    }
+
+    /// Asks the server for this vCPU's shadow root on this pCPU.
+    fn schedule(&mut self) -> bool {
+        let gen = self.dom.root_gen.load(Ordering::Acquire);
+        let reply = svm().mmu(&MmuRequest::VcpuScheduled {
+            vcpu: self.id,
+            pcpu: self.pcpu(),
+        });
+        svm().carry_out(self.dom, reply.flush());
+        match reply {
+            MmuReply::LoadShadowRoot { root, .. } => {
+                self.vmcb.write64(off::CR3, root.0);
+                self.root_gen = Some(gen);
+                self.flush_next = true;
+                true
+            }
+            other => {
+                self.fail_reply("VcpuScheduled", &other);
+                false
+            }
+        }
+    }
+
+    fn deschedule(&mut self) {
+        if self.root_gen.take().is_some() {
+            let reply = svm().mmu(&MmuRequest::VcpuDescheduled {
+                vcpu: self.id,
+                pcpu: self.pcpu(),
+            });
+            svm().carry_out(self.dom, reply.flush());
+        }
+    }
+
+    /// Runs the vCPU until it yields, is preempted with others waiting, or
+    /// ends.
+    pub fn run_slice(&mut self, pcpu: &mut PcpuState, others_waiting: bool) -> Slice {
+        if pcpu.last != Some(self.id) {
+            self.flush_next = true;
+            pcpu.last = Some(self.id);
+        }
+        loop {
+            if self.dom.stopped.load(Ordering::Acquire) {
+                self.deschedule();
+                self.dom.exited_bad.fetch_add(1, Ordering::Relaxed);
+                return Slice::Done;
+            }
+            if self.root_gen != Some(self.dom.root_gen.load(Ordering::Acquire)) && !self.schedule()
+            {
+                continue;
+            }
+            world::clgi();
+            pcpu.pending |= host::take_guest_flushes();
+            let asid_bit = 1u64 << (self.dom.asid % 64);
+            let flush = self.flush_next || pcpu.pending & asid_bit != 0;
+            if flush {
+                // TLB_CONTROL=1 flushes every ASID (TCG has no flush-by-ASID).
+                pcpu.pending = 0;
+                self.flush_next = false;
+            }
+            self.vmcb.write8(
+                off::TLB_CONTROL,
+                if flush { vmcb::TLB_FLUSH_ALL } else { 0 },
+            );
+            // SAFETY: SVM is on (pcpu_main), GIF=0 (clgi above), the VMCBs are
+            // ours, and the guest state only reaches the guest's frames
+            // through the server's shadow root.
+            unsafe { world::world_switch(self.vmcb.pa(), pcpu.host_vmcb, &mut self.gprs) };
+            self.vmcb.write64(off::EVENTINJ, 0);
+            match self.handle_exit() {
+                Step::Continue => {}
+                Step::Preempt if !others_waiting => {}
+                Step::Preempt | Step::Yield => {
+                    self.deschedule();
+                    return Slice::Yield;
+                }
+                Step::Done => {
+                    self.deschedule();
+                    return Slice::Done;
+                }
+            }
+        }
+    }
+
+    fn stop(&mut self, why: &'static str, value: u64) -> Step {
+        crate::kprintln!(
+            "[d{} v{}] stopped: {why} {value:#x} (rip {:#x})",
+            self.dom.id.0,
+            self.index,
+            self.vmcb.rip()
+        );
+        self.dom.stop(why, value);
+        // Kick the domain's other vCPUs out of guest mode so they see it.
+        host::kick(self.dom.pcpus);
+        Step::Done
+    }
+
+    fn fail_reply(&mut self, what: &'static str, reply: &MmuReply) -> Step {
+        crate::kprintln!(
+            "[d{} v{}] MMU server: {what}: {reply:?}",
+            self.dom.id.0,
+            self.index
+        );
+        self.stop("MMU server refused", 0)
+    }
+
+    fn regs(&self) -> RegFile {
+        let g = &self.gprs;
+        RegFile {
+            r: [
+                self.vmcb.rax(),
+                g.rcx,
+                g.rdx,
+                g.rbx,
+                self.vmcb.rsp(),
+                g.rbp,
+                g.rsi,
+                g.rdi,
+                g.r8,
+                g.r9,
+                g.r10,
+                g.r11,
+                g.r12,
+                g.r13,
+                g.r14,
+                g.r15,
+            ],
+            fs_base: self.vmcb.segment_base(off::FS),
+            gs_base: self.vmcb.segment_base(off::GS),
+        }
+    }
+
+    fn set_regs(&mut self, r: &RegFile) {
+        self.vmcb.set_rax(r.r[0]);
+        self.vmcb.set_rsp(r.r[4]);
+        let g = &mut self.gprs;
+        [g.rcx, g.rdx, g.rbx] = [r.r[1], r.r[2], r.r[3]];
+        [g.rbp, g.rsi, g.rdi] = [r.r[5], r.r[6], r.r[7]];
+        [g.r8, g.r9, g.r10, g.r11] = [r.r[8], r.r[9], r.r[10], r.r[11]];
+        [g.r12, g.r13, g.r14, g.r15] = [r.r[12], r.r[13], r.r[14], r.r[15]];
+    }
+
+    /// Fetches and decodes the instruction at guest RIP.
+    fn decode_at_rip(&self) -> Result<decode::Decoded, &'static str> {
+        let rip = self.vmcb.rip();
+        let mut bytes = [0u8; 15];
+        let n = self.dom.read_virt(self.guest_cr3, rip, &mut bytes);
+        if n == 0 {
+            return Err("instruction at RIP is not mapped by the guest");
+        }
+        decode::decode(&bytes[..n], rip, &self.regs()).map_err(|e| match e {
+            decode::DecodeError::Invalid => "invalid instruction at RIP",
+            decode::DecodeError::Unsupported => "instruction form not emulated",
+        })
+    }
+
+    fn advance(&mut self, len: u8) {
+        let rip = self.vmcb.rip();
+        self.vmcb.set_rip(rip + len as u64);
+    }
+
+    fn handle_exit(&mut self) -> Step {
+        let code = self.vmcb.exit_code();
+        let reason = ExitReason::from_code(code);
+        let me = host::cpu_index();
+        bump(&STATS[me].exits[reason.bucket()]);
+        self.dom.exits.fetch_add(1, Ordering::Relaxed);
+        let (info1, info2) = (self.vmcb.exit_info1(), self.vmcb.exit_info2());
+        match reason {
+            ExitReason::PageFault => self.page_fault(info1, info2),
+            ExitReason::Cr3Write | ExitReason::Cr3Read | ExitReason::Invlpg => {
+                self.paging_instruction()
+            }
+            ExitReason::Vmmcall => self.hypercall(),
+            ExitReason::Hlt => {
+                self.advance(1);
+                Step::Yield
+            }
+            ExitReason::Ioio => self.ioio(info1, info2),
+            ExitReason::Intr | ExitReason::Nmi => {
+                // The interrupt itself was delivered to the host after STGI.
+                host::serve_shootdowns();
+                if super::past_deadline() {
+                    return self.stop(
+                        "watchdog: the run took longer than seconds:",
+                        super::RUN_SECONDS,
+                    );
+                }
+                super::timer_work();
+                Step::Preempt
+            }
+            ExitReason::Shutdown => self.stop("shutdown", self.vmcb.rip()),
+            ExitReason::Invalid => self.stop("VMRUN refused the guest state, exit code", code),
+            _ => self.stop("unhandled exit, code", code),
+        }
+    }
+
+    fn page_fault(&mut self, err: u64, gva: u64) -> Step {
+        let me = host::cpu_index();
+        let req = MmuRequest::PageFault {
+            vcpu: self.id,
+            pcpu: self.pcpu(),
+            gva: Gva(gva),
+            error_code: PfErrorCode(err as u32),
+        };
+        let reply = svm().mmu(&req);
+        svm().carry_out(self.dom, reply.flush());
+        bump(&self.dom.pf_exits);
+        match reply {
+            MmuReply::Resume { .. } => {
+                bump(&STATS[me].fixed);
+                bump(&self.dom.fixed);
+                Step::Continue
+            }
+            MmuReply::InjectPageFault {
+                error_code,
+                address,
+                ..
+            } => {
+                bump(&STATS[me].injected);
+                bump(&self.dom.injected);
+                self.vmcb.inject_page_fault(address.0, error_code.0);
+                Step::Continue
+            }
+            MmuReply::LoadShadowRoot { root, .. } => {
+                self.vmcb.write64(off::CR3, root.0);
+                self.flush_next = true;
+                Step::Continue
+            }
+            MmuReply::EmulateWrite { gpa, .. } => self.emulate_write(gpa.0, gva),
+            other => self.fail_reply("PageFault", &other),
+        }
+    }
+
+    fn emulate_write(&mut self, fault_gpa: u64, fault_gva: u64) -> Step {
+        let d = match self.decode_at_rip() {
+            Ok(d) => d,
+            Err(e) => return self.stop(e, self.vmcb.rip()),
+        };
+        let (gva, size) = match d.op {
+            Op::Write { gva, size, .. } | Op::ReadModifyWrite { gva, size, .. } => (gva, size),
+            _ => {
+                crate::kprintln!(
+                    "[d{} v{}] protected write at gpa {fault_gpa:#x} by {:?}",
+                    self.dom.id.0,
+                    self.index,
+                    d.mnemonic
+                );
+                return self.stop(
+                    "write to a protected page by an instruction not emulated, rip",
+                    self.vmcb.rip(),
+                );
+            }
+        };
+        let last = gva.wrapping_add(size as u64 - 1);
+        if gva >> 12 != fault_gva >> 12 || last >> 12 != gva >> 12 {
+            // Not split: Umbra's guests never write a page table across pages.
+            return self.stop("emulated write crosses a page, at", gva);
+        }
+        let gpa = (fault_gpa & !0xFFF) | (gva & 0xFFF);
+        // Emulated writes of a domain are serialized, so a read-modify-write
+        // sees no other emulated write between its read and its store (the
+        // page is write-protected: other guest writes trap here too).
+        let _guard = self.dom.emul_lock.lock();
+        let mut regs = self.regs();
+        let (value, result) = match d.op {
+            Op::Write { value, .. } => (Some(value), None),
+            Op::ReadModifyWrite { kind, src, reg, .. } => {
+                let Some(p) = self.dom.gpa_ptr(gpa & !7, 8) else {
+                    return self.stop("emulated write outside guest memory, gpa", gpa);
+                };
+                // SAFETY: inside guest memory (checked); the 8-byte aligned
+                // word holding the operand (size <= 8, not crossing it when
+                // naturally aligned; misaligned operands read the word the
+                // first byte is in and are refused below).
+                let word = unsafe { p.cast::<u64>().read_volatile() };
+                if (gpa & 7) + size as u64 > 8 {
+                    return self.stop("misaligned read-modify-write of a page table, gpa", gpa);
+                }
+                let old = word >> ((gpa & 7) * 8);
+                let r = decode::rmw_apply(kind, size, old, src, reg, &regs);
+                (r.store, Some(r))
+            }
+            _ => (None, None),
+        };
+        if let Some(value) = value {
+            let req = MmuRequest::EmulatedWrite {
+                vcpu: self.id,
+                pcpu: self.pcpu(),
+                gpa: abi::Gpa(gpa),
+                value,
+                size,
+            };
+            let reply = svm().mmu(&req);
+            svm().carry_out(self.dom, reply.flush());
+            if !matches!(reply, MmuReply::WriteDone { .. }) {
+                return self.fail_reply("EmulatedWrite", &reply);
+            }
+            bump(&STATS[host::cpu_index()].emulated);
+            bump(&self.dom.emulated);
+        }
+        if let Some(r) = result {
+            if let Some((reg, v)) = r.reg_write {
+                if regs.set(reg, v).is_err() {
+                    return self.stop("read-modify-write into an unsupported register", reg as u64);
+                }
+                self.set_regs(&regs);
+            }
+            if let Some(f) = r.flags {
+                let rf = self.vmcb.read64(off::RFLAGS);
+                self.vmcb
+                    .write64(off::RFLAGS, (rf & !r.flags_mask) | (f & r.flags_mask));
+            }
+        }
+        self.advance(d.len);
+        Step::Continue
+    }
+
+    fn paging_instruction(&mut self) -> Step {
+        let d = match self.decode_at_rip() {
+            Ok(d) => d,
+            Err(e) => return self.stop(e, self.vmcb.rip()),
+        };
+        match d.op {
+            Op::Cr3Write { value } => {
+                self.guest_cr3 = value;
+                let req = MmuRequest::WriteCr3 {
+                    vcpu: self.id,
+                    pcpu: self.pcpu(),
+                    cr3: GuestCr3(value),
+                };
+                let reply = svm().mmu(&req);
+                svm().carry_out(self.dom, reply.flush());
+                match reply {
+                    MmuReply::LoadShadowRoot { root, .. } => self.vmcb.write64(off::CR3, root.0),
+                    MmuReply::Done { .. } => {}
+                    other => return self.fail_reply("WriteCr3", &other),
+                }
+                // A MOV to CR3 flushes the guest's non-global translations.
+                self.flush_next = true;
+            }
+            Op::Cr3Read { dest } => {
+                let mut r = self.regs();
+                if r.set(dest, self.guest_cr3).is_err() {
+                    return self.stop("CR3 read into an unsupported register", dest as u64);
+                }
+                self.set_regs(&r);
+            }
+            Op::Invlpg { gva } => {
+                let req = MmuRequest::Invlpg {
+                    vcpu: self.id,
+                    pcpu: self.pcpu(),
+                    gva: Gva(gva),
+                };
+                let reply = svm().mmu(&req);
+                svm().carry_out(self.dom, reply.flush());
+                match reply {
+                    MmuReply::Done { .. } | MmuReply::Resume { .. } => {}
+                    MmuReply::LoadShadowRoot { root, .. } => self.vmcb.write64(off::CR3, root.0),
+                    other => return self.fail_reply("Invlpg", &other),
+                }
+                // The guest's own INVLPG never ran: invalidate locally.
+                self.flush_next = true;
+            }
+            _ => return self.stop("CR access not emulated, rip", self.vmcb.rip()),
+        }
+        self.advance(d.len);
+        Step::Continue
+    }
+
+    fn hypercall(&mut self) -> Step {
+        let nr = self.vmcb.rax();
+        let (a, b, c) = (self.gprs.rdi, self.gprs.rsi, self.gprs.rdx);
+        let ret = match nr {
+            hc::REPORT => {
+                self.dom
+                    .reported
+                    .store(if a == 1 { 1 } else { 2 }, Ordering::Release);
+                self.dom.detail.store(b, Ordering::Relaxed);
+                0
+            }
+            hc::DIRTY_START => {
+                if !self.dom.dirty_on.swap(true, Ordering::AcqRel) {
+                    let reply = svm().mmu(&MmuRequest::EnableDirtyLog {
+                        domain: self.dom.id,
+                    });
+                    svm().carry_out(self.dom, reply.flush());
+                    if !matches!(reply, MmuReply::Done { .. }) {
+                        return self.fail_reply("EnableDirtyLog", &reply);
+                    }
+                } else {
+                    let mut bits = self.dom.harvest.lock();
+                    let r = super::harvest_dirty(self.dom, &mut bits);
+                    bits.iter_mut().for_each(|w| *w = 0);
+                    drop(bits);
+                    if let Err(reply) = r {
+                        return self.fail_reply("GetAndClearDirty", &reply);
+                    }
+                }
+                0
+            }
+            hc::DIRTY_CHECK => match self.dirty_check(a, b, c) {
+                Some(missing) => missing,
+                None => return Step::Done,
+            },
+            hc::ZAP_ALL => {
+                if let Err(reply) = super::zap(self.dom) {
+                    return self.fail_reply("ZapAll", &reply);
+                }
+                0
+            }
+            hc::EXITS => self.dom.exits.load(Ordering::Relaxed),
+            _ => u64::MAX,
+        };
+        self.vmcb.set_rax(ret);
+        self.advance(3);
+        Step::Continue
+    }
+
+    /// Compares the guest's record of written pages (a bitmap at gpa
+    /// `record` for gfns first..first+count) with what the kernel harvested
+    /// from the server's dirty log during the round plus a final harvest;
+    /// returns how many written pages the log missed, and starts the next
+    /// round empty.
+    fn dirty_check(&mut self, record: u64, first: u64, count: u64) -> Option<u64> {
+        let mut bits = self.dom.harvest.lock();
+        if first
+            .checked_add(count)
+            .is_none_or(|end| end > bits.len() as u64 * 64)
+        {
+            drop(bits);
+            self.stop("dirty check outside guest memory, first gfn", first);
+            return None;
+        }
+        if let Err(reply) = super::harvest_dirty(self.dom, &mut bits) {
+            drop(bits);
+            self.fail_reply("GetAndClearDirty", &reply);
+            return None;
+        }
+        let mut missing = 0;
+        let mut extra = 0;
+        for i in 0..count {
+            let g = first + i;
+            let Some(word) = self.dom.read_u64(record + (i / 64) * 8) else {
+                drop(bits);
+                self.stop("dirty record outside guest memory", record);
+                return None;
+            };
+            let written = word & (1 << (i % 64)) != 0;
+            let logged = bits[(g / 64) as usize] & (1 << (g % 64)) != 0;
+            missing += (written && !logged) as u64;
+            extra += (logged && !written) as u64;
+        }
+        bits.iter_mut().for_each(|w| *w = 0);
+        self.dom.dirty_extra.fetch_add(extra, Ordering::Relaxed);
+        Some(missing)
+    }
+
+    fn ioio(&mut self, info1: u64, next_rip: u64) -> Step {
+        let port = (info1 >> 16) as u16;
+        let is_in = info1 & 1 != 0;
+        let string = info1 & 4 != 0;
+        let size = match (info1 >> 4) & 7 {
+            1 => 1,
+            2 => 2,
+            _ => 4,
+        };
+        if string {
+            return self.stop("string I/O not emulated, port", port as u64);
+        }
+        let rax = self.vmcb.rax();
+        if is_in {
+            let ones = if size == 4 {
+                0xFFFF_FFFF
+            } else {
+                (1u64 << (size * 8)) - 1
+            };
+            self.vmcb.set_rax((rax & !ones) | ones);
+        } else if port == CONSOLE_PORT {
+            let b = rax as u8;
+            if b != b'\n' && self.line_len < self.line.len() {
+                self.line[self.line_len] = b;
+                self.line_len += 1;
+            }
+            if b == b'\n' || self.line_len == self.line.len() {
+                let text =
+                    core::str::from_utf8(&self.line[..self.line_len]).unwrap_or("<non-utf8>");
+                crate::kprintln!("[d{} v{}] {text}", self.dom.id.0, self.index);
+                self.line_len = 0;
+            }
+        } else if port == EXIT_PORT {
+            if rax as u32 == 0 {
+                self.dom.exited_ok.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.dom.exited_bad.fetch_add(1, Ordering::Relaxed);
+            }
+            return Step::Done;
+        }
+        self.vmcb.set_rip(next_rip);
+        Step::Continue
+    }
+}
