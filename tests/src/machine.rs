@@ -205,7 +205,7 @@ pub struct Machine<'m> {
     pcpus: Vec<Pcpu>,
     next_mfn: u64,
     end_mfn: u64,
-    cache: BTreeMap<(usize, u64, u64, u8), usize>,
+    cache: BTreeMap<(usize, u64, u64, u8), (usize, Size)>,
     epoch: u64,
     /// The access being served this step (for judging guest A/D writes).
     cur_access: Option<(usize, u64, Access)>,
@@ -339,7 +339,7 @@ impl<'m> Machine<'m> {
         self.epoch += 1;
         let mine: Vec<u32> = (0..self.vcpus.len())
             .filter(|&v| self.vcpus[v].dom == dom)
-            .map(|v| v as u32)
+            .map(|v| self.key(v))
             .collect();
         for p in 0..self.pcpus.len() {
             if !f.cpus.contains(PcpuId(p as u32)) {
@@ -485,7 +485,19 @@ impl<'m> Machine<'m> {
     /// Creates a vCPU in domain `d` with paging mode `ctrl` (sent when it is
     /// first scheduled); returns its index.
     pub fn create_vcpu(&mut self, d: usize, ctrl: Ctrl) -> Res<usize> {
-        let id = VcpuId(self.vcpus.len() as u32 + 1);
+        // The smallest id no live vCPU has: ids (and so ASIDs, the TLB
+        // model's tags) of destroyed domains are reused, so a server that
+        // does not flush on destroy is caught.
+        let id = VcpuId(
+            (1..)
+                .find(|&i| {
+                    !self
+                        .vcpus
+                        .iter()
+                        .any(|vc| vc.id.0 == i && self.doms[vc.dom].alive)
+                })
+                .unwrap_or(u32::MAX),
+        );
         self.begin(format!(
             "CreateVcpu {} in domain {}",
             id.0, self.doms[d].id.0
@@ -805,8 +817,9 @@ impl<'m> Machine<'m> {
 
     // ---- guest accesses ------------------------------------------------------
 
+    /// The TLB tag of vCPU `v` (its id: one ASID per vCPU id).
     fn key(&self, v: usize) -> u32 {
-        v as u32
+        self.vcpus[v].id.0
     }
 
     /// The paging controls the hardware walks the shadow tables with: the
@@ -1113,17 +1126,29 @@ impl<'m> Machine<'m> {
     }
 
     fn window_start(&self, v: usize, gva: u64) -> usize {
+        self.window_start_sized(v, gva, Size::K4)
+    }
+
+    /// The history state from which a translation of `gva` through a guest
+    /// leaf of `size` may still be cached by vCPU `v`: its last full flush,
+    /// or an INVLPG of any address inside that leaf's page (INVLPG drops the
+    /// entries of every page size that contain its operand).
+    fn window_start_sized(&self, v: usize, gva: u64, size: Size) -> usize {
         let vc = &self.vcpus[v];
+        let base = gva & !(size.bytes() - 1);
         vc.invl
-            .get(&(gva & !0xfff))
-            .copied()
+            .range(base..base + size.bytes())
+            .map(|(_, &s)| s)
+            .max()
             .unwrap_or(0)
             .max(vc.flush_seq)
     }
 
-    /// Whether `pred` holds for the guest walk of `gva` in some state since
-    /// the vCPU last flushed it (the current state first). Returns the last
-    /// state it held in, if any.
+    /// Whether `pred` holds for the guest walk of `gva` in some state a TLB
+    /// of vCPU `v` may still hold a translation from: the current one, or one
+    /// that lasted until after the vCPU last flushed that address (for the
+    /// page size the walk ends in). Returns the last state the walk it held
+    /// for lasted to.
     fn search_state(
         &self,
         v: usize,
@@ -1137,19 +1162,24 @@ impl<'m> Machine<'m> {
             return Some(now);
         }
         let start = self.window_start(v, gva);
+        let lasted = |w: &Walk, end: usize| match w {
+            Walk::Ok(l) if l.size != Size::K4 => end >= self.window_start_sized(v, gva, l.size),
+            _ => true,
+        };
         let mut found = None;
         let mut w = self.guest_walk_at(v, gva, Some(start));
-        if pred(&w) {
-            found = Some(start);
-        }
         for s in start..now {
             let a = hist.addr_of(s);
             if w.path().contains(&a) {
-                w = self.guest_walk_at(v, gva, Some(s + 1));
-                if pred(&w) {
-                    found = Some(s + 1);
+                // `w` held for states up to `s`.
+                if lasted(&w, s) && pred(&w) {
+                    found = Some(s);
                 }
+                w = self.guest_walk_at(v, gva, Some(s + 1));
             }
+        }
+        if lasted(&w, now) && pred(&w) {
+            found = Some(now);
         }
         found
     }
@@ -1194,20 +1224,29 @@ impl<'m> Machine<'m> {
             return Ok(());
         }
         let key = (v, va, hpa, rights_key(rights));
-        let start = self.window_start(v, va);
-        if self.cache.get(&key).is_some_and(|&k| k >= start) {
+        if self
+            .cache
+            .get(&key)
+            .is_some_and(|&(k, sz)| k >= self.window_start_sized(v, va, sz))
+        {
             return Ok(());
         }
         let dom = &self.doms[d];
+        let mut leaf_size = Size::K4;
         let found = self.search_state(v, va, &mut |w| match w {
             Walk::Ok(l) => {
-                rights.within(hw, l.rights, ctrl) && dom.mfn(l.phys(va) >> 12) == Some(hpa >> 12)
+                let ok = rights.within(hw, l.rights, ctrl)
+                    && dom.mfn(l.phys(va) >> 12) == Some(hpa >> 12);
+                if ok {
+                    leaf_size = l.size;
+                }
+                ok
             }
             _ => false,
         });
         match found {
             Some(k) => {
-                self.cache.insert(key, k);
+                self.cache.insert(key, (k, leaf_size));
                 Ok(())
             }
             None => {
