@@ -107,6 +107,10 @@ pub const FLOOD_LIMIT: u8 = 3;
 /// Obsolete shadow pages freed per request at most.
 pub const RECLAIM_BATCH: usize = 64;
 
+/// Paging-mode bits this server implements (the rest are refused).
+pub const SUPPORTED_MODE: u32 =
+    PagingMode::WP | PagingMode::NXE | PagingMode::PGE | PagingMode::PCIDE;
+
 /// Entries per table.
 const ENTRIES: u64 = 512;
 /// Present non-leaf shadow entry bits (permissive: the leaf decides).
@@ -269,6 +273,13 @@ struct VcpuFast {
     dom: Arc<DomShared>,
 }
 
+/// What a request is about (for the dirty mask of its domain).
+#[derive(Clone, Copy, Debug)]
+enum About {
+    Vcpu(VcpuId),
+    Domain(DomainId),
+}
+
 /// A flush accumulated over one request (one obligation per reply).
 #[derive(Debug, Default, Clone, Copy)]
 struct Flush(Option<FlushObligation>);
@@ -401,6 +412,7 @@ impl<'m, P: L4Policy> FastServer<'m, P> {
     fn serve(
         &self,
         requester: Option<PcpuId>,
+        about: About,
         f: impl FnOnce(&mut Inner<P>, &dyn PhysMem, &Stats) -> MmuReply,
     ) -> MmuReply {
         if let Some(p) = requester {
@@ -418,7 +430,9 @@ impl<'m, P: L4Policy> FastServer<'m, P> {
         inner.flush = Flush::default();
         let reply = f(&mut inner, self.mem, &self.stats);
         let flush = core::mem::take(&mut inner.flush);
-        reply.add_flush(flush.0)
+        let reply = reply.add_flush(flush.0);
+        inner.shrink_dirty_mask(about, reply.flush());
+        reply
     }
 
     /// Checks invariants P1, P2 (parents), R1 (rmaps), W1 (write protection)
@@ -563,6 +577,36 @@ impl<'m, P: L4Policy> FastServer<'m, P> {
 }
 
 impl<P: L4Policy> Inner<P> {
+    /// Minimal flushes: after a full flush of the request's domain on some
+    /// pCPUs, those that run none of its vCPUs hold none of its
+    /// translations any more and leave its dirty mask (until one of its
+    /// vCPUs is scheduled there again).
+    fn shrink_dirty_mask(&mut self, about: About, flush: Option<FlushObligation>) {
+        let Some(f) = flush else { return };
+        if !matches!(f.scope, FlushScope::All | FlushScope::AllReloadRoots) {
+            return;
+        }
+        let did = match about {
+            About::Domain(d) => d.0,
+            About::Vcpu(v) => match self.vcpus.get(&v.0) {
+                Some(v) => v.domain,
+                None => return,
+            },
+        };
+        let Some(d) = self.domains.get(&did) else {
+            return;
+        };
+        let mut running = CpuSet::EMPTY;
+        for v in &d.vcpus {
+            if let Some(p) = self.vcpus.get(v).and_then(|v| v.pcpu) {
+                running.insert(p);
+            }
+        }
+        let gone = f.cpus.difference(running);
+        let d = self.domains.get_mut(&did).expect("looked up above");
+        d.dirty_mask = d.dirty_mask.difference(gone);
+    }
+
     fn dom(&mut self, d: DomainId) -> Result<&mut Domain, MmuError> {
         self.domains.get_mut(&d.0).ok_or(MmuError::UnknownDomain(d))
     }
@@ -1393,7 +1437,7 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
 
     fn create_domain(&self, domain: DomainId, memory: &MemoryMap) -> MmuReply {
         let config = self.config;
-        self.serve(None, |inner, _, _| {
+        self.serve(None, About::Domain(domain), |inner, _, _| {
             if inner.domains.contains_key(&domain.0) {
                 return MmuReply::error(MmuError::DomainExists(domain));
             }
@@ -1453,7 +1497,7 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
     }
 
     fn destroy_domain(&self, domain: DomainId) -> MmuReply {
-        self.serve(None, |inner, mem, stats| {
+        self.serve(None, About::Domain(domain), |inner, mem, stats| {
             let Some(d) = inner.domains.get(&domain.0) else {
                 return MmuReply::error(MmuError::UnknownDomain(domain));
             };
@@ -1476,7 +1520,7 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
     }
 
     fn create_vcpu(&self, domain: DomainId, vcpu: VcpuId) -> MmuReply {
-        self.serve(None, |inner, _, _| {
+        self.serve(None, About::Domain(domain), |inner, _, _| {
             if inner.vcpus.contains_key(&vcpu.0) {
                 return MmuReply::error(MmuError::VcpuExists(vcpu));
             }
@@ -1515,7 +1559,7 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
     }
 
     fn vcpu_scheduled(&self, vcpu: VcpuId, pcpu: PcpuId) -> MmuReply {
-        self.serve(Some(pcpu), |inner, mem, stats| {
+        self.serve(Some(pcpu), About::Vcpu(vcpu), |inner, mem, stats| {
             if !inner.vcpus.contains_key(&vcpu.0) {
                 return MmuReply::error(MmuError::UnknownVcpu(vcpu));
             }
@@ -1524,7 +1568,7 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
     }
 
     fn vcpu_descheduled(&self, vcpu: VcpuId, pcpu: PcpuId) -> MmuReply {
-        self.serve(Some(pcpu), |inner, _, _| {
+        self.serve(Some(pcpu), About::Vcpu(vcpu), |inner, _, _| {
             let Some(v) = inner.vcpus.get_mut(&vcpu.0) else {
                 return MmuReply::error(MmuError::UnknownVcpu(vcpu));
             };
@@ -1545,13 +1589,13 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
                 return r;
             }
         }
-        self.serve(Some(pcpu), |inner, mem, stats| {
+        self.serve(Some(pcpu), About::Vcpu(vcpu), |inner, mem, stats| {
             inner.page_fault(mem, stats, vcpu, pcpu, gva, error_code)
         })
     }
 
     fn write_cr3(&self, vcpu: VcpuId, pcpu: PcpuId, cr3: GuestCr3) -> MmuReply {
-        self.serve(Some(pcpu), |inner, mem, stats| {
+        self.serve(Some(pcpu), About::Vcpu(vcpu), |inner, mem, stats| {
             let Some(v) = inner.vcpus.get_mut(&vcpu.0) else {
                 return MmuReply::error(MmuError::UnknownVcpu(vcpu));
             };
@@ -1564,10 +1608,12 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
     }
 
     fn set_paging_mode(&self, vcpu: VcpuId, pcpu: PcpuId, mode: PagingMode) -> MmuReply {
-        if mode.0 & !PagingMode::ALL != 0 {
+        // SMEP/SMAP would need the hardware's (off, see the abi) or faults
+        // the shadows cannot express: refused, as by the reference.
+        if mode.0 & !SUPPORTED_MODE != 0 {
             return MmuReply::error(MmuError::UnsupportedPagingMode(mode));
         }
-        self.serve(Some(pcpu), |inner, mem, stats| {
+        self.serve(Some(pcpu), About::Vcpu(vcpu), |inner, mem, stats| {
             let Some(v) = inner.vcpus.get_mut(&vcpu.0) else {
                 return MmuReply::error(MmuError::UnknownVcpu(vcpu));
             };
@@ -1579,7 +1625,7 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
     }
 
     fn invlpg(&self, vcpu: VcpuId, pcpu: PcpuId, gva: Gva) -> MmuReply {
-        self.serve(Some(pcpu), |inner, _, _| {
+        self.serve(Some(pcpu), About::Vcpu(vcpu), |inner, _, _| {
             if !inner.vcpus.contains_key(&vcpu.0) {
                 return MmuReply::error(MmuError::UnknownVcpu(vcpu));
             }
@@ -1598,13 +1644,13 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
         value: u64,
         size: u8,
     ) -> MmuReply {
-        self.serve(Some(pcpu), |inner, mem, stats| {
+        self.serve(Some(pcpu), About::Vcpu(vcpu), |inner, mem, stats| {
             inner.emulated_write(mem, stats, vcpu, gpa, value, size)
         })
     }
 
     fn enable_dirty_log(&self, domain: DomainId) -> MmuReply {
-        self.serve(None, |inner, mem, _| {
+        self.serve(None, About::Domain(domain), |inner, mem, _| {
             let Some(d) = inner.domains.get(&domain.0) else {
                 return MmuReply::error(MmuError::UnknownDomain(domain));
             };
@@ -1629,7 +1675,7 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
     }
 
     fn disable_dirty_log(&self, domain: DomainId) -> MmuReply {
-        self.serve(None, |inner, _, _| {
+        self.serve(None, About::Domain(domain), |inner, _, _| {
             let Some(d) = inner.domains.get(&domain.0) else {
                 return MmuReply::error(MmuError::UnknownDomain(domain));
             };
@@ -1639,13 +1685,13 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
     }
 
     fn get_and_clear_dirty(&self, domain: DomainId, start: Gfn) -> MmuReply {
-        self.serve(None, |inner, mem, _| {
+        self.serve(None, About::Domain(domain), |inner, mem, _| {
             inner.get_and_clear(mem, domain.0, start)
         })
     }
 
     fn zap_all(&self, domain: DomainId) -> MmuReply {
-        self.serve(None, |inner, _, _| {
+        self.serve(None, About::Domain(domain), |inner, _, _| {
             if !inner.domains.contains_key(&domain.0) {
                 return MmuReply::error(MmuError::UnknownDomain(domain));
             }
