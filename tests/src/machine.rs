@@ -339,7 +339,7 @@ impl<'m> Machine<'m> {
         self.epoch += 1;
         let mine: Vec<u32> = (0..self.vcpus.len())
             .filter(|&v| self.vcpus[v].dom == dom)
-            .map(|v| v as u32)
+            .map(|v| self.key(v))
             .collect();
         for p in 0..self.pcpus.len() {
             if !f.cpus.contains(PcpuId(p as u32)) {
@@ -485,7 +485,19 @@ impl<'m> Machine<'m> {
     /// Creates a vCPU in domain `d` with paging mode `ctrl` (sent when it is
     /// first scheduled); returns its index.
     pub fn create_vcpu(&mut self, d: usize, ctrl: Ctrl) -> Res<usize> {
-        let id = VcpuId(self.vcpus.len() as u32 + 1);
+        // The smallest id no live vCPU has: ids (and so ASIDs, the TLB
+        // model's tags) of destroyed domains are reused, so a server that
+        // does not flush on destroy is caught.
+        let id = VcpuId(
+            (1..)
+                .find(|&i| {
+                    !self
+                        .vcpus
+                        .iter()
+                        .any(|vc| vc.id.0 == i && self.doms[vc.dom].alive)
+                })
+                .unwrap_or(u32::MAX),
+        );
         self.begin(format!(
             "CreateVcpu {} in domain {}",
             id.0, self.doms[d].id.0
@@ -805,8 +817,9 @@ impl<'m> Machine<'m> {
 
     // ---- guest accesses ------------------------------------------------------
 
+    /// The TLB tag of vCPU `v` (its id: one ASID per vCPU id).
     fn key(&self, v: usize) -> u32 {
-        v as u32
+        self.vcpus[v].id.0
     }
 
     /// The paging controls the hardware walks the shadow tables with: the

@@ -71,6 +71,13 @@ pub enum Op {
         /// Value written.
         value: u64,
     },
+    /// `mov cr0, reg` or `mov cr4, reg`.
+    CrWrite {
+        /// 0 or 4.
+        cr: u8,
+        /// Value written.
+        value: u64,
+    },
     /// `mov reg, cr3`: which register receives the guest CR3.
     Cr3Read {
         /// Destination register.
@@ -158,6 +165,17 @@ fn classify(instr: &Instruction, regs: &RegFile) -> Result<Op, DecodeError> {
                 .get(instr.op_register(1))
                 .ok_or(DecodeError::Unsupported)?;
             Ok(Op::Cr3Write { value })
+        }
+        Code::Mov_cr_r64 if matches!(instr.op_register(0), Register::CR0 | Register::CR4) => {
+            let value = regs
+                .get(instr.op_register(1))
+                .ok_or(DecodeError::Unsupported)?;
+            let cr = if instr.op_register(0) == Register::CR0 {
+                0
+            } else {
+                4
+            };
+            Ok(Op::CrWrite { cr, value })
         }
         Code::Mov_r64_cr if instr.op_register(1) == Register::CR3 => Ok(Op::Cr3Read {
             dest: instr.op_register(0),
@@ -516,6 +534,8 @@ pub fn self_test() -> Result<(), &'static str> {
                 size: 8,
             },
         ),
+        // mov cr0, rsi
+        (&[0x0F, 0x22, 0xC6], 3, Op::CrWrite { cr: 0, value: rsi }),
         // hlt
         (&[0xF4], 1, Op::Other),
     ];

@@ -84,6 +84,8 @@ pub struct Domain {
     pub harvest: Mutex<alloc::vec::Vec<u64>>,
     /// Harvests the kernel made on its own clock.
     pub harvests: AtomicU64,
+    /// Paging-mode changes (CR0.WP / CR4.PGE writes) sent to the server.
+    pub mode_changes: AtomicU64,
 }
 
 impl Domain {
@@ -309,6 +311,7 @@ pub fn load(
         emul_lock: Mutex::new(()),
         harvest: Mutex::new(alloc::vec![0; (bytes / 4096).div_ceil(64) as usize]),
         harvests: AtomicU64::new(0),
+        mode_changes: AtomicU64::new(0),
     };
     Ok((domain, boots))
 }

@@ -7,6 +7,8 @@ pub enum ExitReason {
     Cr3Read,
     /// MOV to CR3 (0x13).
     Cr3Write,
+    /// MOV to CR0 (0x10) or CR4 (0x14), with the register number.
+    CrWrite(u8),
     /// Guest #PF (0x4E): EXITINFO1 = error code, EXITINFO2 = address.
     PageFault,
     /// Other intercepted exception (0x40..0x5F), with its vector.
@@ -40,12 +42,12 @@ pub enum ExitReason {
 }
 
 /// Number of report buckets (see [`ExitReason::bucket`]).
-pub const BUCKETS: usize = 13;
+pub const BUCKETS: usize = 14;
 
 /// Report column names, indexed by [`ExitReason::bucket`].
 pub const BUCKET_NAMES: [&str; BUCKETS] = [
     "#PF", "cr3-wr", "cr3-rd", "invlpg", "vmmcall", "hlt", "ioio", "intr", "shutdn", "msr", "exc",
-    "invalid", "other",
+    "invalid", "other", "cr0/4-wr",
 ];
 
 impl ExitReason {
@@ -54,6 +56,7 @@ impl ExitReason {
         match code {
             0x03 => ExitReason::Cr3Read,
             0x13 => ExitReason::Cr3Write,
+            0x10 | 0x14 => ExitReason::CrWrite((code - 0x10) as u8),
             0x4E => ExitReason::PageFault,
             0x40..=0x5F => ExitReason::Exception((code - 0x40) as u8),
             0x60 => ExitReason::Intr,
@@ -78,6 +81,7 @@ impl ExitReason {
             ExitReason::PageFault => 0,
             ExitReason::Cr3Write => 1,
             ExitReason::Cr3Read => 2,
+            ExitReason::CrWrite(_) => 13,
             ExitReason::Invlpg => 3,
             ExitReason::Vmmcall => 4,
             ExitReason::Hlt => 5,

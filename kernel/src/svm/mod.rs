@@ -45,9 +45,10 @@
 //! each vCPU asks for its root again (VcpuScheduled) before it next runs.
 //!
 //! # Not done
-//! CR0/CR4 writes, EFER writes (WRMSR) and string I/O stop the domain (no
-//! guest here needs them, so paging-mode changes reach the server only at
-//! creation); emulated writes that cross a page are refused, not split.
+//! CR0/CR4 writes may change only CR0.WP and CR4.PGE (sent to the server as
+//! SetPagingMode); any other CR0/CR4 change, EFER writes (WRMSR: every MSR
+//! access is intercepted and stops the domain) and string I/O stop the
+//! domain. Emulated writes that cross a page are refused, not split.
 
 pub mod conf;
 pub mod decode;

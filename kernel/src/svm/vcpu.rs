@@ -10,7 +10,7 @@ use super::stats::{bump, STATS};
 use super::vmcb::{self, misc1, misc2, off, Segment, Vmcb};
 use super::world::{self, GuestGprs};
 use super::{host, svm};
-use abi::{GuestCr3, Gva, MmuReply, MmuRequest, PcpuId, PfErrorCode, VcpuId};
+use abi::{GuestCr3, Gva, MmuReply, MmuRequest, PagingMode, PcpuId, PfErrorCode, VcpuId};
 use core::sync::atomic::Ordering;
 
 /// What a pCPU remembers between slices.
@@ -339,9 +339,10 @@ impl Vcpu {
         let (info1, info2) = (self.vmcb.exit_info1(), self.vmcb.exit_info2());
         match reason {
             ExitReason::PageFault => self.page_fault(info1, info2),
-            ExitReason::Cr3Write | ExitReason::Cr3Read | ExitReason::Invlpg => {
-                self.paging_instruction()
-            }
+            ExitReason::Cr3Write
+            | ExitReason::Cr3Read
+            | ExitReason::Invlpg
+            | ExitReason::CrWrite(_) => self.paging_instruction(),
             ExitReason::Vmmcall => self.hypercall(),
             ExitReason::Hlt => {
                 self.advance(1);
@@ -533,10 +534,57 @@ impl Vcpu {
                 // The guest's own INVLPG never ran: invalidate locally.
                 self.flush_next = true;
             }
+            Op::CrWrite { cr, value } => {
+                if let Err(step) = self.write_cr0_cr4(cr, value) {
+                    return step;
+                }
+            }
             _ => return self.stop("CR access not emulated, rip", self.vmcb.rip()),
         }
         self.advance(d.len);
         Step::Continue
+    }
+
+    /// MOV to CR0 or CR4: only the bits that change the paging mode the
+    /// server implements may change (CR0.WP, CR4.PGE); the new mode goes to
+    /// the server (SetPagingMode) and the local TLB is flushed.
+    fn write_cr0_cr4(&mut self, cr: u8, value: u64) -> Result<(), Step> {
+        const CR0_WP: u64 = 1 << 16;
+        const CR4_PGE: u64 = 1 << 7;
+        let (offset, allowed) = if cr == 0 {
+            (off::CR0, CR0_WP)
+        } else {
+            (off::CR4, CR4_PGE)
+        };
+        let old = self.vmcb.read64(offset);
+        if (old ^ value) & !allowed != 0 {
+            return Err(self.stop("CR0/CR4 write changes bits not emulated, new value", value));
+        }
+        self.vmcb.write64(offset, value);
+        let cr0 = self.vmcb.read64(off::CR0);
+        let cr4 = self.vmcb.read64(off::CR4);
+        let mut mode = PagingMode::NXE;
+        if cr0 & CR0_WP != 0 {
+            mode |= PagingMode::WP;
+        }
+        if cr4 & CR4_PGE != 0 {
+            mode |= PagingMode::PGE;
+        }
+        let req = MmuRequest::SetPagingMode {
+            vcpu: self.id,
+            pcpu: self.pcpu(),
+            mode: PagingMode(mode),
+        };
+        let reply = svm().mmu(&req);
+        svm().carry_out(self.dom, reply.flush());
+        match reply {
+            MmuReply::Done { .. } => {}
+            MmuReply::LoadShadowRoot { root, .. } => self.vmcb.write64(off::CR3, root.0),
+            other => return Err(self.fail_reply("SetPagingMode", &other)),
+        }
+        bump(&self.dom.mode_changes);
+        self.flush_next = true;
+        Ok(())
     }
 
     fn hypercall(&mut self) -> Step {

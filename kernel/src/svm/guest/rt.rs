@@ -217,6 +217,20 @@ pub fn read_cr3() -> u64 {
     v
 }
 
+/// Reads CR0 (not intercepted: the guest's own value).
+pub fn read_cr0() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR0 has no side effect.
+    unsafe { asm!("mov {}, cr0", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// Writes CR0 (intercepted: a change of CR0.WP reaches the shadow MMU).
+pub fn write_cr0(v: u64) {
+    // SAFETY: the guest only toggles CR0.WP; the write is intercepted.
+    unsafe { asm!("mov cr0, {}", in(reg) v, options(nostack)) };
+}
+
 /// INVLPG (intercepted).
 pub fn invlpg(gva: u64) {
     // SAFETY: flushing a TLB entry is always safe.

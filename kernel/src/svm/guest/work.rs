@@ -82,6 +82,16 @@ pub const WORKLOADS: &[Workload] = &[
         demand_faults: 0,
     },
     Workload {
+        name: "wp-toggle",
+        vcpus: 1,
+        mem_mib: 4,
+        first_pcpu: 2,
+        run: wp_toggle,
+        ends_in_shutdown: false,
+        kernel_zaps: false,
+        demand_faults: 0,
+    },
+    Workload {
         name: "huge-2M",
         vcpus: 1,
         mem_mib: 16,
@@ -210,6 +220,58 @@ fn touch16(_: u64) -> ! {
     put_ratio(e1 - e0 - 1, PAGES);
     puts(" per fault\n");
     finish(true, e1 - e0 - 1)
+}
+
+/// CR0.WP toggling: a supervisor write to a read-only page faults with
+/// CR0.WP=1 and succeeds with CR0.WP=0; every toggle is a paging-mode change
+/// the server must apply to the shadows it already built.
+fn wp_toggle(_: u64) -> ! {
+    const WP: u64 = 1 << 16;
+    let l4 = domain().l4_gpa;
+    let cr0 = read_cr0();
+    if cr0 & WP == 0 {
+        fail("wp-toggle: CR0.WP is off at start, CR0", cr0);
+    }
+    for round in 0..8u64 {
+        let gva = WORK_BASE + (round % 3) * 4096;
+        let page = alloc_page();
+        map4k(l4, gva, page, 0);
+        invlpg(gva);
+        if probe_write(gva, 1).is_ok() {
+            fail(
+                "wp-toggle: write to a read-only page with CR0.WP=1 did not fault, round",
+                round,
+            );
+        }
+        write_cr0(cr0 & !WP);
+        if read_cr0() & WP != 0 {
+            fail("wp-toggle: CR0.WP did not clear", read_cr0());
+        }
+        if probe_write(gva, pattern(round, 4)).is_err() {
+            fail(
+                "wp-toggle: supervisor write with CR0.WP=0 faulted, round",
+                round,
+            );
+        }
+        if rd(page) != pattern(round, 4) {
+            fail(
+                "wp-toggle: the write with CR0.WP=0 did not land, round",
+                round,
+            );
+        }
+        write_cr0(cr0);
+        if probe_write(gva, 2).is_ok() {
+            fail(
+                "wp-toggle: write after setting CR0.WP again did not fault, round",
+                round,
+            );
+        }
+        if rd(page) != pattern(round, 4) {
+            fail("wp-toggle: a faulting write changed memory, round", round);
+        }
+    }
+    puts("wp-toggle: 8 rounds of CR0.WP off/on, read-only page honoured\n");
+    finish(true, 8)
 }
 
 /// 16 processes (address spaces) sharing the kernel half, each with private
