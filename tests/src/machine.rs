@@ -177,6 +177,9 @@ struct Vcpu {
     pcpu: Option<usize>,
     root: Option<u64>,
     need_root: bool,
+    /// Its root was voided (`AllReloadRoots`) while it ran on a pCPU the
+    /// obligation did not name: it runs on the old root until its next exit.
+    stale_root: bool,
     /// SetPagingMode was sent (after the first VcpuScheduled).
     mode_sent: bool,
     /// History state at the vCPU's last full flush (CR3 write, mode change).
@@ -339,7 +342,7 @@ impl<'m> Machine<'m> {
         self.epoch += 1;
         let mine: Vec<u32> = (0..self.vcpus.len())
             .filter(|&v| self.vcpus[v].dom == dom)
-            .map(|v| v as u32)
+            .map(|v| self.key(v))
             .collect();
         for p in 0..self.pcpus.len() {
             if !f.cpus.contains(PcpuId(p as u32)) {
@@ -361,7 +364,15 @@ impl<'m> Machine<'m> {
         }
         if f.scope == FlushScope::AllReloadRoots {
             for v in self.vcpus.iter_mut().filter(|v| v.dom == dom) {
-                v.need_root = true;
+                // The flush IPI forces out the vCPUs on the named pCPUs; the
+                // others run on (with the old root) until their next exit.
+                match v.pcpu {
+                    Some(p) if !f.cpus.contains(PcpuId(p as u32)) => v.stale_root = true,
+                    _ => {
+                        v.need_root = true;
+                        v.stale_root = false;
+                    }
+                }
             }
         }
     }
@@ -386,6 +397,7 @@ impl<'m> Machine<'m> {
                 self.flush(dom, flush);
                 self.vcpus[v].root = Some(root.0);
                 self.vcpus[v].need_root = false;
+                self.vcpus[v].stale_root = false;
                 self.epoch += 1;
                 Ok(())
             }
@@ -485,7 +497,19 @@ impl<'m> Machine<'m> {
     /// Creates a vCPU in domain `d` with paging mode `ctrl` (sent when it is
     /// first scheduled); returns its index.
     pub fn create_vcpu(&mut self, d: usize, ctrl: Ctrl) -> Res<usize> {
-        let id = VcpuId(self.vcpus.len() as u32 + 1);
+        // The smallest id no live vCPU has: ids (and so ASIDs, the TLB
+        // model's tags) of destroyed domains are reused, so a server that
+        // does not flush on destroy is caught.
+        let id = VcpuId(
+            (1..)
+                .find(|&i| {
+                    !self
+                        .vcpus
+                        .iter()
+                        .any(|vc| vc.id.0 == i && self.doms[vc.dom].alive)
+                })
+                .unwrap_or(u32::MAX),
+        );
         self.begin(format!(
             "CreateVcpu {} in domain {}",
             id.0, self.doms[d].id.0
@@ -503,6 +527,7 @@ impl<'m> Machine<'m> {
             pcpu: None,
             root: None,
             need_root: true,
+            stale_root: false,
             mode_sent: false,
             flush_seq: self.doms[d].hist.now(),
             invl: BTreeMap::new(),
@@ -521,6 +546,15 @@ impl<'m> Machine<'m> {
             m |= PagingMode::NXE;
         }
         PagingMode(m)
+    }
+
+    /// vCPU `v` leaves the guest (an intercept): a root voided while it
+    /// ran is dropped now and fetched again before it re-enters.
+    fn exit(&mut self, v: usize) {
+        if self.vcpus[v].stale_root {
+            self.vcpus[v].stale_root = false;
+            self.vcpus[v].need_root = true;
+        }
     }
 
     fn pcpu_of(&self, v: usize) -> Res<usize> {
@@ -587,6 +621,7 @@ impl<'m> Machine<'m> {
     pub fn set_mode(&mut self, v: usize, ctrl: Ctrl) -> Res<()> {
         let p = self.pcpu_of(v)?;
         self.begin(format!("SetPagingMode {} {ctrl:?}", self.vcpus[v].id.0));
+        self.exit(v);
         let r = self.call(&MmuRequest::SetPagingMode {
             vcpu: self.vcpus[v].id,
             pcpu: PcpuId(p as u32),
@@ -608,6 +643,7 @@ impl<'m> Machine<'m> {
     pub fn write_cr3(&mut self, v: usize, cr3: u64) -> Res<()> {
         let p = self.pcpu_of(v)?;
         self.begin(format!("WriteCr3 {} <- {cr3:#x}", self.vcpus[v].id.0));
+        self.exit(v);
         let r = self.call(&MmuRequest::WriteCr3 {
             vcpu: self.vcpus[v].id,
             pcpu: PcpuId(p as u32),
@@ -626,6 +662,7 @@ impl<'m> Machine<'m> {
     pub fn invlpg(&mut self, v: usize, gva: u64) -> Res<()> {
         let p = self.pcpu_of(v)?;
         self.begin(format!("Invlpg {} {gva:#x}", self.vcpus[v].id.0));
+        self.exit(v);
         let r = self.call(&MmuRequest::Invlpg {
             vcpu: self.vcpus[v].id,
             pcpu: PcpuId(p as u32),
@@ -805,8 +842,9 @@ impl<'m> Machine<'m> {
 
     // ---- guest accesses ------------------------------------------------------
 
+    /// The TLB tag of vCPU `v` (its id: one ASID per vCPU id).
     fn key(&self, v: usize) -> u32 {
-        v as u32
+        self.vcpus[v].id.0
     }
 
     /// The paging controls the hardware walks the shadow tables with: the
@@ -923,6 +961,12 @@ impl<'m> Machine<'m> {
                 Ok(hpa) => return self.complete(v, d, gva, acc, value, hpa),
                 Err(ec) => ec,
             };
+            if self.vcpus[v].stale_root {
+                // The exit for this fault is where the kernel notices the
+                // void root: reload it and retry before bothering the server.
+                self.exit(v);
+                continue;
+            }
             self.stats.faults += 1;
             self.op.push_str(&format!(" [#PF {ec:#x}]"));
             let r = self.call(&MmuRequest::PageFault {
