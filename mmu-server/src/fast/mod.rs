@@ -5,8 +5,8 @@
 //! - **Shadow page cache** keyed by `(zap generation, guest frame, role)`;
 //!   the role packs the level, "direct" (the split of a guest large page),
 //!   the access accumulated from the upper guest levels (W, U, NX) and the
-//!   paging-mode bits that change leaf permissions (CR0.WP, EFER.NXE, SMEP,
-//!   SMAP). Shadows stay cached across CR3 switches: switching back to a
+//!   paging-mode bits that change leaf permissions (CR0.WP, EFER.NXE; SMEP
+//!   and SMAP are refused, as by the reference). Shadows stay cached across CR3 switches: switching back to a
 //!   process whose tables did not change finds its root and the whole tree
 //!   below it.
 //! - **Coherence by write protection, not unsync/OOS.** Every guest frame
@@ -47,9 +47,15 @@
 //! - **Shadow-L4 policy** ([`policy`]): shared roots or per-pCPU copies,
 //!   chosen by the type parameter `P` in the registry.
 //! - **Flush obligations**: every request accumulates its flushes in one
-//!   [`Flush`] and returns one obligation; only pCPUs in the domain's dirty
-//!   mask (where its vCPUs ran since their last full flush), and for L4
-//!   changes under per-pCPU copies only the pCPUs holding a copy.
+//!   `Flush` and returns one obligation, addressed to the domain's dirty
+//!   mask only: the pCPUs where its vCPUs ran since their last full flush
+//!   (a pCPU leaves the mask when a full flush reaches it while none of the
+//!   domain's vCPUs runs there). Per-pCPU L4 copies are synced by the server
+//!   itself (it writes every copy), so an L4 change needs no IPI beyond the
+//!   TLB flush of the dirty mask. A vCPU scheduled on a pCPU gets a flush of
+//!   that pCPU only if its translations there may be stale (another vCPU ran
+//!   there since, or it changed CR3 / paging mode elsewhere: a per-vCPU
+//!   flush epoch).
 //!
 //! # When a flush is acknowledged
 //! The abi's reply contract says a pCPU carries out a reply (flush included,
@@ -59,15 +65,23 @@
 //! domain control) name no requester: their obligation is taken as
 //! acknowledged once every pCPU in its CPU set has sent a later request
 //! (each was forced out by the flush IPI before it could run the guest
-//! again), and at once if the set is empty.
+//! again), and at once if the set is empty. One exception, when the pool
+//! is empty while serving pCPU `p` and no other pCPU runs a vCPU of the
+//! domain: the domain is zapped and its frames freed at once (nothing else
+//! can walk them, and the zap's obligation is carried out before `p`
+//! re-enters the guest).
 //!
 //! # Invariants (checked by [`FastServer::audit`] in the tests)
 //! - **P1 parents**: a live shadow page's `parents` list holds exactly the
 //!   present non-leaf shadow entries (of live pages of the current
 //!   generation) that point at its frame.
-//! - **P2 pinning**: a shadow page is freed only when it has no parents and
-//!   no vCPU uses it as root; roots without users stay cached (for CR3
-//!   switching) until a zap.
+//! - **P2 pinning**: within a generation, a shadow page is unshadowed only
+//!   when it has no parents and no vCPU uses it as its root (`roots` counts
+//!   exactly the vCPUs whose root it is); roots without users stay cached
+//!   (for CR3 switching) until a zap, which obsoletes every page at once.
+//!   Write flooding never unshadows an L4 or a pinned page. No hidden mode
+//!   flag changes what a function does: callers pass what they mean
+//!   (`for_table` to `write_protect`, the budget to `reclaim`).
 //! - **R1 rmap**: the rmap of a gfn holds exactly the present leaf entries
 //!   of live current-generation pages that map it (obsolete pages' entries
 //!   stay until their lazy free removes them).
