@@ -177,6 +177,9 @@ struct Vcpu {
     pcpu: Option<usize>,
     root: Option<u64>,
     need_root: bool,
+    /// Its root was voided (`AllReloadRoots`) while it ran on a pCPU the
+    /// obligation did not name: it runs on the old root until its next exit.
+    stale_root: bool,
     /// SetPagingMode was sent (after the first VcpuScheduled).
     mode_sent: bool,
     /// History state at the vCPU's last full flush (CR3 write, mode change).
@@ -361,7 +364,15 @@ impl<'m> Machine<'m> {
         }
         if f.scope == FlushScope::AllReloadRoots {
             for v in self.vcpus.iter_mut().filter(|v| v.dom == dom) {
-                v.need_root = true;
+                // The flush IPI forces out the vCPUs on the named pCPUs; the
+                // others run on (with the old root) until their next exit.
+                match v.pcpu {
+                    Some(p) if !f.cpus.contains(PcpuId(p as u32)) => v.stale_root = true,
+                    _ => {
+                        v.need_root = true;
+                        v.stale_root = false;
+                    }
+                }
             }
         }
     }
@@ -386,6 +397,7 @@ impl<'m> Machine<'m> {
                 self.flush(dom, flush);
                 self.vcpus[v].root = Some(root.0);
                 self.vcpus[v].need_root = false;
+                self.vcpus[v].stale_root = false;
                 self.epoch += 1;
                 Ok(())
             }
@@ -515,6 +527,7 @@ impl<'m> Machine<'m> {
             pcpu: None,
             root: None,
             need_root: true,
+            stale_root: false,
             mode_sent: false,
             flush_seq: self.doms[d].hist.now(),
             invl: BTreeMap::new(),
@@ -533,6 +546,15 @@ impl<'m> Machine<'m> {
             m |= PagingMode::NXE;
         }
         PagingMode(m)
+    }
+
+    /// vCPU `v` leaves the guest (an intercept): a root voided while it
+    /// ran is dropped now and fetched again before it re-enters.
+    fn exit(&mut self, v: usize) {
+        if self.vcpus[v].stale_root {
+            self.vcpus[v].stale_root = false;
+            self.vcpus[v].need_root = true;
+        }
     }
 
     fn pcpu_of(&self, v: usize) -> Res<usize> {
@@ -599,6 +621,7 @@ impl<'m> Machine<'m> {
     pub fn set_mode(&mut self, v: usize, ctrl: Ctrl) -> Res<()> {
         let p = self.pcpu_of(v)?;
         self.begin(format!("SetPagingMode {} {ctrl:?}", self.vcpus[v].id.0));
+        self.exit(v);
         let r = self.call(&MmuRequest::SetPagingMode {
             vcpu: self.vcpus[v].id,
             pcpu: PcpuId(p as u32),
@@ -620,6 +643,7 @@ impl<'m> Machine<'m> {
     pub fn write_cr3(&mut self, v: usize, cr3: u64) -> Res<()> {
         let p = self.pcpu_of(v)?;
         self.begin(format!("WriteCr3 {} <- {cr3:#x}", self.vcpus[v].id.0));
+        self.exit(v);
         let r = self.call(&MmuRequest::WriteCr3 {
             vcpu: self.vcpus[v].id,
             pcpu: PcpuId(p as u32),
@@ -638,6 +662,7 @@ impl<'m> Machine<'m> {
     pub fn invlpg(&mut self, v: usize, gva: u64) -> Res<()> {
         let p = self.pcpu_of(v)?;
         self.begin(format!("Invlpg {} {gva:#x}", self.vcpus[v].id.0));
+        self.exit(v);
         let r = self.call(&MmuRequest::Invlpg {
             vcpu: self.vcpus[v].id,
             pcpu: PcpuId(p as u32),
@@ -936,6 +961,12 @@ impl<'m> Machine<'m> {
                 Ok(hpa) => return self.complete(v, d, gva, acc, value, hpa),
                 Err(ec) => ec,
             };
+            if self.vcpus[v].stale_root {
+                // The exit for this fault is where the kernel notices the
+                // void root: reload it and retry before bothering the server.
+                self.exit(v);
+                continue;
+            }
             self.stats.faults += 1;
             self.op.push_str(&format!(" [#PF {ec:#x}]"));
             let r = self.call(&MmuRequest::PageFault {
