@@ -643,23 +643,17 @@ fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
 }
 
 /// Asks the server for its counters, per domain and in total, through the
-/// same byte path as every request (`Svm::mmu`), prints the table, and
-/// returns the total (or the text printed instead of numbers).
+/// same byte path as every request (`Svm::mmu`), prints the table (or one
+/// line when the server reports none at all), and returns the total (or the
+/// text printed instead of numbers).
 fn server_counters(svm: &Svm) -> Result<abi::ServerCounters, alloc::string::String> {
     let doms = svm.domains.get().map(|v| v.as_slice()).unwrap_or(&[]);
-    crate::kprintln!(
-        "svm: ---- MMU server `{}` counters, per workload (GetCounters) ----",
-        svm.server.name()
-    );
-    crate::kprintln!("{}", stats::server_header());
+    let mut rows = Vec::new();
     for d in doms {
         let reply = svm.mmu(&MmuRequest::GetCounters { domain: Some(d.id) });
         svm.carry_out(d, reply.flush());
         let label = alloc::format!("{} d{}", d.workload.name, d.id.0);
-        crate::kprintln!(
-            "{}",
-            stats::server_line(&label, &stats::counters_of(&reply))
-        );
+        rows.push((label, stats::counters_of(&reply)));
     }
     let reply = svm.mmu(&MmuRequest::GetCounters { domain: None });
     // A flush with the whole-server answer concerns no one domain: carry it
@@ -670,6 +664,18 @@ fn server_counters(svm: &Svm) -> Result<abi::ServerCounters, alloc::string::Stri
         }
     }
     let total = stats::counters_of(&reply);
+    let name = svm.server.name();
+    if let Err(why) = &total {
+        if rows.iter().all(|(_, r)| r.as_ref().err() == Some(why)) {
+            crate::kprintln!("svm: ---- MMU server `{name}` counters: {why} ----");
+            return total;
+        }
+    }
+    crate::kprintln!("svm: ---- MMU server `{name}` counters, per workload (GetCounters) ----");
+    crate::kprintln!("{}", stats::server_header());
+    for (label, r) in &rows {
+        crate::kprintln!("{}", stats::server_line(label, r));
+    }
     crate::kprintln!("{}", stats::server_line("all (server)", &total));
     total
 }
