@@ -252,6 +252,14 @@ impl<P: L4Policy> Inner<P> {
         logging: bool,
         is_pt: bool,
     ) -> Result<(), MmuError> {
+        // The leaf's access: the guest's, except that with CR0.WP=0 a
+        // supervisor write to a read-only page is allowed; it is mapped
+        // writable for the supervisor only (as KVM does).
+        let (mut wr, mut u) = (w.w, w.u);
+        if !w.w && !mode.wp() && ec.is_write() && !ec.is_user() {
+            wr = true;
+            u = false;
+        }
         let mut sp = root;
         self.sps[root as usize].flood = 0;
         for level in (2..=4u8).rev() {
@@ -265,10 +273,17 @@ impl<P: L4Policy> Inner<P> {
                 )
             } else {
                 // Inside a guest large page: a direct page of the frames
-                // below this entry.
+                // below this entry. D1: its role has W only if the guest
+                // large-page entry is dirty (KVM's FNAME(fetch)), so a clean
+                // and a dirty entry mapping the same large page get
+                // different shadow pages: a write through the clean one
+                // faults, the walk sets its D bit, and the link above is
+                // pointed at the writable-role page (zapping the old link,
+                // with its flush).
                 let span = 1u64 << (9 * (child_level as u32));
                 let base = w.gfn.0 & !(span - 1);
-                (base, Role::new(child_level, true, w.w, w.u, w.nx, mode))
+                let dw = wr && w.dirty;
+                (base, Role::new(child_level, true, dw, u, w.nx, mode))
             };
             let child = self.get_sp(mem, stats, did, gfn, role)?;
             let frame = self.sps[child as usize].frame;
@@ -292,13 +307,6 @@ impl<P: L4Policy> Inner<P> {
         // The leaf.
         let mfn = gfn_to_mfn(&self.domains[&did].shared.memory, w.gfn)
             .ok_or(MmuError::GpaNotInMemory(w.gfn.base()))?;
-        let (mut wr, mut u) = (w.w, w.u);
-        if !w.w && !mode.wp() && ec.is_write() && !ec.is_user() {
-            // CR0.WP=0: a supervisor write to a read-only page is allowed;
-            // map it writable for the supervisor only (as KVM does).
-            wr = true;
-            u = false;
-        }
         let mut spte = mfn.base().0 | SPTE_P | SPTE_A;
         if u {
             spte |= SPTE_U;

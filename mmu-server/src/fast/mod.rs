@@ -6,9 +6,17 @@
 //!   the role packs the level, "direct" (the split of a guest large page),
 //!   the access accumulated from the upper guest levels (W, U, NX) and the
 //!   paging-mode bits that change leaf permissions (CR0.WP, EFER.NXE; SMEP
-//!   and SMAP are refused, as by the reference). Shadows stay cached across CR3 switches: switching back to a
-//!   process whose tables did not change finds its root and the whole tree
-//!   below it.
+//!   and SMAP are refused, as by the reference). For a direct page the
+//!   access is that of the large page's leaves, and W is in it only if the
+//!   guest large-page entry is dirty (KVM's FNAME(fetch) drops write access
+//!   for a clean one): two guest entries mapping one large page, one clean
+//!   and one dirty, get different direct pages, so a write through the
+//!   clean one still faults and its D bit is set (D1). That fault's walk
+//!   sets D, the role now has W, and the parent link is pointed at the
+//!   writable-role page (the old link is zapped as any replaced link is,
+//!   with its flush and parent-list update). Shadows stay cached across CR3
+//!   switches: switching back to a process whose tables did not change
+//!   finds its root and the whole tree below it.
 //! - **Coherence by write protection, not unsync/OOS.** Every guest frame
 //!   shadowed as a page table (an indirect shadow page exists for it) is
 //!   mapped read-only everywhere; a guest write to it comes back as
@@ -88,6 +96,12 @@
 //! - **W1 write protection**: no present leaf of the current generation is
 //!   writable (or lockless-writable) while its gfn has an indirect shadow.
 //! - **G1/G2**: see [`lockless`].
+//! - **D1 dirty large pages**: no present leaf of a direct page whose role
+//!   lacks W is writable (or lockless-writable); a direct page's role has W
+//!   only if the guest large-page entry it was linked for was dirty (and
+//!   writable). A guest write clearing that D bit is an emulated write to
+//!   a write-protected table and zaps the link, so a writable leaf never
+//!   outlives the D bit that allowed it.
 //! - **Z1**: a current-generation page only links current-generation pages.
 
 mod audit;
@@ -189,6 +203,9 @@ impl Role {
     }
     fn direct(self) -> bool {
         self.0 & Self::DIRECT != 0
+    }
+    fn w(self) -> bool {
+        self.0 & Self::W != 0
     }
 }
 
