@@ -47,9 +47,9 @@ impl<P: L4Policy> FastServer<'_, P> {
             &*v.dom,
         );
         match out {
-            // (Not counted: a shared counter would bounce its cache line
-            // between the pCPUs this path exists to keep apart.)
+            // Counted on the domain's own counter line (relaxed).
             FastOutcome::Fixed { .. } | FastOutcome::AlreadyWritable => {
+                v.dom.counters.fast_fix();
                 Some(MmuReply::Resume { flush: None })
             }
             FastOutcome::NotFast | FastOutcome::Raced => None,
@@ -123,6 +123,7 @@ impl<P: L4Policy> Inner<P> {
         if let (MmuError::OutOfShadowMemory(_), Some(v)) = (e, self.vcpus.get(&vcpu)) {
             let did = v.domain;
             self.zap_all(did);
+            self.count(did, |c| &c.reclaims);
         }
         MmuReply::error(e)
     }
@@ -234,6 +235,7 @@ impl<P: L4Policy> Inner<P> {
             p.need = CpuSet::EMPTY;
         }
         self.reclaim(mem, stats, did, usize::MAX);
+        self.count(did, |c| &c.reclaims);
         true
     }
 
@@ -420,6 +422,7 @@ impl<P: L4Policy> Inner<P> {
             sp.flood = sp.flood.saturating_add(1);
             if sp.flood >= FLOOD_LIMIT && sp.role.level() < 4 && sp.roots == 0 {
                 stats.unshadowed.fetch_add(1, Ordering::Relaxed);
+                self.count(did, |c| &c.unshadowed);
                 self.zap_sp(mem, id);
                 continue;
             }

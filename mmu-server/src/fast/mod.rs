@@ -106,6 +106,7 @@
 
 mod audit;
 mod cache;
+mod counters;
 mod dirty;
 mod fault;
 pub mod lockless;
@@ -248,6 +249,8 @@ struct DomShared {
     /// Bit per guest frame, in memory-map order.
     dirty: Vec<AtomicU64>,
     logging: AtomicBool,
+    /// `GetCounters` counts (see [`counters`]).
+    counters: counters::DomCounters,
 }
 
 impl DomShared {
@@ -347,6 +350,8 @@ struct Inner<P> {
     requester: Option<PcpuId>,
     maxphyaddr: u8,
     dirty_mode: DirtyMode,
+    /// Counts of destroyed domains (see [`counters`]).
+    retired: abi::mmu::ServerCounters,
 }
 
 /// The fast server over physical memory `mem` with shadow-L4 policy `P`.
@@ -418,6 +423,7 @@ impl<'m, P: L4Policy> FastServer<'m, P> {
                 requester: None,
                 maxphyaddr: config.maxphyaddr,
                 dirty_mode,
+                retired: Default::default(),
             }),
             fast: spin::RwLock::new(BTreeMap::new()),
             stats: Stats::default(),
@@ -467,6 +473,7 @@ impl<'m, P: L4Policy> FastServer<'m, P> {
         let reply = f(&mut inner, self.mem, &self.stats);
         let flush = core::mem::take(&mut inner.flush);
         let reply = reply.add_flush(flush.0);
+        inner.count_reply(about, &reply);
         inner.shrink_dirty_mask(about, reply.flush());
         reply
     }
