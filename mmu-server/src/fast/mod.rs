@@ -65,6 +65,59 @@
 //!   there since, or it changed CR3 / paging mode elsewhere: a per-vCPU
 //!   flush epoch).
 //!
+//! # Prefetch ([`Prefetch`], module `prefetch`)
+//! A guest demand fault costs the injected #PF, the emulated write of the
+//! guest PTE, the miss of the handler zeroing the new page through its
+//! direct map and the miss of the retried access. Prefetching removes the
+//! last two where the architecture allows:
+//! - **On an emulated write** of a level-1 guest table that has shadows
+//!   (every role), the written entry's shadow is zapped as before and then
+//!   reinstalled at once from the new guest value (KVM's
+//!   `mmu_pte_write_new_pte`). Without it the retry misses.
+//! - **Around a shadow miss** (KVM's `pte_prefetch`): after the faulting
+//!   leaf, the other entries of its aligned [`PREFETCH_WINDOW`] of the same
+//!   level-1 shadow page are filled from the guest table (or, in a direct
+//!   page, from the guest large entry the walk just used).
+//!
+//! The rules, and why:
+//! - **Guest A must already be set** in the guest leaf. Hardware sets A
+//!   only on an access, and a shadow leaf lets the guest access without an
+//!   exit, so shadowing an entry with A clear would leave A clear after a
+//!   real access: a guest-visible difference from the reference (the
+//!   differential tests compare all of guest memory). KVM's rule too
+//!   (`prefetch_invalid_gpte`). The upper levels need no check: a shadow
+//!   link exists only while the guest entry it shadows has A set (linked by
+//!   a walk that set it; a guest write to that entry zaps the link).
+//!   Consequence: a guest that writes PTEs with A clear (Umbra's test
+//!   guests do; Linux writes them with A set) still takes the retry miss,
+//!   which then sets A exactly as on the reference.
+//! - **Writable only if the guest's D bit is set** (so no write can skip
+//!   setting D), the path is writable, the frame is not shadowed as a page
+//!   table (W1), and then as a fill for a read: under dirty logging by
+//!   write protection read-only (the fast page fault logs the first
+//!   write), under D-bit logging writable with the shadow D clear.
+//!   Never wider than the guest's rights: W, U and NX are the guest leaf's
+//!   combined with the access of the upper levels, which the shadow page's
+//!   role holds. The CR0.WP=0 supervisor-write widening is for the
+//!   faulting access only.
+//! - Only present guest entries **without reserved bits** (in the paging
+//!   mode of the page's role) **whose frame is inside the domain's memory
+//!   map**; anything else is left to a fault (which injects what the
+//!   reference injects).
+//! - Only into **not-present** shadow entries of **live pages of the
+//!   current generation**, so no flush is owed (a TLB caches no
+//!   not-present entry) and Z1 holds; every installed leaf goes into the
+//!   gfn's rmap (R1). Only level-1 leaves: per-pCPU L4 copies are untouched.
+//! - **Direct pages are writable by role only when dirty**: a direct page
+//!   is shared by every guest large entry with the same frames and role,
+//!   so its role carries W only if the guest large entry's D is set (as in
+//!   KVM); otherwise a writable leaf filled through a dirty large entry
+//!   would let a write through a clean one skip setting its D.
+//! - **Write flooding**: a write that installs a prefetched leaf (a present,
+//!   accessed entry to guest memory without reserved bits) resets the
+//!   page's flood count instead of raising it: the frame is in use as a
+//!   page table, and with prefetching no fault follows to reset it.
+//!
 //! # When a flush is acknowledged
 //! The abi's reply contract says a pCPU carries out a reply (flush included,
 //! remote acknowledgements awaited) before it sends its next request. So an
@@ -92,7 +145,12 @@
 //!   (`for_table` to `write_protect`, the budget to `reclaim`).
 //! - **R1 rmap**: the rmap of a gfn holds exactly the present leaf entries
 //!   of live current-generation pages that map it (obsolete pages' entries
-//!   stay until their lazy free removes them).
+//!   stay until their lazy free removes them), prefetched ones included.
+//! - **A1 accessed/dirty**: a present shadow leaf exists only for a guest
+//!   leaf whose A bit is set (a fill sets it by walking; a prefetch requires
+//!   it), and is writable (or lockless-writable) only if the guest leaf's D
+//!   bit is set; a direct page's role is writable only if its guest large
+//!   entry is dirty.
 //! - **W1 write protection**: no present leaf of the current generation is
 //!   writable (or lockless-writable) while its gfn has an indirect shadow.
 //! - **G1/G2**: see [`lockless`].
