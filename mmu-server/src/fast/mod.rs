@@ -99,7 +99,9 @@
 //!   Never wider than the guest's rights: W, U and NX are the guest leaf's
 //!   combined with the access of the upper levels, which the shadow page's
 //!   role holds. The CR0.WP=0 supervisor-write widening is for the
-//!   faulting access only.
+//!   faulting access only in a page-table shadow; in a direct page it is
+//!   part of the role (W set, U clear, as KVM's direct access), so every
+//!   leaf of the page, prefetched or not, has the role's access (D1).
 //! - Only present guest entries **without reserved bits** (in the paging
 //!   mode of the page's role) **whose frame is inside the domain's memory
 //!   map**; anything else is left to a fault (which injects what the
