@@ -37,7 +37,10 @@ impl<P: L4Policy> FastServer<'_, P> {
                                 gfn.0
                             ));
                         }
-                        if v & (SPTE_W | SPTE_FAST_W) != 0 && sp.role.direct() && !sp.role.w() {
+                        if v & (SPTE_W | SPTE_FAST_W) != 0
+                            && sp.role.direct()
+                            && !sp.role.access().0
+                        {
                             return Err(format!(
                                 "D1: sp {id} entry {i} writable in a direct page of a clean \
                                  or read-only large page (gfn {})",

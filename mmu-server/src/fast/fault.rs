@@ -275,13 +275,16 @@ impl<P: L4Policy> Inner<P> {
                 )
             } else {
                 // Inside a guest large page: a direct page of the frames
-                // below this entry. D1: its role has W only if the guest
-                // large-page entry is dirty (KVM's FNAME(fetch)), so a clean
-                // and a dirty entry mapping the same large page get
-                // different shadow pages: a write through the clean one
-                // faults, the walk sets its D bit, and the link above is
-                // pointed at the writable-role page (zapping the old link,
-                // with its flush).
+                // below this entry. Its role is the access of the large
+                // page's leaves (with the CR0.WP=0 adjustment above, so
+                // every leaf of the page, filled or prefetched, has the
+                // role's access). D1: W only if the guest large-page entry
+                // is dirty (KVM's FNAME(fetch)), so a clean and a dirty
+                // entry mapping the same large page get different shadow
+                // pages: a write through the clean one faults, the walk
+                // sets its D bit, and the link above is pointed at the
+                // writable-role page (zapping the old link, with its
+                // flush).
                 let span = 1u64 << (9 * (child_level as u32));
                 let base = w.gfn.0 & !(span - 1);
                 let dw = wr && w.dirty;
@@ -355,6 +358,9 @@ impl<P: L4Policy> Inner<P> {
         if needs_flush(old, spte) {
             self.flush.add(mask, FlushScope::Page(gva));
         }
+        if self.prefetch == Prefetch::On {
+            self.prefetch_neighbours(mem, stats, did, sp, gva.table_index(1) as u64, w);
+        }
         Ok(())
     }
 
@@ -415,19 +421,41 @@ impl<P: L4Policy> Inner<P> {
         let hi = (gen, gfn.0, Role(u32::MAX));
         let sps: Vec<u32> = d.cache.range(lo..=hi).map(|(_, &id)| id).collect();
         for id in sps {
-            let sp = &mut self.sps[id as usize];
+            let sp = &self.sps[id as usize];
             if sp.role.direct() || !sp.live {
                 continue;
             }
-            sp.flood = sp.flood.saturating_add(1);
-            if sp.flood >= FLOOD_LIMIT && sp.role.level() < 4 && sp.roots == 0 {
-                stats.unshadowed.fetch_add(1, Ordering::Relaxed);
-                self.count(did, |c| &c.unshadowed);
-                self.zap_sp(mem, id);
-                continue;
+            // The new guest leaves a prefetch may shadow (at most two words).
+            let mut leaves = [None; 2];
+            if self.prefetch == Prefetch::On && sp.role.level() == 1 {
+                let memory = &self.domains[&did].shared.memory;
+                for (slot, idx) in leaves.iter_mut().zip(first..=last) {
+                    *slot = mem
+                        .read_u64(entry_at(mfn, idx))
+                        .ok()
+                        .and_then(|g| prefetch::leaf_of(sp.role, g, memory, self.maxphyaddr))
+                        .map(|l| (idx, l));
+                }
+            }
+            let sp = &mut self.sps[id as usize];
+            if leaves.iter().any(Option::is_some) {
+                // A present, accessed entry to guest memory: the frame is
+                // in use as a page table, not flooded.
+                sp.flood = 0;
+            } else {
+                sp.flood = sp.flood.saturating_add(1);
+                if sp.flood >= FLOOD_LIMIT && sp.role.level() < 4 && sp.roots == 0 {
+                    stats.unshadowed.fetch_add(1, Ordering::Relaxed);
+                    self.count(did, |c| &c.unshadowed);
+                    self.zap_sp(mem, id);
+                    continue;
+                }
             }
             for idx in first..=last {
                 self.zap_entry(mem, id, idx);
+            }
+            for (idx, leaf) in leaves.into_iter().flatten() {
+                self.prefetch_install(mem, stats, did, id, idx, leaf);
             }
         }
         MmuReply::WriteDone { flush: None }
