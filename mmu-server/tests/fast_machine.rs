@@ -3,7 +3,7 @@
 //! logging, zaps, several vCPUs) judged by the suite's oracle after every
 //! step, with the server's own invariants audited along the way.
 
-use conformance::arch::{Access, Ctrl, Size, NX, P, RW, US};
+use conformance::arch::{Access, Ctrl, Size, NX, P, PS, RW, US};
 use conformance::machine::{Machine, Outcome};
 use conformance::ram::{Ram, SuitePhys};
 use core::sync::atomic::AtomicU64;
@@ -199,5 +199,115 @@ fn flooding_unshadows_tables_but_never_a_pinned_root() {
     {
         Outcome::Ok(x) => assert_eq!(x, 7),
         o => panic!("read after flooding: {o:?}"),
+    }
+}
+
+/// D1 (dirty large pages): several address spaces map one 2 MiB guest page
+/// through their own PDEs, clean or dirty, writable or not, while the guest
+/// reads and writes through them, clears and sets their D bits, switches
+/// CR3, toggles CR0.WP, logs dirty pages and zaps. The suite's oracle checks
+/// after every access that the D bit of the PDE it went through is set for a
+/// write (a shadow page shared with a dirty PDE must not let a write through
+/// a clean one go unfaulted); the audit checks D1 and the other invariants
+/// after every step.
+fn run_shared_large<P: L4Policy>(name: &'static str, seed: u64, steps: usize) {
+    use conformance::arch::{A, D};
+    let words: Vec<AtomicU64> = (0..FRAMES * 512).map(|_| AtomicU64::new(0)).collect();
+    let ram = Ram::new(0x10_0000, &words);
+    let phys = SuitePhys::new(ram, ram.first_mfn() + GUEST);
+    let server = FastServer::<P>::new(name, &phys, mmu_server::Config::default());
+    let mut m = Machine::new(name, &server, &phys, GUEST, 4);
+    const VA: u64 = 0x8000_0000;
+    // The 2 MiB page: the whole second region (tables come from the first).
+    const BIG: u64 = 0x1000 << 12;
+    let r = (|| -> Result<(), String> {
+        let e = |f: Box<conformance::machine::Failure>| format!("{f}");
+        let d = m.create_domain(&[(0, 512), (0x1000, 512)]).map_err(e)?;
+        let vs: Vec<usize> = (0..2)
+            .map(|_| m.create_vcpu(d, Ctrl::DEFAULT))
+            .collect::<Result<_, _>>()
+            .map_err(e)?;
+        let spaces: Vec<u64> = (0..3)
+            .map(|_| m.new_space(d, None))
+            .collect::<Result<_, _>>()
+            .map_err(e)?;
+        for &s in &spaces {
+            m.map(d, None, s, VA, BIG, Size::M2, P | RW | US)
+                .map_err(e)?;
+        }
+        for (i, &v) in vs.iter().enumerate() {
+            m.schedule(v, i).map_err(e)?;
+            m.write_cr3(v, spaces[i]).map_err(e)?;
+        }
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        for step in 0..steps {
+            let v = vs[rng.below(vs.len() as u64) as usize];
+            let va = VA + rng.below(4) * 0x1000;
+            match rng.below(16) {
+                0 | 1 => {
+                    // Rewrite one space's PDE: D and RW at random (A kept
+                    // clear or set), through the running vCPU.
+                    let s = spaces[rng.below(spaces.len() as u64) as usize];
+                    let pde = m.entry_addr(d, s, VA, 2).expect("mapped");
+                    let flags = P
+                        | US
+                        | [0, RW, RW, RW][rng.below(4) as usize]
+                        | [0, A][rng.below(2) as usize]
+                        | [0, D][rng.below(2) as usize];
+                    m.guest_write(d, Some(v), pde, BIG | PS | flags)
+                        .map_err(e)?;
+                    m.invlpg(v, va).map_err(e)?;
+                }
+                2 => {
+                    let s = spaces[rng.below(spaces.len() as u64) as usize];
+                    m.write_cr3(v, s).map_err(e)?;
+                }
+                3 => {
+                    let wp = rng.below(3) != 0;
+                    m.set_mode(v, Ctrl { wp, nxe: true }).map_err(e)?;
+                }
+                4 => {
+                    if m.dirty_on(d) {
+                        if rng.below(4) == 0 {
+                            m.disable_dirty(d).map_err(e)?;
+                        } else {
+                            m.get_dirty(d).map_err(e)?;
+                        }
+                    } else {
+                        m.enable_dirty(d).map_err(e)?;
+                    }
+                }
+                5 if step % 7 == 0 => m.zap_all(d).map_err(e)?,
+                _ => {
+                    let acc = [Access::READ, Access::WRITE, Access::UREAD, Access::UWRITE]
+                        [rng.below(4) as usize];
+                    match m.access(v, va, acc, rng.next()).map_err(e)? {
+                        Outcome::Refused(r) => return Err(format!("refused: {r:?}")),
+                        Outcome::Ok(_) | Outcome::Fault(_) => {}
+                    }
+                }
+            }
+            server
+                .audit()
+                .map_err(|a| format!("audit after step {step}: {a}"))?;
+        }
+        Ok(())
+    })();
+    if let Err(f) = r {
+        panic!("{name} seed {seed}: {f}");
+    }
+}
+
+#[test]
+fn shared_large_pages_keep_d_per_pde_shared_roots() {
+    for seed in seeds() {
+        run_shared_large::<SharedRoots>("fast-shared", seed, 400);
+    }
+}
+
+#[test]
+fn shared_large_pages_keep_d_per_pde_per_pcpu_copies() {
+    for seed in seeds() {
+        run_shared_large::<PerPcpuCopies>("fast-percpu", seed, 400);
     }
 }

@@ -1730,6 +1730,11 @@ impl<'m> Machine<'m> {
         self.vcpus[v].pcpu
     }
 
+    /// vCPU `v`'s paging controls (CR0.WP, EFER.NXE).
+    pub fn ctrl(&self, v: usize) -> Ctrl {
+        self.vcpus[v].ctrl
+    }
+
     /// vCPU `v`'s guest CR3.
     pub fn cr3(&self, v: usize) -> u64 {
         self.vcpus[v].cr3

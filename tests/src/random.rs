@@ -52,6 +52,9 @@ struct Dom {
     procs: Vec<u64>,
     data: Vec<u64>,
     tables: Vec<u64>,
+    /// Per process: its user page-table entries as set up (gpa, value), the
+    /// upper levels first, for repairs.
+    orig: Vec<Vec<(u64, u64)>>,
 }
 
 fn slot(r: &mut Rng) -> u64 {
@@ -90,6 +93,7 @@ fn setup(m: &mut Machine<'_>, r: &mut Rng, first_pcpu: usize, nvcpu: usize) -> R
     let data: Vec<u64> = (0..48).map(|_| m.alloc_gfn(d)).collect();
     let mut procs = Vec::new();
     let mut tables = Vec::new();
+    let mut orig = Vec::new();
     for _ in 0..4 {
         let cr3 = m.alloc_gfn(d) << 12;
         m.setup_write(d, cr3 + slot_k, kernel)?;
@@ -116,6 +120,26 @@ fn setup(m: &mut Machine<'_>, r: &mut Rng, first_pcpu: usize, nvcpu: usize) -> R
                 }
             }
         }
+        let mut o = Vec::new();
+        for (va, level) in [
+            (USER, 4),
+            (USER, 3),
+            (USER, 2),
+            (USER + 0x20_0000, 2),
+            (USER + 0x40_0000, 2),
+        ] {
+            if let Some(ea) = m.entry_addr(d, cr3, va, level) {
+                o.push((ea, m.peek(d, ea).unwrap_or(0)));
+            }
+        }
+        for i in 0..32u64 {
+            for va in [USER + i * 4096, USER + 0x20_0000 + i * 4096] {
+                if let Some(ea) = m.entry_addr(d, cr3, va, 1) {
+                    o.push((ea, m.peek(d, ea).unwrap_or(0)));
+                }
+            }
+        }
+        orig.push(o);
         procs.push(cr3);
     }
     tables.sort_unstable();
@@ -134,6 +158,7 @@ fn setup(m: &mut Machine<'_>, r: &mut Rng, first_pcpu: usize, nvcpu: usize) -> R
         procs,
         data,
         tables,
+        orig,
     })
 }
 
@@ -218,7 +243,22 @@ pub fn random_run(m: &mut Machine<'_>, seed: u64, steps: u64) -> Res<()> {
                 } else {
                     slot(&mut r) + (r.below(512) << 3)
                 };
-                let acc = r.pick(&Access::ALL);
+                let mut acc = r.pick(&Access::ALL);
+                if r.chance(60) {
+                    // Mostly an access the guest tables allow, so that
+                    // translations live long enough to go stale.
+                    if let arch::Walk::Ok(l) = m.guest_walk_now(v, gva) {
+                        let ctrl = m.ctrl(v);
+                        let ok: Vec<Access> = Access::ALL
+                            .iter()
+                            .copied()
+                            .filter(|&a| l.rights.allows(a, ctrl))
+                            .collect();
+                        if !ok.is_empty() {
+                            acc = r.pick(&ok);
+                        }
+                    }
+                }
                 let value = if r.chance(30) {
                     r.pick(&dom.data) << 12 | flags(&mut r)
                 } else {
@@ -238,7 +278,20 @@ pub fn random_run(m: &mut Machine<'_>, seed: u64, steps: u64) -> Res<()> {
                     recent.push(gva & !0xfff);
                 }
             }
-            50..=71 => edit(m, &mut r, dom, v)?,
+            50..=66 => edit(m, &mut r, dom, v)?,
+            67..=71 => {
+                // The guest repairs one process: its upper levels and a few
+                // leaves get their first values back.
+                let o = &dom.orig[r.below(dom.orig.len() as u64) as usize];
+                let mut fix: Vec<(u64, u64)> = o.iter().take(5).copied().collect();
+                for _ in 0..8 {
+                    fix.push(r.pick(o));
+                }
+                for (ea, val) in fix {
+                    let out = m.access(v, DIRECT + ea, Access::WRITE, val)?;
+                    judge(m, out, DIRECT + ea)?;
+                }
+            }
             72..=81 => {
                 let va = slot(&mut r);
                 m.invlpg(v, va)?;

@@ -1194,6 +1194,66 @@ fn accessed_dirty(m: &mut Machine<'_>) -> Res<()> {
     Ok(())
 }
 
+fn accessed_dirty_2m(m: &mut Machine<'_>) -> Res<()> {
+    let d = m.create_domain(&[(0, 1024)])?;
+    let cr3 = m.new_space(d, None)?;
+    let va = 0x8000_0000u64;
+    m.map(d, None, cr3, va, 0x20_0000, Size::M2, FULL)?;
+    let v = m.create_vcpu(d, Ctrl::DEFAULT)?;
+    m.schedule(v, 0)?;
+    m.write_cr3(v, cr3)?;
+    let pde = m.entry_addr(d, cr3, va, 2).unwrap_or(0);
+    for round in 0..3u64 {
+        wr(m, v, va + 0x5000, round)?;
+        wr(m, v, va + 0x1f_f000, round)?;
+        let e = m.peek(d, pde).unwrap_or(0);
+        if e & (A | D) != A | D {
+            return Err(m.fail(
+                "A and D set in a 2 MiB leaf after writes",
+                Some(va),
+                String::from("A=1 D=1"),
+                format!("{e:#x}"),
+            ));
+        }
+        // Clear A and D (a page-out scan), flush one 4 KiB page inside: the
+        // whole 2 MiB translation goes, and the next write sets D again.
+        m.guest_write(d, Some(v), pde, e & !(A | D))?;
+        m.invlpg(v, va + 0x1f_f000)?;
+    }
+    Ok(())
+}
+
+fn shared_2m_dirty(m: &mut Machine<'_>) -> Res<()> {
+    // Two processes map the same 2 MiB of guest memory through their own
+    // PDEs. A write through the first sets D only in the first PDE; a write
+    // through the second must still set D in the second (a shadow shared
+    // between them must not hand out write access the clean PDE has not
+    // earned).
+    let b = boot(m, 1024, 2, 0)?;
+    let (v0, v1) = (b.vcpus[0], b.vcpus[1]);
+    let p1 = new_process(m, b.d, v0, b.cr3)?;
+    let p2 = new_process(m, b.d, v0, b.cr3)?;
+    let va = 0x8000_0000u64;
+    m.map(b.d, Some(v0), p1, va, 0x20_0000, Size::M2, FULL)?;
+    m.map(b.d, Some(v0), p2, va, 0x20_0000, Size::M2, FULL)?;
+    m.write_cr3(v0, p1)?;
+    m.write_cr3(v1, p2)?;
+    rd(m, v1, va + 0x3000, 0)?;
+    wr(m, v0, va + 0x3000, 7)?;
+    expect(m, v1, va + 0x3000, Access::WRITE, 8, Want::Ok)?;
+    let pde2 = m.entry_addr(b.d, p2, va, 2).unwrap_or(0);
+    let e = m.peek(b.d, pde2).unwrap_or(0);
+    if e & D == 0 {
+        return Err(m.fail(
+            "D set in the PDE the write went through",
+            Some(va + 0x3000),
+            format!("D=1 in the second process's PDE at gpa {pde2:#x}"),
+            format!("{e:#x}"),
+        ));
+    }
+    Ok(())
+}
+
 fn direct_map_2m(m: &mut Machine<'_>) -> Res<()> {
     // The guest's direct map uses 2 MiB pages that also cover its page
     // tables: writes to tables through them must still be seen.
@@ -1395,6 +1455,14 @@ pub fn scenarios() -> &'static [Scenario] {
             "a small shadow pool: recovery by zapping, refusal when hopeless"
         ),
         s!(accessed_dirty, "guest A/D bits set, cleared and set again"),
+        s!(
+            accessed_dirty_2m,
+            "A/D of a 2 MiB leaf cleared, INVLPG inside it, set again"
+        ),
+        s!(
+            shared_2m_dirty,
+            "two processes' PDEs map one 2 MiB page: D set in each written one"
+        ),
         s!(direct_map_2m, "page tables inside 2 MiB guest pages"),
         s!(
             write_flood,

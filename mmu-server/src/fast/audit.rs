@@ -1,11 +1,11 @@
-//! The invariant audit (P1, P2, R1, W1, Z1 of the module docs), run by the
+//! The invariant audit (P1, P2, R1, W1, D1, Z1 of the module docs), run by the
 //! tests after every step.
 
 use super::*;
 
 impl<P: L4Policy> FastServer<'_, P> {
-    /// Checks invariants P1, P2 (parents), R1 (rmaps), W1 (write protection)
-    /// and Z1 (generations) over every domain; returns the first violation.
+    /// Checks invariants P1, P2 (parents), R1 (rmaps), W1 (write protection),
+    /// D1 (dirty large pages) and Z1 (generations) over every domain; returns the first violation.
     pub fn audit(&self) -> Result<(), alloc::string::String> {
         use alloc::format;
         let inner = self.inner.lock();
@@ -34,6 +34,16 @@ impl<P: L4Policy> FastServer<'_, P> {
                         if v & (SPTE_W | SPTE_FAST_W) != 0 && d.pt.contains_key(&gfn.0) {
                             return Err(format!(
                                 "W1: sp {id} entry {i} writable to page table gfn {}",
+                                gfn.0
+                            ));
+                        }
+                        if v & (SPTE_W | SPTE_FAST_W) != 0
+                            && sp.role.direct()
+                            && !sp.role.access().0
+                        {
+                            return Err(format!(
+                                "D1: sp {id} entry {i} writable in a direct page of a clean \
+                                 or read-only large page (gfn {})",
                                 gfn.0
                             ));
                         }

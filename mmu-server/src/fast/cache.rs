@@ -119,6 +119,7 @@ impl<P: L4Policy> Inner<P> {
             if mem.free_frame(frame).is_ok() {
                 freed += 1;
                 stats.sp_freed.fetch_add(1, Ordering::Relaxed);
+                self.count(did, |c| &c.shadow_pages_freed);
             }
         }
     }
@@ -135,6 +136,7 @@ impl<P: L4Policy> Inner<P> {
         let ids: Vec<u32> = self.domains.keys().copied().collect();
         for d in core::iter::once(did).chain(ids) {
             if self.reclaim(mem, stats, d, usize::MAX) > 0 {
+                self.count(did, |c| &c.reclaims);
                 if let Some(f) = mem.alloc_frame() {
                     return Ok(f);
                 }
@@ -151,6 +153,7 @@ impl<P: L4Policy> Inner<P> {
             }
         }
         if self.policy.release_idle(mem, idle) > 0 {
+            self.count(did, |c| &c.reclaims);
             if let Some(f) = mem.alloc_frame() {
                 return Ok(f);
             }
@@ -201,6 +204,7 @@ impl<P: L4Policy> Inner<P> {
         };
         self.by_frame.insert(frame.0, id);
         stats.sp_created.fetch_add(1, Ordering::Relaxed);
+        self.count(did, |c| &c.shadow_pages_created);
         let d = self.dom(DomainId(did))?;
         d.cache.insert((gen, gfn, role), id);
         d.active.insert(id);

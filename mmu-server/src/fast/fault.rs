@@ -47,9 +47,9 @@ impl<P: L4Policy> FastServer<'_, P> {
             &*v.dom,
         );
         match out {
-            // (Not counted: a shared counter would bounce its cache line
-            // between the pCPUs this path exists to keep apart.)
+            // Counted on the domain's own counter line (relaxed).
             FastOutcome::Fixed { .. } | FastOutcome::AlreadyWritable => {
+                v.dom.counters.fast_fix();
                 Some(MmuReply::Resume { flush: None })
             }
             FastOutcome::NotFast | FastOutcome::Raced => None,
@@ -123,6 +123,7 @@ impl<P: L4Policy> Inner<P> {
         if let (MmuError::OutOfShadowMemory(_), Some(v)) = (e, self.vcpus.get(&vcpu)) {
             let did = v.domain;
             self.zap_all(did);
+            self.count(did, |c| &c.reclaims);
         }
         MmuReply::error(e)
     }
@@ -234,6 +235,7 @@ impl<P: L4Policy> Inner<P> {
             p.need = CpuSet::EMPTY;
         }
         self.reclaim(mem, stats, did, usize::MAX);
+        self.count(did, |c| &c.reclaims);
         true
     }
 
@@ -252,6 +254,14 @@ impl<P: L4Policy> Inner<P> {
         logging: bool,
         is_pt: bool,
     ) -> Result<(), MmuError> {
+        // The leaf's access: the guest's, except that with CR0.WP=0 a
+        // supervisor write to a read-only page is allowed; it is mapped
+        // writable for the supervisor only (as KVM does).
+        let (mut wr, mut u) = (w.w, w.u);
+        if !w.w && !mode.wp() && ec.is_write() && !ec.is_user() {
+            wr = true;
+            u = false;
+        }
         let mut sp = root;
         self.sps[root as usize].flood = 0;
         for level in (2..=4u8).rev() {
@@ -265,10 +275,20 @@ impl<P: L4Policy> Inner<P> {
                 )
             } else {
                 // Inside a guest large page: a direct page of the frames
-                // below this entry.
+                // below this entry. Its role is the access of the large
+                // page's leaves (with the CR0.WP=0 adjustment above, so
+                // every leaf of the page, filled or prefetched, has the
+                // role's access). D1: W only if the guest large-page entry
+                // is dirty (KVM's FNAME(fetch)), so a clean and a dirty
+                // entry mapping the same large page get different shadow
+                // pages: a write through the clean one faults, the walk
+                // sets its D bit, and the link above is pointed at the
+                // writable-role page (zapping the old link, with its
+                // flush).
                 let span = 1u64 << (9 * (child_level as u32));
                 let base = w.gfn.0 & !(span - 1);
-                (base, Role::new(child_level, true, w.w, w.u, w.nx, mode))
+                let dw = wr && w.dirty;
+                (base, Role::new(child_level, true, dw, u, w.nx, mode))
             };
             let child = self.get_sp(mem, stats, did, gfn, role)?;
             let frame = self.sps[child as usize].frame;
@@ -292,13 +312,6 @@ impl<P: L4Policy> Inner<P> {
         // The leaf.
         let mfn = gfn_to_mfn(&self.domains[&did].shared.memory, w.gfn)
             .ok_or(MmuError::GpaNotInMemory(w.gfn.base()))?;
-        let (mut wr, mut u) = (w.w, w.u);
-        if !w.w && !mode.wp() && ec.is_write() && !ec.is_user() {
-            // CR0.WP=0: a supervisor write to a read-only page is allowed;
-            // map it writable for the supervisor only (as KVM does).
-            wr = true;
-            u = false;
-        }
         let mut spte = mfn.base().0 | SPTE_P | SPTE_A;
         if u {
             spte |= SPTE_U;
@@ -344,6 +357,9 @@ impl<P: L4Policy> Inner<P> {
         }
         if needs_flush(old, spte) {
             self.flush.add(mask, FlushScope::Page(gva));
+        }
+        if self.prefetch == Prefetch::On {
+            self.prefetch_neighbours(mem, stats, did, sp, gva.table_index(1) as u64, w);
         }
         Ok(())
     }
@@ -405,18 +421,41 @@ impl<P: L4Policy> Inner<P> {
         let hi = (gen, gfn.0, Role(u32::MAX));
         let sps: Vec<u32> = d.cache.range(lo..=hi).map(|(_, &id)| id).collect();
         for id in sps {
-            let sp = &mut self.sps[id as usize];
+            let sp = &self.sps[id as usize];
             if sp.role.direct() || !sp.live {
                 continue;
             }
-            sp.flood = sp.flood.saturating_add(1);
-            if sp.flood >= FLOOD_LIMIT && sp.role.level() < 4 && sp.roots == 0 {
-                stats.unshadowed.fetch_add(1, Ordering::Relaxed);
-                self.zap_sp(mem, id);
-                continue;
+            // The new guest leaves a prefetch may shadow (at most two words).
+            let mut leaves = [None; 2];
+            if self.prefetch == Prefetch::On && sp.role.level() == 1 {
+                let memory = &self.domains[&did].shared.memory;
+                for (slot, idx) in leaves.iter_mut().zip(first..=last) {
+                    *slot = mem
+                        .read_u64(entry_at(mfn, idx))
+                        .ok()
+                        .and_then(|g| prefetch::leaf_of(sp.role, g, memory, self.maxphyaddr))
+                        .map(|l| (idx, l));
+                }
+            }
+            let sp = &mut self.sps[id as usize];
+            if leaves.iter().any(Option::is_some) {
+                // A present, accessed entry to guest memory: the frame is
+                // in use as a page table, not flooded.
+                sp.flood = 0;
+            } else {
+                sp.flood = sp.flood.saturating_add(1);
+                if sp.flood >= FLOOD_LIMIT && sp.role.level() < 4 && sp.roots == 0 {
+                    stats.unshadowed.fetch_add(1, Ordering::Relaxed);
+                    self.count(did, |c| &c.unshadowed);
+                    self.zap_sp(mem, id);
+                    continue;
+                }
             }
             for idx in first..=last {
                 self.zap_entry(mem, id, idx);
+            }
+            for (idx, leaf) in leaves.into_iter().flatten() {
+                self.prefetch_install(mem, stats, did, id, idx, leaf);
             }
         }
         MmuReply::WriteDone { flush: None }

@@ -6,9 +6,17 @@
 //!   the role packs the level, "direct" (the split of a guest large page),
 //!   the access accumulated from the upper guest levels (W, U, NX) and the
 //!   paging-mode bits that change leaf permissions (CR0.WP, EFER.NXE; SMEP
-//!   and SMAP are refused, as by the reference). Shadows stay cached across CR3 switches: switching back to a
-//!   process whose tables did not change finds its root and the whole tree
-//!   below it.
+//!   and SMAP are refused, as by the reference). For a direct page the
+//!   access is that of the large page's leaves, and W is in it only if the
+//!   guest large-page entry is dirty (KVM's FNAME(fetch) drops write access
+//!   for a clean one): two guest entries mapping one large page, one clean
+//!   and one dirty, get different direct pages, so a write through the
+//!   clean one still faults and its D bit is set (D1). That fault's walk
+//!   sets D, the role now has W, and the parent link is pointed at the
+//!   writable-role page (the old link is zapped as any replaced link is,
+//!   with its flush and parent-list update). Shadows stay cached across CR3
+//!   switches: switching back to a process whose tables did not change
+//!   finds its root and the whole tree below it.
 //! - **Coherence by write protection, not unsync/OOS.** Every guest frame
 //!   shadowed as a page table (an indirect shadow page exists for it) is
 //!   mapped read-only everywhere; a guest write to it comes back as
@@ -57,6 +65,61 @@
 //!   there since, or it changed CR3 / paging mode elsewhere: a per-vCPU
 //!   flush epoch).
 //!
+//! # Prefetch ([`Prefetch`], module `prefetch`)
+//! A guest demand fault costs the injected #PF, the emulated write of the
+//! guest PTE, the miss of the handler zeroing the new page through its
+//! direct map and the miss of the retried access. Prefetching removes the
+//! last two where the architecture allows:
+//! - **On an emulated write** of a level-1 guest table that has shadows
+//!   (every role), the written entry's shadow is zapped as before and then
+//!   reinstalled at once from the new guest value (KVM's
+//!   `mmu_pte_write_new_pte`). Without it the retry misses.
+//! - **Around a shadow miss** (KVM's `pte_prefetch`): after the faulting
+//!   leaf, the other entries of its aligned [`PREFETCH_WINDOW`] of the same
+//!   level-1 shadow page are filled from the guest table (or, in a direct
+//!   page, from the guest large entry the walk just used).
+//!
+//! The rules, and why:
+//! - **Guest A must already be set** in the guest leaf. Hardware sets A
+//!   only on an access, and a shadow leaf lets the guest access without an
+//!   exit, so shadowing an entry with A clear would leave A clear after a
+//!   real access: a guest-visible difference from the reference (the
+//!   differential tests compare all of guest memory). KVM's rule too
+//!   (`prefetch_invalid_gpte`). The upper levels need no check: a shadow
+//!   link exists only while the guest entry it shadows has A set (linked by
+//!   a walk that set it; a guest write to that entry zaps the link).
+//!   Consequence: a guest that writes PTEs with A clear (Umbra's test
+//!   guests do; Linux writes them with A set) still takes the retry miss,
+//!   which then sets A exactly as on the reference.
+//! - **Writable only if the guest's D bit is set** (so no write can skip
+//!   setting D), the path is writable, the frame is not shadowed as a page
+//!   table (W1), and then as a fill for a read: under dirty logging by
+//!   write protection read-only (the fast page fault logs the first
+//!   write), under D-bit logging writable with the shadow D clear.
+//!   Never wider than the guest's rights: W, U and NX are the guest leaf's
+//!   combined with the access of the upper levels, which the shadow page's
+//!   role holds. The CR0.WP=0 supervisor-write widening is for the
+//!   faulting access only in a page-table shadow; in a direct page it is
+//!   part of the role (W set, U clear, as KVM's direct access), so every
+//!   leaf of the page, prefetched or not, has the role's access (D1).
+//! - Only present guest entries **without reserved bits** (in the paging
+//!   mode of the page's role) **whose frame is inside the domain's memory
+//!   map**; anything else is left to a fault (which injects what the
+//!   reference injects).
+//! - Only into **not-present** shadow entries of **live pages of the
+//!   current generation**, so no flush is owed (a TLB caches no
+//!   not-present entry) and Z1 holds; every installed leaf goes into the
+//!   gfn's rmap (R1). Only level-1 leaves: per-pCPU L4 copies are untouched.
+//! - **Direct pages are writable by role only when dirty**: a direct page
+//!   is shared by every guest large entry with the same frames and role,
+//!   so its role carries W only if the guest large entry's D is set (as in
+//!   KVM); otherwise a writable leaf filled through a dirty large entry
+//!   would let a write through a clean one skip setting its D.
+//! - **Write flooding**: a write that installs a prefetched leaf (a present,
+//!   accessed entry to guest memory without reserved bits) resets the
+//!   page's flood count instead of raising it: the frame is in use as a
+//!   page table, and with prefetching no fault follows to reset it.
+//!
 //! # When a flush is acknowledged
 //! The abi's reply contract says a pCPU carries out a reply (flush included,
 //! remote acknowledgements awaited) before it sends its next request. So an
@@ -84,18 +147,31 @@
 //!   (`for_table` to `write_protect`, the budget to `reclaim`).
 //! - **R1 rmap**: the rmap of a gfn holds exactly the present leaf entries
 //!   of live current-generation pages that map it (obsolete pages' entries
-//!   stay until their lazy free removes them).
+//!   stay until their lazy free removes them), prefetched ones included.
+//! - **A1 accessed/dirty**: a present shadow leaf exists only for a guest
+//!   leaf whose A bit is set (a fill sets it by walking; a prefetch requires
+//!   it), and is writable (or lockless-writable) only if the guest leaf's D
+//!   bit is set; a direct page's role is writable only if its guest large
+//!   entry is dirty.
 //! - **W1 write protection**: no present leaf of the current generation is
 //!   writable (or lockless-writable) while its gfn has an indirect shadow.
 //! - **G1/G2**: see [`lockless`].
+//! - **D1 dirty large pages**: no present leaf of a direct page whose role
+//!   lacks W is writable (or lockless-writable); a direct page's role has W
+//!   only if the guest large-page entry it was linked for was dirty (and
+//!   writable). A guest write clearing that D bit is an emulated write to
+//!   a write-protected table and zaps the link, so a writable leaf never
+//!   outlives the D bit that allowed it.
 //! - **Z1**: a current-generation page only links current-generation pages.
 
 mod audit;
 mod cache;
+mod counters;
 mod dirty;
 mod fault;
 pub mod lockless;
 pub mod policy;
+mod prefetch;
 pub mod rmap;
 mod server;
 pub mod walk;
@@ -150,6 +226,22 @@ pub enum DirtyMode {
     DirtyBits,
 }
 
+/// Shadow entries prefetched (a constructor argument, so tests and benches
+/// can measure the exits prefetching saves). See the module docs, "Prefetch".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prefetch {
+    /// Only the faulting access is shadowed; an emulated PTE write only zaps.
+    Off,
+    /// An emulated write of a present, accessed guest PTE installs its shadow
+    /// leaf, and a shadow miss also fills up to [`PREFETCH_WINDOW`] - 1
+    /// neighbouring leaves. The registered servers use this.
+    On,
+}
+
+/// Aligned window of leaf entries a shadow miss fills (KVM's pte_prefetch
+/// uses 8; 16 halves the direct-map misses of page zeroing once more).
+pub const PREFETCH_WINDOW: u64 = 16;
+
 /// Counters a benchmark or test can read.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -161,6 +253,8 @@ pub struct Stats {
     pub slow_faults: AtomicU64,
     /// Frames unshadowed by write-flood detection.
     pub unshadowed: AtomicU64,
+    /// Shadow leaves installed by prefetching (emulated write or neighbour).
+    pub prefetched: AtomicU64,
 }
 
 /// A shadow page role (see the module docs).
@@ -189,6 +283,18 @@ impl Role {
     }
     fn direct(self) -> bool {
         self.0 & Self::DIRECT != 0
+    }
+    /// The access (W, U, NX) accumulated above the page's entries.
+    fn access(self) -> (bool, bool, bool) {
+        (
+            self.0 & Self::W != 0,
+            self.0 & Self::U != 0,
+            self.0 & Self::NX != 0,
+        )
+    }
+    /// The paging-mode bits the page was built for.
+    fn mode(self) -> PagingMode {
+        PagingMode(self.0 >> 8)
     }
 }
 
@@ -231,6 +337,8 @@ struct DomShared {
     /// Bit per guest frame, in memory-map order.
     dirty: Vec<AtomicU64>,
     logging: AtomicBool,
+    /// `GetCounters` counts (see [`counters`]).
+    counters: counters::DomCounters,
 }
 
 impl DomShared {
@@ -330,6 +438,9 @@ struct Inner<P> {
     requester: Option<PcpuId>,
     maxphyaddr: u8,
     dirty_mode: DirtyMode,
+    /// Counts of destroyed domains (see [`counters`]).
+    retired: abi::mmu::ServerCounters,
+    prefetch: Prefetch,
 }
 
 /// The fast server over physical memory `mem` with shadow-L4 policy `P`.
@@ -383,6 +494,17 @@ impl<'m, P: L4Policy> FastServer<'m, P> {
         config: crate::Config,
         dirty_mode: DirtyMode,
     ) -> Self {
+        Self::with_options(name, mem, config, dirty_mode, Prefetch::On)
+    }
+
+    /// Like [`FastServer::with_dirty_mode`], prefetching as `prefetch` says.
+    pub fn with_options(
+        name: &'static str,
+        mem: &'m dyn PhysMem,
+        config: crate::Config,
+        dirty_mode: DirtyMode,
+        prefetch: Prefetch,
+    ) -> Self {
         Self {
             name,
             config,
@@ -401,6 +523,8 @@ impl<'m, P: L4Policy> FastServer<'m, P> {
                 requester: None,
                 maxphyaddr: config.maxphyaddr,
                 dirty_mode,
+                retired: Default::default(),
+                prefetch,
             }),
             fast: spin::RwLock::new(BTreeMap::new()),
             stats: Stats::default(),
@@ -450,6 +574,7 @@ impl<'m, P: L4Policy> FastServer<'m, P> {
         let reply = f(&mut inner, self.mem, &self.stats);
         let flush = core::mem::take(&mut inner.flush);
         let reply = reply.add_flush(flush.0);
+        inner.count_reply(about, &reply);
         inner.shrink_dirty_mask(about, reply.flush());
         reply
     }

@@ -37,6 +37,11 @@ pub trait L4Policy: Send + 'static {
     /// in `idle` (none of them runs a vCPU) that copy nothing valid.
     /// Returns how many frames were freed.
     fn release_idle(&mut self, mem: &dyn PhysMem, idle: CpuSet) -> usize;
+    /// Frames the policy itself took from the pool and gave back (its own,
+    /// beside the shadow pages), for `GetCounters`.
+    fn frames_counted(&self) -> (u64, u64) {
+        (0, 0)
+    }
 }
 
 /// KVM's way: every vCPU whose guest CR3 names the same L4 runs on the same
@@ -76,6 +81,8 @@ impl L4Policy for SharedRoots {
 pub struct PerPcpuCopies {
     frames: [Option<Mfn>; 64],
     copies: [Option<RootRef>; 64],
+    /// Copy frames taken from the pool and given back, ever.
+    counted: (u64, u64),
 }
 
 impl L4Policy for PerPcpuCopies {
@@ -83,6 +90,7 @@ impl L4Policy for PerPcpuCopies {
         Self {
             frames: [None; 64],
             copies: [None; 64],
+            counted: (0, 0),
         }
     }
     fn root(&mut self, mem: &dyn PhysMem, pcpu: PcpuId, l4: RootRef) -> Result<Hpa, MmuError> {
@@ -95,6 +103,7 @@ impl L4Policy for PerPcpuCopies {
             None => match mem.alloc_frame() {
                 Some(f) => {
                     self.frames[p] = Some(f);
+                    self.counted.0 += 1;
                     f
                 }
                 // No frame for a private copy: run on the canonical L4 (the
@@ -143,11 +152,16 @@ impl L4Policy for PerPcpuCopies {
             let p = p.0 as usize;
             if p < 64 && self.copies[p].is_none() {
                 if let Some(f) = self.frames[p].take() {
-                    n += usize::from(mem.free_frame(f).is_ok());
+                    let ok = mem.free_frame(f).is_ok();
+                    self.counted.1 += u64::from(ok);
+                    n += usize::from(ok);
                 }
             }
         }
         n
+    }
+    fn frames_counted(&self) -> (u64, u64) {
+        self.counted
     }
     fn holders(&self, l4: RootRef) -> CpuSet {
         let mut s = CpuSet::EMPTY;

@@ -49,6 +49,7 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
                 memory: memory.clone(),
                 dirty,
                 logging: AtomicBool::new(false),
+                counters: Default::default(),
             });
             inner.domains.insert(
                 domain.0,
@@ -87,6 +88,7 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
                 inner.vcpus.remove(v);
                 fast.remove(v);
             }
+            inner.retire(domain.0);
             inner.domains.remove(&domain.0);
             MmuReply::Done { flush: None }
         })
@@ -157,12 +159,13 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
         gva: Gva,
         error_code: PfErrorCode,
     ) -> MmuReply {
-        if pcpu.is_valid() {
-            if let Some(r) = self.fast_page_fault(vcpu, gva, error_code) {
-                return r;
-            }
+        if !pcpu.is_valid() {
+            self.count_fault_of(vcpu);
+        } else if let Some(r) = self.fast_page_fault(vcpu, gva, error_code) {
+            return r;
         }
         self.serve(Some(pcpu), About::Vcpu(vcpu), |inner, mem, stats| {
+            inner.count_page_fault(vcpu);
             inner.page_fault(mem, stats, vcpu, pcpu, gva, error_code)
         })
     }
@@ -269,7 +272,12 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
                 return MmuReply::error(MmuError::UnknownDomain(domain));
             }
             inner.zap_all(domain.0);
+            inner.count(domain.0, |c| &c.zaps);
             MmuReply::Done { flush: None }
         })
+    }
+
+    fn counters(&self, domain: Option<DomainId>) -> MmuReply {
+        self.counters_reply(domain)
     }
 }

@@ -79,7 +79,7 @@ fn main() -> ExitCode {
         let make = Registered(name);
         let (mut passed, mut failed) = (0u64, 0u64);
         let (mut peak, mut steps) = (0u64, 0u64);
-        let mut counts = [0u64; 4];
+        let mut counts = [0u64; 5];
         let mut details = Vec::new();
         let start = Instant::now();
         let mut run =
@@ -96,6 +96,7 @@ fn main() -> ExitCode {
                         counts[1] += s.injected;
                         counts[2] += s.emulated;
                         counts[3] += s.flushes;
+                        counts[4] += s.accesses;
                     }
                     Ok(Err(fail)) => {
                         failed += 1;
@@ -128,9 +129,10 @@ fn main() -> ExitCode {
             println!("{d}");
         }
         eprintln!(
-            "conformance: {name}: {steps} steps checked ({} page faults, {} injected, \
+            "conformance: {name}: {steps} steps checked ({} guest accesses, {} page faults, {} injected, \
              {} emulated writes, {} pCPU flushes), peak shadow pool {peak} frames; \
              scripted {:.2?}, random {} x {} steps {:.2?}",
+            counts[4],
             counts[0],
             counts[1],
             counts[2],
