@@ -47,7 +47,7 @@ pub const BUCKETS: usize = 14;
 /// Report column names, indexed by [`ExitReason::bucket`].
 pub const BUCKET_NAMES: [&str; BUCKETS] = [
     "#PF", "cr3-wr", "cr3-rd", "invlpg", "vmmcall", "hlt", "ioio", "intr", "shutdn", "msr", "exc",
-    "invalid", "other", "cr0/4-wr",
+    "invalid", "other", "cr-wr",
 ];
 
 impl ExitReason {
