@@ -20,6 +20,9 @@ pub mod shadow;
 pub mod sim;
 pub mod walk;
 
+use abi::mmu::{MemoryMap, MmuError, Resource};
+use abi::Gfn;
+
 /// Limits and machine parameters shared by every implementation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -42,5 +45,34 @@ impl Default for Config {
             max_vcpus: 256,
             max_guest_frames: 1 << 24,
         }
+    }
+}
+
+impl Config {
+    /// Checks a domain's memory map against these limits: every region
+    /// valid, no two regions overlapping, at most `max_guest_frames` frames
+    /// in all. Returns the number of guest frames, or the error reply's
+    /// reason naming the offending region, frame or limit.
+    pub fn check_memory_map(&self, memory: &MemoryMap) -> Result<u64, MmuError> {
+        let mut total: u64 = 0;
+        for (i, r) in memory.iter().enumerate() {
+            if !r.is_valid() {
+                return Err(MmuError::BadRegion(*r));
+            }
+            if let Some(o) = memory[..i]
+                .iter()
+                .find(|o| r.gfn.0 < o.gfn.0 + o.pages && o.gfn.0 < r.gfn.0 + r.pages)
+            {
+                return Err(MmuError::OverlappingRegions(Gfn(r.gfn.0.max(o.gfn.0))));
+            }
+            total = total.saturating_add(r.pages);
+        }
+        if total > self.max_guest_frames {
+            return Err(MmuError::CapacityExceeded {
+                what: Resource::GuestFrames,
+                limit: u32::try_from(self.max_guest_frames).unwrap_or(u32::MAX),
+            });
+        }
+        Ok(total)
     }
 }

@@ -564,26 +564,8 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
                 limit: self.config.max_domains,
             });
         }
-        let mut total: u64 = 0;
-        for (i, r) in memory.iter().enumerate() {
-            if !r.is_valid() {
-                return MmuReply::error(MmuError::BadRegion(*r));
-            }
-            for o in &memory[..i] {
-                if r.gfn.0 < o.gfn.0 + o.pages && o.gfn.0 < r.gfn.0 + r.pages {
-                    return MmuReply::error(MmuError::OverlappingRegions(Gfn(r
-                        .gfn
-                        .0
-                        .max(o.gfn.0))));
-                }
-            }
-            total = total.saturating_add(r.pages);
-        }
-        if total > self.config.max_guest_frames {
-            return MmuReply::error(MmuError::CapacityExceeded {
-                what: Resource::GuestFrames,
-                limit: u32::try_from(self.config.max_guest_frames).unwrap_or(u32::MAX),
-            });
+        if let Err(e) = self.config.check_memory_map(memory) {
+            return MmuReply::error(e);
         }
         st.domains.push(Domain {
             id: domain,
