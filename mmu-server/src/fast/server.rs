@@ -20,27 +20,10 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
                     limit: config.max_domains,
                 });
             }
-            let mut total = 0u64;
-            for (i, r) in memory.iter().enumerate() {
-                if !r.is_valid() {
-                    return MmuReply::error(MmuError::BadRegion(*r));
-                }
-                for o in &memory[..i] {
-                    if r.gfn.0 < o.gfn.0 + o.pages && o.gfn.0 < r.gfn.0 + r.pages {
-                        return MmuReply::error(MmuError::OverlappingRegions(Gfn(r
-                            .gfn
-                            .0
-                            .max(o.gfn.0))));
-                    }
-                }
-                total = total.saturating_add(r.pages);
-            }
-            if total > config.max_guest_frames {
-                return MmuReply::error(MmuError::CapacityExceeded {
-                    what: abi::mmu::Resource::GuestFrames,
-                    limit: u32::try_from(config.max_guest_frames).unwrap_or(u32::MAX),
-                });
-            }
+            let total = match config.check_memory_map(memory) {
+                Ok(total) => total,
+                Err(e) => return MmuReply::error(e),
+            };
             let words = total.div_ceil(64) as usize;
             let mut dirty = Vec::new();
             dirty.resize_with(words, || AtomicU64::new(0));
