@@ -22,7 +22,7 @@ pub use ids::{CpuSet, DomainId, PcpuId, VcpuId};
 pub use mem::{MemError, PhysMem};
 pub use mmu::{
     call, dispatch, DirtyChunk, FlushObligation, FlushScope, MemRegion, MemoryMap, MmuError,
-    MmuReply, MmuRequest, MmuServer, PROTOCOL_VERSION,
+    MmuReply, MmuRequest, MmuServer, ServerCounters, PROTOCOL_VERSION,
 };
 pub use paging::{GuestCr3, PagingMode, PfErrorCode};
 pub use wire::{decode, encode, DecodeError, EncodeError, MAX_MESSAGE};

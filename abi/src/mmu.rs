@@ -75,6 +75,9 @@
 //!   RIP past the writing instruction.
 //! - [`MmuReply::DirtyBitmap`]: one chunk of the dirty log; if `next` is
 //!   `Some`, ask again from there to get the rest.
+//! - [`MmuReply::Counters`]: the server's counters (see [`ServerCounters`]);
+//!   nothing to do but the flush. A server that does not count answers
+//!   [`MmuError::Unsupported`] with [`MmuRequest::GET_COUNTERS`].
 //! - [`MmuReply::Error`]: the request was refused or failed, with the reason
 //!   and the offending value. The guest-visible state is unchanged except as
 //!   the flush (if any) says. For a guest exit the kernel treats the vCPU as
@@ -88,8 +91,9 @@ use crate::wire::{self, DecodeError, MAX_MESSAGE};
 use core::fmt;
 use serde::{Deserialize, Serialize};
 
-/// The protocol version spoken by this `abi`.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version spoken by this `abi` (2: `GetCounters` / `Counters`
+/// appended).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest number of regions in a domain's memory map.
 pub const MAX_REGIONS: usize = 16;
@@ -354,6 +358,136 @@ pub enum MmuRequest {
         /// The domain.
         domain: DomainId,
     },
+    /// Report the server's counters ([`MmuReply::Counters`]); changes
+    /// nothing. Version 2.
+    GetCounters {
+        /// One domain's counters, or `None` for the whole server (every
+        /// domain since the server was created, destroyed ones included).
+        domain: Option<DomainId>,
+    },
+}
+
+impl MmuRequest {
+    /// The variant index of [`MmuRequest::GetCounters`] (what
+    /// [`MmuError::Unsupported`] names when a server does not count).
+    pub const GET_COUNTERS: u8 = 15;
+
+    /// The request's variant index on the wire (its first byte), as
+    /// [`MmuError::Unsupported`] names it.
+    pub const fn variant_index(&self) -> u8 {
+        match self {
+            MmuRequest::Hello { .. } => 0,
+            MmuRequest::CreateDomain { .. } => 1,
+            MmuRequest::DestroyDomain { .. } => 2,
+            MmuRequest::CreateVcpu { .. } => 3,
+            MmuRequest::VcpuScheduled { .. } => 4,
+            MmuRequest::VcpuDescheduled { .. } => 5,
+            MmuRequest::PageFault { .. } => 6,
+            MmuRequest::WriteCr3 { .. } => 7,
+            MmuRequest::SetPagingMode { .. } => 8,
+            MmuRequest::Invlpg { .. } => 9,
+            MmuRequest::EmulatedWrite { .. } => 10,
+            MmuRequest::EnableDirtyLog { .. } => 11,
+            MmuRequest::DisableDirtyLog { .. } => 12,
+            MmuRequest::GetAndClearDirty { .. } => 13,
+            MmuRequest::ZapAll { .. } => 14,
+            MmuRequest::GetCounters { .. } => Self::GET_COUNTERS,
+        }
+    }
+}
+
+/// What a server counts, for one domain or for the whole server
+/// ([`MmuRequest::GetCounters`]). Append-only like every wire type.
+///
+/// Every field is a count of events since the domain was created (for the
+/// whole server: since the server was created, summed over every domain,
+/// destroyed ones included), except `shadow_pages_in_use`, a level at the
+/// time of the reply. The meanings are exact so that two implementations
+/// count the same thing; an event a server's design never produces (e.g.
+/// `unsyncs` in a server that keeps shadows in sync by write protection) is
+/// counted as 0, which is then the truth.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ServerCounters {
+    /// [`MmuRequest::PageFault`] requests received for a known vCPU of the
+    /// domain, whatever the outcome.
+    pub page_faults: u64,
+    /// Page faults answered [`MmuReply::Resume`]: the server fixed the
+    /// shadow entry, or found it already fixed (another pCPU raced).
+    pub faults_fixed: u64,
+    /// Page faults answered [`MmuReply::InjectPageFault`] (the guest's own
+    /// tables do not allow the access).
+    pub faults_injected: u64,
+    /// The part of `faults_fixed` fixed on a lockless fast path, without
+    /// the server's main lock (seed 001's fast page fault). 0 for a server
+    /// without one.
+    pub fast_path_fixes: u64,
+    /// Frames taken from the shadow pool for shadow page tables (roots and
+    /// per-pCPU copies included).
+    pub shadow_pages_created: u64,
+    /// Shadow frames given back to the pool.
+    pub shadow_pages_freed: u64,
+    /// Shadow frames taken and not yet given back at the time of the reply
+    /// (frames unhooked but awaiting a flush, or obsolete but awaiting a lazy
+    /// free, included). For the whole server: every frame it holds.
+    pub shadow_pages_in_use: u64,
+    /// [`MmuRequest::ZapAll`] requests completed.
+    pub zaps: u64,
+    /// Times the server dropped shadows on its own to get frames back
+    /// because the shadow pool ran dry (counted once per emptying step,
+    /// whichever domain's shadows it dropped; attributed to the domain whose
+    /// request ran out).
+    pub reclaims: u64,
+    /// [`MmuReply::EmulateWrite`] replies: guest writes to write-protected
+    /// guest page tables sent back to the kernel to be emulated.
+    pub emulate_write_replies: u64,
+    /// [`MmuRequest::EmulatedWrite`] requests completed
+    /// ([`MmuReply::WriteDone`]).
+    pub emulated_writes: u64,
+    /// Shadow pages let go out of sync with their guest table (Xen OOS /
+    /// KVM unsync) instead of write-protecting it.
+    pub unsyncs: u64,
+    /// Out-of-sync shadow pages brought back in sync (at CR3 write /
+    /// INVLPG).
+    pub resyncs: u64,
+    /// Guest frames unshadowed because of write flooding (frequent writes to
+    /// a frame that is probably no longer a page table).
+    pub unshadowed: u64,
+    /// Replies (to requests about the domain) that carried a flush
+    /// obligation.
+    pub flush_obligations: u64,
+    /// The pCPUs named by those obligations, summed (the popcount of each
+    /// obligation's CPU set): the shootdown work the server asked for.
+    pub flush_cpus: u64,
+}
+
+impl ServerCounters {
+    /// Field-wise sum (saturating), for totals over domains.
+    pub fn sum(&self, o: &ServerCounters) -> ServerCounters {
+        ServerCounters {
+            page_faults: self.page_faults.saturating_add(o.page_faults),
+            faults_fixed: self.faults_fixed.saturating_add(o.faults_fixed),
+            faults_injected: self.faults_injected.saturating_add(o.faults_injected),
+            fast_path_fixes: self.fast_path_fixes.saturating_add(o.fast_path_fixes),
+            shadow_pages_created: self
+                .shadow_pages_created
+                .saturating_add(o.shadow_pages_created),
+            shadow_pages_freed: self.shadow_pages_freed.saturating_add(o.shadow_pages_freed),
+            shadow_pages_in_use: self
+                .shadow_pages_in_use
+                .saturating_add(o.shadow_pages_in_use),
+            zaps: self.zaps.saturating_add(o.zaps),
+            reclaims: self.reclaims.saturating_add(o.reclaims),
+            emulate_write_replies: self
+                .emulate_write_replies
+                .saturating_add(o.emulate_write_replies),
+            emulated_writes: self.emulated_writes.saturating_add(o.emulated_writes),
+            unsyncs: self.unsyncs.saturating_add(o.unsyncs),
+            resyncs: self.resyncs.saturating_add(o.resyncs),
+            unshadowed: self.unshadowed.saturating_add(o.unshadowed),
+            flush_obligations: self.flush_obligations.saturating_add(o.flush_obligations),
+            flush_cpus: self.flush_cpus.saturating_add(o.flush_cpus),
+        }
+    }
 }
 
 /// Which table or resource ran out.
@@ -416,7 +550,9 @@ pub enum MmuError {
     UnsupportedPagingMode(PagingMode),
     /// The operation needs dirty logging, which is off for this domain.
     DirtyLogDisabled(DomainId),
-    /// The server does not implement this request (its variant index).
+    /// The server does not implement this request (its variant index,
+    /// [`MmuRequest::variant_index`]; e.g. [`MmuRequest::GET_COUNTERS`] from
+    /// a server that does not count).
     Unsupported(u8),
     /// The vCPU is scheduled (between `VcpuScheduled` and
     /// `VcpuDescheduled`), which the request does not allow.
@@ -455,6 +591,11 @@ impl fmt::Display for MmuError {
                 write!(f, "unsupported paging mode bits {:#x}", m.0)
             }
             MmuError::DirtyLogDisabled(d) => write!(f, "dirty logging is off for domain {}", d.0),
+            MmuError::Unsupported(MmuRequest::GET_COUNTERS) => write!(
+                f,
+                "request variant {} (GetCounters) is not implemented: the server does not report counters",
+                MmuRequest::GET_COUNTERS
+            ),
             MmuError::Unsupported(t) => write!(f, "request variant {t} is not implemented"),
             MmuError::VcpuRunning(v) => write!(f, "vCPU {} is still scheduled", v.0),
         }
@@ -532,6 +673,14 @@ pub enum MmuReply {
         /// Flush to carry out anyway (e.g. after a zap that did not help).
         flush: Option<FlushObligation>,
     },
+    /// The counters asked for with [`MmuRequest::GetCounters`]. Version 2.
+    Counters {
+        /// The counts.
+        counters: ServerCounters,
+        /// Flush to carry out first (a server may merge one owed to the
+        /// requester; usually `None`).
+        flush: Option<FlushObligation>,
+    },
 }
 
 impl MmuReply {
@@ -554,7 +703,8 @@ impl MmuReply {
             | MmuReply::EmulateWrite { flush, .. }
             | MmuReply::WriteDone { flush }
             | MmuReply::DirtyBitmap { flush, .. }
-            | MmuReply::Error { flush, .. } => *flush,
+            | MmuReply::Error { flush, .. }
+            | MmuReply::Counters { flush, .. } => *flush,
         }
     }
 
@@ -570,7 +720,8 @@ impl MmuReply {
             | MmuReply::EmulateWrite { flush, .. }
             | MmuReply::WriteDone { flush }
             | MmuReply::DirtyBitmap { flush, .. }
-            | MmuReply::Error { flush, .. } => *flush = FlushObligation::merge(*flush, extra),
+            | MmuReply::Error { flush, .. }
+            | MmuReply::Counters { flush, .. } => *flush = FlushObligation::merge(*flush, extra),
         }
         self
     }
@@ -619,6 +770,16 @@ pub trait MmuServer: Send + Sync {
     fn get_and_clear_dirty(&self, domain: DomainId, start: Gfn) -> MmuReply;
     /// [`MmuRequest::ZapAll`].
     fn zap_all(&self, domain: DomainId) -> MmuReply;
+    /// [`MmuRequest::GetCounters`]: [`MmuReply::Counters`] for `domain`
+    /// (`None`: the whole server), or `UnknownDomain`.
+    ///
+    /// The default answers [`MmuError::Unsupported`]`(`[`MmuRequest::GET_COUNTERS`]`)`:
+    /// an implementation that does not count says so rather than report
+    /// zeros.
+    fn counters(&self, domain: Option<DomainId>) -> MmuReply {
+        let _ = domain;
+        MmuReply::error(MmuError::Unsupported(MmuRequest::GET_COUNTERS))
+    }
 }
 
 /// Calls the trait method for a decoded request (and answers `Hello` itself).
@@ -661,6 +822,7 @@ pub fn call<S: MmuServer + ?Sized>(server: &S, request: &MmuRequest) -> MmuReply
         MmuRequest::DisableDirtyLog { domain } => server.disable_dirty_log(domain),
         MmuRequest::GetAndClearDirty { domain, start } => server.get_and_clear_dirty(domain, start),
         MmuRequest::ZapAll { domain } => server.zap_all(domain),
+        MmuRequest::GetCounters { domain } => server.counters(domain),
     }
 }
 

@@ -57,7 +57,7 @@ fn random_request(r: &mut Rng) -> MmuRequest {
     let v = VcpuId(r.u32());
     let p = PcpuId(r.u32());
     let d = DomainId(r.u32());
-    match r.below(15) {
+    match r.below(16) {
         0 => MmuRequest::Hello { version: r.u32() },
         1 => {
             let mut memory = MemoryMap::new();
@@ -110,14 +110,38 @@ fn random_request(r: &mut Rng) -> MmuRequest {
             domain: d,
             start: Gfn(r.val()),
         },
-        _ => MmuRequest::ZapAll { domain: d },
+        14 => MmuRequest::ZapAll { domain: d },
+        _ => MmuRequest::GetCounters {
+            domain: if r.below(2) == 0 { None } else { Some(d) },
+        },
     }
 }
 
 fn random_reply(r: &mut Rng) -> MmuReply {
     let flush = r.flush();
-    match r.below(9) {
+    match r.below(10) {
         0 => MmuReply::Welcome { version: r.u32() },
+        9 => MmuReply::Counters {
+            counters: ServerCounters {
+                page_faults: r.val(),
+                faults_fixed: r.val(),
+                faults_injected: r.val(),
+                fast_path_fixes: r.val(),
+                shadow_pages_created: r.val(),
+                shadow_pages_freed: r.val(),
+                shadow_pages_in_use: r.val(),
+                zaps: r.val(),
+                reclaims: r.val(),
+                emulate_write_replies: r.val(),
+                emulated_writes: r.val(),
+                unsyncs: r.val(),
+                resyncs: r.val(),
+                unshadowed: r.val(),
+                flush_obligations: r.val(),
+                flush_cpus: r.val(),
+            },
+            flush,
+        },
         1 => MmuReply::Done { flush },
         2 => MmuReply::Resume { flush },
         3 => MmuReply::InjectPageFault {
@@ -406,13 +430,25 @@ fn specific_garbage_gets_specific_errors() {
         }
     ));
     // Wrong version in Hello.
-    let n = dispatch(&Echo, &[0x00, 0x02], &mut out);
+    let n = dispatch(&Echo, &[0x00, 0x7f], &mut out);
     assert_eq!(
         reply(&out, n),
         MmuReply::error(MmuError::VersionMismatch {
-            requested: 2,
+            requested: 0x7f,
             supported: PROTOCOL_VERSION
         })
+    );
+    // GetCounters to a server without counters (Echo keeps the default).
+    let n = dispatch(&Echo, &[0x0f, 0x00], &mut out);
+    assert_eq!(
+        reply(&out, n),
+        MmuReply::error(MmuError::Unsupported(MmuRequest::GET_COUNTERS))
+    );
+    // A bad Option tag in GetCounters is malformed, not a call.
+    let n = dispatch(&Echo, &[0x0f, 0x02], &mut out);
+    assert_eq!(
+        reply(&out, n),
+        MmuReply::error(MmuError::Malformed(DecodeError::BadOption))
     );
     let n = dispatch(&Echo, &[0x00, PROTOCOL_VERSION as u8], &mut out);
     assert_eq!(

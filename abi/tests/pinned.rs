@@ -81,6 +81,9 @@ fn requests() -> Vec<MmuRequest> {
         MmuRequest::ZapAll {
             domain: DomainId(2),
         },
+        MmuRequest::GetCounters {
+            domain: Some(DomainId(2)),
+        },
     ];
     for (i, r) in all.iter().enumerate() {
         let idx = match r {
@@ -99,10 +102,72 @@ fn requests() -> Vec<MmuRequest> {
             MmuRequest::DisableDirtyLog { .. } => 12,
             MmuRequest::GetAndClearDirty { .. } => 13,
             MmuRequest::ZapAll { .. } => 14,
+            MmuRequest::GetCounters { .. } => 15,
         };
         assert_eq!(i, idx, "requests() must list variants in declaration order");
+        assert_eq!(r.variant_index() as usize, idx, "variant_index of {r:?}");
     }
     all
+}
+
+/// Counters with a distinct value per field (1..=16, the last one 300 to
+/// pin a two-byte varint), so a reordered field changes the bytes.
+fn sample_counters() -> ServerCounters {
+    // Exhaustive destructuring: a new field must be pinned here.
+    let ServerCounters {
+        page_faults,
+        faults_fixed,
+        faults_injected,
+        fast_path_fixes,
+        shadow_pages_created,
+        shadow_pages_freed,
+        shadow_pages_in_use,
+        zaps,
+        reclaims,
+        emulate_write_replies,
+        emulated_writes,
+        unsyncs,
+        resyncs,
+        unshadowed,
+        flush_obligations,
+        flush_cpus,
+    } = ServerCounters::default();
+    let _ = (
+        page_faults,
+        faults_fixed,
+        faults_injected,
+        fast_path_fixes,
+        shadow_pages_created,
+        shadow_pages_freed,
+        shadow_pages_in_use,
+        zaps,
+        reclaims,
+        emulate_write_replies,
+        emulated_writes,
+        unsyncs,
+        resyncs,
+        unshadowed,
+        flush_obligations,
+        flush_cpus,
+    );
+    ServerCounters {
+        page_faults: 1,
+        faults_fixed: 2,
+        faults_injected: 3,
+        fast_path_fixes: 4,
+        shadow_pages_created: 5,
+        shadow_pages_freed: 6,
+        shadow_pages_in_use: 7,
+        zaps: 8,
+        reclaims: 9,
+        emulate_write_replies: 10,
+        emulated_writes: 11,
+        unsyncs: 12,
+        resyncs: 13,
+        unshadowed: 14,
+        flush_obligations: 15,
+        flush_cpus: 300,
+    }
 }
 
 fn flush(cpus: u64, scope: FlushScope) -> Option<FlushObligation> {
@@ -157,6 +222,10 @@ fn replies() -> Vec<MmuReply> {
             reason: MmuError::UnknownVcpu(VcpuId(9)),
             flush: None,
         },
+        MmuReply::Counters {
+            counters: sample_counters(),
+            flush: None,
+        },
     ];
     for (i, r) in all.iter().enumerate() {
         let idx = match r {
@@ -169,6 +238,7 @@ fn replies() -> Vec<MmuReply> {
             MmuReply::WriteDone { .. } => 6,
             MmuReply::DirtyBitmap { .. } => 7,
             MmuReply::Error { .. } => 8,
+            MmuReply::Counters { .. } => 9,
         };
         assert_eq!(i, idx, "replies() must list variants in declaration order");
     }
@@ -337,6 +407,90 @@ fn pinned_scopes_and_decode_errors() {
         abi::mmu::Resource::GuestFrames,
     ];
     check("resources", resources, &["00", "01", "02"][..]);
+    // GetCounters for the whole server, and Counters with a flush.
+    check(
+        "counters extras",
+        vec![
+            MmuReply::Counters {
+                counters: ServerCounters::default(),
+                flush: flush(0b11, FlushScope::All),
+            },
+            MmuReply::error(MmuError::Unsupported(MmuRequest::GET_COUNTERS)),
+        ],
+        &["0900000000000000000000000000000000010302", "08110f00"][..],
+    );
+    check(
+        "get counters (whole server)",
+        vec![MmuRequest::GetCounters { domain: None }],
+        &["0f00"][..],
+    );
+}
+
+/// The default `counters` of a server that does not count is an honest
+/// `Unsupported(GetCounters)`, through the bytes.
+#[test]
+fn default_counters_is_unsupported() {
+    struct NoCounters;
+    impl MmuServer for NoCounters {
+        fn name(&self) -> &'static str {
+            "no-counters"
+        }
+        fn create_domain(&self, _: DomainId, _: &MemoryMap) -> MmuReply {
+            unreachable!()
+        }
+        fn destroy_domain(&self, _: DomainId) -> MmuReply {
+            unreachable!()
+        }
+        fn create_vcpu(&self, _: DomainId, _: VcpuId) -> MmuReply {
+            unreachable!()
+        }
+        fn vcpu_scheduled(&self, _: VcpuId, _: PcpuId) -> MmuReply {
+            unreachable!()
+        }
+        fn vcpu_descheduled(&self, _: VcpuId, _: PcpuId) -> MmuReply {
+            unreachable!()
+        }
+        fn page_fault(&self, _: VcpuId, _: PcpuId, _: Gva, _: PfErrorCode) -> MmuReply {
+            unreachable!()
+        }
+        fn write_cr3(&self, _: VcpuId, _: PcpuId, _: GuestCr3) -> MmuReply {
+            unreachable!()
+        }
+        fn set_paging_mode(&self, _: VcpuId, _: PcpuId, _: PagingMode) -> MmuReply {
+            unreachable!()
+        }
+        fn invlpg(&self, _: VcpuId, _: PcpuId, _: Gva) -> MmuReply {
+            unreachable!()
+        }
+        fn emulated_write(&self, _: VcpuId, _: PcpuId, _: Gpa, _: u64, _: u8) -> MmuReply {
+            unreachable!()
+        }
+        fn enable_dirty_log(&self, _: DomainId) -> MmuReply {
+            unreachable!()
+        }
+        fn disable_dirty_log(&self, _: DomainId) -> MmuReply {
+            unreachable!()
+        }
+        fn get_and_clear_dirty(&self, _: DomainId, _: Gfn) -> MmuReply {
+            unreachable!()
+        }
+        fn zap_all(&self, _: DomainId) -> MmuReply {
+            unreachable!()
+        }
+    }
+    for domain in [None, Some(DomainId(1))] {
+        let mut buf = [0u8; MAX_MESSAGE];
+        let n = encode(&MmuRequest::GetCounters { domain }, &mut buf).unwrap();
+        let mut out = [0u8; MAX_MESSAGE];
+        let m = dispatch(&NoCounters, &buf[..n], &mut out);
+        let reply: MmuReply = decode(&out[..m]).unwrap();
+        assert_eq!(
+            reply,
+            MmuReply::error(MmuError::Unsupported(MmuRequest::GET_COUNTERS))
+        );
+    }
+    let text = format!("{}", MmuError::Unsupported(MmuRequest::GET_COUNTERS));
+    assert!(text.contains("does not report counters"), "{text}");
 }
 
 /// The largest message of each kind fits in MAX_MESSAGE.
@@ -387,9 +541,40 @@ fn worst_case_messages_fit() {
         flush: worst_flush,
     };
     assert!(encode(&e, &mut buf).unwrap() < 100);
+    // Counters with every field at u64::MAX (10-byte varints) and the worst
+    // flush: well inside the bound.
+    let c = ServerCounters {
+        page_faults: u64::MAX,
+        faults_fixed: u64::MAX,
+        faults_injected: u64::MAX,
+        fast_path_fixes: u64::MAX,
+        shadow_pages_created: u64::MAX,
+        shadow_pages_freed: u64::MAX,
+        shadow_pages_in_use: u64::MAX,
+        zaps: u64::MAX,
+        reclaims: u64::MAX,
+        emulate_write_replies: u64::MAX,
+        emulated_writes: u64::MAX,
+        unsyncs: u64::MAX,
+        resyncs: u64::MAX,
+        unshadowed: u64::MAX,
+        flush_obligations: u64::MAX,
+        flush_cpus: u64::MAX,
+    };
+    let big_counters = MmuReply::Counters {
+        counters: c,
+        flush: worst_flush,
+    };
+    let n = encode(&big_counters, &mut buf).expect("largest Counters reply fits");
+    // (200 < MAX_MESSAGE: far inside the bound.)
+    assert!(n <= 200, "Counters reply is {n} bytes");
+    let big_get = MmuRequest::GetCounters {
+        domain: Some(DomainId(u32::MAX)),
+    };
+    assert!(encode(&big_get, &mut buf).unwrap() <= 7);
 }
 
-const PINNED_REQUESTS: [&str; 15] = [
+const PINNED_REQUESTS: [&str; 16] = [
     "0001",
     "0102020080028004802080800201",
     "0202",
@@ -405,8 +590,9 @@ const PINNED_REQUESTS: [&str; 15] = [
     "0c02",
     "0d028020",
     "0e02",
+    "0f0102",
 ];
-const PINNED_REPLIES: [&str; 9] = [
+const PINNED_REPLIES: [&str; 10] = [
     "0001",
     "0100",
     "02010a0080a08002",
@@ -416,6 +602,7 @@ const PINNED_REPLIES: [&str; 9] = [
     "0601ff0102",
     "07800204018000ff018022010103",
     "08040900",
+    "090102030405060708090a0b0c0d0e0fac0200",
 ];
 const PINNED_ERRORS: [&str; 19] = [
     "0800060300",

@@ -49,6 +49,20 @@
 //! logging depends on it: write-protecting for the log flushes `ran_on` (if
 //! a leaf changed) and `must_flush` (always).
 //!
+//! # Counters
+//! [`MmuRequest::GetCounters`](abi::MmuRequest::GetCounters) is answered
+//! from plain counts kept under the lock, with the meanings documented on
+//! [`ServerCounters`]: events of a vCPU's requests (faults, shadow frames
+//! taken and freed, emulated writes, reclaims, flushes) are counted on the
+//! vCPU, domain-level events (zaps, dirty-log flushes) on the domain; a
+//! domain's counters are its own plus its vCPUs', and when a domain is
+//! destroyed they move into the server's `retired` counts, so the
+//! whole-server figures cover every domain ever created.
+//! `shadow_pages_in_use` is `shadow_pages_created - shadow_pages_freed`
+//! (frames unhooked but not yet freed count as in use). This server has no
+//! lockless path, never unsyncs, never unshadows and never asks for an
+//! emulated write, so those counters stay 0 by design.
+//!
 //! # Out of shadow frames
 //! A fault that finds the pool empty empties the vCPU's own tree and
 //! retries; then empties every other vCPU's tree (all domains; frames of
@@ -64,7 +78,8 @@ use crate::Config;
 use abi::mmu::{MemoryMap, Resource, DIRTY_CHUNK_BYTES, DIRTY_CHUNK_PAGES};
 use abi::{
     CpuSet, DirtyChunk, DomainId, FlushObligation, FlushScope, Gfn, Gpa, GuestCr3, Gva, Hpa, Mfn,
-    MmuError, MmuReply, MmuServer, PagingMode, PcpuId, PfErrorCode, PhysMem, VcpuId, PAGE_SIZE,
+    MmuError, MmuReply, MmuServer, PagingMode, PcpuId, PfErrorCode, PhysMem, ServerCounters,
+    VcpuId, PAGE_SIZE,
 };
 use alloc::vec::Vec;
 use spin::Mutex;
@@ -86,6 +101,8 @@ pub struct Reference<'m, M: PhysMem + ?Sized> {
 struct State {
     domains: Vec<Domain>,
     vcpus: Vec<Vcpu>,
+    /// Counts of destroyed domains (and their vCPUs).
+    retired: ServerCounters,
 }
 
 /// Dirty bitmap: one `Vec<u64>` per memory-map region.
@@ -95,6 +112,8 @@ struct Domain {
     id: DomainId,
     memory: MemoryMap,
     dirty: Option<DirtyLog>,
+    /// Domain-level events (its vCPUs count their own).
+    counters: ServerCounters,
 }
 
 struct Vcpu {
@@ -107,6 +126,8 @@ struct Vcpu {
     ran_on: CpuSet,
     must_flush: CpuSet,
     deferred: Vec<Mfn>,
+    /// Events of this vCPU's requests (`shadow_pages_in_use` unused).
+    counters: ServerCounters,
 }
 
 fn all(cpus: CpuSet) -> Option<FlushObligation> {
@@ -121,6 +142,14 @@ fn all(cpus: CpuSet) -> Option<FlushObligation> {
 
 fn add(acc: &mut Option<FlushObligation>, f: Option<FlushObligation>) {
     *acc = FlushObligation::merge(*acc, f);
+}
+
+/// Counts the flush obligation a reply carries, if any.
+fn count_flush(c: &mut ServerCounters, reply: &MmuReply) {
+    if let Some(f) = reply.flush() {
+        c.flush_obligations += 1;
+        c.flush_cpus += u64::from(f.cpus.0.count_ones());
+    }
 }
 
 fn finish(r: Result<MmuReply, MmuError>, flush: Option<FlushObligation>) -> MmuReply {
@@ -154,6 +183,42 @@ impl State {
             .position(|d| d.id == id)
             .ok_or(MmuError::UnknownDomain(id))
     }
+
+    /// Counts a reply's flush on the vCPU (if it exists).
+    fn count_vcpu_reply(&mut self, id: VcpuId, reply: &MmuReply) {
+        if let Ok(v) = self.vcpu(id) {
+            count_flush(&mut v.counters, reply);
+        }
+    }
+
+    /// Counts a reply's flush on the domain (if it exists).
+    fn count_domain_reply(&mut self, id: DomainId, reply: &MmuReply) {
+        if let Ok(di) = self.domain_index(id) {
+            count_flush(&mut self.domains[di].counters, reply);
+        }
+    }
+
+    /// A domain's counters: its own plus its vCPUs', with the level of
+    /// frames in use.
+    fn domain_counters(&self, d: &Domain) -> ServerCounters {
+        let mut c = self
+            .vcpus
+            .iter()
+            .filter(|v| v.domain == d.id)
+            .fold(d.counters, |acc, v| acc.sum(&v.counters));
+        c.shadow_pages_in_use = c.shadow_pages_created.saturating_sub(c.shadow_pages_freed);
+        c
+    }
+
+    /// The whole server's counters: destroyed domains plus live ones.
+    fn total_counters(&self) -> ServerCounters {
+        let mut c = self
+            .domains
+            .iter()
+            .fold(self.retired, |acc, d| acc.sum(&self.domain_counters(d)));
+        c.shadow_pages_in_use = c.shadow_pages_created.saturating_sub(c.shadow_pages_freed);
+        c
+    }
 }
 
 impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
@@ -165,6 +230,7 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
             state: Mutex::new(State {
                 domains: Vec::new(),
                 vcpus: Vec::new(),
+                retired: ServerCounters::default(),
             }),
         }
     }
@@ -174,11 +240,13 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
         self.state.lock().vcpu(vcpu).ok().map(|v| v.root)
     }
 
-    fn free_all(&self, frames: &mut Vec<Mfn>) -> Result<(), MmuError> {
+    /// Gives `frames` back to the pool, adding each one freed to `freed`.
+    fn free_all(&self, frames: &mut Vec<Mfn>, freed: &mut u64) -> Result<(), MmuError> {
         let mut first = Ok(());
         for f in frames.drain(..) {
-            if let Err(e) = self.mem.free_frame(f) {
-                first = first.and(Err(MmuError::Memory(e)));
+            match self.mem.free_frame(f) {
+                Ok(()) => *freed += 1,
+                Err(e) => first = first.and(Err(MmuError::Memory(e))),
             }
         }
         first
@@ -201,7 +269,7 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
         }
         v.running_on = Some(pcpu);
         v.ran_on.insert(pcpu);
-        self.free_all(&mut v.deferred)
+        self.free_all(&mut v.deferred, &mut v.counters.shadow_pages_freed)
     }
 
     /// Empties the vCPU's tree. `current`: the pCPU the vCPU is out of the
@@ -225,7 +293,7 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
             v.ran_on.insert(p);
         }
         if current.is_some() || v.running_on.is_none() {
-            self.free_all(&mut frames)?;
+            self.free_all(&mut frames, &mut v.counters.shadow_pages_freed)?;
         } else {
             v.deferred.append(&mut frames);
         }
@@ -250,10 +318,13 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
         Ok(())
     }
 
+    // The arguments are the request's fields plus the locked state.
+    #[allow(clippy::too_many_arguments)]
     fn page_fault_locked(
         &self,
         st: &mut State,
         flush: &mut Option<FlushObligation>,
+        tables_taken: &mut u64,
         vcpu: VcpuId,
         pcpu: PcpuId,
         gva: Gva,
@@ -317,7 +388,7 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
         }
         // Install, emptying trees when the pool runs dry.
         for attempt in 0..3 {
-            match shadow::install(self.mem, root, gva, leaf) {
+            match shadow::install(self.mem, root, gva, leaf, tables_taken) {
                 Ok(old) => {
                     if old & PTE_P != 0 {
                         // The old leaf may be cached wherever the vCPU ran
@@ -338,8 +409,13 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
                 }
                 Err(InstallError::Memory(e)) => return Err(MmuError::Memory(e)),
                 Err(InstallError::OutOfPool) => match attempt {
-                    0 => self.zap(st.vcpu(vcpu)?, Some(pcpu), flush)?,
+                    0 => {
+                        let v = st.vcpu(vcpu)?;
+                        v.counters.reclaims += 1;
+                        self.zap(v, Some(pcpu), flush)?
+                    }
                     1 => {
+                        st.vcpu(vcpu)?.counters.reclaims += 1;
                         for v in st.vcpus.iter_mut().filter(|v| v.id != vcpu) {
                             // Emptying a tree changes nothing the guest can
                             // see; only frame reuse needs flushes, and those
@@ -513,6 +589,7 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
             id: domain,
             memory: memory.clone(),
             dirty: None,
+            counters: ServerCounters::default(),
         });
         MmuReply::Done { flush: None }
     }
@@ -543,10 +620,17 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
             let mut frames = core::mem::take(&mut v.deferred);
             let r = shadow::collect(self.mem, v.root, &mut frames).map_err(MmuError::Memory);
             frames.push(v.root);
-            result = result.and(r).and(self.free_all(&mut frames));
+            result = result
+                .and(r)
+                .and(self.free_all(&mut frames, &mut v.counters.shadow_pages_freed));
+            st.retired = st.retired.sum(&v.counters);
         }
-        st.domains.swap_remove(di);
-        finish(result.map(|_| MmuReply::Done { flush: None }), flush)
+        let d = st.domains.swap_remove(di);
+        let reply = finish(result.map(|_| MmuReply::Done { flush: None }), flush);
+        let mut own = d.counters;
+        count_flush(&mut own, &reply);
+        st.retired = st.retired.sum(&own);
+        reply
     }
 
     fn create_vcpu(&self, domain: DomainId, vcpu: VcpuId) -> MmuReply {
@@ -580,6 +664,10 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
             ran_on: CpuSet::EMPTY,
             must_flush: CpuSet::EMPTY,
             deferred: Vec::new(),
+            counters: ServerCounters {
+                shadow_pages_created: 1,
+                ..ServerCounters::default()
+            },
         });
         MmuReply::Done { flush: None }
     }
@@ -595,7 +683,9 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
                 flush: None,
             })
         });
-        finish(r, flush)
+        let reply = finish(r, flush);
+        st.count_vcpu_reply(vcpu, &reply);
+        reply
     }
 
     fn vcpu_descheduled(&self, vcpu: VcpuId, pcpu: PcpuId) -> MmuReply {
@@ -605,7 +695,7 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
                 return Err(MmuError::InvalidPcpu(pcpu));
             }
             v.running_on = None;
-            self.free_all(&mut v.deferred)?;
+            self.free_all(&mut v.deferred, &mut v.counters.shadow_pages_freed)?;
             Ok(MmuReply::Done { flush: None })
         });
         finish(r, None)
@@ -620,8 +710,23 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
     ) -> MmuReply {
         let mut st = self.state.lock();
         let mut flush = None;
-        let r = self.page_fault_locked(&mut st, &mut flush, vcpu, pcpu, gva, error_code);
-        finish(r, flush)
+        let mut taken = 0;
+        let r =
+            self.page_fault_locked(&mut st, &mut flush, &mut taken, vcpu, pcpu, gva, error_code);
+        let reply = finish(r, flush);
+        if let Ok(v) = st.vcpu(vcpu) {
+            let c = &mut v.counters;
+            c.page_faults += 1;
+            c.shadow_pages_created += taken;
+            match reply {
+                MmuReply::Resume { .. } => c.faults_fixed += 1,
+                MmuReply::InjectPageFault { .. } => c.faults_injected += 1,
+                MmuReply::EmulateWrite { .. } => c.emulate_write_replies += 1,
+                _ => {}
+            }
+            count_flush(c, &reply);
+        }
+        reply
     }
 
     fn write_cr3(&self, vcpu: VcpuId, pcpu: PcpuId, cr3: GuestCr3) -> MmuReply {
@@ -637,7 +742,9 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
                 flush: None,
             })
         });
-        finish(r, flush)
+        let reply = finish(r, flush);
+        st.count_vcpu_reply(vcpu, &reply);
+        reply
     }
 
     fn set_paging_mode(&self, vcpu: VcpuId, pcpu: PcpuId, mode: PagingMode) -> MmuReply {
@@ -652,7 +759,9 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
             self.zap(v, Some(pcpu), &mut flush)?;
             Ok(MmuReply::Done { flush: None })
         });
-        finish(r, flush)
+        let reply = finish(r, flush);
+        st.count_vcpu_reply(vcpu, &reply);
+        reply
     }
 
     fn invlpg(&self, vcpu: VcpuId, pcpu: PcpuId, _gva: Gva) -> MmuReply {
@@ -665,7 +774,9 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
             self.zap(v, Some(pcpu), &mut flush)?;
             Ok(MmuReply::Done { flush: None })
         });
-        finish(r, flush)
+        let reply = finish(r, flush);
+        st.count_vcpu_reply(vcpu, &reply);
+        reply
     }
 
     fn emulated_write(
@@ -679,7 +790,14 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
         let mut st = self.state.lock();
         let mut flush = None;
         let r = self.emulated_write_locked(&mut st, &mut flush, vcpu, pcpu, gpa, value, size);
-        finish(r, flush)
+        let reply = finish(r, flush);
+        if let Ok(v) = st.vcpu(vcpu) {
+            if matches!(reply, MmuReply::WriteDone { .. }) {
+                v.counters.emulated_writes += 1;
+            }
+            count_flush(&mut v.counters, &reply);
+        }
+        reply
     }
 
     fn enable_dirty_log(&self, domain: DomainId) -> MmuReply {
@@ -698,7 +816,9 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
             self.write_protect_domain(&mut st, domain, &mut flush)?;
             Ok(MmuReply::Done { flush: None })
         });
-        finish(r, flush)
+        let reply = finish(r, flush);
+        st.count_domain_reply(domain, &reply);
+        reply
     }
 
     fn disable_dirty_log(&self, domain: DomainId) -> MmuReply {
@@ -714,7 +834,9 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
         let mut st = self.state.lock();
         let mut flush = None;
         let r = self.get_and_clear_dirty_locked(&mut st, &mut flush, domain, start);
-        finish(r, flush)
+        let reply = finish(r, flush);
+        st.count_domain_reply(domain, &reply);
+        reply
     }
 
     fn zap_all(&self, domain: DomainId) -> MmuReply {
@@ -726,6 +848,26 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
             }
             Ok(MmuReply::Done { flush: None })
         });
-        finish(r, flush)
+        let reply = finish(r, flush);
+        if let (MmuReply::Done { .. }, Ok(di)) = (&reply, st.domain_index(domain)) {
+            st.domains[di].counters.zaps += 1;
+        }
+        st.count_domain_reply(domain, &reply);
+        reply
+    }
+
+    fn counters(&self, domain: Option<DomainId>) -> MmuReply {
+        let st = self.state.lock();
+        let counters = match domain {
+            None => st.total_counters(),
+            Some(id) => match st.domain_index(id) {
+                Ok(di) => st.domain_counters(&st.domains[di]),
+                Err(e) => return MmuReply::error(e),
+            },
+        };
+        MmuReply::Counters {
+            counters,
+            flush: None,
+        }
     }
 }

@@ -40,14 +40,15 @@ pub fn alloc_table<M: PhysMem + ?Sized>(mem: &M) -> Result<Mfn, InstallError> {
 }
 
 /// Installs `leaf` as the level-1 entry for `gva` in the tree at `root`,
-/// allocating missing tables. Returns the entry it replaced. On
-/// `OutOfPool` the tree stays well-formed (tables allocated so far stay
-/// linked in).
+/// allocating missing tables (one is added to `tables_taken` for each, also
+/// when it fails later). Returns the entry it replaced. On `OutOfPool` the
+/// tree stays well-formed (tables allocated so far stay linked in).
 pub fn install<M: PhysMem + ?Sized>(
     mem: &M,
     root: Mfn,
     gva: Gva,
     leaf: u64,
+    tables_taken: &mut u64,
 ) -> Result<u64, InstallError> {
     let mut table = root;
     for level in (2..=4u8).rev() {
@@ -57,6 +58,7 @@ pub fn install<M: PhysMem + ?Sized>(
             Mfn((e & PTE_ADDR_MASK) >> 12)
         } else {
             let child = alloc_table(mem)?;
+            *tables_taken += 1;
             mem.write_u64(at, child.base().0 | NONLEAF_FLAGS)?;
             child
         };

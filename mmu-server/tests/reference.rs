@@ -1093,3 +1093,228 @@ fn pool_exhaustion_reclaims_other_domains_safely() {
         matches!(r, MmuReply::LoadShadowRoot { flush: f, .. } if f == flush(&[P0], FlushScope::All))
     );
 }
+
+/// `GetCounters` through the wire: exact counts for a scripted sequence,
+/// per domain and for the whole server, against what the test itself saw
+/// (replies, flushes) and the simulator's frames in use.
+#[test]
+fn counters_through_the_wire_count_exactly() {
+    let (mem, map) = memory();
+    let mut w = world(&mem, &map);
+    for i in 0..5u64 {
+        w.map4k(0x40_0000 + i * 0x1000, 0x5000 + i * 0x1000, PTE_RW | PTE_US);
+    }
+    // Every request about D goes through here; it tallies the flushes the
+    // test saw so the server's flush counts can be checked against them.
+    let tally = std::cell::Cell::new((0u64, 0u64));
+    let sent = |s: &dyn MmuServer, req: MmuRequest| {
+        let r = send(s, req);
+        if let Some(f) = r.flush() {
+            let (n, c) = tally.get();
+            tally.set((n + 1, c + u64::from(f.cpus.0.count_ones())));
+        }
+        r
+    };
+    let get = |s: &dyn MmuServer, domain: Option<DomainId>| match send(
+        s,
+        MmuRequest::GetCounters { domain },
+    ) {
+        MmuReply::Counters { counters, flush } => {
+            assert_eq!(flush, None);
+            counters
+        }
+        other => panic!("GetCounters({domain:?}) answered {other:?}"),
+    };
+    let fresh = get(&w.s, Some(D));
+    assert_eq!(
+        fresh,
+        ServerCounters {
+            shadow_pages_created: 2,
+            shadow_pages_in_use: 2,
+            ..ServerCounters::default()
+        },
+        "two vCPUs, one root each"
+    );
+    sent(&w.s, MmuRequest::VcpuScheduled { vcpu: V0, pcpu: P0 });
+    sent(
+        &w.s,
+        MmuRequest::SetPagingMode {
+            vcpu: V0,
+            pcpu: P0,
+            mode: MODE,
+        },
+    );
+    sent(
+        &w.s,
+        MmuRequest::WriteCr3 {
+            vcpu: V0,
+            pcpu: P0,
+            cr3: GuestCr3(w.pml4.base().0),
+        },
+    );
+    // N = 5 demand faults in one guest L1 table: 3 new shadow tables.
+    for i in 0..5u64 {
+        let r = sent(
+            &w.s,
+            MmuRequest::PageFault {
+                vcpu: V0,
+                pcpu: P0,
+                gva: Gva(0x40_0000 + i * 0x1000),
+                error_code: PfErrorCode(U),
+            },
+        );
+        assert_eq!(r, resume());
+    }
+    // One fault on an unmapped page is injected.
+    let r = sent(
+        &w.s,
+        MmuRequest::PageFault {
+            vcpu: V0,
+            pcpu: P0,
+            gva: Gva(0x80_0000),
+            error_code: PfErrorCode(U),
+        },
+    );
+    assert!(matches!(r, MmuReply::InjectPageFault { .. }), "{r:?}");
+    // A fault of an unknown vCPU counts nowhere.
+    let r = w.fault(VcpuId(99), P0, 0x40_0000, U);
+    assert_eq!(r, MmuReply::error(MmuError::UnknownVcpu(VcpuId(99))));
+    // One emulated write.
+    let r = sent(
+        &w.s,
+        MmuRequest::EmulatedWrite {
+            vcpu: V0,
+            pcpu: P0,
+            gpa: Gpa(0x9000),
+            value: 7,
+            size: 8,
+        },
+    );
+    assert!(matches!(r, MmuReply::WriteDone { .. }), "{r:?}");
+    let c = get(&w.s, Some(D));
+    assert_eq!(c.shadow_pages_in_use as usize, mem.frames_in_use());
+    let (obligations, cpus) = tally.get();
+    assert_eq!(
+        c,
+        ServerCounters {
+            page_faults: 6,
+            faults_fixed: 5,
+            faults_injected: 1,
+            shadow_pages_created: 5,
+            shadow_pages_in_use: 5,
+            emulated_writes: 1,
+            flush_obligations: obligations,
+            flush_cpus: cpus,
+            ..ServerCounters::default()
+        }
+    );
+    // A zap while V0 runs: its 3 tables are unhooked but kept (in use)
+    // until V0 leaves P0.
+    let r = sent(&w.s, MmuRequest::ZapAll { domain: D });
+    assert!(matches!(r, MmuReply::Done { .. }), "{r:?}");
+    let c = get(&w.s, Some(D));
+    assert_eq!((c.zaps, c.shadow_pages_in_use), (1, 5));
+    assert_eq!(c.shadow_pages_in_use as usize, mem.frames_in_use());
+    sent(&w.s, MmuRequest::VcpuDescheduled { vcpu: V0, pcpu: P0 });
+    let c = get(&w.s, Some(D));
+    assert_eq!(
+        (
+            c.shadow_pages_created,
+            c.shadow_pages_freed,
+            c.shadow_pages_in_use
+        ),
+        (5, 3, 2)
+    );
+    assert_eq!(c.shadow_pages_in_use as usize, mem.frames_in_use());
+    let (obligations, cpus) = tally.get();
+    assert!(obligations >= 1, "the zap of a vCPU that ran must flush");
+    assert_eq!((c.flush_obligations, c.flush_cpus), (obligations, cpus));
+    // Nothing this server does not do is claimed.
+    assert_eq!(
+        (
+            c.fast_path_fixes,
+            c.unsyncs,
+            c.resyncs,
+            c.unshadowed,
+            c.emulate_write_replies,
+            c.reclaims
+        ),
+        (0, 0, 0, 0, 0, 0)
+    );
+    // A second domain is counted apart; the whole server is the sum.
+    let d2 = DomainId(2);
+    send(
+        &w.s,
+        MmuRequest::CreateDomain {
+            domain: d2,
+            memory: map.clone(),
+        },
+    );
+    send(
+        &w.s,
+        MmuRequest::CreateVcpu {
+            domain: d2,
+            vcpu: VcpuId(20),
+        },
+    );
+    let c2 = get(&w.s, Some(d2));
+    assert_eq!(
+        c2,
+        ServerCounters {
+            shadow_pages_created: 1,
+            shadow_pages_in_use: 1,
+            ..ServerCounters::default()
+        }
+    );
+    let total = get(&w.s, None);
+    assert_eq!(total, c.sum(&c2));
+    assert_eq!(total.shadow_pages_in_use as usize, mem.frames_in_use());
+    // Destroyed domains stay in the total; asking for one is an error.
+    let r = sent(&w.s, MmuRequest::DestroyDomain { domain: D });
+    assert!(matches!(r, MmuReply::Done { .. }), "{r:?}");
+    assert_eq!(
+        send(&w.s, MmuRequest::GetCounters { domain: Some(D) }),
+        MmuReply::error(MmuError::UnknownDomain(D))
+    );
+    let total = get(&w.s, None);
+    let (obligations, cpus) = tally.get();
+    assert_eq!(total.shadow_pages_in_use, 1);
+    assert_eq!(total.shadow_pages_in_use as usize, mem.frames_in_use());
+    assert_eq!(
+        (
+            total.page_faults,
+            total.faults_fixed,
+            total.zaps,
+            total.shadow_pages_created,
+            total.shadow_pages_freed
+        ),
+        (6, 5, 1, 6, 5)
+    );
+    assert_eq!(
+        (total.flush_obligations, total.flush_cpus),
+        (obligations, cpus)
+    );
+}
+
+/// Pool exhaustion is counted as reclaims on the vCPU whose fault ran dry.
+#[test]
+fn counters_count_reclaims() {
+    let (mem, map) = memory();
+    let mut w = world(&mem, &map);
+    w.map4k(0x40_0000, 0x5000, PTE_RW | PTE_US);
+    w.map4k(0x8000_0000, 0x6000, PTE_RW | PTE_US);
+    w.start(V0, P0);
+    assert_eq!(w.fault(V0, P0, 0x40_0000, U), resume());
+    // Roots (2) + 3 tables in use; no room for the 3 tables of a far page.
+    mem.set_frame_limit(mem.frames_in_use());
+    let r = w.fault(V0, P0, 0x8000_0000, U);
+    assert!(matches!(r, MmuReply::Resume { .. }), "{r:?}");
+    let MmuReply::Counters { counters: c, .. } =
+        send(&w.s, MmuRequest::GetCounters { domain: Some(D) })
+    else {
+        panic!("no counters")
+    };
+    assert_eq!(c.reclaims, 1, "{c:?}");
+    assert_eq!(c.faults_fixed, 2);
+    assert_eq!(c.shadow_pages_in_use as usize, mem.frames_in_use());
+}

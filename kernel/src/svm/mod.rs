@@ -21,7 +21,10 @@
 //! workload ([`guest::work::WORKLOADS`]), pins each vCPU to a pCPU and runs
 //! all pCPUs at once (`smp::run_on`). Each pCPU round-robins its vCPUs: a
 //! vCPU gives way on HLT (the guests' yield) and on timer exits. Then the
-//! report, the verdicts, and the teardown (every domain destroyed, no shadow
+//! report (the kernel's own counters per pCPU, then the server's counters
+//! per workload and in total, asked with `GetCounters` through the same
+//! bytes as every request; a server that does not count is reported as
+//! such), the verdicts, and the teardown (every domain destroyed, no shadow
 //! page may stay taken).
 //!
 //! # Guests
@@ -568,9 +571,19 @@ fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
         }
     }
     print_row("all ", &tot);
+    let total = server_counters(svm);
     let (shadow_now, shadow_peak) = svm.mem.shadow_pages();
+    let fast = match &total {
+        Ok(c) => alloc::format!(
+            "{} of the server's {} fixes ({} page faults)",
+            c.fast_path_fixes,
+            c.faults_fixed,
+            c.page_faults
+        ),
+        Err(why) => why.clone(),
+    };
     crate::kprintln!(
-        "svm: shadow pages in use {shadow_now}, peak {shadow_peak}; fast-path fixes: not reported by the protocol \
+        "svm: shadow pages in use {shadow_now}, peak {shadow_peak}; fast-path fixes: {fast} \
          (Resume replies = {})",
         tot[BUCKETS]
     );
@@ -627,6 +640,44 @@ fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
         TEST_TALLY.call_once(|| (passed as u32, (doms.len() - passed) as u32));
     }
     all
+}
+
+/// Asks the server for its counters, per domain and in total, through the
+/// same byte path as every request (`Svm::mmu`), prints the table (or one
+/// line when the server reports none at all), and returns the total (or the
+/// text printed instead of numbers).
+fn server_counters(svm: &Svm) -> Result<abi::ServerCounters, alloc::string::String> {
+    let doms = svm.domains.get().map(|v| v.as_slice()).unwrap_or(&[]);
+    let mut rows = Vec::new();
+    for d in doms {
+        let reply = svm.mmu(&MmuRequest::GetCounters { domain: Some(d.id) });
+        svm.carry_out(d, reply.flush());
+        let label = alloc::format!("{} d{}", d.workload.name, d.id.0);
+        rows.push((label, stats::counters_of(&reply)));
+    }
+    let reply = svm.mmu(&MmuRequest::GetCounters { domain: None });
+    // A flush with the whole-server answer concerns no one domain: carry it
+    // out for each (a wider flush is always allowed).
+    if reply.flush().is_some() {
+        for d in doms {
+            svm.carry_out(d, reply.flush());
+        }
+    }
+    let total = stats::counters_of(&reply);
+    let name = svm.server.name();
+    if let Err(why) = &total {
+        if rows.iter().all(|(_, r)| r.as_ref().err() == Some(why)) {
+            crate::kprintln!("svm: ---- MMU server `{name}` counters: {why} ----");
+            return total;
+        }
+    }
+    crate::kprintln!("svm: ---- MMU server `{name}` counters, per workload (GetCounters) ----");
+    crate::kprintln!("{}", stats::server_header());
+    for (label, r) in &rows {
+        crate::kprintln!("{}", stats::server_line(label, r));
+    }
+    crate::kprintln!("{}", stats::server_line("all (server)", &total));
+    total
 }
 
 fn print_row(label: &str, row: &[u64]) {

@@ -1,7 +1,13 @@
 //! Counters for the run's report: per pCPU, updated by the CPU itself
-//! (relaxed atomics), summed at the end.
+//! (relaxed atomics), summed at the end; and the formatting of the MMU
+//! server's own counters (`GetCounters`), which only the server knows.
 
 use super::exit::BUCKETS;
+use abi::mmu::MmuError;
+use abi::{MmuReply, MmuRequest, ServerCounters};
+use alloc::format;
+use alloc::string::String;
+use core::fmt::Write;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 /// One pCPU's counters.
@@ -61,3 +67,73 @@ pub fn get(c: &AtomicU64) -> u64 {
 
 /// The counters of every possible pCPU.
 pub static STATS: [PcpuStats; 64] = [const { PcpuStats::new() }; 64];
+
+/// Column heads of the server-counter table, one per [`server_row`] value
+/// (the meaning of each is documented on [`ServerCounters`]).
+pub const SERVER_HEADS: [&str; 16] = [
+    "pf", "fixed", "inject", "fast", "sp-new", "sp-free", "sp-used", "zaps", "reclm", "emreq",
+    "emul", "unsync", "resync", "unshad", "flush", "fcpus",
+];
+
+/// The counters in [`SERVER_HEADS`] order.
+pub fn server_row(c: &ServerCounters) -> [u64; 16] {
+    [
+        c.page_faults,
+        c.faults_fixed,
+        c.faults_injected,
+        c.fast_path_fixes,
+        c.shadow_pages_created,
+        c.shadow_pages_freed,
+        c.shadow_pages_in_use,
+        c.zaps,
+        c.reclaims,
+        c.emulate_write_replies,
+        c.emulated_writes,
+        c.unsyncs,
+        c.resyncs,
+        c.unshadowed,
+        c.flush_obligations,
+        c.flush_cpus,
+    ]
+}
+
+/// What the server answered to `GetCounters`: its counters, or the text to
+/// print instead of numbers ("server does not report counters" when it
+/// answered `Unsupported(GetCounters)`).
+pub fn counters_of(reply: &MmuReply) -> Result<ServerCounters, String> {
+    match reply {
+        MmuReply::Counters { counters, .. } => Ok(*counters),
+        MmuReply::Error {
+            reason: MmuError::Unsupported(MmuRequest::GET_COUNTERS),
+            ..
+        } => Err(String::from("server does not report counters")),
+        MmuReply::Error { reason, .. } => Err(format!("server refused GetCounters: {reason}")),
+        other => Err(format!("unexpected reply to GetCounters: {other:?}")),
+    }
+}
+
+/// One line of the server-counter table: `label`, then the numbers or the
+/// reason there are none.
+pub fn server_line(label: &str, counters: &Result<ServerCounters, String>) -> String {
+    let mut line = format!("{label:<16}");
+    match counters {
+        Ok(c) => {
+            for v in server_row(c) {
+                let _ = write!(line, "{v:>8}");
+            }
+        }
+        Err(why) => {
+            let _ = write!(line, "  {why}");
+        }
+    }
+    line
+}
+
+/// The header line of the server-counter table.
+pub fn server_header() -> String {
+    let mut line = format!("{:<16}", "workload");
+    for h in SERVER_HEADS {
+        let _ = write!(line, "{h:>8}");
+    }
+    line
+}
