@@ -4,9 +4,14 @@
 //! everything the guest can observe after every operation: access outcomes
 //! (values read, injected faults with their error codes, refusals), dirty
 //! bitmaps, and the whole of guest memory (so the guest's A/D bits and every
-//! emulated write too).
+//! emulated write too), plus the guest entries each access walked through.
+//!
+//! Two guest profiles: [`PLAIN`] (PTEs written with A and D clear, spread
+//! over 24 pages) and [`PREFETCH`] (PTEs written with random A and D bits
+//! over 8 pages, so emulated writes and shadow misses prefetch and accesses
+//! often follow the map of their PTE).
 
-use conformance::arch::{Access, Ctrl, Size, NX, P, RW, US};
+use conformance::arch::{Access, Ctrl, Size, A, D, NX, P, RW, US};
 use conformance::machine::{Machine, Outcome};
 use conformance::ram::{Ram, SuitePhys};
 use core::sync::atomic::AtomicU64;
@@ -68,15 +73,44 @@ enum Op {
     },
 }
 
-fn gen(rng: &mut Rng, vcpus: usize, spaces: usize, data: usize) -> Op {
+/// What the random guest does and how long it runs.
+struct Profile {
+    /// Pages the guest maps and touches.
+    pages: u64,
+    /// The A/D bits a PTE write may carry (one chosen at random).
+    ad: &'static [u64],
+    /// Operations per seed.
+    steps: usize,
+    /// Seeds run when `FAST_SEED` does not name one.
+    seeds: u64,
+}
+
+/// PTEs written with A and D clear: every first access faults.
+const PLAIN: Profile = Profile {
+    pages: 24,
+    ad: &[0],
+    steps: 250,
+    seeds: 5,
+};
+
+/// PTEs written with random A/D bits over few pages: prefetch happens.
+const PREFETCH: Profile = Profile {
+    pages: 8,
+    ad: &[0, A, A, A | D],
+    steps: 400,
+    seeds: 12,
+};
+
+fn gen(rng: &mut Rng, pr: &Profile, vcpus: usize, spaces: usize, data: usize) -> Op {
     let v = rng.below(vcpus as u64) as usize;
-    let va = 0x4000_0000 + rng.below(24) * 0x1000 + [0, 0, 0x20_0000][rng.below(3) as usize];
+    let va = 0x4000_0000 + rng.below(pr.pages) * 0x1000 + [0, 0, 0x20_0000][rng.below(3) as usize];
     match rng.below(24) {
         0..=4 => {
             let flags = P
                 | [0, RW][rng.below(2) as usize]
                 | [0, US][rng.below(2) as usize]
-                | [0, NX][rng.below(2) as usize];
+                | [0, NX][rng.below(2) as usize]
+                | pr.ad[rng.below(pr.ad.len() as u64) as usize];
             let flags = if rng.below(8) == 0 { 0 } else { flags };
             let size = if rng.below(10) == 0 {
                 Size::M2
@@ -119,7 +153,9 @@ fn gen(rng: &mut Rng, vcpus: usize, spaces: usize, data: usize) -> Op {
 #[derive(Debug, PartialEq, Eq)]
 enum Seen {
     Unit,
-    Access(Outcome),
+    /// The outcome and the guest entries of the access's walk (levels 4..1),
+    /// so an A or D bit a prefetch failed to leave to a fault shows at once.
+    Access(Outcome, Vec<Option<u64>>),
     Dirty(Vec<u64>),
 }
 
@@ -239,7 +275,16 @@ fn apply(s: &mut Side<'_>, op: Op) -> R<Seen> {
             Seen::Unit
         }
         Op::Access { v, va, acc, value } => {
-            Seen::Access(m.access(s.vs[v], va, Access::ALL[acc], value).map_err(e)?)
+            let o = m.access(s.vs[v], va, Access::ALL[acc], value).map_err(e)?;
+            let cr3 = m.cr3(s.vs[v]);
+            let entries = (1..=4)
+                .rev()
+                .map(|l| {
+                    m.entry_addr(s.d, cr3, va, l)
+                        .and_then(|gpa| m.peek(s.d, gpa))
+                })
+                .collect();
+            Seen::Access(o, entries)
         }
     })
 }
@@ -252,15 +297,19 @@ fn memory(s: &Side<'_>) -> Vec<u64> {
         .collect()
 }
 
-fn differential(fast: &'static str, seed: u64, steps: usize) {
-    differential_with(fast, seed, steps, &|name, p| {
-        registry::create(name, p).unwrap()
-    })
+fn differential(fast: &'static str, pr: &Profile) {
+    differential_with(fast, pr, &|name, p| registry::create(name, p).unwrap())
 }
 
 type Make = dyn for<'a> Fn(&'static str, &'a SuitePhys<'a>) -> Box<dyn abi::MmuServer + 'a>;
 
-fn differential_with(fast: &'static str, seed: u64, steps: usize, make: &Make) {
+fn differential_with(fast: &'static str, pr: &Profile, make: &Make) {
+    for seed in seeds(pr) {
+        differential_seed(fast, pr, seed, make);
+    }
+}
+
+fn differential_seed(fast: &'static str, pr: &Profile, seed: u64, make: &Make) {
     let mk = || -> Vec<AtomicU64> { (0..FRAMES * 512).map(|_| AtomicU64::new(0)).collect() };
     let (wa, wb) = (mk(), mk());
     let (ra, rb) = (Ram::new(0x10_0000, &wa), Ram::new(0x10_0000, &wb));
@@ -274,8 +323,8 @@ fn differential_with(fast: &'static str, seed: u64, steps: usize, make: &Make) {
         let mut a = setup(Machine::new("reference", &*sa, &pa, GUEST, 4))?;
         let mut b = setup(Machine::new(fast, &*sb, &pb, GUEST, 4))?;
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-        for step in 0..steps {
-            let op = gen(&mut rng, a.vs.len(), a.spaces.len(), a.data.len());
+        for step in 0..pr.steps {
+            let op = gen(&mut rng, pr, a.vs.len(), a.spaces.len(), a.data.len());
             // A sequence the reference itself cannot complete (the random
             // page-table edits broke the guest's own direct map) ends here:
             // the differential test compares servers, not scripts.
@@ -307,39 +356,50 @@ fn differential_with(fast: &'static str, seed: u64, steps: usize, make: &Make) {
     }
 }
 
-fn seeds() -> std::ops::RangeInclusive<u64> {
+fn seeds(pr: &Profile) -> std::ops::RangeInclusive<u64> {
     match std::env::var("FAST_SEED").ok().and_then(|s| s.parse().ok()) {
         Some(s) => s..=s,
-        None => 1..=5,
+        None => 1..=pr.seeds,
     }
+}
+
+fn dirty_bits_server<'a>(name: &'static str, p: &'a SuitePhys<'a>) -> Box<dyn abi::MmuServer + 'a> {
+    use mmu_server::fast::policy::SharedRoots;
+    use mmu_server::fast::{DirtyMode, FastServer};
+    Box::new(FastServer::<SharedRoots>::with_dirty_mode(
+        name,
+        p,
+        mmu_server::Config::default(),
+        DirtyMode::DirtyBits,
+    ))
 }
 
 #[test]
 fn differential_fast_shared() {
-    for seed in seeds() {
-        differential(registry::FAST_SHARED, seed, 250);
-    }
+    differential(registry::FAST_SHARED, &PLAIN);
 }
 
 #[test]
 fn differential_fast_percpu() {
-    for seed in seeds() {
-        differential(registry::FAST_PERCPU, seed, 250);
-    }
+    differential(registry::FAST_PERCPU, &PLAIN);
 }
 
 #[test]
 fn differential_fast_dirty_bits() {
-    use mmu_server::fast::policy::SharedRoots;
-    use mmu_server::fast::{DirtyMode, FastServer};
-    for seed in seeds() {
-        differential_with("fast-shared-dbits", seed, 250, &|name, p| {
-            Box::new(FastServer::<SharedRoots>::with_dirty_mode(
-                name,
-                p,
-                mmu_server::Config::default(),
-                DirtyMode::DirtyBits,
-            ))
-        });
-    }
+    differential_with("fast-shared-dbits", &PLAIN, &dirty_bits_server);
+}
+
+#[test]
+fn prefetch_differential_fast_shared() {
+    differential(registry::FAST_SHARED, &PREFETCH);
+}
+
+#[test]
+fn prefetch_differential_fast_percpu() {
+    differential(registry::FAST_PERCPU, &PREFETCH);
+}
+
+#[test]
+fn prefetch_differential_fast_dirty_bits() {
+    differential_with("fast-shared-dbits", &PREFETCH, &dirty_bits_server);
 }
