@@ -4,10 +4,9 @@
 //! domain), frames in use against the simulator, and agreement with the
 //! reference on the fault counts of the same sequence.
 
-use abi::mmu::MemoryMap;
 use abi::*;
 use mmu_server::registry;
-use mmu_server::sim::{GuestTables, SimMem};
+use mmu_server::sim::GuestTables;
 use mmu_server::walk::*;
 use std::cell::Cell;
 
@@ -25,27 +24,8 @@ const U: u32 = PfErrorCode::U;
 const N: u64 = 5;
 const BASE: u64 = 0x40_0000;
 
-/// Host frames 0..4096: guest frames 0..1024 at host 1024..2048, shadow
-/// pool 3072..4096.
-fn memory() -> (SimMem, MemoryMap) {
-    let mem = SimMem::new(4096, 3072..4096);
-    let mut map = MemoryMap::new();
-    map.push(MemRegion {
-        gfn: Gfn(0),
-        mfn: Mfn(1024),
-        pages: 1024,
-    })
-    .unwrap();
-    (mem, map)
-}
-
-fn send(s: &dyn MmuServer, req: MmuRequest) -> MmuReply {
-    let mut buf = [0u8; MAX_MESSAGE];
-    let n = encode(&req, &mut buf).unwrap();
-    let mut out = [0u8; MAX_MESSAGE];
-    let m = dispatch(s, &buf[..n], &mut out);
-    decode(&out[..m]).unwrap()
-}
+mod common;
+use common::{memory, send};
 
 fn get(s: &dyn MmuServer, domain: Option<DomainId>) -> ServerCounters {
     match send(s, MmuRequest::GetCounters { domain }) {

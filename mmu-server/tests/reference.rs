@@ -17,28 +17,8 @@ const MODE: PagingMode = PagingMode(PagingMode::WP | PagingMode::NXE);
 const W: u32 = PfErrorCode::W;
 const U: u32 = PfErrorCode::U;
 
-/// Host frames 0..4096: guest frames 0..1024 at host 1024..2048, shadow
-/// pool 3072..4096.
-fn memory() -> (SimMem, MemoryMap) {
-    let mem = SimMem::new(4096, 3072..4096);
-    let mut map = MemoryMap::new();
-    map.push(MemRegion {
-        gfn: Gfn(0),
-        mfn: Mfn(1024),
-        pages: 1024,
-    })
-    .unwrap();
-    (mem, map)
-}
-
-/// Sends a request through the wire and decodes the reply.
-fn send(s: &dyn MmuServer, req: MmuRequest) -> MmuReply {
-    let mut buf = [0u8; MAX_MESSAGE];
-    let n = encode(&req, &mut buf).unwrap();
-    let mut out = [0u8; MAX_MESSAGE];
-    let m = dispatch(s, &buf[..n], &mut out);
-    decode(&out[..m]).unwrap()
-}
+mod common;
+use common::{memory, send};
 
 struct World<'a> {
     mem: &'a SimMem,

@@ -13,19 +13,8 @@ const P: u32 = PfErrorCode::P;
 const RSVD: u32 = PfErrorCode::RSVD;
 const NXE: PagingMode = PagingMode(PagingMode::WP | PagingMode::NXE);
 
-/// Host frames 0..4096; guest frames 0..1024 live at host 1024..2048;
-/// the rest of host memory is outside the guest.
-fn setup() -> (SimMem, MemoryMap) {
-    let mem = SimMem::new(4096, 3072..4096);
-    let mut map = MemoryMap::new();
-    map.push(MemRegion {
-        gfn: Gfn(0),
-        mfn: Mfn(1024),
-        pages: 1024,
-    })
-    .unwrap();
-    (mem, map)
-}
+mod common;
+use common::memory as setup;
 
 struct Ctx<'a> {
     t: GuestTables<'a>,
