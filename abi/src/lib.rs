@@ -15,6 +15,7 @@ pub mod ids;
 pub mod mem;
 pub mod mmu;
 pub mod paging;
+pub mod task;
 pub mod wire;
 
 pub use addr::{Gfn, Gpa, Gva, Hpa, Mfn, PageSize, PAGE_SHIFT, PAGE_SIZE};

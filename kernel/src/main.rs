@@ -57,6 +57,8 @@ pub mod shootdown;
 pub mod smp;
 #[cfg(target_os = "none")]
 pub mod svm;
+#[cfg(target_os = "none")]
+pub mod task;
 
 /// The kernel is built only for `x86_64-unknown-none`; on the host it is empty.
 #[cfg(not(target_os = "none"))]

@@ -31,6 +31,18 @@ pub struct RunArgs {
     /// one boot per registered implementation, or `none` to only boot.
     #[arg(long, default_value = "reference")]
     pub mmu: String,
+    /// How the kernel reaches the MMU server: `task` (the server runs in
+    /// ring 3 in its own address space), `direct` (linked into the kernel,
+    /// called in ring 0: the cost of isolation, measured), or `all` (both,
+    /// one boot each).
+    #[arg(long, default_value = "task")]
+    pub transport: String,
+    /// Count instructions: boot under `-icount shift=0,align=off,sleep=off`
+    /// (the TSC then advances one tick per instruction) and print the cost
+    /// table (instructions per request round trip and per forwarded #PF
+    /// exit, median and p99) for each transport and server.
+    #[arg(long)]
+    pub icount: bool,
     /// Arguments passed to the kernel command line (QEMU `-append`).
     #[arg(last = true)]
     pub kernel_args: Vec<String>,
@@ -76,18 +88,68 @@ impl Outcome {
     }
 }
 
-/// Builds the kernel (release unless `debug`) and returns the image's path.
-pub fn build_kernel(debug: bool) -> Result<PathBuf> {
+/// Builds the MMU server task (`mmu-server`'s `mmu-task` binary, always
+/// release: it runs in ring 3 and its speed is part of what is measured)
+/// and returns its path. It has its own target directory: its flags differ
+/// from the kernel's (position-independent code linked high, the runtime
+/// cfg `umbra_task`), and sharing one would rebuild both every time.
+pub fn build_mmu_task() -> Result<PathBuf> {
+    let target_dir = target_dir().join("task");
     let mut cmd = prereq::cargo();
-    cmd.args(["build", "-p", "kernel", "--target", prereq::KERNEL_TARGET]);
+    cmd.args([
+        "build",
+        "-p",
+        "mmu-server",
+        "--bin",
+        "mmu-task",
+        "--release",
+        "--target",
+        prereq::KERNEL_TARGET,
+        "--target-dir",
+    ])
+    .arg(&target_dir)
+    .env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        [
+            "-Crelocation-model=pic",
+            "--cfg",
+            "umbra_task",
+            "-Cstrip=debuginfo",
+        ]
+        .join("\x1f"),
+    );
+    prereq::run_checked(&mut cmd)?;
+    let path = target_dir
+        .join(prereq::KERNEL_TARGET)
+        .join("release")
+        .join("mmu-task");
+    if !path.is_file() {
+        bail!(
+            "the MMU task build succeeded but {} is missing",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| prereq::workspace_root().join("target"))
+}
+
+/// Builds the server tasks, then the kernel with them embedded (release
+/// unless `debug`), and returns the image's path.
+pub fn build_kernel(debug: bool) -> Result<PathBuf> {
+    let task = build_mmu_task()?;
+    let mut cmd = prereq::cargo();
+    cmd.args(["build", "-p", "kernel", "--target", prereq::KERNEL_TARGET])
+        .env("UMBRA_MMU_TASK", &task);
     if !debug {
         cmd.arg("--release");
     }
     prereq::run_checked(&mut cmd)?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| prereq::workspace_root().join("target"));
-    let image = target_dir
+    let image = target_dir()
         .join(prereq::KERNEL_TARGET)
         .join(if debug { "debug" } else { "release" })
         .join("kernel");
@@ -109,7 +171,26 @@ pub fn boot(
     timeout: Duration,
     echo: bool,
 ) -> Result<Outcome> {
+    boot_with(image, smp, append, timeout, echo, false)
+}
+
+/// QEMU's instruction counting: the virtual clock, and with it the TSC,
+/// advances 1 ns per guest instruction.
+pub const ICOUNT: &str = "shift=0,align=off,sleep=off";
+
+/// [`boot`], under `-icount` when `icount`.
+pub fn boot_with(
+    image: &std::path::Path,
+    smp: u32,
+    append: &str,
+    timeout: Duration,
+    echo: bool,
+    icount: bool,
+) -> Result<Outcome> {
     let mut cmd = Command::new("qemu-system-x86_64");
+    if icount {
+        cmd.args(["-icount", ICOUNT]);
+    }
     // -nodefaults: no VGA, no NIC (whose option ROM slows the firmware).
     cmd.args(["-machine", "q35", "-nodefaults", "-m", "512M", "-smp"])
         .arg(smp.to_string())
@@ -227,12 +308,26 @@ pub fn run(args: &RunArgs) -> Result<()> {
             mmu_server::registry::NAMES.join(", ")
         ),
     };
+    let transports: Vec<&str> = match args.transport.as_str() {
+        "all" => vec!["task", "direct"],
+        one @ ("task" | "direct") => vec![one],
+        other => bail!("--transport {other}: no such transport; known: task, direct (or `all`)"),
+    };
     let image = build_kernel(args.debug)?;
     let mut failed = Vec::new();
-    for name in names {
+    let mut costs = Vec::new();
+    for (transport, name) in transports
+        .iter()
+        .flat_map(|t| names.iter().map(move |n| (*t, *n)))
+    {
         let mut append = args.kernel_args.join(" ");
         if !name.is_empty() {
-            append = format!("mmu={name} {append}").trim_end().to_string();
+            append = format!("mmu={name} transport={transport} {append}")
+                .trim_end()
+                .to_string();
+        }
+        if args.icount {
+            append = format!("{append} icount").trim_start().to_string();
         }
         eprintln!(
             "xtask: booting {} with -smp {}{}",
@@ -244,13 +339,20 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 format!(", command line \"{append}\"")
             }
         );
-        let out = boot(
+        let out = boot_with(
             &image,
             args.smp,
             &append,
             Duration::from_secs(args.timeout),
             true,
+            args.icount,
         )?;
+        costs.extend(
+            out.lines
+                .iter()
+                .filter_map(|l| l.strip_prefix("umbra-costs: "))
+                .map(str::to_string),
+        );
         if let Some(t) = out.online_after {
             eprintln!(
                 "xtask: all CPUs online {:.3} s after QEMU start (wall)",
@@ -262,9 +364,67 @@ pub fn run(args: &RunArgs) -> Result<()> {
             failed.push(describe(&out.ending));
         }
     }
+    if !costs.is_empty() {
+        let unit = if args.icount {
+            "instructions"
+        } else {
+            "TSC ticks (use --icount for instructions)"
+        };
+        println!("xtask: ---- costs in {unit} ----");
+        println!(
+            "{:<14} {:<10} {:<12} {:>8} {:>10} {:>10}",
+            "server", "transport", "figure", "samples", "median", "p99"
+        );
+        for c in &costs {
+            if let Some(row) = CostRow::parse(c) {
+                println!(
+                    "{:<14} {:<10} {:<12} {:>8} {:>10} {:>10}",
+                    row.server, row.transport, row.figure, row.samples, row.median, row.p99
+                );
+            }
+        }
+    }
     match failed.first() {
         None => Ok(()),
         Some(why) => bail!("{} run(s) failed; first: {why}", failed.len()),
+    }
+}
+
+/// One `umbra-costs:` line of the kernel's report.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CostRow {
+    /// The MMU server.
+    pub server: String,
+    /// `task` or `direct`.
+    pub transport: String,
+    /// `RoundTrip` or `PfExit`.
+    pub figure: String,
+    /// Samples taken.
+    pub samples: u64,
+    /// Median TSC ticks (instructions under -icount).
+    pub median: u64,
+    /// 99th percentile.
+    pub p99: u64,
+}
+
+impl CostRow {
+    /// Parses `server S transport T figure F samples N median M p99 P ...`.
+    pub fn parse(line: &str) -> Option<CostRow> {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let get = |key: &str| {
+            w.iter()
+                .position(|x| *x == key)
+                .and_then(|i| w.get(i + 1))
+                .map(|s| s.to_string())
+        };
+        Some(CostRow {
+            server: get("server")?,
+            transport: get("transport")?,
+            figure: get("figure")?,
+            samples: get("samples")?.parse().ok()?,
+            median: get("median").unwrap_or_else(|| "0".into()).parse().ok()?,
+            p99: get("p99").unwrap_or_else(|| "0".into()).parse().ok()?,
+        })
     }
 }
 
@@ -530,8 +690,10 @@ pub fn test_image() -> Result<Tally> {
 /// registered MMU implementation (command line `mmu=<name> svm-test`).
 fn svm_boots(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
     for name in mmu_server::registry::NAMES {
-        eprintln!("xtask: test image: guest workloads and conformance on MMU `{name}`");
-        let append = format!("mmu={name} svm-test");
+        eprintln!(
+            "xtask: test image: guest workloads (transports task and direct) and conformance on MMU `{name}`"
+        );
+        let append = format!("mmu={name} transport=task,direct svm-test");
         let out = boot(image, 8, &append, TEST_TIMEOUT, true)?;
         let lines = tally_test_lines(&out.lines);
         *tally += lines;
@@ -552,7 +714,126 @@ fn svm_boots(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
             },
         );
     }
+    containment_boot(image, tally)
+}
+
+/// The misbehaving MMU servers (test-only names the MMU task answers to)
+/// and what each one's stop report must say.
+const MISBEHAVING: [(&str, &str); 4] = [
+    (
+        "misbehave-panic",
+        "panicked: misbehave-panic: deliberate panic",
+    ),
+    ("misbehave-wild", "exception #PF (vector 14"),
+    ("misbehave-hang", "no reply within"),
+    (
+        "misbehave-stack",
+        "stack overflow: #PF (vector 14) in the guard page",
+    ),
+];
+
+/// One boot runs the four misbehaving servers, then `reference`: each
+/// broken server must be stopped and reported (server, request, cause),
+/// its domains reported stopped, and afterwards the reference server's
+/// workloads must pass in the same boot, which must end alive.
+fn containment_boot(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
+    let names: Vec<&str> = MISBEHAVING.iter().map(|(n, _)| *n).collect();
+    let append = format!("mmu={},reference transport=task svm-test", names.join(","));
+    eprintln!(
+        "xtask: test image: containment of misbehaving servers (the STOPPED reports below are expected)"
+    );
+    let out = boot(image, 8, &append, TEST_TIMEOUT, true)?;
+    *tally += tally_test_lines(&out.lines);
+    for (name, cause) in MISBEHAVING {
+        record(
+            tally,
+            &format!("contain_{name}_report"),
+            check_containment(&out.lines, name, cause),
+        );
+    }
+    record(tally, "contain_kernel_goes_on", check_goes_on(&out));
     Ok(())
+}
+
+/// The stop report of server `name` names the server, the request it was
+/// serving and `cause`; the run's domains are reported stopped with it.
+fn check_containment(lines: &[String], name: &str, cause: &str) -> Result<(), String> {
+    let start = lines
+        .iter()
+        .position(|l| l.starts_with(&format!("umbra: MMU implementation: {name} ")))
+        .ok_or(format!("no run of `{name}`"))?;
+    let run = &lines[start + 1..];
+    let end = run
+        .iter()
+        .position(|l| l.starts_with("umbra: MMU implementation: "))
+        .unwrap_or(run.len());
+    let run = &run[..end];
+    let report = run
+        .iter()
+        .find(|l| l.contains(&format!("MMU server `{name}` STOPPED on pcpu ")))
+        .ok_or(format!("no STOPPED report for `{name}`"))?;
+    if !report.contains("while serving ")
+        || !report.contains(" { vcpu: ") && !report.contains(" { domain: ")
+    {
+        return Err(format!("report does not name the request: {report}"));
+    }
+    if !report.contains(cause) {
+        return Err(format!(
+            "report does not give the cause `{cause}`: {report}"
+        ));
+    }
+    let stopped = run
+        .iter()
+        .filter(|l| l.starts_with("svm: workload ") && l.contains("[stopped: MMU server stopped"))
+        .count();
+    if stopped == 0 {
+        return Err(format!(
+            "no workload of `{name}` reported stopped by the server's stop"
+        ));
+    }
+    if !run
+        .iter()
+        .any(|l| l.starts_with(&format!("test contain-{name}-task ... ok")))
+    {
+        return Err(format!("the image did not count `{name}` as contained"));
+    }
+    Ok(())
+}
+
+/// After the misbehaving servers, `reference` passes every workload in the
+/// same boot, and the boot ends alive with the success status.
+fn check_goes_on(out: &Outcome) -> Result<(), String> {
+    let start = out
+        .lines
+        .iter()
+        .position(|l| l.starts_with("umbra: MMU implementation: reference "))
+        .ok_or("no `reference` run after the misbehaving servers")?;
+    let after = &out.lines[start..];
+    let passed = after
+        .iter()
+        .find(|l| l.starts_with("svm: ") && l.ends_with(" workloads passed"))
+        .ok_or("no workload verdict for `reference`")?;
+    let (p, n) = passed
+        .trim_start_matches("svm: ")
+        .trim_end_matches(" workloads passed")
+        .split_once('/')
+        .ok_or(format!("unreadable verdict: {passed}"))?;
+    if p != n {
+        return Err(format!("after the misbehaving servers: {passed}"));
+    }
+    if !after
+        .iter()
+        .any(|l| l.contains("CPUs online") && l.starts_with("umbra: ") && l.contains('/'))
+    {
+        return Err("the kernel did not reach its last line".into());
+    }
+    match &out.ending {
+        Ending::Success => Ok(()),
+        e => Err(format!(
+            "the boot did not end alive and successful: {}",
+            describe(e)
+        )),
+    }
 }
 
 /// Counts one host-side check of the test-image stage and prints its line.

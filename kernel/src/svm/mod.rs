@@ -59,35 +59,69 @@ pub mod domain;
 pub mod exit;
 pub mod guest;
 pub mod host;
-pub mod mem;
 pub mod stats;
 pub mod vcpu;
 pub mod vmcb;
 pub mod world;
 
+use crate::task::{Stop, Task};
+use abi::task::{ControlPage, Op, TaskInit, TaskInitReply};
 use abi::{
     DomainId, FlushObligation, FlushScope, GuestCr3, MemRegion, MemoryMap, Mfn, MmuReply,
     MmuRequest, MmuServer, PagingMode, PcpuId, VcpuId, MAX_MESSAGE, PROTOCOL_VERSION,
 };
 use alloc::boxed::Box;
+use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use domain::Domain;
 use guest::work::WORKLOADS;
-use mem::RealMem;
 use spin::{Mutex, Once};
 use stats::{bump, get, STATS};
+use task_rt::mem::WindowMem;
 use vcpu::Vcpu;
 
 /// Shadow-pool size in frames (32 MiB).
 const SHADOW_POOL_FRAMES: u64 = 8192;
 
-/// Everything the SVM side shares between CPUs.
+/// How the kernel reaches the MMU server: the choice `transport=` makes.
+pub enum Transport {
+    /// The server runs in ring 3 as a task of its own (the default).
+    Task(&'static Task),
+    /// The server is linked into the kernel and called in ring 0: the old
+    /// way, kept so the cost of isolation is measured on the same runs.
+    Direct(Box<dyn MmuServer>),
+}
+
+impl Transport {
+    /// The transport's name on the command line and in reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Transport::Task(_) => "task",
+            Transport::Direct(_) => "direct",
+        }
+    }
+}
+
+/// The MMU server stopped: the request it was serving and why.
+#[derive(Clone, Debug)]
+pub struct ServerDown {
+    /// What stopped it.
+    pub cause: Stop,
+}
+
+/// Everything the SVM side shares between CPUs, for one run.
 pub struct Svm {
     /// The MMU server (reached only through encoded bytes, see [`Svm::mmu`]).
-    server: Box<dyn MmuServer>,
-    /// The server's view of physical memory.
-    pub mem: &'static RealMem,
+    server: Transport,
+    /// The server implementation's registered name.
+    pub name: String,
+    /// What the server may touch besides its pool: the served guest ranges
+    /// (for a task, its own control page; for the direct call, the
+    /// kernel's), and the pool counters the server keeps there.
+    control: &'static ControlPage,
+    /// Set once the server was stopped: it is never called again.
+    down: AtomicBool,
     /// All domains (set once, after they are created).
     pub domains: Once<Vec<&'static Domain>>,
     /// Each pCPU's vCPUs (pinned).
@@ -98,43 +132,127 @@ pub struct Svm {
     pub msrpm_pa: u64,
 }
 
-static SVM: Once<Svm> = Once::new();
+static SVM: AtomicPtr<Svm> = AtomicPtr::new(core::ptr::null_mut());
 
-/// The shared state (after [`run`] set it up).
+/// The shared state of the run in progress (after [`run`] set it up).
 pub fn svm() -> &'static Svm {
-    SVM.get().expect("svm used before setup")
+    let p = SVM.load(Ordering::Acquire);
+    assert!(!p.is_null(), "svm used before setup");
+    // SAFETY: every Svm stored here is leaked by `run` ('static) and never
+    // freed; the pointer is only replaced by the next run's.
+    unsafe { &*p }
 }
 
 impl Svm {
-    /// Sends one request to the MMU server as postcard bytes through
-    /// `abi::dispatch` and decodes the reply. A reply that does not decode is
-    /// turned into an error reply, never a panic.
-    pub fn mmu(&self, req: &MmuRequest) -> MmuReply {
+    /// The one door to the MMU server: encodes `req`, sends it over the
+    /// transport on this pCPU, decodes the reply and carries out its flush
+    /// obligation for `dom` (for every domain when `None`) before
+    /// returning, so no caller can forget it. A reply that does not decode
+    /// becomes an error reply, never a panic. When the server stops while
+    /// serving (or has stopped before), it is reported with the request,
+    /// every domain is stopped, and the caller gets [`ServerDown`].
+    pub fn mmu(&self, dom: Option<&Domain>, req: &MmuRequest) -> Result<MmuReply, ServerDown> {
         let me = host::cpu_index();
         bump(&STATS[me].mmu_calls);
+        if self.down.load(Ordering::Acquire) {
+            return Err(ServerDown {
+                cause: Stop::AlreadyStopped,
+            });
+        }
         let mut buf = [0u8; MAX_MESSAGE];
         let n = match abi::encode(req, &mut buf) {
             Ok(n) => n,
-            Err(_) => return MmuReply::error(abi::mmu::MmuError::Unsupported(0xFF)),
+            Err(_) => return Ok(MmuReply::error(abi::mmu::MmuError::Unsupported(0xFF))),
         };
         let mut out = [0u8; MAX_MESSAGE];
-        let m = abi::dispatch(&*self.server, &buf[..n], &mut out);
-        abi::decode::<MmuReply>(&out[..m])
-            .unwrap_or_else(|e| MmuReply::error(abi::mmu::MmuError::Malformed(e)))
+        let t0 = crate::apic::tsc();
+        let m = match &self.server {
+            Transport::Direct(server) => abi::dispatch(&**server, &buf[..n], &mut out),
+            Transport::Task(task) => match task.call(Op::Request, &buf[..n], &mut out) {
+                Ok(m) => m,
+                Err(cause) => return Err(self.server_down(req, cause)),
+            },
+        };
+        let reply = abi::decode::<MmuReply>(&out[..m])
+            .unwrap_or_else(|e| MmuReply::error(abi::mmu::MmuError::Malformed(e)));
+        stats::record_round_trip(me, crate::apic::tsc() - t0);
+        match dom {
+            Some(d) => self.carry_out(d, reply.flush()),
+            None if reply.flush().is_some() => {
+                // A whole-server answer concerns no one domain: carry it
+                // out for each (a wider flush is always allowed).
+                for d in self.domains.get().map(|v| v.as_slice()).unwrap_or(&[]) {
+                    self.carry_out(d, reply.flush());
+                }
+            }
+            None => {}
+        }
+        Ok(reply)
+    }
+
+    /// Reports the server stopped while serving `req` (the first pCPU to
+    /// see it reports; the others only stop), stops every domain it
+    /// serves, and returns the error for the caller.
+    fn server_down(&self, req: &MmuRequest, cause: Stop) -> ServerDown {
+        if !self.down.swap(true, Ordering::AcqRel) || cause != Stop::AlreadyStopped {
+            crate::kprintln!(
+                "svm: MMU server `{}` STOPPED on pcpu {} while serving {:?}: {}",
+                self.name,
+                host::cpu_index(),
+                req,
+                cause
+            );
+        }
+        for d in self.domains.get().map(|v| v.as_slice()).unwrap_or(&[]) {
+            if !d.stopped.load(Ordering::Acquire) {
+                d.stop("MMU server stopped", 0);
+                host::kick(d.pcpus);
+            }
+        }
+        ServerDown { cause }
+    }
+
+    /// Whether the server was stopped during this run.
+    pub fn server_stopped(&self) -> bool {
+        self.down.load(Ordering::Acquire)
+    }
+
+    /// Lets the server touch guest memory [pa, pa + bytes).
+    fn add_guest_range(&self, pa: u64, bytes: u64) -> Result<(), &'static str> {
+        match &self.server {
+            Transport::Task(t) => t
+                .map_window(pa, bytes, true)
+                .map_err(|_| "cannot map a guest into the server task"),
+            Transport::Direct(_) => WindowMem::add_range(self.control, pa, bytes)
+                .then_some(())
+                .ok_or("the served-range table is full"),
+        }
+    }
+
+    /// Withdraws a guest range (the server forgot the domain).
+    fn remove_guest_range(&self, pa: u64, bytes: u64) {
+        match &self.server {
+            Transport::Task(t) => t.unmap_window(pa, bytes),
+            Transport::Direct(_) => WindowMem::remove_range(self.control, pa),
+        }
+    }
+
+    /// Shadow-pool frames in use now and at the peak.
+    fn shadow_pages(&self) -> (u64, u64) {
+        WindowMem::pool_usage(self.control)
     }
 
     /// Carries out a flush obligation for `dom`: every listed pCPU flushes
     /// the domain's ASID before its next VMRUN, remote ones are forced out
     /// of guest mode by the shootdown IPI and acknowledge; returns once all
     /// have. `AllReloadRoots` also voids every vCPU's root.
-    pub fn carry_out(&self, dom: &Domain, flush: Option<FlushObligation>) {
+    fn carry_out(&self, dom: &Domain, flush: Option<FlushObligation>) {
         let Some(f) = flush else { return };
         let me = host::cpu_index();
         bump(&STATS[me].obligations);
         let mut cpus = f.cpus.0 & online_mask();
         if f.scope == FlushScope::AllReloadRoots {
-            dom.root_gen
-                .fetch_add(1, core::sync::atomic::Ordering::AcqRel);
+            dom.root_gen.fetch_add(1, Ordering::AcqRel);
             bump(&STATS[me].zaps);
             cpus |= dom.pcpus & online_mask();
         }
@@ -142,15 +260,11 @@ impl Svm {
             return;
         }
         let remote = (cpus & !(1u64 << me)).count_ones() as u64;
+        STATS[me].ipis.fetch_add(remote, Ordering::Relaxed);
         STATS[me]
-            .ipis
-            .fetch_add(remote, core::sync::atomic::Ordering::Relaxed);
-        STATS[me].cpus_flushed.fetch_add(
-            cpus.count_ones() as u64,
-            core::sync::atomic::Ordering::Relaxed,
-        );
-        dom.shootdown_ipis
-            .fetch_add(remote, core::sync::atomic::Ordering::Relaxed);
+            .cpus_flushed
+            .fetch_add(cpus.count_ones() as u64, Ordering::Relaxed);
+        dom.shootdown_ipis.fetch_add(remote, Ordering::Relaxed);
         host::guest_shootdown(cpus, dom.asid);
     }
 }
@@ -160,11 +274,9 @@ impl Svm {
 pub fn zap(dom: &Domain) -> Result<(), Box<MmuReply>> {
     bump(&STATS[host::cpu_index()].zaps);
     bump(&dom.zaps);
-    let reply = svm().mmu(&MmuRequest::ZapAll { domain: dom.id });
-    svm().carry_out(dom, reply.flush());
-    match reply {
-        MmuReply::Done { .. } => Ok(()),
-        other => Err(Box::new(other)),
+    match svm().mmu(Some(dom), &MmuRequest::ZapAll { domain: dom.id }) {
+        Ok(MmuReply::Done { .. }) | Err(_) => Ok(()),
+        Ok(other) => Err(Box::new(other)),
     }
 }
 
@@ -173,11 +285,15 @@ pub fn zap(dom: &Domain) -> Result<(), Box<MmuReply>> {
 pub fn harvest_dirty(dom: &Domain, bits: &mut [u64]) -> Result<(), Box<MmuReply>> {
     let mut start = abi::Gfn(0);
     loop {
-        let reply = svm().mmu(&MmuRequest::GetAndClearDirty {
-            domain: dom.id,
-            start,
-        });
-        svm().carry_out(dom, reply.flush());
+        let Ok(reply) = svm().mmu(
+            Some(dom),
+            &MmuRequest::GetAndClearDirty {
+                domain: dom.id,
+                start,
+            },
+        ) else {
+            return Ok(());
+        };
         match reply {
             MmuReply::DirtyBitmap { chunk, .. } => {
                 for g in chunk.dirty() {
@@ -296,15 +412,17 @@ pub fn enable_on_this_cpu() -> Result<u64, &'static str> {
 }
 
 /// Creates every workload's domain on `server`, runs them on all CPUs, and
-/// prints the report. Returns whether every workload passed.
+/// prints the report. Returns whether every workload passed, and whether
+/// the teardown was clean.
 pub fn run(
-    server: Box<dyn MmuServer>,
-    mem: &'static RealMem,
+    server: Transport,
+    name: &str,
+    control: &'static ControlPage,
     test_mode: bool,
-) -> Result<bool, &'static str> {
+) -> Result<(bool, bool), &'static str> {
     let ncpu = host::cpus_online();
     crate::kprintln!(
-        "svm: MMU server `{}`; {} workloads on {} CPUs",
+        "svm: MMU server `{name}` over the {} transport; {} workloads on {} CPUs",
         server.name(),
         WORKLOADS.len(),
         ncpu
@@ -320,18 +438,25 @@ pub fn run(
     for _ in 0..ncpu {
         queues.push(Mutex::new(Vec::new()));
     }
-    let svm = SVM.call_once(|| Svm {
+    stats::reset(ncpu);
+    let svm: &'static Svm = Box::leak(Box::new(Svm {
         server,
-        mem,
+        name: name.into(),
+        control,
+        down: AtomicBool::new(false),
         domains: Once::new(),
         queues,
         iopm_pa,
         msrpm_pa,
-    });
-    match svm.mmu(&MmuRequest::Hello {
-        version: PROTOCOL_VERSION,
-    }) {
-        MmuReply::Welcome { .. } => {}
+    }));
+    SVM.store(svm as *const Svm as *mut Svm, Ordering::Release);
+    match svm.mmu(
+        None,
+        &MmuRequest::Hello {
+            version: PROTOCOL_VERSION,
+        },
+    ) {
+        Ok(MmuReply::Welcome { .. }) => {}
         other => {
             crate::kprintln!("svm: handshake refused: {other:?}");
             return Err("MMU server refused the protocol handshake");
@@ -348,7 +473,8 @@ pub fn run(
         let asid = (i as u32 % 15) + 1;
         let (dom, boots) = domain::load(id, w, i as u64, next_vcpu, asid, pcpus)?;
         let dom: &'static Domain = Box::leak(Box::new(dom));
-        mem.add_guest_range(dom.mem_pa, dom.mem_bytes);
+        svm.add_guest_range(dom.mem_pa, dom.mem_bytes)?;
+        domains.push(dom);
         let mut map = MemoryMap::new();
         let region = MemRegion {
             gfn: abi::Gfn(0),
@@ -359,11 +485,10 @@ pub fn run(
         expect_done(
             svm,
             dom,
-            svm.mmu(&MmuRequest::CreateDomain {
+            &MmuRequest::CreateDomain {
                 domain: id,
                 memory: map,
-            }),
-            "CreateDomain",
+            },
         )?;
         for (v, boot) in boots.iter().enumerate() {
             let pcpu = (w.first_pcpu as usize + v) % ncpu;
@@ -372,38 +497,38 @@ pub fn run(
             expect_done(
                 svm,
                 dom,
-                svm.mmu(&MmuRequest::CreateVcpu {
+                &MmuRequest::CreateVcpu {
                     domain: id,
                     vcpu: vid,
-                }),
-                "CreateVcpu",
+                },
             )?;
             // CR3 first: a server may build a root as soon as paging is on,
             // and a root for the initial CR3 of 0 would shadow gfn 0.
             let cr3 = GuestCr3(guest::layout::L4_GPA);
-            let r = svm.mmu(&MmuRequest::WriteCr3 {
-                vcpu: vid,
-                pcpu: p,
-                cr3,
-            });
-            expect_done(svm, dom, r, "WriteCr3")?;
+            expect_done(
+                svm,
+                dom,
+                &MmuRequest::WriteCr3 {
+                    vcpu: vid,
+                    pcpu: p,
+                    cr3,
+                },
+            )?;
             let mode = PagingMode(PagingMode::WP | PagingMode::NXE);
             expect_done(
                 svm,
                 dom,
-                svm.mmu(&MmuRequest::SetPagingMode {
+                &MmuRequest::SetPagingMode {
                     vcpu: vid,
                     pcpu: p,
                     mode,
-                }),
-                "SetPagingMode",
+                },
             )?;
 
             let vcpu = Vcpu::new(vid, v as u32, dom, boot, svm.iopm_pa, svm.msrpm_pa)?;
             svm.queues[pcpu].lock().push(vcpu);
         }
         next_vcpu += w.vcpus;
-        domains.push(dom);
     }
     svm.domains.call_once(|| domains);
 
@@ -421,26 +546,35 @@ pub fn run(
         }
     }
     let all_passed = report(svm, ncpu, test_mode);
-    Ok(teardown(svm, test_mode) && all_passed)
+    Ok((all_passed, teardown(svm, test_mode)))
 }
 
 /// Destroys every domain (all vCPUs are descheduled by now), gives its
 /// memory back, and checks that the server returned its shadow frames (all
-/// but at most one per pCPU).
+/// but at most one per pCPU). After a stopped server, the domains' memory
+/// is withdrawn from it and freed without asking it anything.
 fn teardown(svm: &Svm, test_mode: bool) -> bool {
     let mut ok = true;
     for d in svm.domains.get().map(|v| v.as_slice()).unwrap_or(&[]) {
-        let reply = svm.mmu(&MmuRequest::DestroyDomain { domain: d.id });
-        svm.carry_out(d, reply.flush());
-        if !matches!(reply, MmuReply::Done { .. }) {
-            crate::kprintln!("svm: DestroyDomain d{}: {reply:?}", d.id.0);
-            ok = false;
-            continue;
+        match svm.mmu(Some(d), &MmuRequest::DestroyDomain { domain: d.id }) {
+            Ok(MmuReply::Done { .. }) | Err(_) => {}
+            Ok(reply) => {
+                crate::kprintln!("svm: DestroyDomain d{}: {reply:?}", d.id.0);
+                ok = false;
+                continue;
+            }
         }
-        svm.mem.remove_guest_range(d.mem_pa);
+        svm.remove_guest_range(d.mem_pa, d.mem_bytes);
         host::free(d.mem_pa, d.mem_bytes / 4096);
     }
-    let (left, peak) = svm.mem.shadow_pages();
+    if svm.server_stopped() {
+        crate::kprintln!(
+            "svm: MMU server `{}` was stopped: its shadow pool is reclaimed whole",
+            svm.name
+        );
+        return false;
+    }
+    let (left, peak) = svm.shadow_pages();
     // A server may keep a frame per pCPU for its whole life (fast-percpu's
     // L4 copy frames); anything beyond that is a leak.
     let allowed = host::cpus_online() as u64;
@@ -449,7 +583,7 @@ fn teardown(svm: &Svm, test_mode: bool) -> bool {
     );
     let clean = ok && left <= allowed;
     if test_mode {
-        let name = svm.server.name();
+        let name = alloc::format!("{}-{}", svm.name, svm.server.name());
         if clean {
             crate::kprintln!("test svm-{name}-teardown-no-leak ... ok");
         } else {
@@ -457,30 +591,21 @@ fn teardown(svm: &Svm, test_mode: bool) -> bool {
                 "test svm-{name}-teardown-no-leak ... FAILED: {left} shadow pages leaked"
             );
         }
-        TEARDOWN.call_once(|| clean);
     }
     clean
 }
 
-/// Whether the test-mode teardown was clean.
-static TEARDOWN: Once<bool> = Once::new();
-
-/// Carries out a control reply at domain creation: its flush, and nothing
-/// else (a root handed out here is fetched again by `VcpuScheduled` before
-/// the vCPU first runs).
-fn expect_done(
-    svm: &Svm,
-    dom: &Domain,
-    reply: MmuReply,
-    what: &'static str,
-) -> Result<(), &'static str> {
-    svm.carry_out(dom, reply.flush());
-    match reply {
-        MmuReply::Done { .. } | MmuReply::LoadShadowRoot { .. } => Ok(()),
-        other => {
-            crate::kprintln!("svm: {what}: unexpected reply {other:?}");
+/// Sends a control request at domain creation (its flush is carried out
+/// by the door) and expects `Done` (or a root, which is fetched again by
+/// `VcpuScheduled` before the vCPU first runs).
+fn expect_done(svm: &Svm, dom: &Domain, req: &MmuRequest) -> Result<(), &'static str> {
+    match svm.mmu(Some(dom), req) {
+        Ok(MmuReply::Done { .. } | MmuReply::LoadShadowRoot { .. }) => Ok(()),
+        Ok(other) => {
+            crate::kprintln!("svm: {req:?}: unexpected reply {other:?}");
             Err("MMU server refused a control request")
         }
+        Err(_) => Err("MMU server stopped during domain creation"),
     }
 }
 
@@ -572,7 +697,7 @@ fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
     }
     print_row("all ", &tot);
     let total = server_counters(svm);
-    let (shadow_now, shadow_peak) = svm.mem.shadow_pages();
+    let (shadow_now, shadow_peak) = svm.shadow_pages();
     let fast = match &total {
         Ok(c) => alloc::format!(
             "{} of the server's {} fixes ({} page faults)",
@@ -587,6 +712,7 @@ fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
          (Resume replies = {})",
         tot[BUCKETS]
     );
+    print_costs(svm);
     crate::kprintln!("svm: ---- workloads ----");
     let mut all = true;
     for d in svm.domains.get().map(|v| v.as_slice()).unwrap_or(&[]) {
@@ -628,7 +754,7 @@ fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
     let passed = doms.iter().filter(|d| verdict(d).0).count();
     crate::kprintln!("svm: {passed}/{} workloads passed", doms.len());
     if test_mode {
-        let name = svm.server.name();
+        let name = alloc::format!("{}-{}", svm.name, svm.server.name());
         for d in doms {
             match verdict(d) {
                 (true, _) => crate::kprintln!("test svm-{name}-{} ... ok", d.workload.name),
@@ -637,7 +763,6 @@ fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
                 }
             }
         }
-        TEST_TALLY.call_once(|| (passed as u32, (doms.len() - passed) as u32));
     }
     all
 }
@@ -649,22 +774,23 @@ fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
 fn server_counters(svm: &Svm) -> Result<abi::ServerCounters, alloc::string::String> {
     let doms = svm.domains.get().map(|v| v.as_slice()).unwrap_or(&[]);
     let mut rows = Vec::new();
+    if svm.server_stopped() {
+        let why = alloc::string::String::from("the server was stopped");
+        crate::kprintln!("svm: ---- MMU server `{}` counters: {why} ----", svm.name);
+        return Err(why);
+    }
     for d in doms {
-        let reply = svm.mmu(&MmuRequest::GetCounters { domain: Some(d.id) });
-        svm.carry_out(d, reply.flush());
+        let Ok(reply) = svm.mmu(Some(d), &MmuRequest::GetCounters { domain: Some(d.id) }) else {
+            return Err("the server was stopped".into());
+        };
         let label = alloc::format!("{} d{}", d.workload.name, d.id.0);
         rows.push((label, stats::counters_of(&reply)));
     }
-    let reply = svm.mmu(&MmuRequest::GetCounters { domain: None });
-    // A flush with the whole-server answer concerns no one domain: carry it
-    // out for each (a wider flush is always allowed).
-    if reply.flush().is_some() {
-        for d in doms {
-            svm.carry_out(d, reply.flush());
-        }
-    }
+    let Ok(reply) = svm.mmu(None, &MmuRequest::GetCounters { domain: None }) else {
+        return Err("the server was stopped".into());
+    };
     let total = stats::counters_of(&reply);
-    let name = svm.server.name();
+    let name = &svm.name;
     if let Err(why) = &total {
         if rows.iter().all(|(_, r)| r.as_ref().err() == Some(why)) {
             crate::kprintln!("svm: ---- MMU server `{name}` counters: {why} ----");
@@ -678,6 +804,36 @@ fn server_counters(svm: &Svm) -> Result<abi::ServerCounters, alloc::string::Stri
     }
     crate::kprintln!("{}", stats::server_line("all (server)", &total));
     total
+}
+
+/// The cost table: TSC ticks per MMU request round trip and per forwarded
+/// #PF exit, median and p99 over the run's samples. Under `-icount` the TSC
+/// counts instructions, and the table says so (`umbra-costs:` lines are
+/// what `cargo xtask run --icount` collects).
+fn print_costs(svm: &Svm) {
+    let unit = if crate::boot::has_arg(crate::cmdline(), "icount") {
+        "instructions"
+    } else {
+        "TSC ticks (boot with --icount for instructions)"
+    };
+    crate::kprintln!(
+        "svm: ---- costs in {unit}, transport {} ----",
+        svm.server.name()
+    );
+    for (label, fig) in [
+        ("request round trip", stats::Figure::RoundTrip),
+        ("forwarded #PF exit", stats::Figure::PfExit),
+    ] {
+        match stats::percentiles(fig) {
+            Some((n, median, p99)) => crate::kprintln!(
+                "umbra-costs: server {} transport {} figure {:?} samples {n} median {median} p99 {p99}   ({label})",
+                svm.name,
+                svm.server.name(),
+                fig
+            ),
+            None => crate::kprintln!("umbra-costs: server {} transport {} figure {:?} samples 0", svm.name, svm.server.name(), fig),
+        }
+    }
 }
 
 fn print_row(label: &str, row: &[u64]) {
@@ -703,75 +859,217 @@ fn print_row(label: &str, row: &[u64]) {
     crate::kprintln!("{line}");
 }
 
-/// Called by `kernel_main` once every CPU is online: with `mmu=<name>` on
-/// the command line, runs the guest workloads on that MMU server. Returns
-/// false when something failed.
+/// Called by `kernel_main` once every CPU is online: with
+/// `mmu=<name>[,<name>...]` on the command line, runs the guest workloads
+/// on each named MMU server in turn, over `transport=task|direct` (default
+/// `task`). Returns false when something failed. In the test image
+/// (`svm-test`) a name `misbehave-*` is a deliberately broken server: its
+/// run passes when the server is stopped and reported, its domains are
+/// stopped, and the kernel goes on to the next name.
 pub fn boot_hook(cmdline: &'static str) -> bool {
-    let Some(name) = crate::boot::arg_value(cmdline, "mmu") else {
+    let Some(list) = crate::boot::arg_value(cmdline, "mmu") else {
         return true;
     };
-    crate::kprintln!("umbra: MMU implementation: {name}");
-    let (server, mem) = match make_server(name) {
-        Ok(s) => s,
-        Err(e) => {
-            crate::kprintln!("svm: {e}");
-            return false;
-        }
-    };
+    let transports = crate::boot::arg_value(cmdline, "transport").unwrap_or("task");
+    if let Some(bad) = transports
+        .split(',')
+        .find(|t| !matches!(*t, "task" | "direct"))
+    {
+        crate::kprintln!("svm: unknown transport {bad:?}; known: \"task\", \"direct\"");
+        return false;
+    }
     let test_mode = crate::boot::has_arg(cmdline, "svm-test");
-    let ok = match run(server, mem, test_mode) {
-        Ok(all) => all,
-        Err(e) => {
-            crate::kprintln!("svm: run failed: {e}");
-            if test_mode {
-                crate::kprintln!("test svm-{name}-setup ... FAILED: {e}");
+    let (mut passed, mut failed) = (0u32, 0u32);
+    let mut ok = true;
+    let runs = list.split(',').enumerate().flat_map(|(i, n)| {
+        transports
+            .split(',')
+            .enumerate()
+            .map(move |(j, t)| (n, t, i, j))
+    });
+    for (name, transport, _, first_transport) in runs {
+        crate::kprintln!("umbra: MMU implementation: {name} (transport {transport})");
+        let broken = name.starts_with("misbehave-");
+        let outcome = run_one(name, transport, test_mode);
+        let label = alloc::format!("{name}-{transport}");
+        let (p, f, run_ok) = match outcome {
+            Ok(o) if broken => {
+                let contained = o.stopped && o.domains_stopped > 0;
+                if contained {
+                    crate::kprintln!(
+                        "test contain-{label} ... ok ({} domains stopped; the kernel goes on)",
+                        o.domains_stopped
+                    );
+                } else {
+                    crate::kprintln!(
+                        "test contain-{label} ... FAILED: server stopped {}, domains stopped {}",
+                        o.stopped,
+                        o.domains_stopped
+                    );
+                }
+                (contained as u32, !contained as u32, contained)
             }
-            false
+            Ok(o) => (o.passed, o.failed, o.all_passed),
+            Err(e) => {
+                crate::kprintln!("svm: run failed: {e}");
+                if test_mode {
+                    crate::kprintln!("test svm-{label}-setup ... FAILED: {e}");
+                }
+                (0, 1, false)
+            }
+        };
+        passed += p;
+        failed += f;
+        ok &= run_ok;
+        if test_mode && !broken && first_transport == 0 {
+            // The conformance scenarios on real frames (once per server).
+            let (cp, cf) = conf::run_all(name);
+            passed += cp;
+            failed += cf;
         }
-    };
+    }
     if !test_mode {
         return ok;
     }
-    // The test image: the conformance scenarios on real frames, then a
-    // summary over the workload and scenario lines.
-    let (mut wp, mut wf) = TEST_TALLY.get().copied().unwrap_or((0, 1));
-    match TEARDOWN.get() {
-        Some(true) => wp += 1,
-        _ => wf += 1,
-    }
     match decode::self_test() {
         Ok(()) => {
-            wp += 1;
+            passed += 1;
             crate::kprintln!("test svm-decode ... ok");
         }
         Err(e) => {
-            wf += 1;
+            failed += 1;
             crate::kprintln!("test svm-decode ... FAILED: {e}");
         }
     }
-    let (cp, cf) = conf::run_all(name);
-    let (p, f) = (wp + cp, wf + cf);
-    crate::kprintln!("umbra: svm-test: {p} passed, {f} failed");
-    ok && f == 0
+    crate::kprintln!("umbra: svm-test: {passed} passed, {failed} failed");
+    ok && failed == 0
 }
 
-/// Passed/failed workload lines of the test-mode run.
-static TEST_TALLY: Once<(u32, u32)> = Once::new();
+/// What one server's run came to.
+struct Outcome {
+    /// Test lines passed and failed (workloads and the teardown check).
+    passed: u32,
+    failed: u32,
+    /// Every workload passed and the teardown was clean.
+    all_passed: bool,
+    /// The server was stopped during the run.
+    stopped: bool,
+    /// Domains stopped because the server was.
+    domains_stopped: u32,
+}
+
+/// Runs the workloads on server `name` over `transport`, then frees what
+/// the run took (the pool, the task).
+fn run_one(name: &str, transport: &str, test_mode: bool) -> Result<Outcome, String> {
+    let pool = host::alloc_zeroed(SHADOW_POOL_FRAMES)?;
+    let phys_bits = ((core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xFF) as u8).clamp(32, 52);
+    let (server, control, task) = match transport {
+        "direct" => {
+            let (server, control) = direct_server(name, pool, phys_bits)?;
+            (Transport::Direct(server), control, None)
+        }
+        _ => {
+            let task = task_server(name, pool, phys_bits)?;
+            (Transport::Task(task), task.control(), Some(task))
+        }
+    };
+    crate::kprintln!("svm: MMU server `{name}` over real frames, MAXPHYADDR {phys_bits}");
+    let result = run(server, name, control, test_mode);
+    let svm = svm();
+    let doms = svm.domains.get().map(|v| v.as_slice()).unwrap_or(&[]);
+    let passed = doms.iter().filter(|d| verdict(d).0).count() as u32;
+    let domains_stopped = doms
+        .iter()
+        .filter(|d| matches!(*d.stop_reason.lock(), Some(("MMU server stopped", _))))
+        .count() as u32;
+    let stopped = svm.server_stopped();
+    if let Some(t) = task {
+        crate::kprintln!(
+            "svm: task `{name}`: longest call {} us (bound {} ms)",
+            crate::apic::tsc_to_us(t.longest_call()),
+            crate::task::REPLY_BOUND_MS
+        );
+        t.destroy();
+    }
+    host::free(pool, SHADOW_POOL_FRAMES);
+    let (workloads_passed, clean) = result?;
+    Ok(Outcome {
+        passed: passed + u32::from(clean),
+        failed: doms.len() as u32 - passed + u32::from(!clean),
+        all_passed: workloads_passed && clean,
+        stopped,
+        domains_stopped,
+    })
+}
+
+/// The embedded MMU server task image (built by `cargo xtask`; empty when
+/// the kernel was built without it).
+static MMU_TASK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mmu-task.elf"));
+
+/// Loads the MMU server task, gives it the pool, and creates implementation
+/// `name` in it.
+fn task_server(name: &str, pool: u64, phys_bits: u8) -> Result<&'static Task, String> {
+    if MMU_TASK.is_empty() {
+        return Err(
+            "this kernel was built without the MMU server task; build it with \
+                    `cargo xtask run` (or use transport=direct)"
+                .into(),
+        );
+    }
+    let task = Task::load(&alloc::format!("mmu:{name}"), MMU_TASK, host::cpus_online())
+        .map_err(|e| alloc::format!("loading the MMU server task: {e}"))?;
+    task.map_window(pool, SHADOW_POOL_FRAMES * 4096, false)
+        .map_err(|e| alloc::format!("mapping the shadow pool into the task: {e}"))?;
+    let mut implementation = heapless::String::new();
+    implementation
+        .push_str(name)
+        .map_err(|_| alloc::format!("server name {name:?} longer than 32 bytes"))?;
+    let init = TaskInit {
+        implementation,
+        maxphyaddr: phys_bits,
+        pool_first: Mfn(pool / 4096),
+        pool_frames: SHADOW_POOL_FRAMES,
+        pcpus: host::cpus_online() as u32,
+    };
+    let mut buf = [0u8; MAX_MESSAGE];
+    let n = abi::encode(&init, &mut buf).map_err(|e| alloc::format!("{e:?}"))?;
+    let mut out = [0u8; MAX_MESSAGE];
+    let m = task
+        .call(Op::Init, &buf[..n], &mut out)
+        .map_err(|stop| alloc::format!("the MMU server task stopped during init: {stop}"))?;
+    match abi::decode::<TaskInitReply>(&out[..m]) {
+        Ok(TaskInitReply::Ready(_)) => Ok(task),
+        other => {
+            task.destroy();
+            Err(alloc::format!(
+                "the MMU server task refused {name:?}: {other:?}"
+            ))
+        }
+    }
+}
 
 /// Creates the MMU implementation `name` from `mmu_server::registry` (the
-/// one place implementations are chosen), over real frames, with the
-/// guest's MAXPHYADDR taken from CPUID.
-fn make_server(
+/// one place implementations are chosen) in the kernel, over real frames
+/// (the direct transport).
+fn direct_server(
     name: &str,
-) -> Result<(Box<dyn MmuServer>, &'static RealMem), alloc::string::String> {
-    let mem: &'static RealMem = Box::leak(Box::new(RealMem::new(SHADOW_POOL_FRAMES)?));
-    let phys_bits = (core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xFF) as u8;
+    pool: u64,
+    phys_bits: u8,
+) -> Result<(Box<dyn MmuServer>, &'static ControlPage), String> {
+    let page = host::alloc_zeroed(1)?;
+    // SAFETY: a fresh zeroed frame in the identity map, never freed: all
+    // zeros is a valid ControlPage (atomics only).
+    let control: &'static ControlPage = unsafe { &*(host::va(page) as *const ControlPage) };
+    // SAFETY: the identity map (base 0) maps the pool and every guest range
+    // the kernel lists, for as long as they are listed.
+    let mem: &'static WindowMem = Box::leak(Box::new(unsafe {
+        WindowMem::new(0, control, Mfn(pool / 4096), SHADOW_POOL_FRAMES)
+    }));
     let config = mmu_server::Config {
-        maxphyaddr: phys_bits.clamp(32, 52),
+        maxphyaddr: phys_bits,
         ..mmu_server::Config::default()
     };
     let server =
         mmu_server::registry::create_with(name, mem, config).map_err(|e| alloc::format!("{e}"))?;
-    crate::kprintln!("svm: MMU server `{name}` over real frames, MAXPHYADDR {phys_bits}");
-    Ok((server, mem))
+    Ok((server, control))
 }
