@@ -1,8 +1,11 @@
 //! IDT, interrupt entry stubs (global_asm), dispatch, and the CPU-exception report.
 //!
 //! Every stub pushes the vector (and a zero error code when the CPU pushes
-//! none), saves the general registers and calls [`dispatch`] with a
-//! [`Frame`]. Exceptions are fatal: they print vector, error code, RIP, CR2
+//! none), swaps to the kernel's GS base when it came from ring 3, saves the
+//! general registers and calls [`dispatch`] with a [`Frame`]. Whatever
+//! arrives from ring 3 (a server task's system call, exception or
+//! interrupt) goes to [`crate::task::from_user`]. Kernel exceptions are
+//! fatal: they print vector, error code, RIP, CR2
 //! and CPU number, then end the run with the failure exit code. A fault in
 //! a stack's guard page is first reported as `stack overflow on cpu N`
 //! (it arrives as #DF on the #DF IST stack when the #PF could not be

@@ -3,14 +3,19 @@
 //! # Principles
 //! - Mechanism only. The kernel starts CPUs, hands out frames, moves
 //!   interrupts and flushes TLBs when told to. What a guest may map, which
-//!   vCPU runs where, and when a flush is needed are decided by servers.
+//!   vCPU runs where, and when a flush is needed are decided by servers,
+//!   which run as ring-3 tasks in address spaces of their own ([`task`]).
+//! - A server's failure is the server's: an exception, a panic or a hang
+//!   in ring 3 stops that server and the domains it served, never the
+//!   kernel.
 //! - Simple and clear over fast and clever: bitmaps over trees, one request
 //!   slot per CPU over queues, fixed-size tables over growth, busy-waiting
 //!   over scheduling where the wait is short and bounded.
 //! - One shape per mechanism: every interrupt enters through the same stub
 //!   and [`interrupts`]' dispatch; every TLB flush is a
 //!   [`shootdown::FlushRequest`] with a closed [`shootdown::Reason`].
-//! - Failures are loud and final: a CPU exception or a panic prints what and
+//! - The kernel's own failures are loud and final: a CPU exception in
+//!   ring 0 or a panic prints what and
 //!   where (vector, error code, RIP, CR2, CPU) and ends the run with the
 //!   failure exit code. Errors that callers can handle are values
 //!   (frame exhaustion, double free), never panics.

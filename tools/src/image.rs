@@ -854,6 +854,70 @@ fn record(tally: &mut Tally, name: &str, result: Result<(), String>) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn parses_cost_lines_and_rejects_garbage() {
+        let row = CostRow::parse(
+            "server fast-shared transport task figure RoundTrip samples 812 median 2150 p99 9001   (request round trip)",
+        )
+        .expect("a well-formed cost line parses");
+        assert_eq!(
+            row,
+            CostRow {
+                server: "fast-shared".into(),
+                transport: "task".into(),
+                figure: "RoundTrip".into(),
+                samples: 812,
+                median: 2150,
+                p99: 9001
+            }
+        );
+        assert!(CostRow::parse("server x transport task figure PfExit samples many").is_none());
+        assert!(CostRow::parse("nothing here").is_none());
+    }
+
+    fn containment_run(report: &str, contained: &str) -> Vec<String> {
+        lines(&format!(
+            "umbra: MMU implementation: misbehave-panic (transport task)\n{report}\n\
+             svm: workload demand-64M   d1 vcpus 1 exits 3 FAIL (stopped) [stopped: MMU server stopped 0x0]\n\
+             {contained}\n\
+             umbra: MMU implementation: reference (transport task)\n\
+             svm: 11/11 workloads passed"
+        ))
+    }
+
+    #[test]
+    fn containment_check_wants_server_request_cause_and_stopped_domains() {
+        let good = "svm: MMU server `misbehave-panic` STOPPED on pcpu 6 while serving PageFault { vcpu: VcpuId(10) }: panicked: misbehave-panic: deliberate panic on request 400";
+        let ok_line = "test contain-misbehave-panic-task ... ok (1 domains stopped)";
+        let cause = "panicked: misbehave-panic: deliberate panic";
+        assert_eq!(
+            check_containment(&containment_run(good, ok_line), "misbehave-panic", cause),
+            Ok(())
+        );
+        // Another cause than the expected one.
+        let wrong = good.replace("panicked: misbehave-panic", "exception #GP");
+        assert!(
+            check_containment(&containment_run(&wrong, ok_line), "misbehave-panic", cause).is_err()
+        );
+        // No request named.
+        let vague = "svm: MMU server `misbehave-panic` STOPPED on pcpu 6: panicked: misbehave-panic: deliberate panic";
+        assert!(
+            check_containment(&containment_run(vague, ok_line), "misbehave-panic", cause).is_err()
+        );
+        // The image did not count it as contained.
+        let failed = "test contain-misbehave-panic-task ... FAILED: server stopped false";
+        assert!(
+            check_containment(&containment_run(good, failed), "misbehave-panic", cause).is_err()
+        );
+        // A report of another server does not count.
+        assert!(check_containment(
+            &containment_run(good, ok_line),
+            "misbehave-hang",
+            "no reply"
+        )
+        .is_err());
+    }
+
     fn lines(text: &str) -> Vec<String> {
         text.lines().map(String::from).collect()
     }
