@@ -70,7 +70,7 @@
 pub mod fairness;
 pub mod table;
 
-pub use fairness::{expected_shares, jain_index, weighted_shares, Ppm, Share};
+pub use fairness::{expected_shares, jain_by_key, jain_index, weighted_shares, Ppm, Share};
 pub use table::{Decision, Entry, VcpuState, VcpuTable};
 
 use crate::ids::{CpuSet, DomainId, PcpuId, VcpuId};

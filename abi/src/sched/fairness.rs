@@ -48,6 +48,38 @@ pub fn jain_index(times: &[u64]) -> Option<Ppm> {
     Some(Ppm::ratio(sum * sum, n.saturating_mul(squares)))
 }
 
+/// Jain's index within each group of vCPUs that share a key (for a run
+/// report: the weight, so "over equal-weight vCPUs"; add the pCPU to judge a
+/// pinned policy per pCPU), for groups of at least two with some CPU time:
+/// the lowest index and the size of that group, or `None` if no group
+/// qualifies. Takes the first [`MAX_VCPUS`] of `min(keys, times)`.
+pub fn jain_by_key(keys: &[u64], times: &[u64]) -> Option<(Ppm, usize)> {
+    let n = keys.len().min(times.len()).min(MAX_VCPUS);
+    let (keys, times) = (&keys[..n], &times[..n]);
+    let mut group = [0u64; MAX_VCPUS];
+    let mut worst: Option<(Ppm, usize)> = None;
+    for (i, &key) in keys.iter().enumerate() {
+        // Each group once: at its first member.
+        if keys[..i].contains(&key) {
+            continue;
+        }
+        let mut len = 0;
+        for (_, &t) in keys.iter().zip(times).filter(|(&k, _)| k == key) {
+            group[len] = t;
+            len += 1;
+        }
+        if len < 2 {
+            continue;
+        }
+        if let Some(j) = jain_index(&group[..len]) {
+            if worst.is_none_or(|(w, _)| j < w) {
+                worst = Some((j, len));
+            }
+        }
+    }
+    worst
+}
+
 /// The share of the group's CPU time each of `weights` should get when all
 /// stay runnable on `pcpus` pCPUs under a work-conserving proportional-share
 /// policy: proportional to weight, except that no vCPU can use more than one
@@ -139,7 +171,7 @@ pub fn weighted_shares(weights: &[u32], times: &[u64], pcpus: u32, out: &mut [Sh
 
 #[cfg(test)]
 mod tests {
-    use super::{expected_shares, jain_index, weighted_shares, Ppm, Share};
+    use super::{expected_shares, jain_by_key, jain_index, weighted_shares, Ppm, Share};
 
     #[test]
     fn jain_is_one_for_equal_and_one_over_n_for_a_monopoly() {
@@ -198,5 +230,17 @@ mod tests {
         };
         assert_eq!(nothing_due.deviation(), Ppm(u32::MAX));
         assert_eq!(format!("{}", Ppm(993_412)), "0.993412");
+    }
+
+    #[test]
+    fn jain_by_key_judges_each_group_and_reports_the_worst() {
+        // Weights 1 (times 10, 10), 2 (times 30, 10), 3 (a group of one).
+        let keys = [1, 2, 1, 2, 3];
+        let times = [10, 30, 10, 10, 99];
+        // Group 2: (40)^2 / (2 * 1000) = 0.8.
+        assert_eq!(jain_by_key(&keys, &times), Some((Ppm(800_000), 2)));
+        assert_eq!(jain_by_key(&[1, 1, 1], &[5, 5, 5]), Some((Ppm::ONE, 3)));
+        assert_eq!(jain_by_key(&[1, 2], &[5, 5]), None, "no group of two");
+        assert_eq!(jain_by_key(&[1, 1], &[0, 0]), None, "no CPU time");
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! The suite plays the kernel and the machine ([`machine`]) around a server
 //! it reaches only through encoded messages (`abi::sched::dispatch` on
-//! bytes), runs the scripted [`scenarios`] (several with three to four times
+//! bytes), runs the scripted [`scenarios()`] (several with three to four times
 //! more vCPUs than pCPUs, CPU-bound, halting, yielding and ending guests,
 //! weights) and judges every decision as it is made and the shares at the
 //! end ([`verdict`]):

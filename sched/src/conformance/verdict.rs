@@ -1,9 +1,9 @@
 //! What the suite concludes from a run: the violations it reports, the
 //! fairness and share checks at the end, and the per-scenario report.
 
-use super::machine::{Machine, SimVcpu};
+use super::machine::Machine;
 use super::scenarios::Scenario;
-use abi::sched::{jain_index, weighted_shares, Micros, Ppm, SchedError, SchedReply, Share};
+use abi::sched::{jain_by_key, weighted_shares, Micros, Ppm, SchedError, SchedReply, Share};
 use abi::{PcpuId, VcpuId};
 use alloc::vec::Vec;
 use core::fmt;
@@ -187,25 +187,6 @@ pub struct Report {
     pub worst_share: Option<Ppm>,
 }
 
-/// The groups whose CPU times must be equal: same weight and, for a pinned
-/// policy, same pCPU.
-fn equal_groups(vcpus: &[SimVcpu], pinned: bool) -> Vec<Vec<u64>> {
-    let mut keys: Vec<(u32, u32)> = Vec::new();
-    let mut groups: Vec<Vec<u64>> = Vec::new();
-    for v in vcpus {
-        let key = (v.weight, if pinned { v.hint.0 } else { 0 });
-        match keys.iter().position(|&k| k == key) {
-            Some(i) => groups[i].push(v.window),
-            None => {
-                keys.push(key);
-                groups.push(alloc::vec![v.window]);
-            }
-        }
-    }
-    groups.retain(|g| g.len() > 1);
-    groups
-}
-
 /// Runs `sc` against `server` and judges it: every decision as it is made
 /// (two pCPUs, blocked, unknown, slice, pinning, waits), then, when every
 /// vCPU is CPU bound, the fairness of equal weights and (for a policy that
@@ -216,19 +197,26 @@ pub fn run_scenario(sc: &Scenario, server: &dyn abi::SchedServer) -> Result<Repo
     let mut jain = None;
     let mut worst_share = None;
     if sc.all_cpu_bound() {
-        for g in equal_groups(&m.vcpus, m.guarantees.pinned) {
-            let j = jain_index(&g).unwrap_or(Ppm(0));
+        // Equal weights must get equal time (on the same pCPU, for a
+        // policy that pins).
+        let pinned = m.guarantees.pinned;
+        let keys: Vec<u64> = m
+            .vcpus
+            .iter()
+            .map(|v| (v.weight as u64) << 32 | if pinned { v.hint.0 as u64 } else { 0 })
+            .collect();
+        let times: Vec<u64> = m.vcpus.iter().map(|v| v.window).collect();
+        if let Some((j, vcpus)) = jain_by_key(&keys, &times) {
             if j < MIN_JAIN {
                 return Err(m.failure(Violation::Unfair {
                     jain: j,
-                    vcpus: g.len() as u32,
+                    vcpus: vcpus as u32,
                 }));
             }
-            jain = Some(jain.map_or(j, |x: Ppm| x.min(j)));
+            jain = Some(j);
         }
         if m.guarantees.weighted {
             let weights: Vec<u32> = m.vcpus.iter().map(|v| v.weight).collect();
-            let times: Vec<u64> = m.vcpus.iter().map(|v| v.window).collect();
             let mut shares = alloc::vec![Share::default(); weights.len()];
             weighted_shares(&weights, &times, sc.pcpus, &mut shares);
             for (v, share) in m.vcpus.iter().zip(&shares) {
