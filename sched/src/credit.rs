@@ -6,7 +6,9 @@
 //! weight" ([`DEFAULT_WEIGHT`]). Running for `t` burns `t × 256 / weight`:
 //! a weight-512 vCPU burns half as fast, so it runs twice as long on the
 //! same credit. `PickNext` on any pCPU runs the runnable vCPU with the most
-//! credit (ties: the one runnable longest). Its slice is the time until its
+//! credit (ties: the one runnable longest), or rather one that last ran on
+//! this pCPU if its credit is within a quarter slice of the most (migration
+//! resistance: fewer moves of cache and shadow state). Its slice is the time until its
 //! credit would fall to the next-richest waiting vCPU's, clamped to
 //! `[slice / 4, slice]` (credit2's way of keeping the order without a timer
 //! per vCPU). When the chosen vCPU has no credit left (`<= 0`), every vCPU
@@ -51,12 +53,20 @@ fn burn(ran: Micros, weight: u32) -> i64 {
     i64::try_from(b).unwrap_or(i64::MAX)
 }
 
-/// The runnable vCPU with the most credit, ties broken by FIFO order, and
-/// the most credit among the other runnable ones.
-fn richest(table: &Table) -> Option<(VcpuId, i64, Option<i64>)> {
+/// The runnable vCPU `pcpu` should run: the one with the most credit (ties:
+/// runnable longest), unless one that last ran on `pcpu` is within
+/// `resistance` of it (migration resistance, as in credit2: a small credit
+/// difference is not worth moving a vCPU's cache and shadow state). Also
+/// the most credit among the other runnable vCPUs.
+fn choose(table: &Table, pcpu: PcpuId, resistance: i64) -> Option<(VcpuId, i64, Option<i64>)> {
     let key = |i: &VcpuInfo| (i.credit, core::cmp::Reverse(i.queued));
     let runnable = || table.iter().filter(|e| e.state == VcpuState::Runnable);
-    let best = runnable().max_by_key(|e| key(&e.data))?;
+    let richest = runnable().max_by_key(|e| key(&e.data))?;
+    let local = runnable()
+        .filter(|e| e.last_pcpu == Some(pcpu))
+        .max_by_key(|e| key(&e.data))
+        .filter(|e| e.data.credit >= richest.data.credit.saturating_sub(resistance));
+    let best = local.unwrap_or(richest);
     let next = runnable()
         .filter(|e| e.vcpu != best.vcpu)
         .map(|e| e.data.credit)
@@ -74,20 +84,21 @@ impl Policy for Credit {
     fn pick(
         &mut self,
         table: &mut Table,
-        _pcpu: PcpuId,
+        pcpu: PcpuId,
         config: &Config,
     ) -> Option<(VcpuId, Micros)> {
         let slice = config.slice();
-        let (mut vcpu, mut credit, mut next) = richest(table)?;
+        let min = (slice.0 / 4).max(1);
+        let resistance = min as i64;
+        let (mut vcpu, mut credit, mut next) = choose(table, pcpu, resistance)?;
         if credit <= 0 {
             let top_up = CREDIT_PER_RESET.saturating_mul(slice.0 as i64);
             for e in table.iter_mut() {
                 e.data.credit = e.data.credit.saturating_add(top_up).min(top_up);
             }
-            (vcpu, credit, next) = richest(table)?;
+            (vcpu, credit, next) = choose(table, pcpu, resistance)?;
         }
         let weight = table.get(vcpu).map_or(DEFAULT_WEIGHT, |e| e.data.weight);
-        let min = (slice.0 / 4).max(1);
         let len = match next {
             // Until its credit falls to the next-richest one's.
             Some(n) => {
