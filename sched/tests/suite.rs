@@ -28,3 +28,24 @@ fn every_registered_policy_passes_the_suite() {
     }
     assert!(failed.is_empty(), "{failed:#?}");
 }
+
+#[test]
+fn every_registered_policy_passes_random_machines() {
+    use sched::conformance::{random_scenario, run_scenario};
+    let mut shapes = std::collections::BTreeSet::new();
+    for seed in 1..=40u64 {
+        let sc = random_scenario(seed);
+        assert!(sc.vcpus.len() >= 3 * sc.pcpus as usize);
+        shapes.insert((sc.pcpus, sc.vcpus.len()));
+        for &name in NAMES {
+            let server = create(name).expect("registered");
+            if let Err(f) = run_scenario(&sc, &*server) {
+                panic!("{name}, seed {seed}: {f}");
+            }
+        }
+    }
+    assert!(
+        shapes.len() >= 8,
+        "the seeds cover few machine shapes: {shapes:?}"
+    );
+}

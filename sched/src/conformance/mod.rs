@@ -30,7 +30,7 @@ pub mod machine;
 pub mod scenarios;
 pub mod verdict;
 
-pub use scenarios::{scenarios, Behaviour, Scenario, VcpuSpec};
+pub use scenarios::{random_scenario, scenarios, Behaviour, Scenario, VcpuSpec};
 pub use verdict::{
     run_scenario, Failure, Report, VcpuReport, Violation, MIN_JAIN, SHARE_TOLERANCE,
 };

@@ -185,3 +185,45 @@ pub fn scenarios() -> Vec<Scenario> {
         },
     ]
 }
+
+/// A random machine from `seed`: 1 to 8 pCPUs, three to four times as many
+/// vCPUs with random weights (1/2 to 4 times the default), hints and
+/// behaviours, 300 ms long. The same seed gives the same scenario.
+pub fn random_scenario(seed: u64) -> Scenario {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move |n: u64| {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+    };
+    let pcpus = 1 + next(8) as u32;
+    let n = pcpus * (3 + next(2) as u32);
+    let vcpus = (0..n)
+        .map(|i| VcpuSpec {
+            domain: DomainId(1 + i / 4),
+            weight: DEFAULT_WEIGHT / 2 * (1 + next(8) as u32),
+            hint: PcpuId(next(pcpus as u64) as u32),
+            behaviour: match next(4) {
+                0 => Behaviour::CpuBound,
+                1 => Behaviour::Periodic {
+                    run: Micros(50 + next(2 * MS)),
+                    sleep: Micros(50 + next(5 * MS)),
+                },
+                2 => Behaviour::Yielder {
+                    run: Micros(50 + next(2 * MS)),
+                },
+                _ => Behaviour::Finite {
+                    work: Micros(1 + next(100 * MS)),
+                },
+            },
+        })
+        .collect();
+    Scenario {
+        name: "random",
+        pcpus,
+        vcpus,
+        length: Micros(300 * MS),
+        seed,
+    }
+}
