@@ -47,10 +47,12 @@
 //! - On [`SchedReply::Run`] the kernel checks the decision with
 //!   [`VcpuTable::decide`] (it refuses an unknown vCPU, one running
 //!   elsewhere, a blocked one, a zero or over-long slice) and runs the vCPU
-//!   for at most `slice` (to the granularity of its timer), sending
-//!   `VcpuScheduled` to the MMU server first if the vCPU's last pCPU was
-//!   another one or it was descheduled there. A refused decision is reported
-//!   and the pCPU treats it as `Idle`: nothing runs twice.
+//!   for at most `slice` (to the granularity of its timer), keeping the MMU
+//!   contract around the run (`VcpuScheduled` before, `VcpuDescheduled`
+//!   after; [`Decision::Run`] says whether the vCPU migrated). A refused
+//!   decision is reported, handed back with the message
+//!   [`VcpuTable::undo`] gives, and the pCPU treats it as `Idle`: nothing
+//!   runs twice, and the pCPU asks again at its next tick.
 //! - When a running vCPU stops (HLT without a pending interrupt: `Blocked`;
 //!   a guest yield: `Yielded`; the slice is used up: `SliceExpired`; a kick
 //!   arrived: `Preempted`) the kernel sends [`SchedRequest::Stopped`] from

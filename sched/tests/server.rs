@@ -266,3 +266,26 @@ fn config_slices_are_clamped_to_what_the_kernel_accepts() {
         }
     );
 }
+
+#[test]
+fn a_decision_the_kernel_refused_and_handed_back_frees_the_pcpu() {
+    use abi::sched::VcpuTable;
+    for &name in NAMES {
+        let w = Wire::new(name);
+        w.create(1, 256, 0);
+        // The kernel's table does not know vCPU 1 (say, it lost it): the
+        // decision is refused and handed back.
+        let kernel: VcpuTable<(), 4> = VcpuTable::new();
+        let reply = w.pick(0);
+        assert_eq!(
+            kernel.clone().decide(PcpuId(0), &reply),
+            Err(SchedError::UnknownVcpu(VcpuId(1)))
+        );
+        let undo = kernel
+            .undo(PcpuId(0), &reply)
+            .expect("a Run is handed back");
+        assert_eq!(w.send(undo), SchedReply::DONE, "{name}");
+        // pCPU 0 is not stuck "busy": it gets vCPU 1 again.
+        assert_eq!(w.runs(0), Some(1), "{name}");
+    }
+}

@@ -10,7 +10,7 @@
 //! no clock; the caller serialises access (the kernel holds one lock across
 //! `decide`, so two pCPUs can never both start the same vCPU).
 
-use super::{Micros, SchedError, SchedReply, StopReason, MAX_SLICE};
+use super::{Micros, SchedError, SchedReply, SchedRequest, StopReason, MAX_SLICE};
 use crate::ids::{PcpuId, VcpuId};
 
 /// Where a vCPU is in its life.
@@ -256,11 +256,39 @@ impl<T, const N: usize> VcpuTable<T, N> {
     }
 }
 
+impl<T, const N: usize> VcpuTable<T, N> {
+    /// After [`decide`](Self::decide) refused a `Run` from `pcpu`: the
+    /// message that hands the decision back, so the server does not go on
+    /// believing the vCPU runs on `pcpu` (it would then refuse the pCPU's
+    /// next `PickNext` as busy). `Stopped` with `ran` 0, `Blocked` if the
+    /// kernel knows the vCPU blocked, else `Preempted`. The server may refuse
+    /// it (it never marked the vCPU running there): the kernel ignores that
+    /// answer. `None` for any other reply.
+    pub fn undo(&self, pcpu: PcpuId, refused: &SchedReply) -> Option<SchedRequest> {
+        let SchedReply::Run { vcpu, .. } = *refused else {
+            return None;
+        };
+        let blocked = self
+            .get(vcpu)
+            .is_some_and(|e| e.state == VcpuState::Blocked);
+        Some(SchedRequest::Stopped {
+            vcpu,
+            pcpu,
+            ran: Micros::ZERO,
+            why: if blocked {
+                StopReason::Blocked
+            } else {
+                StopReason::Preempted
+            },
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{Decision, VcpuState, VcpuTable};
     use crate::ids::{PcpuId, VcpuId};
-    use crate::sched::{Micros, SchedError, SchedReply, StopReason, MAX_SLICE};
+    use crate::sched::{Micros, SchedError, SchedReply, SchedRequest, StopReason, MAX_SLICE};
 
     const P0: PcpuId = PcpuId(0);
     const P1: PcpuId = PcpuId(1);
@@ -378,5 +406,29 @@ mod tests {
         assert_eq!(t.wake(V1), Err(SchedError::UnknownVcpu(V1)));
         assert_eq!(t.len(), 3);
         assert_eq!(t.running_on(P1), Some(V2));
+    }
+
+    #[test]
+    fn a_refused_run_is_handed_back_to_the_server() {
+        let mut t = table();
+        t.start(P0, V1, MS).unwrap();
+        t.stop(V1, P0, StopReason::Blocked).unwrap();
+        let stopped = |vcpu, why| {
+            Some(SchedRequest::Stopped {
+                vcpu,
+                pcpu: P1,
+                ran: Micros(0),
+                why,
+            })
+        };
+        let run = |vcpu| SchedReply::Run { vcpu, slice: MS };
+        assert!(t.decide(P1, &run(V1)).is_err());
+        assert_eq!(t.undo(P1, &run(V1)), stopped(V1, StopReason::Blocked));
+        assert_eq!(t.undo(P1, &run(V2)), stopped(V2, StopReason::Preempted));
+        assert_eq!(
+            t.undo(P1, &run(VcpuId(9))),
+            stopped(VcpuId(9), StopReason::Preempted)
+        );
+        assert_eq!(t.undo(P1, &SchedReply::Idle), None);
     }
 }
