@@ -8,8 +8,9 @@
 //! same credit. `PickNext` on any pCPU runs the runnable vCPU with the most
 //! credit (ties: the one runnable longest), or rather one that last ran on
 //! this pCPU if its credit is within a quarter slice of the most (migration
-//! resistance: fewer moves of cache and shadow state). Its slice is the time until its
-//! credit would fall to the next-richest waiting vCPU's, clamped to
+//! resistance: fewer moves of cache and shadow state). Its slice is the
+//! time until its credit would fall to the next-richest waiting vCPU's,
+//! clamped to
 //! `[slice / 4, slice]` (credit2's way of keeping the order without a timer
 //! per vCPU). When the chosen vCPU has no credit left (`<= 0`), every vCPU
 //! is topped up by [`CREDIT_PER_RESET`] slices' worth, capped at that amount
@@ -28,7 +29,8 @@
 //!   (`CREDIT_PER_RESET × slice × Σ weight / 256`) spread over the pCPUs, plus
 //!   a slice; the conformance suite holds it to `(m − 1) × r × slice` (`m`
 //!   vCPUs, `r` the ratio of the largest to the smallest weight).
-//! - Work-conserving like `global-rr`; vCPUs migrate.
+//! - Work-conserving like `global-rr`; vCPUs migrate, far less often than
+//!   under `global-rr` (migration resistance).
 
 use crate::server::{Policy, Table, VcpuInfo};
 use crate::Config;
