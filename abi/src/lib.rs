@@ -7,6 +7,8 @@
 //! - [`mmu`]: the MMU protocol, the [`MmuServer`] trait, [`dispatch`].
 //! - [`mem`]: [`PhysMem`], the servers' only way to physical memory.
 //! - [`wire`]: [`encode`] / [`decode`] with the [`MAX_MESSAGE`] bound.
+//! - [`sched`]: the scheduler protocol, the [`SchedServer`] trait, its
+//!   dispatch, the kernel's decision check and the fairness arithmetic.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -27,3 +29,5 @@ pub use mmu::{
 };
 pub use paging::{GuestCr3, PagingMode, PfErrorCode};
 pub use wire::{decode, encode, DecodeError, EncodeError, MAX_MESSAGE};
+pub mod sched;
+pub use sched::{Micros, SchedError, SchedReply, SchedRequest, SchedServer, StopReason};
