@@ -109,7 +109,20 @@ pub fn boot(
     timeout: Duration,
     echo: bool,
 ) -> Result<Outcome> {
+    boot_with(image, smp, append, timeout, echo, &[])
+}
+
+/// [`boot`] with more QEMU options (`-icount ...`).
+pub fn boot_with(
+    image: &std::path::Path,
+    smp: u32,
+    append: &str,
+    timeout: Duration,
+    echo: bool,
+    qemu_args: &[String],
+) -> Result<Outcome> {
     let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(qemu_args);
     // -nodefaults: no VGA, no NIC (whose option ROM slows the firmware).
     cmd.args(["-machine", "q35", "-nodefaults", "-m", "512M", "-smp"])
         .arg(smp.to_string())
@@ -227,8 +240,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
             mmu_server::registry::NAMES.join(", ")
         ),
     };
+    let created = crate::results::write::utc_stamp(std::time::SystemTime::now()).0;
     let image = build_kernel(args.debug)?;
     let mut failed = Vec::new();
+    let mut runs = Vec::new();
     for name in names {
         let mut append = args.kernel_args.join(" ");
         if !name.is_empty() {
@@ -244,6 +259,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 format!(", command line \"{append}\"")
             }
         );
+        let started = Instant::now();
         let out = boot(
             &image,
             args.smp,
@@ -251,6 +267,18 @@ pub fn run(args: &RunArgs) -> Result<()> {
             Duration::from_secs(args.timeout),
             true,
         )?;
+        let selectors = crate::results::Selectors {
+            mmu: name.to_string(),
+            smp: args.smp,
+            ..Default::default()
+        };
+        let label = crate::results::labels(std::slice::from_ref(&selectors)).remove(0);
+        let (run, error) =
+            crate::compare::to_run(label, selectors, append.clone(), &out, started.elapsed());
+        if let Some(e) = error {
+            eprintln!("xtask: the report did not parse, recorded empty: {e}");
+        }
+        runs.push(run);
         if let Some(t) = out.online_after {
             eprintln!(
                 "xtask: all CPUs online {:.3} s after QEMU start (wall)",
@@ -262,6 +290,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             failed.push(describe(&out.ending));
         }
     }
+    crate::compare::save("run", created, runs)?;
     match failed.first() {
         None => Ok(()),
         Some(why) => bail!("{} run(s) failed; first: {why}", failed.len()),
