@@ -292,6 +292,43 @@ mod tests {
     }
 
     #[test]
+    fn real_results_conform_and_each_broken_field_is_named() {
+        use crate::results::test_data::{run_from, two_runs};
+        let mut results = two_runs();
+        let with_lines = include_str!("../../tests/fixtures/run-result-lines.txt");
+        results.runs.push(run_from(with_lines, "fast-percpu"));
+        let mut doc = serde_json::to_value(&results).unwrap();
+        assert_eq!(validate_results(&doc), Vec::<String>::new());
+        for dir in ["results-before", "results-after"] {
+            let path = format!(
+                "{}/tests/fixtures/{dir}/results.json",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let fixture: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+            assert_eq!(validate_results(&fixture), Vec::<String>::new(), "{dir}");
+        }
+        let w = &mut doc["runs"][2]["report"]["workloads"][0];
+        w["metrics"]["exits"] = json!(-1);
+        w.as_object_mut().unwrap().remove("verdict");
+        doc["runs"][0]["selectors"]["smp"] = json!(65);
+        doc["runs"][1]["ending"] = json!("crashed");
+        let errors = validate_results(&doc);
+        for want in [
+            "$.runs[2].report.workloads[0].metrics.exits: -1 is beyond the minimum",
+            "$.runs[2].report.workloads[0]: required field `verdict` is missing",
+            "$.runs[0].selectors.smp: 65 is beyond the maximum",
+            "$.runs[1].ending: \"crashed\" is not one of",
+        ] {
+            assert!(
+                errors.iter().any(|e| e.starts_with(want)),
+                "{want}: {errors:?}"
+            );
+        }
+        assert_eq!(errors.len(), 4, "{errors:?}");
+    }
+
+    #[test]
     fn an_empty_results_document_conforms_and_a_wrong_version_does_not() {
         let mut doc = json!({
             "schema": "umbra-results", "schema_version": 1, "command": "compare",

@@ -282,4 +282,34 @@ mod tests {
             assert!(svg.contains(&run.label));
         }
     }
+
+    #[test]
+    fn the_picture_is_well_formed_svg_with_a_bar_per_nonzero_value() {
+        let results = two_runs();
+        let svg = render(&results).unwrap();
+        let doc = roxmltree::Document::parse(&svg).expect("comparison.svg is XML");
+        let root = doc.root_element();
+        assert_eq!(root.tag_name().name(), "svg");
+        assert!(root.attribute("width").is_some() && root.attribute("height").is_some());
+        // Filled rectangles: the background, the legend swatches, one bar
+        // per value above 0 of each pictured metric, one heatmap cell per pCPU.
+        let bars: usize = pictured(&results)
+            .iter()
+            .map(|k| {
+                results
+                    .runs
+                    .iter()
+                    .flat_map(|r| &r.report.workloads)
+                    .filter(|w| w.metrics.get(*k).is_some_and(|v| v.as_f64() > 0.0))
+                    .count()
+            })
+            .sum();
+        let cells: usize = results.runs.iter().map(|r| r.report.pcpus.len()).sum();
+        let filled = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("rect"))
+            .filter(|n| n.attribute("fill").is_some_and(|f| f != "none"))
+            .count();
+        assert_eq!(filled, 1 + results.runs.len() + bars + cells);
+    }
 }
