@@ -203,6 +203,24 @@ fn clock(d: Duration) -> String {
     format!("{}:{:02}", s / 60, s % 60)
 }
 
+/// `elapsed 1:30, about 3:00 left; then: b, c` before boot `done` (0-based)
+/// of `names`: the estimate is the mean boot so far times the boots left.
+pub fn progress(elapsed: Duration, done: usize, names: &[String]) -> String {
+    let left = names.len().saturating_sub(done);
+    let eta = match done {
+        0 => String::new(),
+        _ => format!(
+            ", about {} left",
+            clock(elapsed / done as u32 * left as u32)
+        ),
+    };
+    let then = match names.get(done + 1..) {
+        Some(rest) if !rest.is_empty() => rest.join(", "),
+        _ => "nothing".into(),
+    };
+    format!("elapsed {}{eta}; then: {then}", clock(elapsed))
+}
+
 /// Boots `image` in a thread, printing a line every [`HEARTBEAT`] while it
 /// runs.
 fn boot_watched(
@@ -256,23 +274,10 @@ pub fn compare(args: &CompareArgs) -> Result<()> {
     for (i, (s, label)) in combos.iter().zip(&names).enumerate() {
         let append = kernel_line(s, &args.kernel_args);
         let what = format!("[{}/{}] {label}", i + 1, combos.len());
-        let rest = &names[i + 1..];
-        let eta = match i {
-            0 => String::new(),
-            _ => format!(
-                ", about {} left",
-                clock(start.elapsed() / i as u32 * (combos.len() - i) as u32)
-            ),
-        };
         eprintln!(
-            "compare: {what}: booting -smp {} \"{append}\"; elapsed {}{eta}; then: {}",
+            "compare: {what}: booting -smp {} \"{append}\"; {}",
             s.smp,
-            clock(start.elapsed()),
-            if rest.is_empty() {
-                "nothing".into()
-            } else {
-                rest.join(", ")
-            }
+            progress(start.elapsed(), i, &names)
         );
         let t0 = Instant::now();
         let out = boot_watched(&image, s, &append, Duration::from_secs(args.timeout), &what)?;
@@ -281,7 +286,7 @@ pub fn compare(args: &CompareArgs) -> Result<()> {
             eprintln!("compare: {what}: the report did not parse, recorded empty: {e}");
         }
         eprintln!(
-            "compare: {what}: {:?} in {:.1} s, {}/{} workloads passed",
+            "compare: {what}: {} in {:.1} s, {}/{} workloads passed",
             run.ending,
             run.wall_seconds,
             run.report.workloads_passed.unwrap_or(0),
@@ -312,7 +317,7 @@ pub fn compare(args: &CompareArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{combinations, expand, kernel_line, to_run, CompareArgs, SCHEDS};
+    use super::{combinations, expand, kernel_line, progress, to_run, CompareArgs, SCHEDS};
     use crate::image::{Ending, Outcome};
     use crate::results::test_data::REFERENCE;
     use crate::results::EndingKind;
@@ -359,6 +364,24 @@ mod tests {
         assert_eq!(
             kernel_line(&c[1], &["svm-test".into()]),
             "mmu=reference grant=accessed-hint icount svm-test"
+        );
+    }
+
+    #[test]
+    fn progress_says_elapsed_what_is_left_and_what_comes_next() {
+        let names: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        assert_eq!(
+            progress(Duration::ZERO, 0, &names),
+            "elapsed 0:00; then: b, c, d"
+        );
+        // Two boots took 100 s: the other two should take about 100 s.
+        assert_eq!(
+            progress(Duration::from_secs(100), 2, &names),
+            "elapsed 1:40, about 1:40 left; then: d"
+        );
+        assert_eq!(
+            progress(Duration::from_secs(90), 3, &names),
+            "elapsed 1:30, about 0:30 left; then: nothing"
         );
     }
 

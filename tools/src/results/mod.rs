@@ -186,6 +186,18 @@ pub enum EndingKind {
     Timeout,
 }
 
+impl fmt::Display for EndingKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EndingKind::Success => "success",
+            EndingKind::Failure => "failure",
+            EndingKind::TripleFault => "triple-fault",
+            EndingKind::Other => "other",
+            EndingKind::Timeout => "timeout",
+        })
+    }
+}
+
 /// One boot: its selectors, how it ended, and its parsed report.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Run {
@@ -279,7 +291,7 @@ pub fn labels(selectors: &[Selectors]) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{labels, Selectors, Value};
+    use super::{labels, EndingKind, Selectors, Value};
 
     fn sel(mmu: &str, smp: u32, sched: Option<&str>) -> Selectors {
         Selectors {
@@ -299,6 +311,19 @@ mod tests {
         let s = [sel("a", 8, Some("pinned")), sel("a", 8, None)];
         assert_eq!(labels(&s), ["a sched=pinned", "a"]);
         assert_eq!(labels(&[sel("", 8, None)]), ["none"]);
+    }
+
+    #[test]
+    fn endings_print_as_their_json_names() {
+        for e in [
+            EndingKind::Success,
+            EndingKind::Failure,
+            EndingKind::TripleFault,
+            EndingKind::Other,
+            EndingKind::Timeout,
+        ] {
+            assert_eq!(serde_json::to_string(&e).unwrap(), format!("\"{e}\""));
+        }
     }
 
     #[test]
