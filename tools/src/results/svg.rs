@@ -284,6 +284,18 @@ mod tests {
     }
 
     #[test]
+    fn runs_without_reports_still_draw() {
+        let mut results = crate::results::Results::new("run");
+        assert!(render(&results).is_ok());
+        let mut run = two_runs().runs.remove(0);
+        run.report = crate::results::Report::default();
+        results.runs.push(run);
+        let svg = render(&results).unwrap();
+        assert!(roxmltree::Document::parse(&svg).is_ok());
+        assert!(pictured(&results).is_empty());
+    }
+
+    #[test]
     fn the_picture_is_well_formed_svg_with_a_bar_per_nonzero_value() {
         let results = two_runs();
         let svg = render(&results).unwrap();

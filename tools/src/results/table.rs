@@ -27,9 +27,12 @@ pub struct Table {
     pub columns: Vec<String>,
     /// Metric rows: catalogue order, then unknown keys sorted.
     pub rows: Vec<Row>,
-    /// The verdict per column (`PASS`, `FAIL`, or `-` when the run did not
-    /// report the workload), with its detail when there is one.
+    /// The verdict per column: `PASS`, `FAIL`, or `-` when the run did not
+    /// report the workload.
     pub verdicts: Vec<String>,
+    /// The verdict's detail per column (`(faulted, then stopped ...)`),
+    /// empty when none.
+    pub details: Vec<String>,
 }
 
 /// The tables of `results`, one per workload, in first-seen order.
@@ -81,17 +84,18 @@ pub fn tables(results: &Results) -> Vec<Table> {
                 .collect();
             let verdicts = per_run
                 .iter()
-                .map(|w| match w {
-                    None => "-".to_string(),
-                    Some(w) if w.verdict_detail.is_empty() => w.verdict.to_string(),
-                    Some(w) => format!("{} {}", w.verdict, w.verdict_detail),
-                })
+                .map(|w| w.map_or("-".to_string(), |w| w.verdict.to_string()))
+                .collect();
+            let details = per_run
+                .iter()
+                .map(|w| w.map(|w| w.verdict_detail.clone()).unwrap_or_default())
                 .collect();
             Table {
                 workload: name,
                 columns: columns.clone(),
                 rows,
                 verdicts,
+                details,
             }
         })
         .collect()
@@ -158,17 +162,12 @@ impl Table {
                     .collect()
             })
             .collect();
-        let verdict_words: Vec<String> = self
-            .verdicts
-            .iter()
-            .map(|v| v.split_whitespace().next().unwrap_or("-").to_string())
-            .collect();
         let widths: Vec<usize> = (0..self.columns.len())
             .map(|c| {
                 texts
                     .iter()
                     .map(|row| row[c].len())
-                    .chain([self.columns[c].len() + 1, verdict_words[c].len() + 1])
+                    .chain([self.columns[c].len() + 1, self.verdicts[c].len() + 1])
                     .max()
                     .unwrap_or(1)
             })
@@ -188,13 +187,13 @@ impl Table {
             out.push('\n');
         }
         let _ = write!(out, "{:<label_w$}", "verdict");
-        for (v, w) in verdict_words.iter().zip(&widths) {
+        for (v, w) in self.verdicts.iter().zip(&widths) {
             let _ = write!(out, "  {:>w$}", format!("{v} "));
         }
         out.push('\n');
-        for (c, v) in self.columns.iter().zip(&self.verdicts) {
-            if v.contains(' ') {
-                let _ = writeln!(out, "  {c}: {v}");
+        for ((c, v), d) in self.columns.iter().zip(&self.verdicts).zip(&self.details) {
+            if !d.is_empty() {
+                let _ = writeln!(out, "  {c}: {v} {d}");
             }
         }
         out.lines().map(|l| format!("{}\n", l.trim_end())).collect()
@@ -202,7 +201,8 @@ impl Table {
 
     /// The table as CSV: `metric,key,<one column per run>,best`, raw
     /// numbers (empty where not reported), `best` naming the best columns
-    /// separated by `;`; the verdict row last.
+    /// separated by `;`; then the verdict row, and a `verdict detail` row
+    /// when any run has one.
     pub fn csv(&self) -> String {
         let mut out = String::new();
         let mut head = vec!["metric".to_string(), "key".to_string()];
@@ -224,6 +224,12 @@ impl Table {
         rec.extend(self.verdicts.iter().cloned());
         rec.push(String::new());
         push_record(&mut out, &rec);
+        if self.details.iter().any(|d| !d.is_empty()) {
+            let mut rec = vec!["verdict detail".to_string(), "verdict_detail".to_string()];
+            rec.extend(self.details.iter().cloned());
+            rec.push(String::new());
+            push_record(&mut out, &rec);
+        }
         out
     }
 }
@@ -316,10 +322,7 @@ mod tests {
                     );
                 }
                 assert_eq!(t.rows.len(), metrics.len());
-                assert_eq!(
-                    t.verdicts[col].split(' ').next().unwrap(),
-                    w["verdict"].as_str().unwrap()
-                );
+                assert_eq!(t.verdicts[col], w["verdict"].as_str().unwrap());
             }
         }
         // The second run has fewer exits on demand-64M: it is marked best.
@@ -334,5 +337,15 @@ mod tests {
         let last_row = rendered.lines().rfind(|l| !l.starts_with("  ")).unwrap();
         assert!(last_row.starts_with("verdict"), "{last_row}");
         assert!(demand.csv().lines().last().unwrap().starts_with("verdict,"));
+        let hostile = ts.iter().find(|t| t.workload == "hostile").unwrap();
+        let csv = hostile.csv();
+        let last = csv.lines().last().unwrap();
+        assert!(
+            last.starts_with("verdict detail,verdict_detail,\"(faulted, then"),
+            "{last}"
+        );
+        assert!(hostile
+            .render()
+            .contains("  reference: PASS (faulted, then"));
     }
 }

@@ -178,8 +178,35 @@ mod tests {
         let doc: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(a.join(RESULTS_JSON)).unwrap()).unwrap();
         assert_eq!(validate_results(&doc), Vec::<String>::new());
-        for w in results.workload_names() {
-            assert!(a.join(table_file(&w)).is_file(), "{w}");
+        // Each CSV on disk holds the numbers of results.json, cell for cell.
+        for (col, run) in doc["runs"].as_array().unwrap().iter().enumerate() {
+            for w in run["report"]["workloads"].as_array().unwrap() {
+                let name = w["name"].as_str().unwrap();
+                let csv = std::fs::read_to_string(a.join(table_file(name))).unwrap();
+                let mut seen = 0;
+                for line in csv.lines().skip(1) {
+                    let fields: Vec<&str> = line.split(',').collect();
+                    let cell = fields[2 + col];
+                    if fields[1] == "verdict" {
+                        assert_eq!(cell, w["verdict"].as_str().unwrap(), "{name}");
+                        continue;
+                    }
+                    if line.starts_with("verdict detail,") {
+                        let detail = w["verdict_detail"].as_str().unwrap();
+                        assert!(line.contains(detail), "{name}: {line}");
+                        continue;
+                    }
+                    let json = &w["metrics"][fields[1]];
+                    assert_eq!(
+                        cell.parse::<f64>().ok(),
+                        json.as_f64(),
+                        "{name} {}",
+                        fields[1]
+                    );
+                    seen += 1;
+                }
+                assert_eq!(seen, w["metrics"].as_object().unwrap().len(), "{name}");
+            }
         }
         let pcpu = std::fs::read_to_string(a.join(PCPU_CSV)).unwrap();
         assert_eq!(pcpu.lines().count(), 1 + 16);
