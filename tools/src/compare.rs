@@ -152,6 +152,30 @@ pub fn kernel_line(s: &Selectors, extra: &[String]) -> String {
     words.join(" ")
 }
 
+/// The selectors of a `cargo xtask run` boot: its MMU server and CPUs, and
+/// the `transport=`, `grant=`, `sched=` and `icount` words among the kernel
+/// arguments given after `--`.
+pub fn run_selectors(mmu: &str, smp: u32, kernel_args: &[String]) -> Selectors {
+    let words: Vec<&str> = kernel_args
+        .iter()
+        .flat_map(|a| a.split_whitespace())
+        .collect();
+    let value = |key: &str| {
+        words
+            .iter()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+            .map(String::from)
+    };
+    Selectors {
+        mmu: mmu.to_string(),
+        smp,
+        icount: words.contains(&"icount"),
+        transport: value("transport"),
+        grant: value("grant"),
+        sched: value("sched"),
+    }
+}
+
 /// A boot's outcome as a [`Run`]; the report is empty (and the parse
 /// error returned beside it) when the console did not parse.
 pub fn to_run(
@@ -317,7 +341,9 @@ pub fn compare(args: &CompareArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{combinations, expand, kernel_line, progress, to_run, CompareArgs, SCHEDS};
+    use super::{
+        combinations, expand, kernel_line, progress, run_selectors, to_run, CompareArgs, SCHEDS,
+    };
     use crate::image::{Ending, Outcome};
     use crate::results::test_data::REFERENCE;
     use crate::results::EndingKind;
@@ -383,6 +409,23 @@ mod tests {
             progress(Duration::from_secs(90), 3, &names),
             "elapsed 1:30, about 0:30 left; then: nothing"
         );
+    }
+
+    #[test]
+    fn a_run_takes_its_selectors_from_the_kernel_words() {
+        let words = [
+            "sched=credit test".to_string(),
+            "grant=accessed-hint".into(),
+        ];
+        let s = run_selectors("fast-shared", 4, &words);
+        assert_eq!(s.sched.as_deref(), Some("credit"));
+        assert_eq!(s.grant.as_deref(), Some("accessed-hint"));
+        assert_eq!((s.transport.as_deref(), s.icount, s.smp), (None, false, 4));
+        assert_eq!(
+            kernel_line(&s, &[]),
+            "mmu=fast-shared grant=accessed-hint sched=credit"
+        );
+        assert!(run_selectors("", 1, &["icount".into()]).icount);
     }
 
     #[test]

@@ -267,11 +267,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             Duration::from_secs(args.timeout),
             true,
         )?;
-        let selectors = crate::results::Selectors {
-            mmu: name.to_string(),
-            smp: args.smp,
-            ..Default::default()
-        };
+        let selectors = crate::compare::run_selectors(name, args.smp, &args.kernel_args);
         let label = crate::results::labels(std::slice::from_ref(&selectors)).remove(0);
         let (run, error) =
             crate::compare::to_run(label, selectors, append.clone(), &out, started.elapsed());
