@@ -577,6 +577,23 @@ mod tests {
         let r = parse_console(&head).unwrap();
         assert!(r.workloads.is_empty() && r.pcpus.is_empty());
         assert_eq!(r.server.as_deref(), Some("reference"));
+        // Every line cut short anywhere, or with a word doubled: an error or
+        // a report, never a panic.
+        let full = lines(WITH_RESULTS);
+        for (i, line) in full.iter().enumerate() {
+            for cut in (0..line.len())
+                .filter(|&c| line.is_char_boundary(c))
+                .step_by(3)
+            {
+                let mut l = full.clone();
+                l[i] = &line[..cut];
+                let _ = parse_console(&l);
+            }
+            let doubled = line.replacen(' ', "  x ", 1);
+            let mut l = full.clone();
+            l[i] = &doubled;
+            let _ = parse_console(&l);
+        }
         // Garbage never panics.
         for junk in [
             "svm: ---- exits by reason, per pCPU ----\n\n",
