@@ -171,26 +171,24 @@ pub fn boot(
     timeout: Duration,
     echo: bool,
 ) -> Result<Outcome> {
-    boot_with(image, smp, append, timeout, echo, false)
+    boot_with(image, smp, append, timeout, echo, &[])
 }
 
 /// QEMU's instruction counting: the virtual clock, and with it the TSC,
 /// advances 1 ns per guest instruction.
 pub const ICOUNT: &str = "shift=0,align=off,sleep=off";
 
-/// [`boot`], under `-icount` when `icount`.
+/// [`boot`] with more QEMU options (`-icount ...`).
 pub fn boot_with(
     image: &std::path::Path,
     smp: u32,
     append: &str,
     timeout: Duration,
     echo: bool,
-    icount: bool,
+    qemu_args: &[String],
 ) -> Result<Outcome> {
     let mut cmd = Command::new("qemu-system-x86_64");
-    if icount {
-        cmd.args(["-icount", ICOUNT]);
-    }
+    cmd.args(qemu_args);
     // -nodefaults: no VGA, no NIC (whose option ROM slows the firmware).
     cmd.args(["-machine", "q35", "-nodefaults", "-m", "512M", "-smp"])
         .arg(smp.to_string())
@@ -313,9 +311,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
         one @ ("task" | "direct") => vec![one],
         other => bail!("--transport {other}: no such transport; known: task, direct (or `all`)"),
     };
+    let created = crate::results::write::utc_stamp(std::time::SystemTime::now()).0;
     let image = build_kernel(args.debug)?;
     let mut failed = Vec::new();
     let mut costs = Vec::new();
+    let mut runs = Vec::new();
     for (transport, name) in transports
         .iter()
         .flat_map(|t| names.iter().map(move |n| (*t, *n)))
@@ -339,13 +339,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 format!(", command line \"{append}\"")
             }
         );
+        let started = Instant::now();
         let out = boot_with(
             &image,
             args.smp,
             &append,
             Duration::from_secs(args.timeout),
             true,
-            args.icount,
+            &icount_args(args.icount),
         )?;
         costs.extend(
             out.lines
@@ -353,6 +354,19 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 .filter_map(|l| l.strip_prefix("umbra-costs: "))
                 .map(str::to_string),
         );
+        let mut words = args.kernel_args.clone();
+        words.push(format!("transport={transport}"));
+        if args.icount {
+            words.push("icount".into());
+        }
+        let selectors = crate::compare::run_selectors(name, args.smp, &words);
+        let label = crate::results::labels(std::slice::from_ref(&selectors)).remove(0);
+        let (run, error) =
+            crate::compare::to_run(label, selectors, append.clone(), &out, started.elapsed());
+        if let Some(e) = error {
+            eprintln!("xtask: the report did not parse, recorded empty: {e}");
+        }
+        runs.push(run);
         if let Some(t) = out.online_after {
             eprintln!(
                 "xtask: all CPUs online {:.3} s after QEMU start (wall)",
@@ -384,9 +398,19 @@ pub fn run(args: &RunArgs) -> Result<()> {
             }
         }
     }
+    crate::compare::save("run", created, runs)?;
     match failed.first() {
         None => Ok(()),
         Some(why) => bail!("{} run(s) failed; first: {why}", failed.len()),
+    }
+}
+
+/// The QEMU options of `--icount` (none without it).
+pub fn icount_args(icount: bool) -> Vec<String> {
+    if icount {
+        vec!["-icount".into(), ICOUNT.into()]
+    } else {
+        Vec::new()
     }
 }
 
