@@ -5,6 +5,7 @@
 //! - [`ids`]: domain, vCPU and pCPU ids and [`CpuSet`].
 //! - [`paging`]: guest CR3, paging mode bits, #PF error codes.
 //! - [`mmu`]: the MMU protocol, the [`MmuServer`] trait, [`dispatch`].
+//! - [`guest`]: the layout and hypercalls Umbra's own guest kernels share with the loader.
 //! - [`mem`]: [`PhysMem`], the servers' only way to physical memory.
 //! - [`wire`]: [`encode`] / [`decode`] with the [`MAX_MESSAGE`] bound.
 //! - [`sched`]: the scheduler protocol, the [`SchedServer`] trait, its
@@ -13,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod guest;
 pub mod ids;
 pub mod mem;
 pub mod mmu;

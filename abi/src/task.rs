@@ -145,3 +145,48 @@ pub struct ControlPage {
 }
 
 const _: () = assert!(core::mem::size_of::<ControlPage>() <= 4096);
+
+impl ControlPage {
+    /// Lists guest memory [pa, pa + bytes) as served. Returns false when
+    /// every slot is in use.
+    pub fn add_range(&self, pa: u64, bytes: u64) -> bool {
+        use core::sync::atomic::Ordering;
+        for slot in &self.ranges {
+            if slot[1].load(Ordering::Acquire) == 0 {
+                slot[0].store(pa, Ordering::Release);
+                slot[1].store(bytes, Ordering::Release);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Withdraws the range starting at `pa`.
+    pub fn remove_range(&self, pa: u64) {
+        use core::sync::atomic::Ordering;
+        for slot in &self.ranges {
+            if slot[0].load(Ordering::Acquire) == pa {
+                slot[1].store(0, Ordering::Release);
+            }
+        }
+    }
+
+    /// Whether `pa` lies in a listed range.
+    pub fn serves(&self, pa: u64) -> bool {
+        use core::sync::atomic::Ordering;
+        self.ranges.iter().any(|slot| {
+            let bytes = slot[1].load(Ordering::Acquire);
+            let start = slot[0].load(Ordering::Acquire);
+            bytes != 0 && pa >= start && pa - start < bytes
+        })
+    }
+
+    /// Pool frames in use now, and the most ever in use.
+    pub fn pool_usage(&self) -> (u64, u64) {
+        use core::sync::atomic::Ordering;
+        (
+            self.pool_in_use.load(Ordering::Relaxed),
+            self.pool_peak.load(Ordering::Relaxed),
+        )
+    }
+}

@@ -339,7 +339,7 @@ impl Task {
             self.map(WINDOW_BASE + pa + off, pa + off, WRITABLE)?;
             off += 4096;
         }
-        if list && !task_rt::mem::WindowMem::add_range(self.control(), pa, bytes) {
+        if list && !self.control().add_range(pa, bytes) {
             return Err(LoadError::Init(
                 "the control page's range table is full".into(),
             ));
@@ -351,7 +351,7 @@ impl Task {
     /// task using it (the server forgot the domain first); a stale TLB
     /// entry cannot survive, because every call loads CR3 afresh.
     pub fn unmap_window(&self, pa: u64, bytes: u64) {
-        task_rt::mem::WindowMem::remove_range(self.control(), pa);
+        self.control().remove_range(pa);
         let mut off = 0;
         while off < bytes {
             self.unmap(WINDOW_BASE + pa + off);

@@ -7,7 +7,7 @@
 //! the [`ControlPage`] and the pool first, so a bad address is an error
 //! value, never a stray access.
 
-use abi::task::{ControlPage, MAX_RANGES};
+use abi::task::ControlPage;
 use abi::{Hpa, MemError, Mfn, PhysMem};
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +31,7 @@ impl WindowMem {
     /// For every range listed in `control` (now or later) and for the pool,
     /// `base + pa` must be mapped to `pa`, writable, for as long as the
     /// range is listed (the pool: for the life of this value). The caller
-    /// of [`WindowMem::remove_range`] must unmap only after it returns.
+    /// of `ControlPage::remove_range` must unmap only after it returns.
     pub unsafe fn new(
         base: u64,
         control: &'static ControlPage,
@@ -50,47 +50,9 @@ impl WindowMem {
         }
     }
 
-    /// Lists guest memory [pa, pa + bytes) as served. Returns false when
-    /// every slot of the control page is in use.
-    pub fn add_range(control: &ControlPage, pa: u64, bytes: u64) -> bool {
-        for slot in &control.ranges {
-            if slot[1].load(Ordering::Acquire) == 0 {
-                slot[0].store(pa, Ordering::Release);
-                slot[1].store(bytes, Ordering::Release);
-                return true;
-            }
-        }
-        false
-    }
-
-    /// Withdraws the range starting at `pa`.
-    pub fn remove_range(control: &ControlPage, pa: u64) {
-        for slot in &control.ranges {
-            if slot[0].load(Ordering::Acquire) == pa {
-                slot[1].store(0, Ordering::Release);
-            }
-        }
-    }
-
-    /// Pool frames in use now, and the most ever in use.
-    pub fn pool_usage(control: &ControlPage) -> (u64, u64) {
-        (
-            control.pool_in_use.load(Ordering::Relaxed),
-            control.pool_peak.load(Ordering::Relaxed),
-        )
-    }
-
     fn in_pool(&self, pa: u64) -> bool {
         let first = self.pool_first * 4096;
         pa >= first && pa < first + self.pool_frames * 4096
-    }
-
-    fn in_ranges(&self, pa: u64) -> bool {
-        self.control.ranges[..MAX_RANGES].iter().any(|slot| {
-            let bytes = slot[1].load(Ordering::Acquire);
-            let start = slot[0].load(Ordering::Acquire);
-            bytes != 0 && pa >= start && pa - start < bytes
-        })
     }
 
     fn atomic(&self, at: Hpa) -> Result<&AtomicU64, MemError> {
@@ -98,7 +60,7 @@ impl WindowMem {
         if !pa.is_multiple_of(8) {
             return Err(MemError::Misaligned(at));
         }
-        if !(self.in_pool(pa) || self.in_ranges(pa)) {
+        if !(self.in_pool(pa) || self.control.serves(pa)) {
             return Err(MemError::OutOfRange(at));
         }
         // SAFETY: `pa` is an aligned word of the pool or of a listed range,

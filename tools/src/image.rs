@@ -138,12 +138,13 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| prereq::workspace_root().join("target"))
 }
 
-/// Builds the server tasks, then the kernel with them embedded (release
-/// unless `debug`), and returns the image's path.
+/// Builds the server tasks, then the boot image (crate `image`: the kernel,
+/// the guests and the tasks embedded; release unless `debug`), and returns
+/// its path.
 pub fn build_kernel(debug: bool) -> Result<PathBuf> {
     let task = build_mmu_task()?;
     let mut cmd = prereq::cargo();
-    cmd.args(["build", "-p", "kernel", "--target", prereq::KERNEL_TARGET])
+    cmd.args(["build", "-p", "image", "--target", prereq::KERNEL_TARGET])
         .env("UMBRA_MMU_TASK", &task);
     if !debug {
         cmd.arg("--release");
@@ -152,7 +153,7 @@ pub fn build_kernel(debug: bool) -> Result<PathBuf> {
     let image = target_dir()
         .join(prereq::KERNEL_TARGET)
         .join(if debug { "debug" } else { "release" })
-        .join("kernel");
+        .join("umbra");
     if !image.is_file() {
         bail!(
             "the kernel build succeeded but {} is missing",
@@ -877,6 +878,50 @@ fn record(tally: &mut Tally, name: &str, result: Result<(), String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The names in the `[dependencies]` table of a crate's manifest.
+    fn dependencies(krate: &str) -> Vec<String> {
+        let path = prereq::workspace_root().join(krate).join("Cargo.toml");
+        let text = std::fs::read_to_string(&path).expect("the manifest is readable");
+        text.lines()
+            .skip_while(|l| l.trim() != "[dependencies]")
+            .skip(1)
+            .take_while(|l| !l.starts_with('['))
+            .filter_map(|l| l.split(['=', '.']).next())
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty() && !k.starts_with('#'))
+            .collect()
+    }
+
+    #[test]
+    fn the_kernel_and_the_guests_name_no_server_guest_or_test_crate() {
+        let policy = [
+            "mmu-server",
+            "grant-server",
+            "sched",
+            "conformance",
+            "guests",
+            "image",
+            "task-rt",
+        ];
+        let kernel = dependencies("kernel");
+        assert!(kernel.contains(&"abi".to_string()), "{kernel:?}");
+        for d in &kernel {
+            assert!(!policy.contains(&d.as_str()), "the kernel depends on {d}");
+        }
+        assert_eq!(
+            dependencies("guests"),
+            ["abi"],
+            "guests may depend on abi alone"
+        );
+        let image = dependencies("image");
+        for d in ["kernel", "guests", "mmu-server"] {
+            assert!(
+                image.iter().any(|x| x == d),
+                "the image must link {d}: {image:?}"
+            );
+        }
+    }
 
     #[test]
     fn parses_cost_lines_and_rejects_garbage() {

@@ -5,11 +5,11 @@
 use super::decode::{self, Op, RegFile};
 use super::domain::{Domain, VcpuBoot};
 use super::exit::ExitReason;
-use super::guest::layout::{hc, CONSOLE_PORT, EXIT_PORT};
 use super::stats::{self, bump, STATS};
 use super::vmcb::{self, misc1, misc2, off, Segment, Vmcb};
 use super::world::{self, GuestGprs};
 use super::{host, svm};
+use abi::guest::{hc, CONSOLE_PORT, EXIT_PORT};
 use abi::{GuestCr3, Gva, MmuReply, MmuRequest, PagingMode, PcpuId, PfErrorCode, VcpuId};
 use core::sync::atomic::Ordering;
 
@@ -132,7 +132,7 @@ impl Vcpu {
                 selector: 0,
                 attrib: 0,
                 limit: 23,
-                base: super::guest::layout::DIRECT_BASE + super::guest::layout::GDT_GPA,
+                base: abi::guest::DIRECT_BASE + abi::guest::GDT_GPA,
             },
         );
         v.set_segment(
@@ -141,7 +141,7 @@ impl Vcpu {
                 selector: 0,
                 attrib: 0,
                 limit: 4095,
-                base: super::guest::layout::DIRECT_BASE + super::guest::layout::IDT_GPA,
+                base: abi::guest::DIRECT_BASE + abi::guest::IDT_GPA,
             },
         );
         v.set_rip(boot.rip);
@@ -156,7 +156,7 @@ impl Vcpu {
             dom,
             vmcb: v,
             gprs,
-            guest_cr3: super::guest::layout::L4_GPA,
+            guest_cr3: abi::guest::L4_GPA,
             root_gen: None,
             flush_next: true,
             pf_exit_at: None,
@@ -371,7 +371,7 @@ impl Vcpu {
                 if super::past_deadline() {
                     return self.stop(
                         "watchdog: the run took longer than seconds:",
-                        super::RUN_SECONDS,
+                        super::run::RUN_SECONDS,
                     );
                 }
                 super::timer_work();

@@ -29,7 +29,7 @@
 //! `test-fault`, `test-panic`, `test-triple-fault`, `test-hang`,
 //! `test-stack-overflow` and `test-null` are the expected-failure boots the
 //! runner checks.
-#![cfg_attr(target_os = "none", no_std, no_main)]
+#![cfg_attr(target_os = "none", no_std)]
 
 #[cfg(target_os = "none")]
 extern crate alloc;
@@ -64,10 +64,6 @@ pub mod smp;
 pub mod svm;
 #[cfg(target_os = "none")]
 pub mod task;
-
-/// The kernel is built only for `x86_64-unknown-none`; on the host it is empty.
-#[cfg(not(target_os = "none"))]
-fn main() {}
 
 #[cfg(target_os = "none")]
 static CMDLINE: spin::Once<([u8; boot::MAX_CMDLINE], usize)> = spin::Once::new();
@@ -219,12 +215,22 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     if boot::has_arg(cmdline(), "test") {
         selftest::run_all();
     }
-    if !svm::boot_hook(cmdline()) {
+    // SAFETY: the image crate defines `umbra_image_main` (the one link-time
+    // hook, see below) with this signature; it runs once, here.
+    if !unsafe { umbra_image_main(cmdline()) } {
         kprintln!("umbra: {online}/{n} CPUs online");
         exit(ExitCode::Failure)
     }
     kprintln!("umbra: {online}/{n} CPUs online");
     exit(ExitCode::Success)
+}
+
+#[cfg(target_os = "none")]
+extern "Rust" {
+    /// What the boot image does once every CPU is online (defined by the
+    /// image crate, the one place that assembles the image: servers,
+    /// guests, harness, report). Returns false when something failed.
+    fn umbra_image_main(cmdline: &'static str) -> bool;
 }
 
 #[cfg(target_os = "none")]
