@@ -27,6 +27,11 @@
 //! - [`SYS_REPLY`] (`rdi` = reply length): the reply is in the buffer.
 //! - [`SYS_PANIC`] (`rdi` = message length): the task gives up; the message
 //!   (UTF-8) is in the reply half of the buffer. The kernel stops the task.
+//! - [`SYS_CALL`] (`rdi` = port, `rsi` = request length): calls the server
+//!   task at that port synchronously on this pCPU (servers call servers
+//!   through the kernel). The request is in the reply half of the caller's
+//!   buffer; the answer replaces it, and `rax` is its length or a
+//!   [`CallError`] code.
 
 use crate::addr::Mfn;
 use heapless::String;
@@ -100,6 +105,47 @@ impl Op {
 pub const SYS_REPLY: u64 = 0;
 /// System call: give up with a message (`rdi` = length).
 pub const SYS_PANIC: u64 = 1;
+/// System call: call another server task (`rdi` = port, `rsi` = length).
+pub const SYS_CALL: u64 = 2;
+
+/// How many ports tasks can be reached at.
+pub const MAX_PORTS: usize = 8;
+/// The port of the MMU server (for servers that call it, e.g. grants).
+pub const PORT_MMU: u64 = 0;
+
+/// Why a [`SYS_CALL`] got no answer (returned in `rax` as [`CallError::code`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallError {
+    /// No task at that port.
+    NoSuchPort,
+    /// The request is longer than `MAX_MESSAGE`.
+    TooLong,
+    /// The target is already entered on this pCPU (a cycle), or calls nest
+    /// too deep.
+    Busy,
+    /// The target was stopped (it faulted, panicked or hung).
+    Stopped,
+}
+
+impl CallError {
+    const ALL: [CallError; 4] = [
+        CallError::NoSuchPort,
+        CallError::TooLong,
+        CallError::Busy,
+        CallError::Stopped,
+    ];
+
+    /// The value in `rax`: above every message length.
+    pub const fn code(self) -> u64 {
+        u64::MAX - self as u64
+    }
+
+    /// The error a returned `rax` stands for, if it is one.
+    pub fn from_code(rax: u64) -> Option<CallError> {
+        CallError::ALL.into_iter().find(|e| e.code() == rax)
+    }
+}
+
 /// The interrupt vector of system calls.
 pub const SYSCALL_VECTOR: u8 = 0x80;
 

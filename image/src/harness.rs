@@ -14,6 +14,10 @@ use kernel::svm::{host, Transport};
 use kernel::task::Task;
 use task_rt::mem::WindowMem;
 
+/// The test-only MMU server that forwards every request to the reference
+/// server's task through the kernel (servers calling servers).
+const RELAY: &str = "relay";
+
 /// Shadow-pool size in frames (32 MiB).
 const SHADOW_POOL_FRAMES: u64 = 8192;
 
@@ -99,7 +103,7 @@ pub fn boot_hook(cmdline: &'static str) -> bool {
         passed += p;
         failed += f;
         ok &= run_ok;
-        if test_mode && !broken && first_transport == 0 {
+        if test_mode && !broken && first_transport == 0 && name != RELAY {
             // The conformance scenarios on real frames (once per server).
             let (cp, cf) = conf::run_all(name);
             passed += cp;
@@ -141,10 +145,20 @@ struct Outcome {
 fn run_one(name: &str, transport: &str, test_mode: bool) -> Result<Outcome, String> {
     let pool = host::alloc_zeroed(SHADOW_POOL_FRAMES)?;
     let phys_bits = ((core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xFF) as u8).clamp(32, 52);
+    let mut mirrors = Vec::new();
     let (server, control, task) = match transport {
         "direct" => {
             let (server, control) = direct_server(name, pool, phys_bits)?;
             (Transport::Direct(server), control, None)
+        }
+        _ if name == RELAY => {
+            // Test-only: a relay task in front of the reference server's
+            // task, which it calls through the kernel at PORT_MMU.
+            let backend = task_server("reference", pool, phys_bits)?;
+            kernel::task::set_port(abi::task::PORT_MMU as usize, Some(backend));
+            let front = task_server(RELAY, pool, phys_bits)?;
+            mirrors.push(backend);
+            (Transport::Task(front), backend.control(), Some(front))
         }
         _ => {
             let task = task_server(name, pool, phys_bits)?;
@@ -152,8 +166,12 @@ fn run_one(name: &str, transport: &str, test_mode: bool) -> Result<Outcome, Stri
         }
     };
     kprintln!("svm: MMU server `{name}` over real frames, MAXPHYADDR {phys_bits}");
-    let result = kernel::svm::run(server, name, control, &specs());
+    let result = kernel::svm::run(server, name, control, mirrors.clone(), &specs());
     let finish = |task: Option<&'static Task>| {
+        for m in &mirrors {
+            kernel::task::set_port(abi::task::PORT_MMU as usize, None);
+            m.destroy();
+        }
         if let Some(t) = task {
             kprintln!(
                 "svm: task `{name}`: longest call {} us (bound {} ms)",

@@ -35,7 +35,7 @@ use crate::interrupts::Frame;
 use crate::{apic, cpu, frames};
 use abi::task::{
     self as layout, ControlPage, Op, CONTROL, HEAP_BASE, HEAP_BYTES, IMAGE_BASE, REPLY_OFFSET,
-    STACK_BYTES, SYS_PANIC, SYS_REPLY, WINDOW_BASE,
+    STACK_BYTES, SYS_CALL, SYS_PANIC, SYS_REPLY, WINDOW_BASE,
 };
 use abi::MAX_MESSAGE;
 use alloc::string::String;
@@ -43,7 +43,7 @@ use alloc::vec::Vec;
 use core::arch::global_asm;
 use core::cell::UnsafeCell;
 use core::fmt;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use spin::Mutex;
 use x86_64::registers::control::{Cr3, Cr3Flags};
 use x86_64::structures::paging::PhysFrame;
@@ -392,10 +392,11 @@ impl Task {
         let Some(&buf) = self.buffers.get(me) else {
             return Err(Stop::Busy);
         };
-        let slot = &DOORS[me];
-        if !slot.task.load(Ordering::Acquire).is_null() {
+        let depth = DEPTH[me].load(Ordering::Acquire);
+        if depth >= MAX_NESTING || entered(me, self) {
             return Err(Stop::Busy);
         }
+        let slot = &DOORS[me][depth];
         let len = request.len().min(REPLY_OFFSET);
         // SAFETY: `buf` is this pCPU's message page (a frame of ours in the
         // identity map); no one else uses it while this pCPU is not inside
@@ -406,6 +407,7 @@ impl Task {
         slot.ticks.store(0, Ordering::Relaxed);
         slot.task
             .store(self as *const Task as *mut Task, Ordering::Release);
+        DEPTH[me].store(depth + 1, Ordering::Release);
         let rsp0 = cpu::current().rsp0_slot();
         // SAFETY: this CPU's own TSS field; only this CPU reads it, on a
         // ring-3 -> ring-0 transition, and none happens before the door
@@ -444,6 +446,7 @@ impl Task {
         // SAFETY: as above: restores this CPU's RSP0.
         unsafe { rsp0.write_volatile(old_rsp0) };
         slot.task.store(core::ptr::null_mut(), Ordering::Release);
+        DEPTH[me].store(depth, Ordering::Release);
         self.longest
             .fetch_max(apic::tsc() - start, Ordering::Relaxed);
         if code < (MAX_MESSAGE as u64) + 1 {
@@ -498,18 +501,42 @@ struct DoorCtx {
 // CPU's index); the atomics and the mutex are shared for reports only.
 unsafe impl Sync for DoorSlot {}
 
-static DOORS: [DoorSlot; cpu::MAX_CPUS] = [const {
-    DoorSlot {
-        ctx: UnsafeCell::new(DoorCtx {
-            kernel_rsp: 0,
-            rsp0: core::ptr::null_mut(),
-        }),
-        task: AtomicPtr::new(core::ptr::null_mut()),
-        start: AtomicU64::new(0),
-        ticks: AtomicU64::new(0),
-        cause: Mutex::new(None),
-    }
+/// How deep calls may nest on one pCPU (the kernel calls a task, which
+/// calls another through [`abi::task::SYS_CALL`], ...).
+pub const MAX_NESTING: usize = 4;
+
+/// How many door slots of each pCPU are in use.
+static DEPTH: [AtomicUsize; cpu::MAX_CPUS] = [const { AtomicUsize::new(0) }; cpu::MAX_CPUS];
+
+static DOORS: [[DoorSlot; MAX_NESTING]; cpu::MAX_CPUS] = [const {
+    [const {
+        DoorSlot {
+            ctx: UnsafeCell::new(DoorCtx {
+                kernel_rsp: 0,
+                rsp0: core::ptr::null_mut(),
+            }),
+            task: AtomicPtr::new(core::ptr::null_mut()),
+            start: AtomicU64::new(0),
+            ticks: AtomicU64::new(0),
+            cause: Mutex::new(None),
+        }
+    }; MAX_NESTING]
 }; cpu::MAX_CPUS];
+
+/// The innermost call this pCPU is in, if any.
+fn innermost(me: usize) -> Option<&'static DoorSlot> {
+    let d = DEPTH[me].load(Ordering::Acquire);
+    d.checked_sub(1).map(|i| &DOORS[me][i])
+}
+
+/// Whether `task` is already entered on this pCPU (a call into it would
+/// reuse the stack its suspended thread is on).
+fn entered(me: usize, task: &Task) -> bool {
+    let d = DEPTH[me].load(Ordering::Acquire);
+    DOORS[me][..d]
+        .iter()
+        .any(|s| core::ptr::eq(s.task.load(Ordering::Acquire), task))
+}
 
 global_asm!(
     r#"
@@ -580,12 +607,11 @@ extern "C" {
 /// notice); everything else leaves through the door.
 pub fn from_user(frame: &mut Frame) {
     let me = cpu::current().index();
-    let slot = &DOORS[me];
-    let task = slot.task.load(Ordering::Acquire);
-    if task.is_null() {
+    let Some(slot) = innermost(me) else {
         // Ring 3 runs only inside a call: a corrupt state.
         crate::interrupts::fatal_exception(frame);
-    }
+    };
+    let task = slot.task.load(Ordering::Acquire);
     // SAFETY: tasks are leaked ('static) and the slot names the one this
     // pCPU is inside.
     let task: &Task = unsafe { &*task };
@@ -603,8 +629,10 @@ pub fn from_user(frame: &mut Frame) {
                 let msg = String::from_utf8_lossy(bytes).into_owned();
                 stop(task, slot, Stop::Panicked(msg))
             }
+            SYS_CALL => frame.rax = call_port(task, me, frame.rdi, frame.rsi),
             n => stop(task, slot, Stop::BadSystemCall(n)),
         }
+        return;
     }
     if v < 32 {
         let cr2 = x86_64::registers::control::Cr2::read_raw();
@@ -636,6 +664,63 @@ pub fn from_user(frame: &mut Frame) {
         if slot.ticks.fetch_add(1, Ordering::Relaxed) + 1 >= REPLY_BOUND_TICKS {
             let ms = apic::tsc_to_us(apic::tsc() - slot.start.load(Ordering::Relaxed)) / 1000;
             stop(task, slot, Stop::NoReply { ms });
+        }
+    }
+}
+
+/// Tasks reachable by [`abi::task::SYS_CALL`], by port.
+static PORTS: [AtomicPtr<Task>; layout::MAX_PORTS] =
+    [const { AtomicPtr::new(core::ptr::null_mut()) }; layout::MAX_PORTS];
+
+/// Makes `task` reachable from other tasks at `port` (None: withdraws it).
+/// Returns false for a port out of range.
+pub fn set_port(port: usize, task: Option<&'static Task>) -> bool {
+    let Some(p) = PORTS.get(port) else {
+        return false;
+    };
+    let ptr = task.map_or(core::ptr::null_mut(), |t| t as *const Task as *mut Task);
+    p.store(ptr, Ordering::Release);
+    true
+}
+
+/// Carries out `caller`'s call of the task at `port` on this pCPU: the
+/// request is the `len` bytes in the caller's reply half, and the answer
+/// replaces them. Returns the answer's length, or an error code above
+/// every length ([`abi::task::CallError`]).
+fn call_port(caller: &Task, me: usize, port: u64, len: u64) -> u64 {
+    use abi::task::CallError;
+    let Some(target) = PORTS.get(port as usize).map(|p| p.load(Ordering::Acquire)) else {
+        return CallError::NoSuchPort.code();
+    };
+    if target.is_null() {
+        return CallError::NoSuchPort.code();
+    }
+    if len > MAX_MESSAGE as u64 {
+        return CallError::TooLong.code();
+    }
+    // SAFETY: ports name leaked ('static) tasks.
+    let target: &'static Task = unsafe { &*target };
+    let buf = caller.buffers[me] + REPLY_OFFSET as u64;
+    let mut request = [0u8; MAX_MESSAGE];
+    // SAFETY: the reply half of the caller's message page on this pCPU (a
+    // frame of the caller's in the identity map); the caller's thread is
+    // suspended in this system call, so nothing else touches it.
+    unsafe { core::ptr::copy_nonoverlapping(buf as *const u8, request.as_mut_ptr(), len as usize) };
+    let mut answer = [0u8; MAX_MESSAGE];
+    match target.call(Op::Request, &request[..len as usize], &mut answer) {
+        Ok(n) => {
+            // SAFETY: as above; n <= MAX_MESSAGE fits the reply half.
+            unsafe { core::ptr::copy_nonoverlapping(answer.as_ptr(), buf as *mut u8, n) };
+            n as u64
+        }
+        Err(Stop::Busy) => CallError::Busy.code(),
+        Err(stop) => {
+            crate::kprintln!(
+                "task: `{}` STOPPED while serving a call from `{}` on pcpu {me}: {stop}",
+                target.name,
+                caller.name
+            );
+            CallError::Stopped.code()
         }
     }
 }

@@ -4,7 +4,9 @@
 //! and links this module in; the kernel enters [`umbra_task_entry`] for
 //! every message (see `abi::task`, "Entry"), which calls it and replies.
 
-use abi::task::{self, Op, HEAP_BASE, HEAP_BYTES, REPLY_OFFSET, SYS_PANIC, SYS_REPLY};
+use abi::task::{
+    self, CallError, Op, HEAP_BASE, HEAP_BYTES, REPLY_OFFSET, SYS_CALL, SYS_PANIC, SYS_REPLY,
+};
 use abi::MAX_MESSAGE;
 use core::arch::global_asm;
 use core::fmt::Write;
@@ -55,6 +57,25 @@ pub fn reply(len: usize) -> ! {
     // caller of the request and enters afresh for the next one).
     unsafe {
         core::arch::asm!("int 0x80", in("rax") SYS_REPLY, in("rdi") len, options(noreturn));
+    }
+}
+
+/// Calls the server task at `port` through the kernel, synchronously on
+/// this pCPU: the request is the first `len` bytes of the reply buffer
+/// this request's `umbra_task_serve` got, and the answer replaces them.
+/// Returns the answer's length.
+pub fn call(port: u64, len: usize) -> Result<usize, CallError> {
+    let rax: u64;
+    // SAFETY: `int 0x80` with rax = SYS_CALL is the kernel's documented
+    // call: it returns here with rax = the answer's length or an error
+    // code, having written only this pCPU's reply half; every other
+    // register is preserved by the kernel's entry path.
+    unsafe {
+        core::arch::asm!("int 0x80", inlateout("rax") SYS_CALL => rax, in("rdi") port, in("rsi") len);
+    }
+    match CallError::from_code(rax) {
+        Some(e) => Err(e),
+        None => Ok(rax as usize),
     }
 }
 

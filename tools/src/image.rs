@@ -763,7 +763,12 @@ const MISBEHAVING: [(&str, &str); 4] = [
 /// workloads must pass in the same boot, which must end alive.
 fn containment_boot(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
     let names: Vec<&str> = MISBEHAVING.iter().map(|(n, _)| *n).collect();
-    let append = format!("mmu={},reference transport=task svm-test", names.join(","));
+    // `relay` last: a test-only server that forwards every request to the
+    // reference server's task through the kernel (servers calling servers).
+    let append = format!(
+        "mmu={},reference,relay transport=task svm-test",
+        names.join(",")
+    );
     eprintln!(
         "xtask: test image: containment of misbehaving servers (the STOPPED reports below are expected)"
     );

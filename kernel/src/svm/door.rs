@@ -50,6 +50,10 @@ pub struct Svm {
     pub(super) control: &'static ControlPage,
     /// Set once the server was stopped: it is never called again.
     pub(super) down: AtomicBool,
+    /// Other tasks the served guests' memory is mapped into (servers the
+    /// transport's task calls through the kernel and that touch guest
+    /// memory themselves).
+    pub(super) mirrors: Vec<&'static Task>,
     /// All domains (set once, after they are created).
     pub domains: Once<Vec<&'static Domain>>,
     /// Each pCPU's vCPUs (pinned).
@@ -160,6 +164,10 @@ impl Svm {
 
     /// Lets the server touch guest memory [pa, pa + bytes).
     pub(super) fn add_guest_range(&self, pa: u64, bytes: u64) -> Result<(), &'static str> {
+        for m in &self.mirrors {
+            m.map_window(pa, bytes, true)
+                .map_err(|_| "cannot map a guest into a server task")?;
+        }
         match &self.server {
             Transport::Task(t) => t
                 .map_window(pa, bytes, true)
@@ -174,6 +182,9 @@ impl Svm {
 
     /// Withdraws a guest range (the server forgot the domain).
     pub(super) fn remove_guest_range(&self, pa: u64, bytes: u64) {
+        for m in &self.mirrors {
+            m.unmap_window(pa, bytes);
+        }
         match &self.server {
             Transport::Task(t) => t.unmap_window(pa, bytes),
             Transport::Direct(_) => self.control.remove_range(pa),

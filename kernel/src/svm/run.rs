@@ -5,6 +5,7 @@ use super::door::{Svm, Transport, SVM};
 use super::stats::{self, bump, STATS};
 use super::vcpu::{self, Vcpu};
 use super::{enable_on_this_cpu, host, online_mask, svm};
+use crate::task::Task;
 use abi::task::ControlPage;
 use abi::{
     DomainId, GuestCr3, MemRegion, MemoryMap, Mfn, MmuReply, MmuRequest, PagingMode, PcpuId,
@@ -126,11 +127,14 @@ pub fn timer_work() {
 /// Loads one domain per spec on `server` (implementation `name`), runs them
 /// on every pCPU until all have ended, and returns the run's state for the
 /// report (the image's job) and [`teardown`]. A run that fails to start
-/// gives back what it loaded before it returns the error.
+/// gives back what it loaded before it returns the error. `control` is the
+/// control page whose pool counters the report reads; guest memory is also
+/// mapped into every task of `mirrors`.
 pub fn run(
     server: Transport,
     name: &str,
     control: &'static ControlPage,
+    mirrors: Vec<&'static Task>,
     specs: &[DomainSpec],
 ) -> Result<&'static Svm, &'static str> {
     let ncpu = host::cpus_online();
@@ -157,6 +161,7 @@ pub fn run(
         name: name.into(),
         control,
         down: AtomicBool::new(false),
+        mirrors,
         domains: Once::new(),
         queues,
         iopm_pa,

@@ -1,4 +1,4 @@
-//! Deliberately broken servers for the kernel's containment tests: the reference server plus one fault on its Nth request.
+//! Test-only servers: deliberately broken ones for the kernel's containment tests (the reference server plus one fault on its Nth request), and the relay.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 use mmu_server::reference;
@@ -10,6 +10,10 @@ pub const NAMES: &[&str] = &[
     "misbehave-hang",
     "misbehave-stack",
 ];
+
+/// Test-only: a server that forwards every request to the MMU server task
+/// at `abi::task::PORT_MMU` (servers calling servers through the kernel).
+pub const RELAY: &str = "relay";
 
 /// The request (counted from 1, over all pCPUs) on which the fault comes:
 /// late enough that every domain is created and guests are running.

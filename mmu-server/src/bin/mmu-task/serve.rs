@@ -12,6 +12,10 @@ use task_rt::mem::WindowMem;
 /// The server this task runs, once `Init` created it.
 static SERVER: Once<(Box<dyn MmuServer>, Misbehaviour)> = Once::new();
 
+/// Test-only: `relay` forwards every request to the MMU server task at
+/// `abi::task::PORT_MMU` through the kernel (servers calling servers).
+static RELAY: Once<()> = Once::new();
+
 /// Serves one message (see `task_rt::rt::Serve`).
 #[no_mangle]
 fn umbra_task_serve(op: Op, _pcpu: usize, request: &[u8], reply: &mut [u8; MAX_MESSAGE]) -> usize {
@@ -19,6 +23,16 @@ fn umbra_task_serve(op: Op, _pcpu: usize, request: &[u8], reply: &mut [u8; MAX_M
         Op::Init => {
             let answer = init(request);
             abi::encode(&answer, reply).unwrap_or(0)
+        }
+        Op::Request if RELAY.get().is_some() => {
+            reply[..request.len()].copy_from_slice(request);
+            match task_rt::rt::call(abi::task::PORT_MMU, request.len()) {
+                Ok(n) => n,
+                Err(e) => panic!(
+                    "relay: the call to the MMU server at port {} failed: {e:?}",
+                    abi::task::PORT_MMU
+                ),
+            }
         }
         Op::Request => match SERVER.get() {
             Some((server, misbehaviour)) => {
@@ -34,6 +48,10 @@ fn init(request: &[u8]) -> TaskInitReply {
     let Ok(init) = abi::decode::<TaskInit>(request) else {
         return TaskInitReply::Malformed;
     };
+    if init.implementation == misbehave::RELAY {
+        RELAY.call_once(|| ());
+        return TaskInitReply::Ready(init.implementation);
+    }
     let (base_name, misbehaviour) = misbehave::parse(&init.implementation);
     // SAFETY: the kernel maps the control page at CONTROL for the task's
     // life (abi::task), and the pool and every range it lists in the window
