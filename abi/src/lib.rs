@@ -5,12 +5,14 @@
 //! - [`ids`]: domain, vCPU and pCPU ids and [`CpuSet`].
 //! - [`paging`]: guest CR3, paging mode bits, #PF error codes.
 //! - [`mmu`]: the MMU protocol, the [`MmuServer`] trait, [`dispatch`].
+//! - [`grant`]: the grant protocol, the [`GrantServer`] trait, [`grant_dispatch`].
 //! - [`mem`]: [`PhysMem`], the servers' only way to physical memory.
 //! - [`wire`]: [`encode`] / [`decode`] with the [`MAX_MESSAGE`] bound.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod grant;
 pub mod ids;
 pub mod mem;
 pub mod mmu;
@@ -18,6 +20,11 @@ pub mod paging;
 pub mod wire;
 
 pub use addr::{Gfn, Gpa, Gva, Hpa, Mfn, PageSize, PAGE_SHIFT, PAGE_SIZE};
+pub use grant::{
+    grant_call, grant_dispatch, CopyDirection, GrantCounters, GrantError, GrantRef, GrantReply,
+    GrantRequest, GrantResource, GrantServer, MapHandle, UnmapStatus, GRANT_PROTOCOL_VERSION,
+    MAX_UNMAP_BATCH,
+};
 pub use ids::{CpuSet, DomainId, PcpuId, VcpuId};
 pub use mem::{MemError, PhysMem};
 pub use mmu::{
