@@ -126,9 +126,6 @@ struct State {
 /// (52-bit guest-physical addresses).
 const MAX_GUEST_FRAME: u64 = 1 << 40;
 
-/// The most foreign frames mapped into one domain at once.
-pub const MAX_FOREIGN_PER_DOMAIN: u32 = 1024;
-
 /// A foreign frame mapped into a domain (a grant mapping).
 struct Foreign {
     domain: DomainId,
@@ -1010,10 +1007,10 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
                 return Err(MmuError::GfnInUse(gfn));
             }
             let held = st.foreign.iter().filter(|f| f.domain == domain).count();
-            if held >= MAX_FOREIGN_PER_DOMAIN as usize {
+            if held >= crate::MAX_FOREIGN_PER_DOMAIN as usize {
                 return Err(MmuError::CapacityExceeded {
                     what: Resource::ForeignMaps,
-                    limit: MAX_FOREIGN_PER_DOMAIN,
+                    limit: crate::MAX_FOREIGN_PER_DOMAIN,
                 });
             }
             st.foreign.push(Foreign {

@@ -163,12 +163,14 @@
 //!   a write-protected table and zaps the link, so a writable leaf never
 //!   outlives the D bit that allowed it.
 //! - **Z1**: a current-generation page only links current-generation pages.
+//! - **F1, F2, F3** foreign frames (grant mappings): see `foreign`.
 
 mod audit;
 mod cache;
 mod counters;
 mod dirty;
 mod fault;
+mod foreign;
 pub mod lockless;
 pub mod policy;
 mod prefetch;
@@ -377,6 +379,9 @@ struct Domain {
     pending: VecDeque<Pending>,
     dirty_mask: CpuSet,
     vcpus: Vec<u32>,
+    /// Foreign frames mapped into the domain and their leaves
+    /// ([`foreign`]).
+    foreign: foreign::ForeignMaps,
 }
 
 #[derive(Debug)]

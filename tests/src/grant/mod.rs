@@ -10,18 +10,30 @@
 //! hold a translation to the unmapped frame. [`scenarios`] holds the
 //! scripted runs: permissions and lifetimes, the TLB model, and every bad
 //! input class (each checking the error and that nothing leaked).
+//! [`foreign`] holds the MMU server's side: scenarios that send the
+//! foreign-frame requests straight to it.
 //!
 //! `no_std` + `alloc`, like the MMU suite, so the image can run it too.
 
+/// A `Vec<GrantScenario>` of the named script functions, each named after
+/// its function.
+macro_rules! scenario_list {
+    ($($f:ident),* $(,)?) => {
+        alloc::vec![$($crate::grant::GrantScenario { name: stringify!($f), run: $f }),*]
+    };
+}
+
+pub mod foreign;
 pub mod rig;
 pub mod scenarios;
 
+pub use foreign::foreign_scenarios;
 pub use rig::{Access, GrantStats, Rig};
 pub use scenarios::{grant_scenarios, GrantScenario};
 
 use crate::machine::{Failure, Res};
 use crate::ram::{Ram, SuitePhys};
-use crate::{GUEST_FRAMES, PCPUS, RAM_FRAMES};
+use crate::{Factory, GUEST_FRAMES, PCPUS, RAM_FRAMES};
 use abi::grant::{GrantReply, GrantRequest, GrantServer, GRANT_PROTOCOL_VERSION};
 use abi::mmu::{MmuReply, MmuRequest};
 use abi::PROTOCOL_VERSION;
@@ -60,11 +72,12 @@ fn setup_failure(name: &str, what: &str, observed: String) -> Box<Failure> {
 }
 
 /// Runs `script` against a fresh grant server built by `make` over a fresh
-/// MMU server registered as `mmu` (over `ram`, at least [`RAM_FRAMES`]
-/// frames). Returns the run's counts and the grant server's final counters.
+/// MMU server built by `mmu` (over `ram`, at least [`RAM_FRAMES`] frames;
+/// `crate::Registered(name)` for a registered one). Returns the run's
+/// counts and the grant server's final counters.
 pub fn run_grant_with(
     name: &str,
-    mmu: &str,
+    mmu: &dyn Factory,
     make: &dyn GrantFactory,
     ram: Ram<'_>,
     script: &mut dyn FnMut(&mut Rig<'_>) -> Res<()>,
@@ -77,8 +90,9 @@ pub fn run_grant_with(
         ));
     }
     let phys = SuitePhys::new(ram, ram.first_mfn() + GUEST_FRAMES);
-    let mmu = mmu_server::registry::create(mmu, &phys)
-        .map_err(|e| setup_failure(name, "MMU server", format!("{e}")))?;
+    let mmu = mmu
+        .make(&phys)
+        .map_err(|e| setup_failure(name, "MMU server", e))?;
     let port = DispatchPort(&*mmu);
     let grant = make
         .make(&port)
@@ -119,7 +133,7 @@ pub fn run_grant_with(
 /// Runs one scripted scenario (see [`run_grant_with`]).
 pub fn run_grant_scenario(
     sc: &GrantScenario,
-    mmu: &str,
+    mmu: &dyn Factory,
     make: &dyn GrantFactory,
     ram: Ram<'_>,
 ) -> Res<(GrantStats, abi::GrantCounters)> {

@@ -129,6 +129,8 @@ pub struct Rig<'m> {
     end_mfn: u64,
     grants: BTreeMap<(usize, u32), GrantRec>,
     maps: BTreeMap<(usize, u32), MapRec>,
+    /// Foreign mappings made directly with the MMU server: (domain, gfn).
+    direct: BTreeMap<(usize, u64), MapRec>,
     /// Counters.
     pub stats: GrantStats,
 }
@@ -166,6 +168,7 @@ impl<'m> Rig<'m> {
             end_mfn: ram.first_mfn() + guest_frames,
             grants: BTreeMap::new(),
             maps: BTreeMap::new(),
+            direct: BTreeMap::new(),
             stats: GrantStats::default(),
         }
     }
@@ -452,6 +455,7 @@ impl<'m> Rig<'m> {
         self.doms[d].alive = false;
         // The suite's model: mappings held by or of `d` are gone.
         self.maps.retain(|&(m, _), rec| m != d && rec.granter != d);
+        self.direct.retain(|&(m, _), _| m != d);
         self.grants.retain(|&(g, _), _| g != d);
         for g in self.grants.values_mut() {
             if g.grantee == d {
@@ -769,6 +773,120 @@ impl<'m> Rig<'m> {
         }
     }
 
+    // ---- the MMU server's foreign requests, directly ----------------------------
+
+    /// Sends an MMU request as the grant server would (through the wire),
+    /// carrying out the reply's flush for domain `d`.
+    pub fn mmu_request(&mut self, d: usize, req: &MmuRequest) -> Res<MmuReply> {
+        self.begin(format!("MMU {req:?}"));
+        let r = self.mmu_call(req)?;
+        self.mmu_flush(d, r.flush());
+        Ok(r)
+    }
+
+    /// `MapForeign` of `owner`'s frame `owner_gfn` at `gfn` of domain `d`,
+    /// straight to the MMU server; recorded in the model if `Done`.
+    pub fn mmu_map_foreign(
+        &mut self,
+        d: usize,
+        gfn: u64,
+        owner: usize,
+        owner_gfn: u64,
+        writable: bool,
+    ) -> Res<MmuReply> {
+        let mfn = self.mfn(owner, owner_gfn);
+        let r = self.mmu_request(
+            d,
+            &MmuRequest::MapForeign {
+                domain: self.doms[d].id,
+                gfn: Gfn(gfn),
+                owner: self.doms[owner].id,
+                mfn: Mfn(mfn),
+                writable,
+            },
+        )?;
+        if let MmuReply::Done { .. } = r {
+            self.direct.insert(
+                (d, gfn),
+                MapRec {
+                    granter: owner,
+                    gref: GrantRef(u32::MAX),
+                    gfn,
+                    mfn,
+                    writable,
+                },
+            );
+        }
+        self.check()?;
+        Ok(r)
+    }
+
+    /// `UnmapForeign` straight to the MMU server, then what a grant server
+    /// using the hint does: a full flush of `cpus` if and only if
+    /// `accessed`. Returns `accessed`; the oracle then checks no pCPU still
+    /// caches the frame.
+    pub fn mmu_unmap_foreign(&mut self, d: usize, gfn: u64) -> Res<bool> {
+        let r = self.mmu_request(
+            d,
+            &MmuRequest::UnmapForeign {
+                domain: self.doms[d].id,
+                gfn: Gfn(gfn),
+            },
+        )?;
+        let MmuReply::ForeignUnmapped {
+            mfn,
+            accessed,
+            cpus,
+            ..
+        } = r
+        else {
+            return Err(self.fail("UnmapForeign", "ForeignUnmapped".into(), format!("{r:?}")));
+        };
+        let Some(rec) = self.direct.remove(&(d, gfn)) else {
+            return Err(self.fail(
+                "UnmapForeign of a gfn not mapped",
+                "NotForeignMapped".into(),
+                format!("{r:?}"),
+            ));
+        };
+        if mfn.0 != rec.mfn {
+            return Err(self.fail(
+                "UnmapForeign names the frame",
+                format!("{:#x}", rec.mfn),
+                format!("{:#x}", mfn.0),
+            ));
+        }
+        if accessed {
+            self.grant_flush(Some(FlushObligation {
+                cpus,
+                scope: FlushScope::All,
+            }));
+        }
+        self.check()?;
+        Ok(accessed)
+    }
+
+    /// vCPU `v` takes a page fault at `gva` that the MMU server fixes, but
+    /// the access is not retried: nothing walks the new shadow leaf.
+    pub fn fault_only(&mut self, v: usize, gva: u64, write: bool) -> Res<MmuReply> {
+        self.run(v)?;
+        let p = self.vcpus[v].pcpu;
+        let mut ec = PfErrorCode::U;
+        if write {
+            ec |= PfErrorCode::W;
+        }
+        let req = MmuRequest::PageFault {
+            vcpu: self.vcpus[v].id,
+            pcpu: PcpuId(p as u32),
+            gva: Gva(gva),
+            error_code: PfErrorCode(ec),
+        };
+        let d = self.vcpus[v].dom;
+        let r = self.mmu_request(d, &req)?;
+        self.check()?;
+        Ok(r)
+    }
+
     // ---- the hardware --------------------------------------------------------
 
     fn read_phys(&self) -> impl Fn(u64) -> Option<u64> + '_ {
@@ -890,9 +1008,8 @@ impl<'m> Rig<'m> {
         let expect: Option<(u64, bool)> = if gfn < DOM_FRAMES {
             Some((self.mfn(d, gfn), true))
         } else {
-            self.maps
-                .iter()
-                .find(|(k, m)| k.0 == d && m.gfn == gfn)
+            self.mappings()
+                .find(|(k, m)| *k == d && m.gfn == gfn)
                 .map(|(_, m)| (m.mfn, m.writable))
         };
         match (expect, out) {
@@ -999,11 +1116,19 @@ impl<'m> Rig<'m> {
         if dom.alive && mfn >= dom.first_mfn && mfn < dom.first_mfn + DOM_FRAMES {
             return Some(true);
         }
-        self.maps
-            .iter()
-            .filter(|(k, m)| k.0 == d && m.mfn == mfn)
+        self.mappings()
+            .filter(|(k, m)| *k == d && m.mfn == mfn)
             .map(|(_, m)| m.writable)
             .reduce(|a, b| a || b)
+    }
+
+    /// Every live foreign mapping: (mapping domain, its record), made
+    /// through the grant server or directly with the MMU server.
+    fn mappings(&self) -> impl Iterator<Item = (usize, &MapRec)> {
+        self.maps
+            .iter()
+            .map(|(k, m)| (k.0, m))
+            .chain(self.direct.iter().map(|(k, m)| (k.0, m)))
     }
 
     /// Checks every TLB entry and every shadow leaf of every vCPU against

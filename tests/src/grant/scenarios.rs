@@ -22,12 +22,7 @@ pub struct GrantScenario {
 
 /// Every scripted grant scenario.
 pub fn grant_scenarios() -> Vec<GrantScenario> {
-    macro_rules! list {
-        ($($f:ident),* $(,)?) => {
-            alloc::vec![$(GrantScenario { name: stringify!($f), run: $f }),*]
-        };
-    }
-    list![
+    scenario_list![
         map_write_read_unmap,
         unaccessed_batch,
         accessed_on_several_pcpus,
