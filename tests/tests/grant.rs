@@ -119,6 +119,9 @@ enum Bug {
     /// nothing and forgetting the grant): as if the status were cleared
     /// too early.
     EndAccessWhileMapped,
+    /// Answers `DestroyDomain` without forgetting the domain's grants and
+    /// mappings (they leak).
+    DestroyForgets,
 }
 
 struct Broken<'a> {
@@ -134,6 +137,9 @@ impl GrantServer for Broken<'_> {
         self.inner.create_domain(d, m)
     }
     fn destroy_domain(&self, d: DomainId) -> GrantReply {
+        if self.bug == Bug::DestroyForgets {
+            return GrantReply::Done { flush: None };
+        }
         self.inner.destroy_domain(d)
     }
     fn grant(&self, d: DomainId, g: GrantRef, to: DomainId, gfn: Gfn, ro: bool) -> GrantReply {
@@ -377,4 +383,16 @@ fn an_mmu_server_that_hides_accesses_is_caught() {
         &RegisteredGrant(grant_server::registry::ACCESSED_HINT),
     );
     assert!(!failed.is_empty());
+}
+
+#[test]
+fn a_server_that_leaks_a_dead_domains_grants_is_caught() {
+    for name in grant_server::registry::NAMES {
+        let (failed, ..) = run_all(&BrokenFactory(name, Bug::DestroyForgets));
+        assert!(
+            failed.iter().any(|f| f.contains("nothing leaked")),
+            "{name}:\n{}",
+            failed.join("\n")
+        );
+    }
 }

@@ -47,7 +47,10 @@
 //!   the mfn in the entry through the domain's memory map, which never
 //!   changes for the domain's life (a new map is a new domain), so the ABA
 //!   of seed 001 can only arise through frame reuse: shadow frames are freed
-//!   only after a grace period of the [`lockless::FastGate`] (G1).
+//!   only after a grace period of the [`lockless::FastGate`] (G1). Foreign
+//!   frames (grant mappings) do change gfn -> mfn, but their leaves are
+//!   never lockless-writable and have no gfn in the memory map, so the fast
+//!   path never acts on them (F2, see `foreign`; modelled under `loom`).
 //! - **Dirty logging** is a constructor argument ([`DirtyMode`]): write
 //!   protection + the fast page fault (seed 001; what the registry's servers
 //!   use), or harvesting the hardware D bits of the shadow leaves through the

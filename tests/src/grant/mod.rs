@@ -127,6 +127,7 @@ pub fn run_grant_with(
     }
     script(&mut rig)?;
     let counters = rig.counters(None)?;
+    rig.teardown()?;
     Ok((rig.stats, counters))
 }
 

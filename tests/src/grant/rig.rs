@@ -471,6 +471,31 @@ impl<'m> Rig<'m> {
         Ok(r)
     }
 
+    /// Destroys every live domain (as [`Rig::destroy`]: grant server, then
+    /// MMU server) and checks that nothing is left: no grant, pin or map
+    /// handle in the grant server, no shadow frame held by the MMU server
+    /// beyond one per pCPU.
+    pub fn teardown(&mut self) -> Res<()> {
+        for d in 0..self.doms.len() {
+            if self.doms[d].alive {
+                let r = self.destroy(d)?;
+                self.expect_done(r, "DestroyDomain at teardown")?;
+            }
+        }
+        self.begin(String::from("teardown"));
+        // A server may keep per-pCPU frames of its own (per-pCPU L4
+        // copies), at most one per pCPU; anything more outlived its domain.
+        let held = self.phys.pool_in_use();
+        if held > self.tlbs.len() {
+            return Err(self.fail(
+                "nothing leaked: shadow frames after every domain is gone",
+                format!("at most {} (per-pCPU frames)", self.tlbs.len()),
+                format!("{held}"),
+            ));
+        }
+        self.check_levels()
+    }
+
     // ---- grant operations ----------------------------------------------------
 
     fn expect_done(&self, r: GrantReply, what: &str) -> Res<()> {
