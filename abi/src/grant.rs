@@ -25,7 +25,7 @@
 //! As for the MMU protocol (see [`crate::mmu`]): postcard, positional,
 //! **append-only** enums and structs, [`GRANT_PROTOCOL_VERSION`] bumped for
 //! any change, exact bytes pinned in `tests/pinned.rs`, every message within
-//! [`MAX_MESSAGE`](crate::MAX_MESSAGE). A batch longer than
+//! [`MAX_MESSAGE`]. A batch longer than
 //! [`MAX_UNMAP_BATCH`] does not decode (`Malformed`).
 //!
 //! # The kernel's obligations (the reply contract)
