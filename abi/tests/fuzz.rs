@@ -834,3 +834,190 @@ fn hostile_grant_batches_and_versions_get_specific_errors() {
         }
     );
 }
+
+/// The scheduler protocol under the same random and mutated bytes.
+mod sched_wire {
+    use super::{mutate, Rng, ROUNDS};
+    use abi::sched::{
+        call, dispatch, Guarantees, Micros, SchedError, SchedReply, SchedRequest, SchedServer,
+        StopReason,
+    };
+    use abi::{decode, encode, CpuSet, DecodeError, DomainId, PcpuId, VcpuId, MAX_MESSAGE};
+
+    fn random_request(r: &mut Rng) -> SchedRequest {
+        let vcpu = VcpuId(r.u32());
+        let pcpu = PcpuId(r.u32());
+        match r.below(6) {
+            0 => SchedRequest::Hello { version: r.u32() },
+            1 => SchedRequest::CreateVcpu {
+                vcpu,
+                domain: DomainId(r.u32()),
+                weight: r.u32(),
+                hint: pcpu,
+            },
+            2 => SchedRequest::DestroyVcpu { vcpu },
+            3 => SchedRequest::Wake { vcpu },
+            4 => SchedRequest::Stopped {
+                vcpu,
+                pcpu,
+                ran: Micros(r.val()),
+                why: match r.below(4) {
+                    0 => StopReason::Yielded,
+                    1 => StopReason::Blocked,
+                    2 => StopReason::SliceExpired,
+                    _ => StopReason::Preempted,
+                },
+            },
+            _ => SchedRequest::PickNext { pcpu },
+        }
+    }
+
+    /// Answers every call with a reply naming the call and its arguments.
+    struct Echo;
+
+    impl SchedServer for Echo {
+        fn name(&self) -> &'static str {
+            "echo"
+        }
+        fn guarantees(&self) -> Guarantees {
+            Guarantees {
+                weighted: true,
+                pinned: true,
+            }
+        }
+        fn create_vcpu(&self, vcpu: VcpuId, d: DomainId, weight: u32, hint: PcpuId) -> SchedReply {
+            SchedReply::Run {
+                vcpu: VcpuId(vcpu.0 ^ d.0 ^ hint.0),
+                slice: Micros(weight as u64),
+            }
+        }
+        fn destroy_vcpu(&self, vcpu: VcpuId) -> SchedReply {
+            SchedReply::error(SchedError::UnknownVcpu(vcpu))
+        }
+        fn wake(&self, vcpu: VcpuId) -> SchedReply {
+            SchedReply::error(SchedError::VcpuBlocked(vcpu))
+        }
+        fn stopped(&self, vcpu: VcpuId, pcpu: PcpuId, ran: Micros, why: StopReason) -> SchedReply {
+            SchedReply::Run {
+                vcpu: VcpuId(vcpu.0 ^ pcpu.0 ^ why as u32),
+                slice: ran,
+            }
+        }
+        fn pick_next(&self, pcpu: PcpuId) -> SchedReply {
+            SchedReply::Done {
+                kick: CpuSet::single(pcpu),
+            }
+        }
+    }
+
+    fn check_dispatch(bytes: &[u8], stats: &mut [u64; 2]) {
+        let mut out = [0u8; MAX_MESSAGE];
+        let n = dispatch(&Echo, bytes, &mut out);
+        assert!(n > 0 && n <= MAX_MESSAGE);
+        let reply: SchedReply = decode(&out[..n]).expect("dispatch replies decode");
+        match decode::<SchedRequest>(bytes) {
+            Ok(req) => {
+                stats[0] += 1;
+                assert_eq!(reply, call(&Echo, &req));
+            }
+            Err(e) => {
+                stats[1] += 1;
+                assert_eq!(reply, SchedReply::error(SchedError::Malformed(e)));
+            }
+        }
+    }
+
+    #[test]
+    fn random_and_mutated_sched_requests_never_panic() {
+        let mut r = Rng(0x5eed_5c4e_d000_0001);
+        let mut stats = [0u64; 2];
+        let mut buf = [0u8; MAX_MESSAGE];
+        for _ in 0..ROUNDS {
+            let req = random_request(&mut r);
+            let n = encode(&req, &mut buf).expect("every request fits");
+            assert_eq!(decode::<SchedRequest>(&buf[..n]).unwrap(), req);
+            check_dispatch(&buf[..n], &mut stats);
+            let mut bytes = buf[..n].to_vec();
+            mutate(&mut r, &mut bytes);
+            check_dispatch(&bytes, &mut stats);
+            let noise: Vec<u8> = (0..r.below(32)).map(|_| r.next() as u8).collect();
+            check_dispatch(&noise, &mut stats);
+        }
+        assert!(stats[0] + stats[1] >= 100_000, "{stats:?}");
+        assert!(stats[0] > ROUNDS && stats[1] > ROUNDS / 2, "{stats:?}");
+    }
+
+    #[test]
+    fn random_and_mutated_sched_replies_round_trip_or_fail_cleanly() {
+        let mut r = Rng(0x5eed_5c4e_d000_0002);
+        let mut buf = [0u8; MAX_MESSAGE];
+        let (mut ok, mut bad) = (0u64, 0u64);
+        for _ in 0..ROUNDS {
+            let rep = match r.below(5) {
+                0 => SchedReply::Welcome {
+                    version: r.u32(),
+                    guarantees: Guarantees {
+                        weighted: r.below(2) == 0,
+                        pinned: r.below(2) == 0,
+                    },
+                },
+                1 => SchedReply::Done {
+                    kick: CpuSet(r.val()),
+                },
+                2 => SchedReply::Run {
+                    vcpu: VcpuId(r.u32()),
+                    slice: Micros(r.val()),
+                },
+                3 => SchedReply::Idle,
+                _ => SchedReply::error(SchedError::NotRunningHere {
+                    vcpu: VcpuId(r.u32()),
+                    pcpu: PcpuId(r.u32()),
+                }),
+            };
+            let n = encode(&rep, &mut buf).unwrap();
+            assert_eq!(decode::<SchedReply>(&buf[..n]).unwrap(), rep);
+            let mut bytes = buf[..n].to_vec();
+            mutate(&mut r, &mut bytes);
+            match decode::<SchedReply>(&bytes) {
+                Ok(m) => {
+                    ok += 1;
+                    let k = encode(&m, &mut buf).unwrap();
+                    assert_eq!(decode::<SchedReply>(&buf[..k]).unwrap(), m);
+                }
+                Err(_) => bad += 1,
+            }
+        }
+        assert!(ok + bad == ROUNDS && bad > ROUNDS / 4, "ok {ok} bad {bad}");
+    }
+
+    #[test]
+    fn specific_sched_garbage_gets_specific_errors() {
+        let mut out = [0u8; MAX_MESSAGE];
+        let mut reply = |bytes: &[u8]| {
+            let n = dispatch(&Echo, bytes, &mut out);
+            decode::<SchedReply>(&out[..n]).unwrap()
+        };
+        let malformed = |e| SchedReply::error(SchedError::Malformed(e));
+        assert_eq!(reply(&[]), malformed(DecodeError::UnexpectedEnd));
+        assert_eq!(reply(&[0x06]), malformed(DecodeError::BadEncoding));
+        assert_eq!(
+            reply(&[0x05, 0x01, 0x00]),
+            malformed(DecodeError::TrailingBytes(1))
+        );
+        // A stop reason past the last one.
+        assert_eq!(
+            reply(&[0x04, 0x01, 0x01, 0x01, 0x04]),
+            malformed(DecodeError::BadEncoding)
+        );
+        assert_eq!(
+            reply(&[0u8; MAX_MESSAGE + 1]),
+            malformed(DecodeError::TooLong(MAX_MESSAGE as u32 + 1))
+        );
+        assert_eq!(
+            reply(&[0x05, 0x02]),
+            SchedReply::Done {
+                kick: CpuSet::single(PcpuId(2))
+            }
+        );
+    }
+}

@@ -1025,3 +1025,259 @@ const PINNED_GRANT_ERRORS: [&str; 17] = [
     "060f0400",
     "06100200",
 ];
+
+/// The scheduler protocol's bytes, pinned like the MMU protocol's.
+mod sched_wire {
+    use super::check;
+    use abi::sched::{
+        dispatch, Guarantees, Micros, SchedError, SchedReply, SchedRequest, SchedServer,
+        StopReason, MAX_SLICE, PROTOCOL_VERSION,
+    };
+    use abi::{decode, encode, CpuSet, DecodeError, DomainId, PcpuId, VcpuId, MAX_MESSAGE};
+
+    const V: VcpuId = VcpuId(3);
+    const P: PcpuId = PcpuId(7);
+
+    /// One sample of every request variant, in declaration order (every
+    /// stop reason in `Stopped`).
+    fn requests() -> Vec<SchedRequest> {
+        let stopped = |why| SchedRequest::Stopped {
+            vcpu: V,
+            pcpu: P,
+            ran: Micros(1000),
+            why,
+        };
+        let all = vec![
+            SchedRequest::Hello { version: 1 },
+            SchedRequest::CreateVcpu {
+                vcpu: V,
+                domain: DomainId(2),
+                weight: 256,
+                hint: P,
+            },
+            SchedRequest::DestroyVcpu { vcpu: V },
+            SchedRequest::Wake { vcpu: V },
+            stopped(StopReason::Yielded),
+            SchedRequest::PickNext { pcpu: P },
+            stopped(StopReason::Blocked),
+            stopped(StopReason::SliceExpired),
+            stopped(StopReason::Preempted),
+        ];
+        for (i, r) in all.iter().take(6).enumerate() {
+            let idx = match r {
+                SchedRequest::Hello { .. } => 0,
+                SchedRequest::CreateVcpu { .. } => 1,
+                SchedRequest::DestroyVcpu { .. } => 2,
+                SchedRequest::Wake { .. } => 3,
+                SchedRequest::Stopped { .. } => 4,
+                SchedRequest::PickNext { .. } => 5,
+            };
+            assert_eq!(i, idx, "requests() must list variants in declaration order");
+        }
+        for (i, r) in all.iter().enumerate() {
+            if let SchedRequest::Stopped { why, .. } = r {
+                let idx = match why {
+                    StopReason::Yielded => 4,
+                    StopReason::Blocked => 6,
+                    StopReason::SliceExpired => 7,
+                    StopReason::Preempted => 8,
+                };
+                assert_eq!(i, idx, "every stop reason, in declaration order");
+            }
+        }
+        all
+    }
+
+    /// One sample of every reply variant, in declaration order.
+    fn replies() -> Vec<SchedReply> {
+        let all = vec![
+            SchedReply::Welcome {
+                version: 1,
+                guarantees: Guarantees {
+                    weighted: true,
+                    pinned: false,
+                },
+            },
+            SchedReply::Done {
+                kick: CpuSet(0b1010),
+            },
+            SchedReply::Run {
+                vcpu: V,
+                slice: Micros(2000),
+            },
+            SchedReply::Idle,
+            SchedReply::error(SchedError::UnknownVcpu(V)),
+        ];
+        for (i, r) in all.iter().enumerate() {
+            let idx = match r {
+                SchedReply::Welcome { .. } => 0,
+                SchedReply::Done { .. } => 1,
+                SchedReply::Run { .. } => 2,
+                SchedReply::Idle => 3,
+                SchedReply::Error { .. } => 4,
+            };
+            assert_eq!(i, idx, "replies() must list variants in declaration order");
+            assert_eq!(r.variant_index() as usize, idx);
+        }
+        all
+    }
+
+    /// One sample of every error reason, in declaration order.
+    fn errors() -> Vec<SchedError> {
+        let all = vec![
+            SchedError::Malformed(DecodeError::TrailingBytes(3)),
+            SchedError::VersionMismatch {
+                requested: 7,
+                supported: 1,
+            },
+            SchedError::UnknownVcpu(V),
+            SchedError::VcpuExists(V),
+            SchedError::InvalidPcpu(PcpuId(64)),
+            SchedError::BadWeight(0),
+            SchedError::TooManyVcpus(256),
+            SchedError::VcpuRunning { vcpu: V, pcpu: P },
+            SchedError::VcpuBlocked(V),
+            SchedError::NotRunningHere { vcpu: V, pcpu: P },
+            SchedError::PcpuBusy { pcpu: P, vcpu: V },
+            SchedError::BadSlice(Micros(0)),
+            SchedError::UnexpectedReply(1),
+        ];
+        for (i, e) in all.iter().enumerate() {
+            let idx = match e {
+                SchedError::Malformed(_) => 0,
+                SchedError::VersionMismatch { .. } => 1,
+                SchedError::UnknownVcpu(_) => 2,
+                SchedError::VcpuExists(_) => 3,
+                SchedError::InvalidPcpu(_) => 4,
+                SchedError::BadWeight(_) => 5,
+                SchedError::TooManyVcpus(_) => 6,
+                SchedError::VcpuRunning { .. } => 7,
+                SchedError::VcpuBlocked(_) => 8,
+                SchedError::NotRunningHere { .. } => 9,
+                SchedError::PcpuBusy { .. } => 10,
+                SchedError::BadSlice(_) => 11,
+                SchedError::UnexpectedReply(_) => 12,
+            };
+            assert_eq!(i, idx, "errors() must list variants in declaration order");
+        }
+        all
+    }
+
+    const PINNED_REQUESTS: [&str; 9] = [
+        "0001",
+        "010302800207",
+        "0203",
+        "0303",
+        "040307e80700",
+        "0507",
+        "040307e80701",
+        "040307e80702",
+        "040307e80703",
+    ];
+    const PINNED_REPLIES: [&str; 5] = ["00010100", "010a", "0203d00f", "03", "040203"];
+    const PINNED_ERRORS: [&str; 13] = [
+        "04000603", "04010701", "040203", "040303", "040440", "040500", "04068002", "04070307",
+        "040803", "04090307", "040a0703", "040b00", "040c01",
+    ];
+
+    #[test]
+    fn pinned_sched_messages() {
+        check("sched requests", requests(), &PINNED_REQUESTS);
+        check("sched replies", replies(), &PINNED_REPLIES);
+        let errs: Vec<SchedReply> = errors().into_iter().map(SchedReply::error).collect();
+        check("sched errors", errs, &PINNED_ERRORS);
+    }
+
+    /// The largest scheduler messages are far inside [`MAX_MESSAGE`].
+    #[test]
+    fn worst_case_sched_messages_fit() {
+        let mut buf = [0u8; MAX_MESSAGE];
+        let v = VcpuId(u32::MAX);
+        let p = PcpuId(u32::MAX);
+        let big_req = SchedRequest::CreateVcpu {
+            vcpu: v,
+            domain: DomainId(u32::MAX),
+            weight: u32::MAX,
+            hint: p,
+        };
+        assert!(encode(&big_req, &mut buf).unwrap() <= 21);
+        let big_stop = SchedRequest::Stopped {
+            vcpu: v,
+            pcpu: p,
+            ran: Micros(u64::MAX),
+            why: StopReason::Preempted,
+        };
+        assert!(encode(&big_stop, &mut buf).unwrap() <= 22);
+        for reply in [
+            SchedReply::Done {
+                kick: CpuSet(u64::MAX),
+            },
+            SchedReply::Run {
+                vcpu: v,
+                slice: Micros(u64::MAX),
+            },
+            SchedReply::error(SchedError::VcpuRunning { vcpu: v, pcpu: p }),
+            SchedReply::error(SchedError::VersionMismatch {
+                requested: u32::MAX,
+                supported: u32::MAX,
+            }),
+        ] {
+            // At most: a tag, a 5-byte and a 10-byte varint.
+            assert!(encode(&reply, &mut buf).unwrap() <= 16, "{reply:?}");
+        }
+        assert_eq!(format!("{MAX_SLICE}"), "100.000 ms");
+    }
+
+    /// `Hello` is answered by `call` with the server's guarantees, through
+    /// the bytes; a wrong version is refused naming both versions.
+    #[test]
+    fn hello_carries_the_guarantees() {
+        struct Claims;
+        impl SchedServer for Claims {
+            fn name(&self) -> &'static str {
+                "claims"
+            }
+            fn guarantees(&self) -> Guarantees {
+                Guarantees {
+                    weighted: false,
+                    pinned: true,
+                }
+            }
+            fn create_vcpu(&self, _: VcpuId, _: DomainId, _: u32, _: PcpuId) -> SchedReply {
+                unreachable!()
+            }
+            fn destroy_vcpu(&self, _: VcpuId) -> SchedReply {
+                unreachable!()
+            }
+            fn wake(&self, _: VcpuId) -> SchedReply {
+                unreachable!()
+            }
+            fn stopped(&self, _: VcpuId, _: PcpuId, _: Micros, _: StopReason) -> SchedReply {
+                unreachable!()
+            }
+            fn pick_next(&self, _: PcpuId) -> SchedReply {
+                unreachable!()
+            }
+        }
+        let mut out = [0u8; MAX_MESSAGE];
+        let n = dispatch(&Claims, &[0x00, PROTOCOL_VERSION as u8], &mut out);
+        assert_eq!(
+            decode::<SchedReply>(&out[..n]).unwrap(),
+            SchedReply::Welcome {
+                version: PROTOCOL_VERSION,
+                guarantees: Guarantees {
+                    weighted: false,
+                    pinned: true
+                }
+            }
+        );
+        let n = dispatch(&Claims, &[0x00, 0x09], &mut out);
+        assert_eq!(
+            decode::<SchedReply>(&out[..n]).unwrap(),
+            SchedReply::error(SchedError::VersionMismatch {
+                requested: 9,
+                supported: PROTOCOL_VERSION
+            })
+        );
+    }
+}

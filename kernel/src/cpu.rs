@@ -188,9 +188,11 @@ pub struct Cpu {
 
 // SAFETY: all fields but `tables` are atomics, arrays of atomics or locks.
 // `tables` is written only in `init_this_cpu`, which runs once, on the
-// owning CPU, before that CPU loads them; after that no software reads or
-// writes them (the CPU uses them through GDTR, IDTR and TR), so no two
-// threads ever access them at once.
+// owning CPU, before that CPU loads them; after that the only software
+// access is the task door's write of TSS.RSP0, made by the owning CPU
+// itself through a raw pointer (`rsp0_slot`), which the CPU reads only on
+// its own ring-3 -> ring-0 transitions; so no two threads ever access a
+// CPU's tables at once.
 unsafe impl Sync for Cpu {}
 
 impl Cpu {
@@ -214,6 +216,15 @@ impl Cpu {
                 idt: interrupts::Idt::new(),
             }),
         }
+    }
+
+    /// This CPU's TSS.RSP0 field: the stack the CPU switches to when an
+    /// interrupt arrives from ring 3. Only the task door writes it, on its
+    /// own CPU (see `task`).
+    pub fn rsp0_slot(&self) -> *mut u64 {
+        // SAFETY: only the address is taken (no reference is created);
+        // the TSS lives in the static CPUS for the kernel's life.
+        unsafe { core::ptr::addr_of_mut!((*self.tables.get()).tss.privilege_stack_table[0]).cast() }
     }
 
     /// Index of this CPU (0 = bootstrap CPU; order of the MADT).
@@ -406,6 +417,17 @@ pub unsafe fn init_this_cpu(index: usize) -> Result<(), frames::FrameError> {
     let tss = tables
         .gdt
         .append(unsafe { Descriptor::tss_segment_unchecked(&tables.tss) });
+    // Ring-3 server tasks (see `task`): user data, then user code.
+    let user_data = tables.gdt.append(Descriptor::user_data_segment());
+    let user_code = tables.gdt.append(Descriptor::user_code_segment());
+    assert_eq!(
+        (user_data.0 as u64, user_code.0 as u64),
+        (
+            crate::task::USER_DATA_SELECTOR,
+            crate::task::USER_CODE_SELECTOR
+        ),
+        "user selectors are not where the task door expects them"
+    );
     tables.idt.fill();
     // SAFETY: the GDT, TSS and IDT live in the static CPUS for the kernel's
     // lifetime and are not written after this. `code` and `data` are the

@@ -1,8 +1,11 @@
 //! IDT, interrupt entry stubs (global_asm), dispatch, and the CPU-exception report.
 //!
 //! Every stub pushes the vector (and a zero error code when the CPU pushes
-//! none), saves the general registers and calls [`dispatch`] with a
-//! [`Frame`]. Exceptions are fatal: they print vector, error code, RIP, CR2
+//! none), swaps to the kernel's GS base when it came from ring 3, saves the
+//! general registers and calls [`dispatch`] with a [`Frame`]. Whatever
+//! arrives from ring 3 (a server task's system call, exception or
+//! interrupt) goes to [`crate::task::from_user`]. Kernel exceptions are
+//! fatal: they print vector, error code, RIP, CR2
 //! and CPU number, then end the run with the failure exit code. A fault in
 //! a stack's guard page is first reported as `stack overflow on cpu N`
 //! (it arrives as #DF on the #DF IST stack when the #PF could not be
@@ -50,9 +53,9 @@ pub struct Frame {
 }
 
 /// Vectors that have a stub, in the order of `umbra_isr_table`.
-const STUB_VECTORS: [u8; 36] = [
+const STUB_VECTORS: [u8; 37] = [
     0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
-    26, 27, 28, 29, 30, 31, 0xEF, 0xF0, 0xF1, 0xFF,
+    26, 27, 28, 29, 30, 31, 0x80, 0xEF, 0xF0, 0xF1, 0xFF,
 ];
 
 global_asm!(
@@ -70,7 +73,7 @@ umbra_isr_\v:
     .endm
 
     .section .text
-    .irp v, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31,239,240,241,255
+    .irp v, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31,128,239,240,241,255
     UMBRA_ISR_NOERR \v
     .endr
     .irp v, 8,10,11,12,13,14,17,21,29,30
@@ -78,6 +81,11 @@ umbra_isr_\v:
     .endr
 
 umbra_isr_common:
+    // From ring 3 (a server task): load the kernel's GS base first.
+    test byte ptr [rsp + 24], 3
+    jz 1f
+    swapgs
+1:
     push rax
     push rbx
     push rcx
@@ -112,13 +120,18 @@ umbra_isr_common:
     pop rbx
     pop rax
     add rsp, 16
+    // Back to ring 3: give the task its own GS base again.
+    test byte ptr [rsp + 8], 3
+    jz 2f
+    swapgs
+2:
     iretq
 
     .section .rodata
     .balign 8
     .global umbra_isr_table
 umbra_isr_table:
-    .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,239,240,241,255
+    .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,128,239,240,241,255
     .quad umbra_isr_\v
     .endr
 "#,
@@ -152,12 +165,12 @@ impl Gate {
         reserved: 0,
     };
 
-    fn interrupt(handler: u64, ist: u8) -> Gate {
+    fn interrupt(handler: u64, ist: u8, dpl: u8) -> Gate {
         Gate {
             offset_low: handler as u16,
             selector: 0x08, // kernel code: the first entry appended to each GDT
             ist,
-            attributes: 0x8E, // present, DPL 0, 64-bit interrupt gate
+            attributes: 0x8E | (dpl << 5), // present, DPL, 64-bit interrupt gate
             offset_mid: (handler >> 16) as u16,
             offset_high: (handler >> 32) as u32,
             reserved: 0,
@@ -188,7 +201,9 @@ impl Idt {
             // with one `.quad` per entry of STUB_VECTORS (so the declared
             // length is right), lives in .rodata and is never written.
             let handler = unsafe { umbra_isr_table[i] };
-            self.0[v as usize] = Gate::interrupt(handler, ist);
+            // Only the system-call gate may be used by `int n` from ring 3.
+            let dpl = if v == abi::task::SYSCALL_VECTOR { 3 } else { 0 };
+            self.0[v as usize] = Gate::interrupt(handler, ist, dpl);
         }
     }
 
@@ -227,6 +242,17 @@ extern "C" fn dispatch(frame: *mut Frame) {
     // pushed (layout matches `Frame`, repr(C)); it stays valid and is used
     // by nothing else until this function returns.
     let frame = unsafe { &mut *frame };
+    if frame.cs & 3 == 3 {
+        return crate::task::from_user(frame);
+    }
+    if !serve_interrupt(frame) {
+        fatal_exception(frame);
+    }
+}
+
+/// Serves a device interrupt or IPI (shootdown, wake-up, timer, spurious);
+/// returns false for anything else (an exception).
+pub fn serve_interrupt(frame: &Frame) -> bool {
     match frame.vector as u8 {
         v if v == SHOOTDOWN_VECTOR => {
             shootdown::serve();
@@ -238,8 +264,9 @@ extern "C" fn dispatch(frame: *mut Frame) {
             apic::eoi();
         }
         v if v == apic::SPURIOUS_VECTOR => {}
-        _ => fatal_exception(frame),
+        _ => return false,
     }
+    true
 }
 
 /// What a fault address says about the cause, for the line before the
@@ -276,7 +303,8 @@ fn diagnose(frame: &Frame, cr2: u64, cpu: Option<usize>) {
     }
 }
 
-fn fatal_exception(frame: &Frame) -> ! {
+/// Reports an exception the kernel cannot survive and ends the run.
+pub fn fatal_exception(frame: &Frame) -> ! {
     let cpu = cpu::current_index_checked();
     diagnose(frame, Cr2::read_raw(), cpu);
     serial::print_emergency(format_args!(

@@ -6,7 +6,7 @@
 //! [`create_with`].
 
 use crate::fast::policy::{PerPcpuCopies, SharedRoots};
-use crate::fast::FastServer;
+use crate::fast::{DirtyMode, FastServer};
 use crate::reference::{self, Reference};
 use crate::Config;
 use abi::{MmuServer, PhysMem};
@@ -14,12 +14,16 @@ use alloc::boxed::Box;
 use core::fmt;
 
 /// Every registered implementation, in the order reports list them.
-pub const NAMES: &[&str] = &[reference::NAME, FAST_SHARED, FAST_PERCPU];
+pub const NAMES: &[&str] = &[reference::NAME, FAST_SHARED, FAST_PERCPU, FAST_DBIT];
 
 /// The fast server with one shared shadow root per guest L4.
 pub const FAST_SHARED: &str = "fast-shared";
 /// The fast server with per-pCPU copies of the shadow L4.
 pub const FAST_PERCPU: &str = "fast-percpu";
+/// The fast server with shared roots, logging dirty pages by harvesting the
+/// hardware D bits of its shadow leaves ([`DirtyMode::DirtyBits`]) instead
+/// of write protection: no exit per page written while logging.
+pub const FAST_DBIT: &str = "fast-dbit";
 
 /// The name asked for is not registered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +64,12 @@ pub fn create_with<'m, 'n>(
             FAST_PERCPU,
             mem,
             config,
+        ))),
+        FAST_DBIT => Ok(Box::new(FastServer::<SharedRoots>::with_dirty_mode(
+            FAST_DBIT,
+            mem,
+            config,
+            DirtyMode::DirtyBits,
         ))),
         _ => Err(UnknownImpl(name)),
     }

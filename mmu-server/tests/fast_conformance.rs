@@ -1,10 +1,11 @@
-//! Every scripted conformance scenario against `fast-shared` and
-//! `fast-percpu` (and the reference, as a control), built through the
-//! registry exactly as `cargo xtask conformance` does.
+//! Every scripted conformance scenario against `fast-shared`, `fast-percpu`
+//! and `fast-dbit` (and the reference, as a control), built through the
+//! registry exactly as `cargo xtask conformance` does, plus D-bit logging
+//! with per-pCPU L4 copies (not registered).
 
 use conformance::{run_scenario, scenarios, Ram, SuitePhys, RAM_FRAMES};
 use core::sync::atomic::AtomicU64;
-use mmu_server::fast::policy::{PerPcpuCopies, SharedRoots};
+use mmu_server::fast::policy::PerPcpuCopies;
 use mmu_server::fast::{DirtyMode, FastServer};
 use mmu_server::registry;
 
@@ -42,12 +43,7 @@ fn failures(make: conformance::MakeServer<'_>) -> Vec<(&'static str, String)> {
 /// scenario the reference fails too is a suite bug, reported by the suite's
 /// own run).
 fn dbits<'a>(p: &'a SuitePhys<'a>) -> Box<dyn abi::MmuServer + 'a> {
-    Box::new(FastServer::<SharedRoots>::with_dirty_mode(
-        "fast-shared-dbits",
-        p,
-        mmu_server::Config::default(),
-        DirtyMode::DirtyBits,
-    ))
+    registry::create(registry::FAST_DBIT, p).expect("registered")
 }
 
 fn dbits_percpu<'a>(p: &'a SuitePhys<'a>) -> Box<dyn abi::MmuServer + 'a> {
@@ -92,6 +88,6 @@ fn reference<'a>(p: &'a SuitePhys<'a>) -> Box<dyn abi::MmuServer + 'a> {
 
 #[test]
 fn scenarios_fast_dirty_bits() {
-    suite("fast-shared-dbits", &F(dbits));
+    suite(registry::FAST_DBIT, &F(dbits));
     suite("fast-percpu-dbits", &F(dbits_percpu));
 }

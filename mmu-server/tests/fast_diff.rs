@@ -363,17 +363,6 @@ fn seeds(pr: &Profile) -> std::ops::RangeInclusive<u64> {
     }
 }
 
-fn dirty_bits_server<'a>(name: &'static str, p: &'a SuitePhys<'a>) -> Box<dyn abi::MmuServer + 'a> {
-    use mmu_server::fast::policy::SharedRoots;
-    use mmu_server::fast::{DirtyMode, FastServer};
-    Box::new(FastServer::<SharedRoots>::with_dirty_mode(
-        name,
-        p,
-        mmu_server::Config::default(),
-        DirtyMode::DirtyBits,
-    ))
-}
-
 #[test]
 fn differential_fast_shared() {
     differential(registry::FAST_SHARED, &PLAIN);
@@ -386,7 +375,7 @@ fn differential_fast_percpu() {
 
 #[test]
 fn differential_fast_dirty_bits() {
-    differential_with("fast-shared-dbits", &PLAIN, &dirty_bits_server);
+    differential(registry::FAST_DBIT, &PLAIN);
 }
 
 #[test]
@@ -401,5 +390,5 @@ fn prefetch_differential_fast_percpu() {
 
 #[test]
 fn prefetch_differential_fast_dirty_bits() {
-    differential_with("fast-shared-dbits", &PREFETCH, &dirty_bits_server);
+    differential(registry::FAST_DBIT, &PREFETCH);
 }

@@ -23,7 +23,13 @@
 //! - after an access through a translation whose guest entries did not change
 //!   since the vCPU's last flush, the guest's A bits are set on every level
 //!   and D on the leaf for a write;
-//! - every page written while dirty logging is on is in the next bitmap;
+//! - dirty logging is exact: every guest frame whose bytes changed since the
+//!   previous harvest (by anyone: guest stores, the server's A/D updates in
+//!   guest page tables, emulated writes) is in the next bitmap, compared by
+//!   a digest of each frame's contents taken at every harvest; frames in
+//!   the bitmap that did not change are allowed, counted ([`Stats`]) and
+//!   listed ([`Machine::last_harvest`]); every frame the guest wrote (even
+//!   with the value it held) is in it too;
 //! - shadow tables live only in pool frames the server holds.
 
 use crate::arch::{self, fault_code, walk, Access, Ctrl, Rights, Size, Walk, PF_P};
@@ -132,6 +138,46 @@ pub struct Stats {
     pub flushes: u64,
     /// The most shadow-pool frames the server held at once.
     pub peak_pool: u64,
+    /// Dirty-log harvests checked (whole get-and-clear rounds).
+    pub harvests: u64,
+    /// Guest frames whose bytes changed between two harvests (each one had
+    /// to be, and was, in the bitmap).
+    pub dirty_changed: u64,
+    /// Guest frames a bitmap reported whose bytes had not changed since the
+    /// previous harvest (allowed: a write of the same value, or a server
+    /// that logs conservatively).
+    pub dirty_extra: u64,
+}
+
+/// What the exact dirty-log check found at one harvest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Harvest {
+    /// Guest frames whose bytes changed since the previous harvest.
+    pub changed: BTreeSet<u64>,
+    /// Frames the bitmap reported that did not change.
+    pub extra: BTreeSet<u64>,
+}
+
+/// Who changed a guest frame while dirty logging was on (for reports).
+const BY_GUEST: u8 = 1;
+const BY_EMULATION: u8 = 2;
+const BY_SERVER_AD: u8 = 4;
+
+/// A 64-bit digest of the 4 KiB frame `mfn` (0 if unreadable): the exact
+/// dirty-log check compares frames by it, so it keeps 8 bytes per frame
+/// (the image runs the same check over real frames, with a small heap).
+fn frame_digest(ram: Ram<'_>, mfn: u64) -> u64 {
+    let mut h = 0x243f_6a88_85a3_08d3u64;
+    for i in 0..512u64 {
+        let w = ram.read((mfn << 12) + 8 * i).unwrap_or(0);
+        h = (h.rotate_left(29) ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    // SplitMix64's finaliser: every input bit reaches every output bit.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
 }
 
 struct Dom {
@@ -141,6 +187,12 @@ struct Dom {
     hist: History,
     dirty_on: bool,
     dirty_pending: BTreeSet<u64>,
+    /// While logging: the digest of every guest frame (in region order) at
+    /// the previous harvest (or at EnableDirtyLog).
+    dirty_digest: Vec<u64>,
+    /// While logging: who changed which frame since the previous harvest
+    /// (`BY_*` bits; for failure reports only, the check is by digest).
+    dirty_by: BTreeMap<u64, u8>,
     started: bool,
     next_gfn: u64,
     alive: bool,
@@ -152,6 +204,17 @@ impl Dom {
             .iter()
             .find(|r| gfn >= r.0 && gfn - r.0 < r.2)
             .map(|r| r.1 + (gfn - r.0))
+    }
+    /// The position of guest frame `gfn` in region order.
+    fn index(&self, gfn: u64) -> Option<usize> {
+        let mut base = 0;
+        for r in &self.regions {
+            if gfn >= r.0 && gfn - r.0 < r.2 {
+                return Some((base + gfn - r.0) as usize);
+            }
+            base += r.2;
+        }
+        None
     }
     fn gfn_of(&self, mfn: u64) -> Option<u64> {
         self.regions
@@ -218,6 +281,7 @@ pub struct Machine<'m> {
     /// Emulated writes of this step: (dom, gpa, value).
     cur_emulated: Vec<(usize, u64, u64)>,
     recent: VecDeque<String>,
+    last_harvest: Option<Harvest>,
     /// Counters.
     pub stats: Stats,
 }
@@ -254,6 +318,7 @@ impl<'m> Machine<'m> {
             cur_access: None,
             cur_path: (Vec::new(), false),
             cur_emulated: Vec::new(),
+            last_harvest: None,
             stats: Stats::default(),
             recent: VecDeque::new(),
         }
@@ -453,6 +518,8 @@ impl<'m> Machine<'m> {
             hist: History::default(),
             dirty_on: false,
             dirty_pending: BTreeSet::new(),
+            dirty_digest: Vec::new(),
+            dirty_by: BTreeMap::new(),
             started: false,
             next_gfn: first,
             alive: true,
@@ -680,6 +747,8 @@ impl<'m> Machine<'m> {
         self.expect_done(d, r, "EnableDirtyLog")?;
         self.doms[d].dirty_on = true;
         self.doms[d].dirty_pending.clear();
+        self.doms[d].dirty_digest = self.digests(d);
+        self.doms[d].dirty_by.clear();
         self.check()
     }
 
@@ -692,11 +761,16 @@ impl<'m> Machine<'m> {
         self.expect_done(d, r, "DisableDirtyLog")?;
         self.doms[d].dirty_on = false;
         self.doms[d].dirty_pending.clear();
+        self.doms[d].dirty_digest.clear();
+        self.doms[d].dirty_by.clear();
         self.check()
     }
 
     /// Gets and clears domain `d`'s whole dirty log (chunk by chunk) and
-    /// checks that every page the guest wrote since the last round is in it.
+    /// checks it exactly: every guest frame whose bytes changed since the
+    /// previous harvest (or EnableDirtyLog) must be in it, and every frame
+    /// the guest wrote; frames reported that did not change are counted in
+    /// [`Stats::dirty_extra`] and listed in [`Machine::last_harvest`].
     pub fn get_dirty(&mut self, d: usize) -> Res<BTreeSet<u64>> {
         let mut set = BTreeSet::new();
         let mut start = self.doms[d].regions.first().map_or(0, |r| r.0);
@@ -738,6 +812,7 @@ impl<'m> Machine<'m> {
                 }
             }
         }
+        self.check_harvest(d, &set)?;
         let missing: Vec<u64> = self.doms[d]
             .dirty_pending
             .iter()
@@ -745,14 +820,7 @@ impl<'m> Machine<'m> {
             .filter(|g| !set.contains(g))
             .collect();
         if !missing.is_empty() {
-            let mut why = String::new();
-            for &g in &missing {
-                if let Some(mfn) = self.doms[d].mfn(g) {
-                    for w in self.writable_paths(mfn) {
-                        why.push_str(&format!("; gfn {g:#x} writable via {w}"));
-                    }
-                }
-            }
+            let why = self.why_missing(d, &missing);
             return Err(self.fail(
                 "dirty log holds every page written while logging",
                 None,
@@ -762,6 +830,96 @@ impl<'m> Machine<'m> {
         }
         self.doms[d].dirty_pending.clear();
         Ok(set)
+    }
+
+    /// What the exact dirty-log check found at the last harvest.
+    pub fn last_harvest(&self) -> Option<&Harvest> {
+        self.last_harvest.as_ref()
+    }
+
+    /// The digest of every guest frame of domain `d`, in region order.
+    fn digests(&self, d: usize) -> Vec<u64> {
+        let ram = self.ram;
+        self.doms[d]
+            .regions
+            .iter()
+            .flat_map(|&(_, mfn, pages)| (mfn..mfn + pages).map(move |m| frame_digest(ram, m)))
+            .collect()
+    }
+
+    /// The exact check of one harvest of domain `d` that reported `set`:
+    /// compares every guest frame with its digest at the previous harvest.
+    fn check_harvest(&mut self, d: usize, set: &BTreeSet<u64>) -> Res<()> {
+        let now = self.digests(d);
+        let dom = &self.doms[d];
+        let gfns = dom
+            .regions
+            .iter()
+            .flat_map(|&(gfn, _, pages)| gfn..gfn + pages);
+        // A frame without a digest from before counts as changed.
+        let changed: BTreeSet<u64> = gfns
+            .zip(&now)
+            .enumerate()
+            .filter(|&(i, (_, now))| dom.dirty_digest.get(i) != Some(now))
+            .map(|(_, (g, _))| g)
+            .collect();
+        let missing: Vec<u64> = changed.difference(set).copied().collect();
+        let extra: BTreeSet<u64> = set.difference(&changed).copied().collect();
+        self.stats.harvests += 1;
+        self.stats.dirty_changed += changed.len() as u64;
+        self.stats.dirty_extra += extra.len() as u64;
+        if !missing.is_empty() {
+            let mut who = String::new();
+            for &g in &missing {
+                let by = dom.dirty_by.get(&g).copied().unwrap_or(0);
+                let names: Vec<&str> = [
+                    (BY_GUEST, "guest stores"),
+                    (BY_EMULATION, "emulated writes"),
+                    (BY_SERVER_AD, "the server's A/D updates"),
+                ]
+                .iter()
+                .filter(|(bit, _)| by & bit != 0)
+                .map(|&(_, n)| n)
+                .collect();
+                who.push_str(&format!(
+                    "; gfn {g:#x} changed by {}",
+                    if names.is_empty() {
+                        String::from("no recorded writer")
+                    } else {
+                        names.join(" and ")
+                    }
+                ));
+            }
+            let why = self.why_missing(d, &missing);
+            return Err(self.fail(
+                "dirty log holds every frame whose bytes changed since the previous harvest",
+                None,
+                format!(
+                    "gfns {changed:x?} changed ({} reported unchanged)",
+                    extra.len()
+                ),
+                format!("gfns {missing:x?} missing from {set:x?}{who}{why}"),
+            ));
+        }
+        self.last_harvest = Some(Harvest { changed, extra });
+        let dom = &mut self.doms[d];
+        dom.dirty_digest = now;
+        dom.dirty_by.clear();
+        Ok(())
+    }
+
+    /// Where the frames `missing` from a bitmap of domain `d` are still
+    /// writable without a fault (for failure reports).
+    fn why_missing(&self, d: usize, missing: &[u64]) -> String {
+        let mut why = String::new();
+        for &g in missing {
+            if let Some(mfn) = self.doms[d].mfn(g) {
+                for w in self.writable_paths(mfn) {
+                    why.push_str(&format!("; gfn {g:#x} writable via {w}"));
+                }
+            }
+        }
+        why
     }
 
     /// Zaps every shadow of domain `d`.
@@ -829,6 +987,11 @@ impl<'m> Machine<'m> {
         let old = self.ram.read(hpa).unwrap_or(0);
         self.ram.write(hpa, value);
         self.doms[d].hist.record(gpa, old);
+        // Not the guest's write: no harvest owes it.
+        let idx = self.doms[d].index(gpa >> 12);
+        if let Some(slot) = idx.and_then(|i| self.doms[d].dirty_digest.get_mut(i)) {
+            *slot = frame_digest(self.ram, m);
+        }
         Ok(())
     }
 
@@ -1041,6 +1204,7 @@ impl<'m> Machine<'m> {
         self.epoch += 1;
         if self.doms[d].dirty_on {
             self.doms[d].dirty_pending.insert(gfn);
+            *self.doms[d].dirty_by.entry(gfn).or_default() |= BY_GUEST;
         }
         Ok(Outcome::Ok(value))
     }
@@ -1119,6 +1283,7 @@ impl<'m> Machine<'m> {
         self.epoch += 1;
         if self.doms[d].dirty_on {
             self.doms[d].dirty_pending.insert(want >> 12);
+            *self.doms[d].dirty_by.entry(want >> 12).or_default() |= BY_EMULATION;
         }
         Ok(Outcome::Ok(value))
     }
@@ -1384,7 +1549,7 @@ impl<'m> Machine<'m> {
     }
 
     /// Judges the server's writes to guest memory during this step.
-    fn check_foreign(&self) -> Res<()> {
+    fn check_foreign(&mut self) -> Res<()> {
         for fw in self.phys.take_foreign() {
             let mfn = fw.hpa >> 12;
             let Some((d, gfn)) = self
@@ -1423,6 +1588,9 @@ impl<'m> Machine<'m> {
                     Some(d_ok) => changed & arch::D == 0 || d_ok,
                     None => false,
                 };
+            if ok && self.doms[d].dirty_on {
+                *self.doms[d].dirty_by.entry(gfn).or_default() |= BY_SERVER_AD;
+            }
             if !ok {
                 return Err(self.fail(
                     "server changes guest memory only by setting A/D on the walked path",

@@ -1065,6 +1065,40 @@ fn dirty_pt_pages(m: &mut Machine<'_>) -> Res<()> {
     m.disable_dirty(b.d)
 }
 
+fn dirty_ad_only(m: &mut Machine<'_>) -> Res<()> {
+    let b = boot(m, 256, 1, 0)?;
+    let v = b.vcpus[0];
+    // Leaves written with A and D clear, before logging starts.
+    let gs = map_data(m, &b, v, USER, 8, FULL)?;
+    m.enable_dirty(b.d)?;
+    m.get_dirty(b.d)?;
+    // Reads only: the guest stores nothing, but the server's walks set A in
+    // its page tables, and those frames must be in the next bitmap.
+    for i in 0..8u64 {
+        rd(m, v, USER + i * 4096, 0)?;
+    }
+    m.get_dirty(b.d)?;
+    let pt = m.entry_addr(b.d, b.cr3, USER, 1).unwrap_or(0) >> 12;
+    let changed = m
+        .last_harvest()
+        .map(|h| h.changed.clone())
+        .unwrap_or_default();
+    if !changed.contains(&pt) || gs.iter().any(|g| changed.contains(g)) {
+        return Err(m.fail(
+            "frames changed by reads",
+            None,
+            format!("the leaf table gfn {pt:#x} (A set), no data page"),
+            format!("{changed:x?}"),
+        ));
+    }
+    // Writes: the data pages, and D in the leaves.
+    for i in 0..8u64 {
+        wr(m, v, USER + i * 4096, 0x100 + i)?;
+    }
+    m.get_dirty(b.d)?;
+    m.disable_dirty(b.d)
+}
+
 fn zap_mid_run(m: &mut Machine<'_>) -> Res<()> {
     let b = boot(m, 256, 4, 0)?;
     map_data(m, &b, b.vcpus[0], USER, 16, FULL)?;
@@ -1448,6 +1482,10 @@ pub fn scenarios() -> &'static [Scenario] {
         s!(
             dirty_pt_pages,
             "dirty logging of page-table and 2 MiB writes"
+        ),
+        s!(
+            dirty_ad_only,
+            "dirty logging of page tables changed only by the server's A/D updates"
         ),
         s!(zap_mid_run, "zap-all while 4 vCPUs run"),
         s!(

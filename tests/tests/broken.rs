@@ -2,6 +2,7 @@
 //! around the reference, through the `MmuServer` trait, existing only here)
 //! must each be caught, and the unbroken wrapper must pass.
 
+use abi::mmu::DIRTY_CHUNK_PAGES;
 use abi::{
     CpuSet, DirtyChunk, DomainId, FlushObligation, Gfn, Gpa, GuestCr3, Gva, Hpa, MemoryMap,
     MmuReply, MmuServer, PagingMode, PcpuId, PfErrorCode, PhysMem, VcpuId,
@@ -29,13 +30,24 @@ enum Bug {
     /// Flushes only the requesting pCPU (forgets where a vCPU ran before),
     /// and never when a vCPU comes back to a pCPU.
     FlushOnlyHere,
+    /// Leaves out of every bitmap chunk the first frame that changed only in
+    /// A/D bits since the previous harvest (a server that forgets one of its
+    /// own A/D updates in guest page tables).
+    LoseAdOnly,
 }
+
+/// A memory region as (gfn, mfn, pages).
+type Region = (u64, u64, u64);
 
 struct Broken<'a> {
     inner: Box<dyn MmuServer + 'a>,
     phys: &'a SuitePhys<'a>,
     bug: Bug,
     roots: Mutex<BTreeMap<u32, u64>>,
+    /// Per domain: its memory map as (gfn, mfn, pages).
+    maps: Mutex<BTreeMap<u32, Vec<Region>>>,
+    /// Per (domain, gfn): the frame's words at the previous harvest.
+    copies: Mutex<BTreeMap<(u32, u64), Vec<u64>>>,
 }
 
 fn only_here(r: MmuReply, pcpu: PcpuId) -> MmuReply {
@@ -70,6 +82,52 @@ fn without_flush(r: MmuReply) -> MmuReply {
 }
 
 impl Broken<'_> {
+    /// The words of guest frame `gfn` of `domain` now.
+    fn frame(&self, domain: DomainId, gfn: u64) -> Option<Vec<u64>> {
+        let maps = self.maps.lock().unwrap();
+        let &(g, m, _) = maps
+            .get(&domain.0)?
+            .iter()
+            .find(|&&(g, _, n)| gfn >= g && gfn - g < n)?;
+        let base = (m + gfn - g) << 12;
+        (0..512u64)
+            .map(|i| self.phys.read_u64(Hpa(base + 8 * i)).ok())
+            .collect()
+    }
+
+    /// Records the words of `domain`'s frames in `gfns` (the previous
+    /// harvest's state, for [`Bug::LoseAdOnly`]).
+    fn copy(&self, domain: DomainId, gfns: std::ops::Range<u64>) {
+        let frames: Vec<u64> = {
+            let maps = self.maps.lock().unwrap();
+            let Some(map) = maps.get(&domain.0) else {
+                return;
+            };
+            map.iter()
+                .flat_map(|&(g, _, n)| g..g + n)
+                .filter(|g| gfns.contains(g))
+                .collect()
+        };
+        for g in frames {
+            if let Some(words) = self.frame(domain, g) {
+                self.copies.lock().unwrap().insert((domain.0, g), words);
+            }
+        }
+    }
+
+    /// Whether frame `gfn` changed only in A/D bits since the last copy.
+    fn ad_only(&self, domain: DomainId, gfn: u64) -> bool {
+        let ad = 0x60u64;
+        let Some(now) = self.frame(domain, gfn) else {
+            return false;
+        };
+        let copies = self.copies.lock().unwrap();
+        let Some(old) = copies.get(&(domain.0, gfn)) else {
+            return false;
+        };
+        now != *old && now.iter().zip(old).all(|(a, b)| (a ^ b) & !ad == 0)
+    }
+
     fn note(&self, r: MmuReply) -> MmuReply {
         if let MmuReply::LoadShadowRoot { vcpu, root, .. } = r {
             self.roots.lock().unwrap().insert(vcpu.0, root.0);
@@ -107,6 +165,8 @@ impl MmuServer for Broken<'_> {
         "broken"
     }
     fn create_domain(&self, domain: DomainId, memory: &MemoryMap) -> MmuReply {
+        let map = memory.iter().map(|r| (r.gfn.0, r.mfn.0, r.pages)).collect();
+        self.maps.lock().unwrap().insert(domain.0, map);
         self.inner.create_domain(domain, memory)
     }
     fn destroy_domain(&self, domain: DomainId) -> MmuReply {
@@ -180,6 +240,9 @@ impl MmuServer for Broken<'_> {
         self.inner.emulated_write(vcpu, pcpu, gpa, value, size)
     }
     fn enable_dirty_log(&self, domain: DomainId) -> MmuReply {
+        if self.bug == Bug::LoseAdOnly {
+            self.copy(domain, 0..u64::MAX);
+        }
         self.inner.enable_dirty_log(domain)
     }
     fn disable_dirty_log(&self, domain: DomainId) -> MmuReply {
@@ -188,6 +251,20 @@ impl MmuServer for Broken<'_> {
     fn get_and_clear_dirty(&self, domain: DomainId, start: Gfn) -> MmuReply {
         let r = self.inner.get_and_clear_dirty(domain, start);
         match (self.bug, r) {
+            (Bug::LoseAdOnly, MmuReply::DirtyBitmap { mut chunk, flush }) => {
+                let lost: Vec<u64> = chunk
+                    .dirty()
+                    .map(|g| g.0)
+                    .filter(|&g| self.ad_only(domain, g))
+                    .take(1)
+                    .collect();
+                for g in lost {
+                    let j = g - chunk.start.0;
+                    chunk.bits[(j / 8) as usize] &= !(1 << (j % 8));
+                }
+                self.copy(domain, start.0..start.0 + DIRTY_CHUNK_PAGES);
+                MmuReply::DirtyBitmap { chunk, flush }
+            }
             (Bug::LoseDirty, MmuReply::DirtyBitmap { mut chunk, flush }) => {
                 if let Some(b) = chunk.bits.iter_mut().find(|b| **b != 0) {
                     *b &= *b - 1;
@@ -215,6 +292,8 @@ impl Factory for MakeBroken {
             phys,
             bug: self.0,
             roots: Mutex::new(BTreeMap::new()),
+            maps: Mutex::new(BTreeMap::new()),
+            copies: Mutex::new(BTreeMap::new()),
         }))
     }
 }
@@ -298,6 +377,24 @@ fn a_lost_dirty_page_is_caught() {
         Bug::LoseDirty,
         &["dirty_rounds"],
         "dirty log holds every page",
+    );
+}
+
+#[test]
+fn a_frame_changed_only_by_the_servers_ad_updates_is_caught() {
+    // The guest stores nothing to the lost frames (only the server's walks
+    // set A/D in them): only the exact, contents-based check can see it.
+    caught(
+        Bug::LoseAdOnly,
+        &["dirty_ad_only"],
+        "dirty log holds every frame whose bytes changed since the previous harvest",
+    );
+    let f = failures(Bug::LoseAdOnly, &["dirty_ad_only"], 0);
+    assert!(
+        f.iter()
+            .any(|r| r.contains("changed by the server's A/D updates")),
+        "the report names the server's A/D updates as the writer:\n{}",
+        f.join("\n")
     );
 }
 

@@ -31,6 +31,18 @@ pub struct RunArgs {
     /// one boot per registered implementation, or `none` to only boot.
     #[arg(long, default_value = "reference")]
     pub mmu: String,
+    /// How the kernel reaches the MMU server: `task` (the server runs in
+    /// ring 3 in its own address space), `direct` (linked into the kernel,
+    /// called in ring 0: the cost of isolation, measured), or `all` (both,
+    /// one boot each).
+    #[arg(long, default_value = "task")]
+    pub transport: String,
+    /// Count instructions: boot under `-icount shift=0,align=off,sleep=off`
+    /// (the TSC then advances one tick per instruction) and print the cost
+    /// table (instructions per request round trip and per forwarded #PF
+    /// exit, median and p99) for each transport and server.
+    #[arg(long)]
+    pub icount: bool,
     /// Arguments passed to the kernel command line (QEMU `-append`).
     #[arg(last = true)]
     pub kernel_args: Vec<String>,
@@ -76,21 +88,72 @@ impl Outcome {
     }
 }
 
-/// Builds the kernel (release unless `debug`) and returns the image's path.
-pub fn build_kernel(debug: bool) -> Result<PathBuf> {
+/// Builds the MMU server task (`mmu-server`'s `mmu-task` binary, always
+/// release: it runs in ring 3 and its speed is part of what is measured)
+/// and returns its path. It has its own target directory: its flags differ
+/// from the kernel's (position-independent code linked high, the runtime
+/// cfg `umbra_task`), and sharing one would rebuild both every time.
+pub fn build_mmu_task() -> Result<PathBuf> {
+    let target_dir = target_dir().join("task");
     let mut cmd = prereq::cargo();
-    cmd.args(["build", "-p", "kernel", "--target", prereq::KERNEL_TARGET]);
+    cmd.args([
+        "build",
+        "-p",
+        "mmu-server",
+        "--bin",
+        "mmu-task",
+        "--release",
+        "--target",
+        prereq::KERNEL_TARGET,
+        "--target-dir",
+    ])
+    .arg(&target_dir)
+    .env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        [
+            "-Crelocation-model=pic",
+            "--cfg",
+            "umbra_task",
+            "-Cstrip=debuginfo",
+        ]
+        .join("\x1f"),
+    );
+    prereq::run_checked(&mut cmd)?;
+    let path = target_dir
+        .join(prereq::KERNEL_TARGET)
+        .join("release")
+        .join("mmu-task");
+    if !path.is_file() {
+        bail!(
+            "the MMU task build succeeded but {} is missing",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| prereq::workspace_root().join("target"))
+}
+
+/// Builds the server tasks, then the boot image (crate `image`: the kernel,
+/// the guests and the tasks embedded; release unless `debug`), and returns
+/// its path.
+pub fn build_kernel(debug: bool) -> Result<PathBuf> {
+    let task = build_mmu_task()?;
+    let mut cmd = prereq::cargo();
+    cmd.args(["build", "-p", "image", "--target", prereq::KERNEL_TARGET])
+        .env("UMBRA_MMU_TASK", &task);
     if !debug {
         cmd.arg("--release");
     }
     prereq::run_checked(&mut cmd)?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| prereq::workspace_root().join("target"));
-    let image = target_dir
+    let image = target_dir()
         .join(prereq::KERNEL_TARGET)
         .join(if debug { "debug" } else { "release" })
-        .join("kernel");
+        .join("umbra");
     if !image.is_file() {
         bail!(
             "the kernel build succeeded but {} is missing",
@@ -109,7 +172,24 @@ pub fn boot(
     timeout: Duration,
     echo: bool,
 ) -> Result<Outcome> {
+    boot_with(image, smp, append, timeout, echo, &[])
+}
+
+/// QEMU's instruction counting: the virtual clock, and with it the TSC,
+/// advances 1 ns per guest instruction.
+pub const ICOUNT: &str = "shift=0,align=off,sleep=off";
+
+/// [`boot`] with more QEMU options (`-icount ...`).
+pub fn boot_with(
+    image: &std::path::Path,
+    smp: u32,
+    append: &str,
+    timeout: Duration,
+    echo: bool,
+    qemu_args: &[String],
+) -> Result<Outcome> {
     let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(qemu_args);
     // -nodefaults: no VGA, no NIC (whose option ROM slows the firmware).
     cmd.args(["-machine", "q35", "-nodefaults", "-m", "512M", "-smp"])
         .arg(smp.to_string())
@@ -227,12 +307,28 @@ pub fn run(args: &RunArgs) -> Result<()> {
             mmu_server::registry::NAMES.join(", ")
         ),
     };
+    let transports: Vec<&str> = match args.transport.as_str() {
+        "all" => vec!["task", "direct"],
+        one @ ("task" | "direct") => vec![one],
+        other => bail!("--transport {other}: no such transport; known: task, direct (or `all`)"),
+    };
+    let created = crate::results::write::utc_stamp(std::time::SystemTime::now()).0;
     let image = build_kernel(args.debug)?;
     let mut failed = Vec::new();
-    for name in names {
+    let mut costs = Vec::new();
+    let mut runs = Vec::new();
+    for (transport, name) in transports
+        .iter()
+        .flat_map(|t| names.iter().map(move |n| (*t, *n)))
+    {
         let mut append = args.kernel_args.join(" ");
         if !name.is_empty() {
-            append = format!("mmu={name} {append}").trim_end().to_string();
+            append = format!("mmu={name} transport={transport} {append}")
+                .trim_end()
+                .to_string();
+        }
+        if args.icount {
+            append = format!("{append} icount").trim_start().to_string();
         }
         eprintln!(
             "xtask: booting {} with -smp {}{}",
@@ -244,13 +340,34 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 format!(", command line \"{append}\"")
             }
         );
-        let out = boot(
+        let started = Instant::now();
+        let out = boot_with(
             &image,
             args.smp,
             &append,
             Duration::from_secs(args.timeout),
             true,
+            &icount_args(args.icount),
         )?;
+        costs.extend(
+            out.lines
+                .iter()
+                .filter_map(|l| l.strip_prefix("umbra-costs: "))
+                .map(str::to_string),
+        );
+        let mut words = args.kernel_args.clone();
+        words.push(format!("transport={transport}"));
+        if args.icount {
+            words.push("icount".into());
+        }
+        let selectors = crate::compare::run_selectors(name, args.smp, &words);
+        let label = crate::results::labels(std::slice::from_ref(&selectors)).remove(0);
+        let (run, error) =
+            crate::compare::to_run(label, selectors, append.clone(), &out, started.elapsed());
+        if let Some(e) = error {
+            eprintln!("xtask: the report did not parse, recorded empty: {e}");
+        }
+        runs.push(run);
         if let Some(t) = out.online_after {
             eprintln!(
                 "xtask: all CPUs online {:.3} s after QEMU start (wall)",
@@ -262,9 +379,77 @@ pub fn run(args: &RunArgs) -> Result<()> {
             failed.push(describe(&out.ending));
         }
     }
+    if !costs.is_empty() {
+        let unit = if args.icount {
+            "instructions"
+        } else {
+            "TSC ticks (use --icount for instructions)"
+        };
+        println!("xtask: ---- costs in {unit} ----");
+        println!(
+            "{:<14} {:<10} {:<12} {:>8} {:>10} {:>10}",
+            "server", "transport", "figure", "samples", "median", "p99"
+        );
+        for c in &costs {
+            if let Some(row) = CostRow::parse(c) {
+                println!(
+                    "{:<14} {:<10} {:<12} {:>8} {:>10} {:>10}",
+                    row.server, row.transport, row.figure, row.samples, row.median, row.p99
+                );
+            }
+        }
+    }
+    crate::compare::save("run", created, runs)?;
     match failed.first() {
         None => Ok(()),
         Some(why) => bail!("{} run(s) failed; first: {why}", failed.len()),
+    }
+}
+
+/// The QEMU options of `--icount` (none without it).
+pub fn icount_args(icount: bool) -> Vec<String> {
+    if icount {
+        vec!["-icount".into(), ICOUNT.into()]
+    } else {
+        Vec::new()
+    }
+}
+
+/// One `umbra-costs:` line of the kernel's report.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CostRow {
+    /// The MMU server.
+    pub server: String,
+    /// `task` or `direct`.
+    pub transport: String,
+    /// `RoundTrip` or `PfExit`.
+    pub figure: String,
+    /// Samples taken.
+    pub samples: u64,
+    /// Median TSC ticks (instructions under -icount).
+    pub median: u64,
+    /// 99th percentile.
+    pub p99: u64,
+}
+
+impl CostRow {
+    /// Parses `server S transport T figure F samples N median M p99 P ...`.
+    pub fn parse(line: &str) -> Option<CostRow> {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let get = |key: &str| {
+            w.iter()
+                .position(|x| *x == key)
+                .and_then(|i| w.get(i + 1))
+                .map(|s| s.to_string())
+        };
+        Some(CostRow {
+            server: get("server")?,
+            transport: get("transport")?,
+            figure: get("figure")?,
+            samples: get("samples")?.parse().ok()?,
+            median: get("median").unwrap_or_else(|| "0".into()).parse().ok()?,
+            p99: get("p99").unwrap_or_else(|| "0".into()).parse().ok()?,
+        })
     }
 }
 
@@ -530,8 +715,10 @@ pub fn test_image() -> Result<Tally> {
 /// registered MMU implementation (command line `mmu=<name> svm-test`).
 fn svm_boots(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
     for name in mmu_server::registry::NAMES {
-        eprintln!("xtask: test image: guest workloads and conformance on MMU `{name}`");
-        let append = format!("mmu={name} svm-test");
+        eprintln!(
+            "xtask: test image: guest workloads (transports task and direct) and conformance on MMU `{name}`"
+        );
+        let append = format!("mmu={name} transport=task,direct svm-test");
         let out = boot(image, 8, &append, TEST_TIMEOUT, true)?;
         let lines = tally_test_lines(&out.lines);
         *tally += lines;
@@ -552,7 +739,126 @@ fn svm_boots(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
             },
         );
     }
+    containment_boot(image, tally)
+}
+
+/// The misbehaving MMU servers (test-only names the MMU task answers to)
+/// and what each one's stop report must say.
+const MISBEHAVING: [(&str, &str); 4] = [
+    (
+        "misbehave-panic",
+        "panicked: misbehave-panic: deliberate panic",
+    ),
+    ("misbehave-wild", "exception #PF (vector 14"),
+    ("misbehave-hang", "no reply within"),
+    (
+        "misbehave-stack",
+        "stack overflow: #PF (vector 14) in the guard page",
+    ),
+];
+
+/// One boot runs the four misbehaving servers, then `reference`: each
+/// broken server must be stopped and reported (server, request, cause),
+/// its domains reported stopped, and afterwards the reference server's
+/// workloads must pass in the same boot, which must end alive.
+fn containment_boot(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
+    let names: Vec<&str> = MISBEHAVING.iter().map(|(n, _)| *n).collect();
+    let append = format!("mmu={},reference transport=task svm-test", names.join(","));
+    eprintln!(
+        "xtask: test image: containment of misbehaving servers (the STOPPED reports below are expected)"
+    );
+    let out = boot(image, 8, &append, TEST_TIMEOUT, true)?;
+    *tally += tally_test_lines(&out.lines);
+    for (name, cause) in MISBEHAVING {
+        record(
+            tally,
+            &format!("contain_{name}_report"),
+            check_containment(&out.lines, name, cause),
+        );
+    }
+    record(tally, "contain_kernel_goes_on", check_goes_on(&out));
     Ok(())
+}
+
+/// The stop report of server `name` names the server, the request it was
+/// serving and `cause`; the run's domains are reported stopped with it.
+fn check_containment(lines: &[String], name: &str, cause: &str) -> Result<(), String> {
+    let start = lines
+        .iter()
+        .position(|l| l.starts_with(&format!("umbra: MMU implementation: {name} ")))
+        .ok_or(format!("no run of `{name}`"))?;
+    let run = &lines[start + 1..];
+    let end = run
+        .iter()
+        .position(|l| l.starts_with("umbra: MMU implementation: "))
+        .unwrap_or(run.len());
+    let run = &run[..end];
+    let report = run
+        .iter()
+        .find(|l| l.contains(&format!("MMU server `{name}` STOPPED on pcpu ")))
+        .ok_or(format!("no STOPPED report for `{name}`"))?;
+    if !report.contains("while serving ")
+        || !report.contains(" { vcpu: ") && !report.contains(" { domain: ")
+    {
+        return Err(format!("report does not name the request: {report}"));
+    }
+    if !report.contains(cause) {
+        return Err(format!(
+            "report does not give the cause `{cause}`: {report}"
+        ));
+    }
+    let stopped = run
+        .iter()
+        .filter(|l| l.starts_with("svm: workload ") && l.contains("[stopped: MMU server stopped"))
+        .count();
+    if stopped == 0 {
+        return Err(format!(
+            "no workload of `{name}` reported stopped by the server's stop"
+        ));
+    }
+    if !run
+        .iter()
+        .any(|l| l.starts_with(&format!("test contain-{name}-task ... ok")))
+    {
+        return Err(format!("the image did not count `{name}` as contained"));
+    }
+    Ok(())
+}
+
+/// After the misbehaving servers, `reference` passes every workload in the
+/// same boot, and the boot ends alive with the success status.
+fn check_goes_on(out: &Outcome) -> Result<(), String> {
+    let start = out
+        .lines
+        .iter()
+        .position(|l| l.starts_with("umbra: MMU implementation: reference "))
+        .ok_or("no `reference` run after the misbehaving servers")?;
+    let after = &out.lines[start..];
+    let passed = after
+        .iter()
+        .find(|l| l.starts_with("svm: ") && l.ends_with(" workloads passed"))
+        .ok_or("no workload verdict for `reference`")?;
+    let (p, n) = passed
+        .trim_start_matches("svm: ")
+        .trim_end_matches(" workloads passed")
+        .split_once('/')
+        .ok_or(format!("unreadable verdict: {passed}"))?;
+    if p != n {
+        return Err(format!("after the misbehaving servers: {passed}"));
+    }
+    if !after
+        .iter()
+        .any(|l| l.contains("CPUs online") && l.starts_with("umbra: ") && l.contains('/'))
+    {
+        return Err("the kernel did not reach its last line".into());
+    }
+    match &out.ending {
+        Ending::Success => Ok(()),
+        e => Err(format!(
+            "the boot did not end alive and successful: {}",
+            describe(e)
+        )),
+    }
 }
 
 /// Counts one host-side check of the test-image stage and prints its line.
@@ -572,6 +878,114 @@ fn record(tally: &mut Tally, name: &str, result: Result<(), String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The names in the `[dependencies]` table of a crate's manifest.
+    fn dependencies(krate: &str) -> Vec<String> {
+        let path = prereq::workspace_root().join(krate).join("Cargo.toml");
+        let text = std::fs::read_to_string(&path).expect("the manifest is readable");
+        text.lines()
+            .skip_while(|l| l.trim() != "[dependencies]")
+            .skip(1)
+            .take_while(|l| !l.starts_with('['))
+            .filter_map(|l| l.split(['=', '.']).next())
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty() && !k.starts_with('#'))
+            .collect()
+    }
+
+    #[test]
+    fn the_kernel_and_the_guests_name_no_server_guest_or_test_crate() {
+        let policy = [
+            "mmu-server",
+            "grant-server",
+            "sched",
+            "conformance",
+            "guests",
+            "image",
+            "task-rt",
+        ];
+        let kernel = dependencies("kernel");
+        assert!(kernel.contains(&"abi".to_string()), "{kernel:?}");
+        for d in &kernel {
+            assert!(!policy.contains(&d.as_str()), "the kernel depends on {d}");
+        }
+        assert_eq!(
+            dependencies("guests"),
+            ["abi"],
+            "guests may depend on abi alone"
+        );
+        let image = dependencies("image");
+        for d in ["kernel", "guests", "mmu-server"] {
+            assert!(
+                image.iter().any(|x| x == d),
+                "the image must link {d}: {image:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn parses_cost_lines_and_rejects_garbage() {
+        let row = CostRow::parse(
+            "server fast-shared transport task figure RoundTrip samples 812 median 2150 p99 9001   (request round trip)",
+        )
+        .expect("a well-formed cost line parses");
+        assert_eq!(
+            row,
+            CostRow {
+                server: "fast-shared".into(),
+                transport: "task".into(),
+                figure: "RoundTrip".into(),
+                samples: 812,
+                median: 2150,
+                p99: 9001
+            }
+        );
+        assert!(CostRow::parse("server x transport task figure PfExit samples many").is_none());
+        assert!(CostRow::parse("nothing here").is_none());
+    }
+
+    fn containment_run(report: &str, contained: &str) -> Vec<String> {
+        lines(&format!(
+            "umbra: MMU implementation: misbehave-panic (transport task)\n{report}\n\
+             svm: workload demand-64M   d1 vcpus 1 exits 3 FAIL (stopped) [stopped: MMU server stopped 0x0]\n\
+             {contained}\n\
+             umbra: MMU implementation: reference (transport task)\n\
+             svm: 11/11 workloads passed"
+        ))
+    }
+
+    #[test]
+    fn containment_check_wants_server_request_cause_and_stopped_domains() {
+        let good = "svm: MMU server `misbehave-panic` STOPPED on pcpu 6 while serving PageFault { vcpu: VcpuId(10) }: panicked: misbehave-panic: deliberate panic on request 400";
+        let ok_line = "test contain-misbehave-panic-task ... ok (1 domains stopped)";
+        let cause = "panicked: misbehave-panic: deliberate panic";
+        assert_eq!(
+            check_containment(&containment_run(good, ok_line), "misbehave-panic", cause),
+            Ok(())
+        );
+        // Another cause than the expected one.
+        let wrong = good.replace("panicked: misbehave-panic", "exception #GP");
+        assert!(
+            check_containment(&containment_run(&wrong, ok_line), "misbehave-panic", cause).is_err()
+        );
+        // No request named.
+        let vague = "svm: MMU server `misbehave-panic` STOPPED on pcpu 6: panicked: misbehave-panic: deliberate panic";
+        assert!(
+            check_containment(&containment_run(vague, ok_line), "misbehave-panic", cause).is_err()
+        );
+        // The image did not count it as contained.
+        let failed = "test contain-misbehave-panic-task ... FAILED: server stopped false";
+        assert!(
+            check_containment(&containment_run(good, failed), "misbehave-panic", cause).is_err()
+        );
+        // A report of another server does not count.
+        assert!(check_containment(
+            &containment_run(good, ok_line),
+            "misbehave-hang",
+            "no reply"
+        )
+        .is_err());
+    }
 
     fn lines(text: &str) -> Vec<String> {
         text.lines().map(String::from).collect()

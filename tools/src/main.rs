@@ -3,9 +3,11 @@
 //! Each subcommand's doc comment below is its `--help` text.
 
 mod bench;
+mod compare;
 mod conformance;
 mod image;
 mod prereq;
+mod results;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -22,7 +24,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Build the boot image and boot it under QEMU (TCG, q35), streaming the
-    /// serial console. Exits 0 only when the image reports success.
+    /// serial console. Exits 0 only when the image reports success. Writes
+    /// the parsed report as results.json (with CSV tables and an SVG) under
+    /// target/umbra/results/<timestamp>/, as `compare` does.
     Run(image::RunArgs),
     /// Run every host test, the conformance suite and the in-image tests.
     /// The last line is `N passed, M failed` over everything that ran.
@@ -35,6 +39,14 @@ enum Command {
     /// wire round trip, each for the fast servers and the reference, ending
     /// with a `<figure>: fast <x> vs reference <y> = <ratio>x` summary.
     Bench(bench::BenchArgs),
+    /// Boot the guest workloads once per chosen combination (MMU server,
+    /// transport, grant server, scheduler; `all` for each), showing progress,
+    /// then print one table per workload: implementations as columns,
+    /// metrics as rows, the best value of each row marked `*`, verdicts
+    /// last. Writes results.json, a CSV per table and comparison.svg under
+    /// target/umbra/results/<timestamp>/. `--diff DIR_A DIR_B` prints the
+    /// change per metric between two such directories instead.
+    Compare(compare::CompareArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,11 +56,12 @@ fn main() -> ExitCode {
         Command::Test(args) => test::test(&args),
         Command::Conformance(args) => conformance::conformance(&args).map(|_| ()),
         Command::Bench(args) => bench::bench(&args),
+        Command::Compare(args) => compare::compare(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("xtask: {e}");
+            eprintln!("xtask: {e:#}");
             ExitCode::FAILURE
         }
     }

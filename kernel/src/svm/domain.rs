@@ -1,13 +1,11 @@
 //! A domain: one guest with its own contiguous guest-physical memory, loaded
-//! like a bootloader would: a private copy of the image (the guest kernels
-//! are code in it, mapped at the same addresses), page tables in guest memory
+//! like a bootloader would: a private copy of the image (the guest kernels,
+//! crate `guests`, are code in it, mapped at the same addresses), page tables in guest memory
 //! (image + a 2 MiB-page direct map of all guest memory), GDT, IDT with the
 //! guest's #PF gate, and per-vCPU info blocks and stacks.
 
-use super::guest::layout::{self as gl, pte, DomainInfo, VcpuInfo};
-use super::guest::rt::umbra_guest_pf_entry;
-use super::guest::work::{guest_main, Workload};
 use super::host;
+use abi::guest::{self as gl, pte, DomainInfo, VcpuInfo};
 use abi::DomainId;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use spin::Mutex;
@@ -25,12 +23,35 @@ pub struct VcpuBoot {
     pub gs_base: u64,
 }
 
+/// What the kernel needs to load and run one guest (what a workload means
+/// and how its verdict is read is the image's business, not the kernel's).
+#[derive(Clone, Copy, Debug)]
+pub struct DomainSpec {
+    /// Name in reports.
+    pub name: &'static str,
+    /// vCPUs (vCPU i runs on pCPU (first_pcpu + i) % pCPUs).
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// Where its vCPU 0 runs.
+    pub first_pcpu: u32,
+    /// The kernel zaps the domain on its own clock while it runs.
+    pub kernel_zaps: bool,
+    /// Where every vCPU starts (an address in the image, which each guest
+    /// gets a private copy of at the same addresses).
+    pub entry: u64,
+    /// The guest's #PF handler (installed in its IDT).
+    pub pf_entry: u64,
+    /// Written to the guest's `DomainInfo::workload`.
+    pub index: u64,
+}
+
 /// A guest and everything the kernel knows about it.
 pub struct Domain {
     /// Its id on the wire.
     pub id: DomainId,
-    /// Its workload.
-    pub workload: &'static Workload,
+    /// What it was loaded from.
+    pub spec: DomainSpec,
     /// Host-physical base of its (contiguous) guest memory; gpa 0 is here.
     pub mem_pa: u64,
     /// Bytes of guest memory.
@@ -209,13 +230,12 @@ impl Loader {
 /// vCPU's starting registers.
 pub fn load(
     id: DomainId,
-    workload: &'static Workload,
-    index: u64,
+    spec: DomainSpec,
     first_vcpu: u32,
     asid: u32,
     pcpus: u64,
 ) -> Result<(Domain, alloc::vec::Vec<VcpuBoot>), &'static str> {
-    let bytes = workload.mem_mib << 20;
+    let bytes = spec.mem_mib << 20;
     let pa = host::alloc_zeroed(bytes / 4096)?;
     let mut ld = Loader {
         pa,
@@ -247,14 +267,14 @@ pub fn load(
     ld.w64(gl::GDT_GPA + 8, 0x00AF_9A00_0000_FFFF);
     ld.w64(gl::GDT_GPA + 16, 0x00CF_9200_0000_FFFF);
     // IDT: the #PF gate (interrupt gate, present, DPL 0, selector 0x08).
-    let h = umbra_guest_pf_entry as *const () as u64;
+    let h = spec.pf_entry;
     let lo = (h & 0xFFFF) | 0x08 << 16 | 0x8E00 << 32 | ((h >> 16) & 0xFFFF) << 48;
     ld.w64(gl::IDT_GPA + 14 * 16, lo);
     ld.w64(gl::IDT_GPA + 14 * 16 + 8, h >> 32);
 
     // Per-vCPU info and stacks.
     let mut boots = alloc::vec::Vec::new();
-    for v in 0..workload.vcpus as u64 {
+    for v in 0..spec.vcpus as u64 {
         let info = ld.page();
         let stack_lo = ld.next;
         for _ in 0..gl::STACK_BYTES / 4096 {
@@ -268,7 +288,7 @@ pub fn load(
         vi.domain_gva = gl::DIRECT_BASE + gl::DOMAIN_INFO_GPA;
         vi.cur_l4 = gl::L4_GPA;
         boots.push(VcpuBoot {
-            rip: guest_main as *const () as u64,
+            rip: spec.entry,
             rsp: gl::DIRECT_BASE + stack_lo + gl::STACK_BYTES - 8,
             rdi: info_gva,
             gs_base: info_gva,
@@ -278,14 +298,14 @@ pub fn load(
     let di = unsafe { &mut *host::va(pa + gl::DOMAIN_INFO_GPA).cast::<DomainInfo>() };
     di.mem_bytes = bytes;
     di.alloc_end = img_gpa; // the image copy at the top is not the guest's to allocate
-    di.vcpus = workload.vcpus as u64;
-    di.workload = index;
+    di.vcpus = spec.vcpus as u64;
+    di.workload = spec.index;
     di.l4_gpa = gl::L4_GPA;
     di.next_free.store(ld.next, Ordering::Relaxed);
 
     let domain = Domain {
         id,
-        workload,
+        spec,
         mem_pa: pa,
         mem_bytes: bytes,
         asid,

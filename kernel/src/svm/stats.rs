@@ -7,8 +7,10 @@ use abi::mmu::MmuError;
 use abi::{MmuReply, MmuRequest, ServerCounters};
 use alloc::format;
 use alloc::string::String;
+use alloc::vec::Vec;
 use core::fmt::Write;
 use core::sync::atomic::{AtomicU64, Ordering};
+use spin::Mutex;
 
 /// One pCPU's counters.
 pub struct PcpuStats {
@@ -67,6 +69,80 @@ pub fn get(c: &AtomicU64) -> u64 {
 
 /// The counters of every possible pCPU.
 pub static STATS: [PcpuStats; 64] = [const { PcpuStats::new() }; 64];
+
+/// Zeroes every counter and drops every sample (a new run begins).
+pub fn reset(ncpu: usize) {
+    for s in STATS.iter().take(ncpu) {
+        for c in s.exits.iter().chain([
+            &s.fixed,
+            &s.injected,
+            &s.emulated,
+            &s.zaps,
+            &s.obligations,
+            &s.ipis,
+            &s.cpus_flushed,
+            &s.mmu_calls,
+        ]) {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+    for v in ROUND_TRIPS.iter().chain(PF_EXITS.iter()).take(2 * 64) {
+        v.lock().clear();
+    }
+}
+
+/// Samples kept per pCPU and figure (the first ones of the run).
+const MAX_SAMPLES: usize = 8192;
+
+/// TSC ticks of each MMU request round trip (door entered to reply
+/// decoded), per pCPU. Under `-icount` a tick is one instruction.
+static ROUND_TRIPS: [Mutex<Vec<u32>>; 64] = [const { Mutex::new(Vec::new()) }; 64];
+/// TSC ticks of each forwarded #PF exit (exit to the next VMRUN), per pCPU.
+static PF_EXITS: [Mutex<Vec<u32>>; 64] = [const { Mutex::new(Vec::new()) }; 64];
+
+fn record(v: &Mutex<Vec<u32>>, ticks: u64) {
+    let mut v = v.lock();
+    if v.len() < MAX_SAMPLES {
+        v.push(ticks.min(u32::MAX as u64) as u32);
+    }
+}
+
+/// Records one MMU request round trip on `cpu`.
+pub fn record_round_trip(cpu: usize, ticks: u64) {
+    record(&ROUND_TRIPS[cpu], ticks);
+}
+
+/// Records one forwarded #PF exit on `cpu`.
+pub fn record_pf_exit(cpu: usize, ticks: u64) {
+    record(&PF_EXITS[cpu], ticks);
+}
+
+/// Which sampled figure.
+#[derive(Clone, Copy, Debug)]
+pub enum Figure {
+    /// [`record_round_trip`].
+    RoundTrip,
+    /// [`record_pf_exit`].
+    PfExit,
+}
+
+/// Samples, median and 99th percentile of a figure over all pCPUs.
+pub fn percentiles(which: Figure) -> Option<(usize, u32, u32)> {
+    let set = match which {
+        Figure::RoundTrip => &ROUND_TRIPS,
+        Figure::PfExit => &PF_EXITS,
+    };
+    let mut all: Vec<u32> = Vec::new();
+    for v in set.iter() {
+        all.extend_from_slice(&v.lock());
+    }
+    if all.is_empty() {
+        return None;
+    }
+    all.sort_unstable();
+    let at = |q: usize| all[((all.len() - 1) * q) / 100];
+    Some((all.len(), at(50), at(99)))
+}
 
 /// Column heads of the server-counter table, one per [`server_row`] value
 /// (the meaning of each is documented on [`ServerCounters`]).

@@ -5,11 +5,11 @@
 use super::decode::{self, Op, RegFile};
 use super::domain::{Domain, VcpuBoot};
 use super::exit::ExitReason;
-use super::guest::layout::{hc, CONSOLE_PORT, EXIT_PORT};
-use super::stats::{bump, STATS};
+use super::stats::{self, bump, STATS};
 use super::vmcb::{self, misc1, misc2, off, Segment, Vmcb};
 use super::world::{self, GuestGprs};
 use super::{host, svm};
+use abi::guest::{hc, CONSOLE_PORT, EXIT_PORT};
 use abi::{GuestCr3, Gva, MmuReply, MmuRequest, PagingMode, PcpuId, PfErrorCode, VcpuId};
 use core::sync::atomic::Ordering;
 
@@ -49,6 +49,8 @@ pub struct Vcpu {
     guest_cr3: u64,
     root_gen: Option<u64>,
     flush_next: bool,
+    /// TSC at the last #PF exit, until the next VMRUN records its cost.
+    pf_exit_at: Option<u64>,
     line: [u8; 120],
     line_len: usize,
 }
@@ -130,7 +132,7 @@ impl Vcpu {
                 selector: 0,
                 attrib: 0,
                 limit: 23,
-                base: super::guest::layout::DIRECT_BASE + super::guest::layout::GDT_GPA,
+                base: abi::guest::DIRECT_BASE + abi::guest::GDT_GPA,
             },
         );
         v.set_segment(
@@ -139,7 +141,7 @@ impl Vcpu {
                 selector: 0,
                 attrib: 0,
                 limit: 4095,
-                base: super::guest::layout::DIRECT_BASE + super::guest::layout::IDT_GPA,
+                base: abi::guest::DIRECT_BASE + abi::guest::IDT_GPA,
             },
         );
         v.set_rip(boot.rip);
@@ -154,9 +156,10 @@ impl Vcpu {
             dom,
             vmcb: v,
             gprs,
-            guest_cr3: super::guest::layout::L4_GPA,
+            guest_cr3: abi::guest::L4_GPA,
             root_gen: None,
             flush_next: true,
+            pf_exit_at: None,
             line: [0; 120],
             line_len: 0,
         })
@@ -174,11 +177,15 @@ impl Vcpu {
     /// Asks the server for this vCPU's shadow root on this pCPU.
     fn schedule(&mut self) -> bool {
         let gen = self.dom.root_gen.load(Ordering::Acquire);
-        let reply = svm().mmu(&MmuRequest::VcpuScheduled {
-            vcpu: self.id,
-            pcpu: self.pcpu(),
-        });
-        svm().carry_out(self.dom, reply.flush());
+        let Ok(reply) = svm().mmu(
+            Some(self.dom),
+            &MmuRequest::VcpuScheduled {
+                vcpu: self.id,
+                pcpu: self.pcpu(),
+            },
+        ) else {
+            return false;
+        };
         match reply {
             MmuReply::LoadShadowRoot { root, .. } => {
                 self.vmcb.write64(off::CR3, root.0);
@@ -195,11 +202,14 @@ impl Vcpu {
 
     fn deschedule(&mut self) {
         if self.root_gen.take().is_some() {
-            let reply = svm().mmu(&MmuRequest::VcpuDescheduled {
-                vcpu: self.id,
-                pcpu: self.pcpu(),
-            });
-            svm().carry_out(self.dom, reply.flush());
+            // A stopped server has stopped the domain already.
+            let _ = svm().mmu(
+                Some(self.dom),
+                &MmuRequest::VcpuDescheduled {
+                    vcpu: self.id,
+                    pcpu: self.pcpu(),
+                },
+            );
         }
     }
 
@@ -233,10 +243,16 @@ impl Vcpu {
                 off::TLB_CONTROL,
                 if flush { vmcb::TLB_FLUSH_ALL } else { 0 },
             );
+            if let Some(t) = self.pf_exit_at.take() {
+                stats::record_pf_exit(host::cpu_index(), crate::apic::tsc() - t);
+            }
             // SAFETY: SVM is on (pcpu_main), GIF=0 (clgi above), the VMCBs are
             // ours, and the guest state only reaches the guest's frames
             // through the server's shadow root.
             unsafe { world::world_switch(self.vmcb.pa(), pcpu.host_vmcb, &mut self.gprs) };
+            if self.vmcb.exit_code() == 0x4E {
+                self.pf_exit_at = Some(crate::apic::tsc());
+            }
             self.vmcb.write64(off::EVENTINJ, 0);
             match self.handle_exit() {
                 Step::Continue => {}
@@ -355,7 +371,7 @@ impl Vcpu {
                 if super::past_deadline() {
                     return self.stop(
                         "watchdog: the run took longer than seconds:",
-                        super::RUN_SECONDS,
+                        super::run::RUN_SECONDS,
                     );
                 }
                 super::timer_work();
@@ -375,8 +391,9 @@ impl Vcpu {
             gva: Gva(gva),
             error_code: PfErrorCode(err as u32),
         };
-        let reply = svm().mmu(&req);
-        svm().carry_out(self.dom, reply.flush());
+        let Ok(reply) = svm().mmu(Some(self.dom), &req) else {
+            return Step::Done;
+        };
         bump(&self.dom.pf_exits);
         match reply {
             MmuReply::Resume { .. } => {
@@ -463,8 +480,9 @@ impl Vcpu {
                 value,
                 size,
             };
-            let reply = svm().mmu(&req);
-            svm().carry_out(self.dom, reply.flush());
+            let Ok(reply) = svm().mmu(Some(self.dom), &req) else {
+                return Step::Done;
+            };
             if !matches!(reply, MmuReply::WriteDone { .. }) {
                 return self.fail_reply("EmulatedWrite", &reply);
             }
@@ -501,8 +519,9 @@ impl Vcpu {
                     pcpu: self.pcpu(),
                     cr3: GuestCr3(value),
                 };
-                let reply = svm().mmu(&req);
-                svm().carry_out(self.dom, reply.flush());
+                let Ok(reply) = svm().mmu(Some(self.dom), &req) else {
+                    return Step::Done;
+                };
                 match reply {
                     MmuReply::LoadShadowRoot { root, .. } => self.vmcb.write64(off::CR3, root.0),
                     MmuReply::Done { .. } => {}
@@ -524,8 +543,9 @@ impl Vcpu {
                     pcpu: self.pcpu(),
                     gva: Gva(gva),
                 };
-                let reply = svm().mmu(&req);
-                svm().carry_out(self.dom, reply.flush());
+                let Ok(reply) = svm().mmu(Some(self.dom), &req) else {
+                    return Step::Done;
+                };
                 match reply {
                     MmuReply::Done { .. } | MmuReply::Resume { .. } => {}
                     MmuReply::LoadShadowRoot { root, .. } => self.vmcb.write64(off::CR3, root.0),
@@ -575,8 +595,9 @@ impl Vcpu {
             pcpu: self.pcpu(),
             mode: PagingMode(mode),
         };
-        let reply = svm().mmu(&req);
-        svm().carry_out(self.dom, reply.flush());
+        let Ok(reply) = svm().mmu(Some(self.dom), &req) else {
+            return Err(Step::Done);
+        };
         match reply {
             MmuReply::Done { .. } => {}
             MmuReply::LoadShadowRoot { root, .. } => self.vmcb.write64(off::CR3, root.0),
@@ -600,10 +621,14 @@ impl Vcpu {
             }
             hc::DIRTY_START => {
                 if !self.dom.dirty_on.swap(true, Ordering::AcqRel) {
-                    let reply = svm().mmu(&MmuRequest::EnableDirtyLog {
-                        domain: self.dom.id,
-                    });
-                    svm().carry_out(self.dom, reply.flush());
+                    let Ok(reply) = svm().mmu(
+                        Some(self.dom),
+                        &MmuRequest::EnableDirtyLog {
+                            domain: self.dom.id,
+                        },
+                    ) else {
+                        return Step::Done;
+                    };
                     if !matches!(reply, MmuReply::Done { .. }) {
                         return self.fail_reply("EnableDirtyLog", &reply);
                     }

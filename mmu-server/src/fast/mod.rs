@@ -52,9 +52,15 @@
 //!   never lockless-writable and have no gfn in the memory map, so the fast
 //!   path never acts on them (F2, see `foreign`; modelled under `loom`).
 //! - **Dirty logging** is a constructor argument ([`DirtyMode`]): write
-//!   protection + the fast page fault (seed 001; what the registry's servers
-//!   use), or harvesting the hardware D bits of the shadow leaves through the
-//!   rmaps (no exit per written page; measured side by side in the benches).
+//!   protection + the fast page fault (`fast-shared`, `fast-percpu`), or
+//!   harvesting the hardware D bits of the shadow leaves through the rmaps
+//!   (`fast-dbit`: no exit per written page; measured side by side in the
+//!   benches). Under D-bit logging a leaf for a dirty, writable guest PTE
+//!   is writable at once with its shadow D clear; get-and-clear takes the
+//!   software log (emulated writes, guest A/D bits the server's walks set,
+//!   leaves replaced or zapped while dirty: `leaf_gone`) and then
+//!   clears the D bit of every leaf of the chunk found through the rmaps,
+//!   flushing the domain's dirty mask if any was set.
 //! - **Shadow-L4 policy** ([`policy`]): shared roots or per-pCPU copies,
 //!   chosen by the type parameter `P` in the registry.
 //! - **Flush obligations**: every request accumulates its flushes in one
@@ -222,12 +228,12 @@ const LINK_BITS: u64 = SPTE_P | SPTE_W | SPTE_U | SPTE_A;
 pub enum DirtyMode {
     /// Seed 001: get-and-clear write-protects the pages it reports; the next
     /// write faults and the lockless fast page fault restores W with one CAS
-    /// and logs the page. The registered servers use this.
+    /// and logs the page. `fast-shared` and `fast-percpu` use this.
     WriteProtect,
     /// Hardware D bits: leaves stay writable; get-and-clear harvests and
     /// clears the D bit of every leaf mapping a frame of the chunk (through
     /// the rmaps) and flushes the TLBs that may cache a dirty entry. The
-    /// guest's writes take no exit at all.
+    /// guest's writes take no exit at all. `fast-dbit` uses this.
     DirtyBits,
 }
 

@@ -82,6 +82,7 @@ fn main() -> ExitCode {
         let (mut passed, mut failed) = (0u64, 0u64);
         let (mut peak, mut steps) = (0u64, 0u64);
         let mut counts = [0u64; 5];
+        let mut dirty = [0u64; 3];
         let mut details = Vec::new();
         let start = Instant::now();
         let mut run =
@@ -99,6 +100,9 @@ fn main() -> ExitCode {
                         counts[2] += s.emulated;
                         counts[3] += s.flushes;
                         counts[4] += s.accesses;
+                        dirty[0] += s.harvests;
+                        dirty[1] += s.dirty_changed;
+                        dirty[2] += s.dirty_extra;
                     }
                     Ok(Err(fail)) => {
                         failed += 1;
@@ -133,12 +137,16 @@ fn main() -> ExitCode {
         eprintln!(
             "conformance: {name}: {steps} steps checked ({} guest accesses, {} page faults, {} injected, \
              {} emulated writes, {} pCPU flushes), peak shadow pool {peak} frames; \
+             dirty log: {} harvests, {} changed frames all reported, {} reported unchanged; \
              scripted {:.2?}, random {} x {} steps {:.2?}",
             counts[4],
             counts[0],
             counts[1],
             counts[2],
             counts[3],
+            dirty[0],
+            dirty[1],
+            dirty[2],
             scripted,
             if opts.only_scenario.is_none() {
                 opts.seeds.len()

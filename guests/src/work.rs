@@ -3,8 +3,8 @@
 //!
 //! They run inside guests (see `rt`): only guest memory, no kernel statics.
 
-use super::layout::{hc, pte, WORK_BASE};
-use super::rt::*;
+use crate::rt::*;
+use abi::guest::{hc, pte, WORK_BASE};
 use core::sync::atomic::Ordering;
 
 /// One workload: its name, vCPU count, guest memory, and the entry.
@@ -285,7 +285,7 @@ fn procs16(_: u64) -> ! {
         *l4 = alloc_page();
         for i in 0..512 {
             let e = rd(boot + i * 8);
-            if e & pte::P != 0 && i != super::rt::index(WORK_BASE, 4) {
+            if e & pte::P != 0 && i != crate::rt::index(WORK_BASE, 4) {
                 wr(*l4 + i * 8, e);
             }
         }

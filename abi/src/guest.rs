@@ -1,6 +1,8 @@
-//! The guest's memory layout and the boot-information structures the loader
-//! writes into guest memory: shared by the loader (host side) and the guest
-//! kernels.
+//! The contract between the kernel's guest loader and Umbra's own guest kernels: guest memory layout, boot structures, hypercalls.
+//!
+//! The loader (`kernel::svm::domain`) writes these structures into guest
+//! memory; the guests (crate `guests`) read them. Neither can name the
+//! other's symbols: this module is all they share.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 

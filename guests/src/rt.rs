@@ -5,7 +5,7 @@
 //! kernel image: it must only touch guest memory (its stack, the direct map,
 //! the workload region) and never a kernel static.
 
-use super::layout::{hc, pte, DomainInfo, VcpuInfo, CONSOLE_PORT, DIRECT_BASE, EXIT_PORT};
+use abi::guest::{hc, pte, DomainInfo, VcpuInfo, CONSOLE_PORT, DIRECT_BASE, EXIT_PORT};
 use core::arch::{asm, global_asm};
 use core::sync::atomic::Ordering;
 

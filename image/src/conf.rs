@@ -1,10 +1,11 @@
-//! The conformance suite's scripted scenarios in the image: the same
-//! `no_std` scripts as on the host, run against an MMU implementation over
+//! The MMU conformance suite's scripted scenarios in the image: the same `no_std` scripts as on the host,
+//! run against an MMU implementation over
 //! real frames (a contiguous block reached through the identity map).
 
-use super::host;
 use conformance::{run_scenario, scenarios, Ram, Registered, RAM_FRAMES};
 use core::sync::atomic::AtomicU64;
+use kernel::kprintln;
+use kernel::svm::host;
 
 /// Runs every scripted scenario against implementation `name`, printing one
 /// `test conf-<name>-<scenario> ... ok|FAILED` line each; returns (passed,
@@ -13,7 +14,7 @@ pub fn run_all(name: &'static str) -> (u32, u32) {
     let base = match host::alloc_zeroed(RAM_FRAMES) {
         Ok(b) => b,
         Err(e) => {
-            crate::kprintln!("test conf-{name}-setup ... FAILED: {e}");
+            kprintln!("test conf-{name}-setup ... FAILED: {e}");
             return (0, 1);
         }
     };
@@ -33,11 +34,11 @@ pub fn run_all(name: &'static str) -> (u32, u32) {
         match run_scenario(sc, &Registered(name), Ram::new(base, words)) {
             Ok(_) => {
                 passed += 1;
-                crate::kprintln!("test conf-{name}-{} ... ok", sc.name);
+                kprintln!("test conf-{name}-{} ... ok", sc.name);
             }
             Err(f) => {
                 failed += 1;
-                crate::kprintln!("test conf-{name}-{} ... FAILED: {f}", sc.name);
+                kprintln!("test conf-{name}-{} ... FAILED: {f}", sc.name);
             }
         }
     }

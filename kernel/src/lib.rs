@@ -3,14 +3,19 @@
 //! # Principles
 //! - Mechanism only. The kernel starts CPUs, hands out frames, moves
 //!   interrupts and flushes TLBs when told to. What a guest may map, which
-//!   vCPU runs where, and when a flush is needed are decided by servers.
+//!   vCPU runs where, and when a flush is needed are decided by servers,
+//!   which run as ring-3 tasks in address spaces of their own ([`task`]).
+//! - A server's failure is the server's: an exception, a panic or a hang
+//!   in ring 3 stops that server and the domains it served, never the
+//!   kernel.
 //! - Simple and clear over fast and clever: bitmaps over trees, one request
 //!   slot per CPU over queues, fixed-size tables over growth, busy-waiting
 //!   over scheduling where the wait is short and bounded.
 //! - One shape per mechanism: every interrupt enters through the same stub
 //!   and [`interrupts`]' dispatch; every TLB flush is a
 //!   [`shootdown::FlushRequest`] with a closed [`shootdown::Reason`].
-//! - Failures are loud and final: a CPU exception or a panic prints what and
+//! - The kernel's own failures are loud and final: a CPU exception in
+//!   ring 0 or a panic prints what and
 //!   where (vector, error code, RIP, CR2, CPU) and ends the run with the
 //!   failure exit code. Errors that callers can handle are values
 //!   (frame exhaustion, double free), never panics.
@@ -24,7 +29,7 @@
 //! `test-fault`, `test-panic`, `test-triple-fault`, `test-hang`,
 //! `test-stack-overflow` and `test-null` are the expected-failure boots the
 //! runner checks.
-#![cfg_attr(target_os = "none", no_std, no_main)]
+#![cfg_attr(target_os = "none", no_std)]
 
 #[cfg(target_os = "none")]
 extern crate alloc;
@@ -57,10 +62,8 @@ pub mod shootdown;
 pub mod smp;
 #[cfg(target_os = "none")]
 pub mod svm;
-
-/// The kernel is built only for `x86_64-unknown-none`; on the host it is empty.
-#[cfg(not(target_os = "none"))]
-fn main() {}
+#[cfg(target_os = "none")]
+pub mod task;
 
 #[cfg(target_os = "none")]
 static CMDLINE: spin::Once<([u8; boot::MAX_CMDLINE], usize)> = spin::Once::new();
@@ -212,12 +215,22 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     if boot::has_arg(cmdline(), "test") {
         selftest::run_all();
     }
-    if !svm::boot_hook(cmdline()) {
+    // SAFETY: the image crate defines `umbra_image_main` (the one link-time
+    // hook, see below) with this signature; it runs once, here.
+    if !unsafe { umbra_image_main(cmdline()) } {
         kprintln!("umbra: {online}/{n} CPUs online");
         exit(ExitCode::Failure)
     }
     kprintln!("umbra: {online}/{n} CPUs online");
     exit(ExitCode::Success)
+}
+
+#[cfg(target_os = "none")]
+extern "Rust" {
+    /// What the boot image does once every CPU is online (defined by the
+    /// image crate, the one place that assembles the image: servers,
+    /// guests, harness, report). Returns false when something failed.
+    fn umbra_image_main(cmdline: &'static str) -> bool;
 }
 
 #[cfg(target_os = "none")]

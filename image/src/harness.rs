@@ -1,0 +1,273 @@
+//! The in-image harness: which servers and transports a boot runs, each server's run, the test lines, and making the servers (task or direct).
+
+use crate::conf;
+use crate::report::{report, verdict};
+use abi::task::{ControlPage, Op, TaskInit, TaskInitReply};
+use abi::{Mfn, MmuServer, MAX_MESSAGE};
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use kernel::kprintln;
+use kernel::svm::domain::DomainSpec;
+use kernel::svm::{host, Transport};
+use kernel::task::Task;
+use task_rt::mem::WindowMem;
+
+/// Shadow-pool size in frames (32 MiB).
+const SHADOW_POOL_FRAMES: u64 = 8192;
+
+/// Every guest workload as the kernel sees it: its spec.
+fn specs() -> Vec<DomainSpec> {
+    guests::work::WORKLOADS
+        .iter()
+        .enumerate()
+        .map(|(i, w)| DomainSpec {
+            name: w.name,
+            vcpus: w.vcpus,
+            mem_mib: w.mem_mib,
+            first_pcpu: w.first_pcpu,
+            kernel_zaps: w.kernel_zaps,
+            entry: guests::work::guest_main as *const () as u64,
+            pf_entry: guests::rt::umbra_guest_pf_entry as *const () as u64,
+            index: i as u64,
+        })
+        .collect()
+}
+
+/// Runs what the command line asks for once every CPU is online: with
+/// `mmu=<name>[,<name>...]`, the guest workloads on each named MMU server in
+/// turn, over `transport=task|direct[,...]` (default `task`). Returns false
+/// when something failed. In the test image (`svm-test`) a name
+/// `misbehave-*` is a deliberately broken server: its run passes when the
+/// server is stopped and reported, its domains are stopped, and the boot
+/// goes on to the next name.
+pub fn boot_hook(cmdline: &'static str) -> bool {
+    let Some(list) = kernel::boot::arg_value(cmdline, "mmu") else {
+        return true;
+    };
+    let transports = kernel::boot::arg_value(cmdline, "transport").unwrap_or("task");
+    if let Some(bad) = transports
+        .split(',')
+        .find(|t| !matches!(*t, "task" | "direct"))
+    {
+        kprintln!("svm: unknown transport {bad:?}; known: \"task\", \"direct\"");
+        return false;
+    }
+    let test_mode = kernel::boot::has_arg(cmdline, "svm-test");
+    let (mut passed, mut failed) = (0u32, 0u32);
+    let mut ok = true;
+    let runs = list.split(',').enumerate().flat_map(|(i, n)| {
+        transports
+            .split(',')
+            .enumerate()
+            .map(move |(j, t)| (n, t, i, j))
+    });
+    for (name, transport, _, first_transport) in runs {
+        kprintln!("umbra: MMU implementation: {name} (transport {transport})");
+        let broken = name.starts_with("misbehave-");
+        // A broken server's workloads are expected to stop: no test lines
+        // of their own, the one `contain-` line below instead.
+        let outcome = run_one(name, transport, test_mode && !broken);
+        let label = format!("{name}-{transport}");
+        let (p, f, run_ok) = match outcome {
+            Ok(o) if broken => {
+                let contained = o.stopped && o.domains_stopped > 0;
+                if contained {
+                    kprintln!(
+                        "test contain-{label} ... ok ({} domains stopped; the kernel goes on)",
+                        o.domains_stopped
+                    );
+                } else {
+                    kprintln!(
+                        "test contain-{label} ... FAILED: server stopped {}, domains stopped {}",
+                        o.stopped,
+                        o.domains_stopped
+                    );
+                }
+                (contained as u32, !contained as u32, contained)
+            }
+            Ok(o) => (o.passed, o.failed, o.all_passed),
+            Err(e) => {
+                kprintln!("svm: run failed: {e}");
+                if test_mode {
+                    kprintln!("test svm-{label}-setup ... FAILED: {e}");
+                }
+                (0, 1, false)
+            }
+        };
+        passed += p;
+        failed += f;
+        ok &= run_ok;
+        if test_mode && !broken && first_transport == 0 {
+            // The conformance scenarios on real frames (once per server).
+            let (cp, cf) = conf::run_all(name);
+            passed += cp;
+            failed += cf;
+        }
+    }
+    if !test_mode {
+        return ok;
+    }
+    match kernel::svm::decode::self_test() {
+        Ok(()) => {
+            passed += 1;
+            kprintln!("test svm-decode ... ok");
+        }
+        Err(e) => {
+            failed += 1;
+            kprintln!("test svm-decode ... FAILED: {e}");
+        }
+    }
+    kprintln!("umbra: svm-test: {passed} passed, {failed} failed");
+    ok && failed == 0
+}
+
+/// What one server's run came to.
+struct Outcome {
+    /// Test lines passed and failed (workloads and the teardown check).
+    passed: u32,
+    failed: u32,
+    /// Every workload passed and the teardown was clean.
+    all_passed: bool,
+    /// The server was stopped during the run.
+    stopped: bool,
+    /// Domains stopped because the server was.
+    domains_stopped: u32,
+}
+
+/// Runs the workloads on server `name` over `transport`, then frees what
+/// the run took (the pool, the task).
+fn run_one(name: &str, transport: &str, test_mode: bool) -> Result<Outcome, String> {
+    let pool = host::alloc_zeroed(SHADOW_POOL_FRAMES)?;
+    let phys_bits = ((core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xFF) as u8).clamp(32, 52);
+    let (server, control, task) = match transport {
+        "direct" => {
+            let (server, control) = direct_server(name, pool, phys_bits)?;
+            (Transport::Direct(server), control, None)
+        }
+        _ => {
+            let task = task_server(name, pool, phys_bits)?;
+            (Transport::Task(task), task.control(), Some(task))
+        }
+    };
+    kprintln!("svm: MMU server `{name}` over real frames, MAXPHYADDR {phys_bits}");
+    let result = kernel::svm::run(server, name, control, &specs());
+    let finish = |task: Option<&'static Task>| {
+        if let Some(t) = task {
+            kprintln!(
+                "svm: task `{name}`: longest call {} us (bound {} ms)",
+                kernel::apic::tsc_to_us(t.longest_call()),
+                kernel::task::REPLY_BOUND_MS
+            );
+            t.destroy();
+        }
+        host::free(pool, SHADOW_POOL_FRAMES);
+    };
+    let svm = match result {
+        Ok(svm) => svm,
+        Err(e) => {
+            finish(task);
+            return Err(e.into());
+        }
+    };
+    let workloads_passed = report(svm, host::cpus_online(), test_mode);
+    let teardown = kernel::svm::teardown(svm);
+    let clean = teardown.clean();
+    if test_mode {
+        let label = format!("{}-{}", svm.name, svm.transport());
+        if clean {
+            kprintln!("test svm-{label}-teardown-no-leak ... ok");
+        } else {
+            kprintln!(
+                "test svm-{label}-teardown-no-leak ... FAILED: {} shadow pages leaked",
+                teardown.left
+            );
+        }
+    }
+    let doms = svm.domains();
+    let passed = doms.iter().filter(|d| verdict(d).0).count() as u32;
+    let domains_stopped = doms
+        .iter()
+        .filter(|d| matches!(*d.stop_reason.lock(), Some(("MMU server stopped", _))))
+        .count() as u32;
+    let stopped = svm.server_stopped();
+    finish(task);
+    Ok(Outcome {
+        passed: passed + u32::from(clean),
+        failed: doms.len() as u32 - passed + u32::from(!clean),
+        all_passed: workloads_passed && clean,
+        stopped,
+        domains_stopped,
+    })
+}
+
+/// The embedded MMU server task image (built by `cargo xtask`; empty when
+/// the kernel was built without it).
+static MMU_TASK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mmu-task.elf"));
+
+/// Loads the MMU server task, gives it the pool, and creates implementation
+/// `name` in it.
+fn task_server(name: &str, pool: u64, phys_bits: u8) -> Result<&'static Task, String> {
+    if MMU_TASK.is_empty() {
+        return Err(
+            "this kernel was built without the MMU server task; build it with \
+                    `cargo xtask run` (or use transport=direct)"
+                .into(),
+        );
+    }
+    let task = Task::load(&format!("mmu:{name}"), MMU_TASK, host::cpus_online())
+        .map_err(|e| format!("loading the MMU server task: {e}"))?;
+    task.map_window(pool, SHADOW_POOL_FRAMES * 4096, false)
+        .map_err(|e| format!("mapping the shadow pool into the task: {e}"))?;
+    let mut implementation = heapless::String::new();
+    implementation
+        .push_str(name)
+        .map_err(|_| format!("server name {name:?} longer than 32 bytes"))?;
+    let init = TaskInit {
+        implementation,
+        maxphyaddr: phys_bits,
+        pool_first: Mfn(pool / 4096),
+        pool_frames: SHADOW_POOL_FRAMES,
+        pcpus: host::cpus_online() as u32,
+    };
+    let mut buf = [0u8; MAX_MESSAGE];
+    let n = abi::encode(&init, &mut buf).map_err(|e| format!("{e:?}"))?;
+    let mut out = [0u8; MAX_MESSAGE];
+    let m = task
+        .call(Op::Init, &buf[..n], &mut out)
+        .map_err(|stop| format!("the MMU server task stopped during init: {stop}"))?;
+    match abi::decode::<TaskInitReply>(&out[..m]) {
+        Ok(TaskInitReply::Ready(_)) => Ok(task),
+        other => {
+            task.destroy();
+            Err(format!("the MMU server task refused {name:?}: {other:?}"))
+        }
+    }
+}
+
+/// Creates the MMU implementation `name` from `mmu_server::registry` (the
+/// one place implementations are chosen) in the kernel, over real frames
+/// (the direct transport).
+fn direct_server(
+    name: &str,
+    pool: u64,
+    phys_bits: u8,
+) -> Result<(Box<dyn MmuServer>, &'static ControlPage), String> {
+    let page = host::alloc_zeroed(1)?;
+    // SAFETY: a fresh zeroed frame in the identity map, never freed: all
+    // zeros is a valid ControlPage (atomics only).
+    let control: &'static ControlPage = unsafe { &*(host::va(page) as *const ControlPage) };
+    // SAFETY: the identity map (base 0) maps the pool and every guest range
+    // the kernel lists, for as long as they are listed.
+    let mem: &'static WindowMem = Box::leak(Box::new(unsafe {
+        WindowMem::new(0, control, Mfn(pool / 4096), SHADOW_POOL_FRAMES)
+    }));
+    let config = mmu_server::Config {
+        maxphyaddr: phys_bits,
+        ..mmu_server::Config::default()
+    };
+    let server =
+        mmu_server::registry::create_with(name, mem, config).map_err(|e| format!("{e}"))?;
+    Ok((server, control))
+}
