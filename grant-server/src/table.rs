@@ -261,17 +261,11 @@ impl<'p, P: FlushPolicy> GrantTable<'p, P> {
     }
 
     /// Unmaps the mapping in slot `si` of domain `di` through the MMU
-    /// server, releasing the slot and the reference's pin on success.
-    /// `gone`: the mapper is being destroyed (an MMU server that no longer
-    /// knows it has already dropped, and flushed, its shadows).
-    fn unmap_slot(
-        &self,
-        st: &mut State,
-        di: usize,
-        si: usize,
-        batch: &mut Batch,
-        gone: bool,
-    ) -> UnmapStatus {
+    /// server, releasing the slot and the reference's pin on success. An
+    /// MMU server that no longer knows the mapper has already dropped (and
+    /// flushed, at its `DestroyDomain`) every shadow of it: that counts as
+    /// unmapped, not accessed.
+    fn unmap_slot(&self, st: &mut State, di: usize, si: usize, batch: &mut Batch) -> UnmapStatus {
         let d = &st.domains[di];
         let Some(m) = d.slots[si].mapping else {
             return Err(GrantError::BadHandle(d.handle(si)));
@@ -294,7 +288,7 @@ impl<'p, P: FlushPolicy> GrantTable<'p, P> {
             MmuReply::Error {
                 reason: MmuError::UnknownDomain(x),
                 flush,
-            } if gone && x == d.id => {
+            } if x == d.id => {
                 batch.mmu_flush = FlushObligation::merge(batch.mmu_flush, flush);
             }
             other => {
@@ -389,7 +383,7 @@ impl<P: FlushPolicy> GrantServer for GrantTable<'_, P> {
         // Its own mappings, then every mapping of its grants by others.
         for si in 0..st.domains[di].slots.len() {
             if st.domains[di].slots[si].mapping.is_some() {
-                if let Err(e) = self.unmap_slot(&mut st, di, si, &mut batch, true) {
+                if let Err(e) = self.unmap_slot(&mut st, di, si, &mut batch) {
                     first_error.get_or_insert(e);
                 }
             }
@@ -400,7 +394,7 @@ impl<P: FlushPolicy> GrantServer for GrantTable<'_, P> {
                     .mapping
                     .is_some_and(|m| m.granter == domain);
                 if mi != di && theirs {
-                    if let Err(e) = self.unmap_slot(&mut st, mi, si, &mut batch, false) {
+                    if let Err(e) = self.unmap_slot(&mut st, mi, si, &mut batch) {
                         first_error.get_or_insert(e);
                     }
                 }
@@ -576,7 +570,7 @@ impl<P: FlushPolicy> GrantServer for GrantTable<'_, P> {
         for &h in handles {
             let s = st.domains[di]
                 .slot_of(h)
-                .and_then(|si| self.unmap_slot(&mut st, di, si, &mut batch, false));
+                .and_then(|si| self.unmap_slot(&mut st, di, si, &mut batch));
             let _ = status.push(s);
         }
         let flush = self.finish_batch(&mut st, Some(di), &batch);
