@@ -5,6 +5,7 @@
 //! - [`ids`]: domain, vCPU and pCPU ids and [`CpuSet`].
 //! - [`paging`]: guest CR3, paging mode bits, #PF error codes.
 //! - [`mmu`]: the MMU protocol, the [`MmuServer`] trait, [`dispatch`].
+//! - [`grant`]: the grant protocol, the [`GrantServer`] trait, [`grant_dispatch`].
 //! - [`guest`]: the layout and hypercalls Umbra's own guest kernels share with the loader.
 //! - [`mem`]: [`PhysMem`], the servers' only way to physical memory.
 //! - [`wire`]: [`encode`] / [`decode`] with the [`MAX_MESSAGE`] bound.
@@ -14,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod grant;
 pub mod guest;
 pub mod ids;
 pub mod mem;
@@ -23,6 +25,11 @@ pub mod task;
 pub mod wire;
 
 pub use addr::{Gfn, Gpa, Gva, Hpa, Mfn, PageSize, PAGE_SHIFT, PAGE_SIZE};
+pub use grant::{
+    grant_call, grant_dispatch, CopyDirection, GrantCounters, GrantError, GrantRef, GrantReply,
+    GrantRequest, GrantResource, GrantServer, MapHandle, UnmapStatus, GRANT_PROTOCOL_VERSION,
+    MAX_UNMAP_BATCH,
+};
 pub use ids::{CpuSet, DomainId, PcpuId, VcpuId};
 pub use mem::{MemError, PhysMem};
 pub use mmu::{

@@ -78,6 +78,14 @@
 //! - [`MmuReply::Counters`]: the server's counters (see [`ServerCounters`]);
 //!   nothing to do but the flush. A server that does not count answers
 //!   [`MmuError::Unsupported`] with [`MmuRequest::GET_COUNTERS`].
+//! - [`MmuReply::ForeignUnmapped`]: the foreign frame is unmapped from every
+//!   shadow table; `accessed` says whether any shadow entry that mapped it
+//!   had A set when it was cleared (or was cleared earlier with A set, see
+//!   [`MmuRequest::UnmapForeign`]). The MMU server asks no flush for it
+//!   itself: the requester (the grant server) must have the pCPUs of `cpus`
+//!   flushed (scope All) before the frame is reused if `accessed` is true.
+//!   If it is false no pCPU can cache a translation to the frame, because
+//!   the CPU sets A in the entry before it caches a translation from it.
 //! - [`MmuReply::Error`]: the request was refused or failed, with the reason
 //!   and the offending value. The guest-visible state is unchanged except as
 //!   the flush (if any) says. For a guest exit the kernel treats the vCPU as
@@ -92,8 +100,9 @@ use core::fmt;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version spoken by this `abi` (2: `GetCounters` / `Counters`
-/// appended).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// appended; 3: `MapForeign` / `UnmapForeign` / `ForeignUnmapped` appended,
+/// with the errors and resource they need).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The largest number of regions in a domain's memory map.
 pub const MAX_REGIONS: usize = 16;
@@ -365,12 +374,48 @@ pub enum MmuRequest {
         /// domain since the server was created, destroyed ones included).
         domain: Option<DomainId>,
     },
+    /// Map host frame `mfn`, owned by domain `owner` (it is in `owner`'s
+    /// memory map), at guest frame `gfn` of `domain`, a frame outside
+    /// `domain`'s memory map and not foreign-mapped already. Sent by the
+    /// grant server (through the kernel) for a grant mapping. Shadow entries
+    /// for the frame are created with A clear (and D clear), writable only
+    /// if `writable`, so that [`MmuRequest::UnmapForeign`] can tell whether
+    /// any pCPU may cache a translation to it. Guest page tables are never
+    /// read from a foreign frame (a walk through one injects #PF | RSVD).
+    /// Answered `Done`. Version 3.
+    MapForeign {
+        /// The domain that maps.
+        domain: DomainId,
+        /// Where in its guest-physical space.
+        gfn: Gfn,
+        /// The domain that owns the frame.
+        owner: DomainId,
+        /// The frame.
+        mfn: Mfn,
+        /// Whether `domain` may write it.
+        writable: bool,
+    },
+    /// Unmap the foreign frame at `gfn` of `domain`: clear every shadow
+    /// entry that maps it, reading each entry's A bit atomically as it is
+    /// cleared (swap). Answered [`MmuReply::ForeignUnmapped`], whose
+    /// `accessed` also counts entries for the frame that the server dropped
+    /// earlier (zap, reclaim, replacement) while they had A set. Version 3.
+    UnmapForeign {
+        /// The domain that mapped it.
+        domain: DomainId,
+        /// Where.
+        gfn: Gfn,
+    },
 }
 
 impl MmuRequest {
     /// The variant index of [`MmuRequest::GetCounters`] (what
     /// [`MmuError::Unsupported`] names when a server does not count).
     pub const GET_COUNTERS: u8 = 15;
+    /// The variant index of [`MmuRequest::MapForeign`].
+    pub const MAP_FOREIGN: u8 = 16;
+    /// The variant index of [`MmuRequest::UnmapForeign`].
+    pub const UNMAP_FOREIGN: u8 = 17;
 
     /// The request's variant index on the wire (its first byte), as
     /// [`MmuError::Unsupported`] names it.
@@ -392,6 +437,8 @@ impl MmuRequest {
             MmuRequest::GetAndClearDirty { .. } => 13,
             MmuRequest::ZapAll { .. } => 14,
             MmuRequest::GetCounters { .. } => Self::GET_COUNTERS,
+            MmuRequest::MapForeign { .. } => Self::MAP_FOREIGN,
+            MmuRequest::UnmapForeign { .. } => Self::UNMAP_FOREIGN,
         }
     }
 }
@@ -499,6 +546,8 @@ pub enum Resource {
     Vcpus,
     /// Guest frames of one domain's memory map.
     GuestFrames,
+    /// Foreign frames mapped into one domain (version 3).
+    ForeignMaps,
 }
 
 /// Why a request failed. Every reason carries the offending value.
@@ -557,6 +606,26 @@ pub enum MmuError {
     /// The vCPU is scheduled (between `VcpuScheduled` and
     /// `VcpuDescheduled`), which the request does not allow.
     VcpuRunning(VcpuId),
+    /// The guest frame is in the domain's memory map or already has a
+    /// foreign frame mapped (version 3).
+    GfnInUse(Gfn),
+    /// No foreign frame is mapped at this guest frame (version 3).
+    NotForeignMapped(Gfn),
+    /// The frame is not in the named owner's memory map (version 3).
+    NotOwnedBy {
+        /// The frame.
+        mfn: Mfn,
+        /// The domain named as its owner.
+        owner: DomainId,
+    },
+    /// The domain's frames are still foreign-mapped by `mapper` at `gfn`:
+    /// it cannot be destroyed before they are unmapped (version 3).
+    FramesMapped {
+        /// The domain mapping one of them.
+        mapper: DomainId,
+        /// Where.
+        gfn: Gfn,
+    },
 }
 
 impl fmt::Display for MmuError {
@@ -598,6 +667,18 @@ impl fmt::Display for MmuError {
             ),
             MmuError::Unsupported(t) => write!(f, "request variant {t} is not implemented"),
             MmuError::VcpuRunning(v) => write!(f, "vCPU {} is still scheduled", v.0),
+            MmuError::GfnInUse(g) => {
+                write!(f, "gfn {g} is in the memory map or already foreign-mapped")
+            }
+            MmuError::NotForeignMapped(g) => write!(f, "no foreign frame is mapped at gfn {g}"),
+            MmuError::NotOwnedBy { mfn, owner } => {
+                write!(f, "frame {mfn} is not in domain {}'s memory map", owner.0)
+            }
+            MmuError::FramesMapped { mapper, gfn } => write!(
+                f,
+                "the domain's frames are still mapped by domain {} at gfn {gfn}",
+                mapper.0
+            ),
         }
     }
 }
@@ -681,6 +762,19 @@ pub enum MmuReply {
         /// requester; usually `None`).
         flush: Option<FlushObligation>,
     },
+    /// The foreign frame asked for with [`MmuRequest::UnmapForeign`] is
+    /// unmapped (see the module docs for what the requester owes). Version 3.
+    ForeignUnmapped {
+        /// The frame that was mapped.
+        mfn: Mfn,
+        /// Whether any shadow entry that mapped it had A set.
+        accessed: bool,
+        /// The pCPUs that may cache the domain's translations (its dirty
+        /// mask): what to flush if `accessed`.
+        cpus: CpuSet,
+        /// Flush to carry out first (usually `None`: the hint is the point).
+        flush: Option<FlushObligation>,
+    },
 }
 
 impl MmuReply {
@@ -704,7 +798,8 @@ impl MmuReply {
             | MmuReply::WriteDone { flush }
             | MmuReply::DirtyBitmap { flush, .. }
             | MmuReply::Error { flush, .. }
-            | MmuReply::Counters { flush, .. } => *flush,
+            | MmuReply::Counters { flush, .. }
+            | MmuReply::ForeignUnmapped { flush, .. } => *flush,
         }
     }
 
@@ -721,7 +816,10 @@ impl MmuReply {
             | MmuReply::WriteDone { flush }
             | MmuReply::DirtyBitmap { flush, .. }
             | MmuReply::Error { flush, .. }
-            | MmuReply::Counters { flush, .. } => *flush = FlushObligation::merge(*flush, extra),
+            | MmuReply::Counters { flush, .. }
+            | MmuReply::ForeignUnmapped { flush, .. } => {
+                *flush = FlushObligation::merge(*flush, extra)
+            }
         }
         self
     }
@@ -780,6 +878,25 @@ pub trait MmuServer: Send + Sync {
         let _ = domain;
         MmuReply::error(MmuError::Unsupported(MmuRequest::GET_COUNTERS))
     }
+    /// [`MmuRequest::MapForeign`]. The default answers
+    /// [`MmuError::Unsupported`]`(`[`MmuRequest::MAP_FOREIGN`]`)`.
+    fn map_foreign(
+        &self,
+        domain: DomainId,
+        gfn: Gfn,
+        owner: DomainId,
+        mfn: Mfn,
+        writable: bool,
+    ) -> MmuReply {
+        let _ = (domain, gfn, owner, mfn, writable);
+        MmuReply::error(MmuError::Unsupported(MmuRequest::MAP_FOREIGN))
+    }
+    /// [`MmuRequest::UnmapForeign`]. The default answers
+    /// [`MmuError::Unsupported`]`(`[`MmuRequest::UNMAP_FOREIGN`]`)`.
+    fn unmap_foreign(&self, domain: DomainId, gfn: Gfn) -> MmuReply {
+        let _ = (domain, gfn);
+        MmuReply::error(MmuError::Unsupported(MmuRequest::UNMAP_FOREIGN))
+    }
 }
 
 /// Calls the trait method for a decoded request (and answers `Hello` itself).
@@ -823,6 +940,14 @@ pub fn call<S: MmuServer + ?Sized>(server: &S, request: &MmuRequest) -> MmuReply
         MmuRequest::GetAndClearDirty { domain, start } => server.get_and_clear_dirty(domain, start),
         MmuRequest::ZapAll { domain } => server.zap_all(domain),
         MmuRequest::GetCounters { domain } => server.counters(domain),
+        MmuRequest::MapForeign {
+            domain,
+            gfn,
+            owner,
+            mfn,
+            writable,
+        } => server.map_foreign(domain, gfn, owner, mfn, writable),
+        MmuRequest::UnmapForeign { domain, gfn } => server.unmap_foreign(domain, gfn),
     }
 }
 

@@ -57,8 +57,19 @@ fn random_request(r: &mut Rng) -> MmuRequest {
     let v = VcpuId(r.u32());
     let p = PcpuId(r.u32());
     let d = DomainId(r.u32());
-    match r.below(16) {
+    match r.below(18) {
         0 => MmuRequest::Hello { version: r.u32() },
+        16 => MmuRequest::MapForeign {
+            domain: d,
+            gfn: Gfn(r.val()),
+            owner: DomainId(r.u32()),
+            mfn: Mfn(r.val()),
+            writable: r.below(2) == 0,
+        },
+        17 => MmuRequest::UnmapForeign {
+            domain: d,
+            gfn: Gfn(r.val()),
+        },
         1 => {
             let mut memory = MemoryMap::new();
             for _ in 0..r.below(MAX_REGIONS as u64 + 1) {
@@ -119,8 +130,14 @@ fn random_request(r: &mut Rng) -> MmuRequest {
 
 fn random_reply(r: &mut Rng) -> MmuReply {
     let flush = r.flush();
-    match r.below(10) {
+    match r.below(11) {
         0 => MmuReply::Welcome { version: r.u32() },
+        10 => MmuReply::ForeignUnmapped {
+            mfn: Mfn(r.val()),
+            accessed: r.below(2) == 0,
+            cpus: CpuSet(r.val()),
+            flush,
+        },
         9 => MmuReply::Counters {
             counters: ServerCounters {
                 page_faults: r.val(),
@@ -178,7 +195,17 @@ fn random_reply(r: &mut Rng) -> MmuReply {
             }
         }
         _ => {
-            let reason = match r.below(6) {
+            let reason = match r.below(10) {
+                6 => MmuError::GfnInUse(Gfn(r.val())),
+                7 => MmuError::NotForeignMapped(Gfn(r.val())),
+                8 => MmuError::NotOwnedBy {
+                    mfn: Mfn(r.val()),
+                    owner: DomainId(r.u32()),
+                },
+                9 => MmuError::FramesMapped {
+                    mapper: DomainId(r.u32()),
+                    gfn: Gfn(r.val()),
+                },
                 0 => MmuError::UnknownDomain(DomainId(r.u32())),
                 1 => MmuError::CapacityExceeded {
                     what: Resource::Domains,
@@ -455,6 +482,355 @@ fn specific_garbage_gets_specific_errors() {
         reply(&out, n),
         MmuReply::Welcome {
             version: PROTOCOL_VERSION
+        }
+    );
+}
+
+// ---- the grant protocol ----------------------------------------------------
+
+fn random_grant_error(r: &mut Rng) -> GrantError {
+    let d = DomainId(r.u32());
+    let g = GrantRef(r.u32());
+    match r.below(17) {
+        0 => GrantError::Malformed(DecodeError::TrailingBytes(r.u32())),
+        1 => GrantError::VersionMismatch {
+            requested: r.u32(),
+            supported: r.u32(),
+        },
+        2 => GrantError::UnknownDomain(d),
+        3 => GrantError::DomainExists(d),
+        4 => GrantError::RefOutOfRange {
+            gref: g,
+            limit: r.u32(),
+        },
+        5 => GrantError::RefInUse(g),
+        6 => GrantError::NotGranted {
+            granter: d,
+            gref: g,
+        },
+        7 => GrantError::NotGrantedTo { gref: g, domain: d },
+        8 => GrantError::ReadOnly(g),
+        9 => GrantError::StillMapped {
+            gref: g,
+            maps: r.u32(),
+        },
+        10 => GrantError::BadHandle(MapHandle(r.u32())),
+        11 => GrantError::GfnNotInMemory(Gfn(r.val())),
+        12 => GrantError::CopyCrossesPage {
+            offset: r.val() as u16,
+            len: r.val() as u16,
+        },
+        13 => GrantError::CapacityExceeded {
+            what: GrantResource::MapHandles,
+            limit: r.u32(),
+        },
+        14 => GrantError::Mmu(MmuError::FramesMapped {
+            mapper: d,
+            gfn: Gfn(r.val()),
+        }),
+        15 => GrantError::MmuProtocol(r.val() as u8),
+        _ => GrantError::SelfGrant(d),
+    }
+}
+
+fn random_grant_request(r: &mut Rng) -> GrantRequest {
+    let d = DomainId(r.u32());
+    let p = DomainId(r.u32());
+    let g = GrantRef(r.u32());
+    match r.below(9) {
+        0 => GrantRequest::Hello { version: r.u32() },
+        1 => {
+            let mut memory = MemoryMap::new();
+            for _ in 0..r.below(MAX_REGIONS as u64 + 1) {
+                memory
+                    .push(MemRegion {
+                        gfn: Gfn(r.val()),
+                        mfn: Mfn(r.val()),
+                        pages: r.val(),
+                    })
+                    .unwrap();
+            }
+            GrantRequest::CreateDomain { domain: d, memory }
+        }
+        2 => GrantRequest::DestroyDomain { domain: d },
+        3 => GrantRequest::Grant {
+            domain: d,
+            gref: g,
+            grantee: p,
+            gfn: Gfn(r.val()),
+            readonly: r.below(2) == 0,
+        },
+        4 => GrantRequest::EndAccess { domain: d, gref: g },
+        5 => GrantRequest::Map {
+            domain: d,
+            granter: p,
+            gref: g,
+            gfn: Gfn(r.val()),
+            writable: r.below(2) == 0,
+        },
+        6 => {
+            let mut handles = heapless::Vec::new();
+            for _ in 0..r.below(MAX_UNMAP_BATCH as u64 + 1) {
+                handles.push(MapHandle(r.u32())).unwrap();
+            }
+            GrantRequest::Unmap { domain: d, handles }
+        }
+        7 => GrantRequest::Copy {
+            domain: d,
+            granter: p,
+            gref: g,
+            offset: r.val() as u16,
+            local: Gpa(r.val()),
+            len: r.val() as u16,
+            direction: if r.below(2) == 0 {
+                CopyDirection::FromGrant
+            } else {
+                CopyDirection::ToGrant
+            },
+        },
+        _ => GrantRequest::GetCounters {
+            domain: if r.below(2) == 0 { None } else { Some(d) },
+        },
+    }
+}
+
+fn random_grant_reply(r: &mut Rng) -> GrantReply {
+    let flush = r.flush();
+    match r.below(7) {
+        0 => GrantReply::Welcome { version: r.u32() },
+        1 => GrantReply::Done { flush },
+        2 => GrantReply::Mapped {
+            handle: MapHandle(r.u32()),
+            flush,
+        },
+        3 => {
+            let mut status = heapless::Vec::new();
+            for _ in 0..r.below(MAX_UNMAP_BATCH as u64 + 1) {
+                let s = if r.below(2) == 0 {
+                    Ok(())
+                } else {
+                    Err(random_grant_error(r))
+                };
+                status.push(s).unwrap();
+            }
+            GrantReply::Unmapped { status, flush }
+        }
+        4 => GrantReply::CopyPlan {
+            src: Hpa(r.val()),
+            dst: Hpa(r.val()),
+            len: r.val() as u16,
+            flush,
+        },
+        5 => GrantReply::Counters {
+            counters: GrantCounters {
+                grants: r.val(),
+                maps: r.val(),
+                unmaps: r.val(),
+                batches: r.val(),
+                flushes: r.val(),
+                flushes_avoided: r.val(),
+                flush_cpus: r.val(),
+                copies: r.val(),
+                grants_active: r.val(),
+                maps_active: r.val(),
+                handles_in_use: r.val(),
+            },
+            flush,
+        },
+        _ => GrantReply::Error {
+            reason: random_grant_error(r),
+            flush,
+        },
+    }
+}
+
+/// A grant server that answers every call with a reply naming the call and
+/// its arguments.
+struct GrantEcho;
+
+impl GrantServer for GrantEcho {
+    fn name(&self) -> &'static str {
+        "grant-echo"
+    }
+    fn create_domain(&self, domain: DomainId, memory: &MemoryMap) -> GrantReply {
+        GrantReply::Mapped {
+            handle: MapHandle(domain.0 ^ memory.len() as u32),
+            flush: None,
+        }
+    }
+    fn destroy_domain(&self, domain: DomainId) -> GrantReply {
+        GrantReply::error(GrantError::UnknownDomain(domain))
+    }
+    fn grant(&self, d: DomainId, gref: GrantRef, to: DomainId, gfn: Gfn, ro: bool) -> GrantReply {
+        GrantReply::CopyPlan {
+            src: Hpa(gfn.0),
+            dst: Hpa(u64::from(d.0) << 32 | u64::from(to.0)),
+            len: gref.0 as u16 ^ u16::from(ro),
+            flush: None,
+        }
+    }
+    fn end_access(&self, domain: DomainId, gref: GrantRef) -> GrantReply {
+        GrantReply::error(GrantError::NotGranted {
+            granter: domain,
+            gref,
+        })
+    }
+    fn map(&self, d: DomainId, g: DomainId, gref: GrantRef, gfn: Gfn, w: bool) -> GrantReply {
+        GrantReply::CopyPlan {
+            src: Hpa(gfn.0),
+            dst: Hpa(u64::from(d.0) << 32 | u64::from(g.0)),
+            len: gref.0 as u16 ^ u16::from(w),
+            flush: None,
+        }
+    }
+    fn unmap(&self, domain: DomainId, handles: &[MapHandle]) -> GrantReply {
+        let mut status = heapless::Vec::new();
+        for h in handles {
+            status.push(Err(GrantError::BadHandle(*h))).unwrap();
+        }
+        GrantReply::Unmapped {
+            status,
+            flush: Some(FlushObligation {
+                cpus: CpuSet(u64::from(domain.0)),
+                scope: FlushScope::All,
+            }),
+        }
+    }
+    fn copy(
+        &self,
+        domain: DomainId,
+        granter: DomainId,
+        gref: GrantRef,
+        offset: u16,
+        local: Gpa,
+        len: u16,
+        direction: CopyDirection,
+    ) -> GrantReply {
+        GrantReply::CopyPlan {
+            src: Hpa(local.0 ^ u64::from(offset)),
+            dst: Hpa(u64::from(domain.0) << 32 | u64::from(granter.0 ^ gref.0)),
+            len: len ^ (direction == CopyDirection::ToGrant) as u16,
+            flush: None,
+        }
+    }
+    fn counters(&self, domain: Option<DomainId>) -> GrantReply {
+        GrantReply::Counters {
+            counters: GrantCounters {
+                grants: domain.map_or(u64::MAX, |d| u64::from(d.0)),
+                ..GrantCounters::default()
+            },
+            flush: None,
+        }
+    }
+}
+
+fn check_grant_dispatch(bytes: &[u8], stats: &mut [u64; 2]) {
+    let mut out = [0u8; MAX_MESSAGE];
+    let n = grant_dispatch(&GrantEcho, bytes, &mut out);
+    assert!(n > 0 && n <= MAX_MESSAGE);
+    let reply: GrantReply = decode(&out[..n]).expect("grant dispatch replies decode");
+    match decode::<GrantRequest>(bytes) {
+        Ok(req) => {
+            stats[0] += 1;
+            assert_eq!(reply, grant_call(&GrantEcho, &req));
+            let mut buf = [0u8; MAX_MESSAGE];
+            let m = encode(&req, &mut buf).unwrap();
+            assert_eq!(decode::<GrantRequest>(&buf[..m]).unwrap(), req);
+        }
+        Err(e) => {
+            stats[1] += 1;
+            assert_eq!(reply, GrantReply::error(GrantError::Malformed(e)));
+        }
+    }
+}
+
+#[test]
+fn random_and_mutated_grant_requests_never_panic() {
+    let mut r = Rng(0x6a09_e667_f3bc_c908);
+    let mut stats = [0u64; 2];
+    let mut buf = [0u8; MAX_MESSAGE];
+    for _ in 0..ROUNDS {
+        let req = random_grant_request(&mut r);
+        let n = encode(&req, &mut buf).expect("every grant request fits MAX_MESSAGE");
+        assert_eq!(decode::<GrantRequest>(&buf[..n]).unwrap(), req);
+        check_grant_dispatch(&buf[..n], &mut stats);
+        let mut bytes = buf[..n].to_vec();
+        mutate(&mut r, &mut bytes);
+        check_grant_dispatch(&bytes, &mut stats);
+        let len = r.below(64) as usize;
+        let noise: Vec<u8> = (0..len).map(|_| r.next() as u8).collect();
+        check_grant_dispatch(&noise, &mut stats);
+    }
+    assert!(stats[0] + stats[1] >= 100_000, "{stats:?}");
+    assert!(stats[0] > ROUNDS && stats[1] > ROUNDS / 2, "{stats:?}");
+}
+
+#[test]
+fn random_and_mutated_grant_replies_round_trip_or_fail_cleanly() {
+    let mut r = Rng(0xbb67_ae85_84ca_a73b);
+    let mut buf = [0u8; MAX_MESSAGE];
+    let (mut ok, mut bad) = (0u64, 0u64);
+    for _ in 0..ROUNDS {
+        let rep = random_grant_reply(&mut r);
+        let n = encode(&rep, &mut buf).expect("every grant reply fits MAX_MESSAGE");
+        assert_eq!(decode::<GrantReply>(&buf[..n]).unwrap(), rep);
+        let mut bytes = buf[..n].to_vec();
+        mutate(&mut r, &mut bytes);
+        match decode::<GrantReply>(&bytes) {
+            Ok(m) => {
+                ok += 1;
+                let k = encode(&m, &mut buf).unwrap();
+                assert_eq!(decode::<GrantReply>(&buf[..k]).unwrap(), m);
+            }
+            Err(_) => bad += 1,
+        }
+    }
+    assert!(ok + bad == ROUNDS && bad > ROUNDS / 4, "ok {ok} bad {bad}");
+}
+
+#[test]
+fn hostile_grant_batches_and_versions_get_specific_errors() {
+    let mut out = [0u8; MAX_MESSAGE];
+    let reply = |out: &[u8; MAX_MESSAGE], n| decode::<GrantReply>(&out[..n]).unwrap();
+    // An unmap batch claiming 33 handles (over MAX_UNMAP_BATCH) is malformed.
+    let mut msg = vec![0x06, 0x01, 33];
+    msg.extend(std::iter::repeat_n(0x01, 33));
+    let n = grant_dispatch(&GrantEcho, &msg, &mut out);
+    assert_eq!(
+        reply(&out, n),
+        GrantReply::error(GrantError::Malformed(DecodeError::BadEncoding))
+    );
+    // 32 handles is fine and reaches the server.
+    let mut msg = vec![0x06, 0x01, 32];
+    msg.extend(std::iter::repeat_n(0x01, 32));
+    let n = grant_dispatch(&GrantEcho, &msg, &mut out);
+    assert!(matches!(reply(&out, n), GrantReply::Unmapped { status, .. } if status.len() == 32));
+    // A copy length over u16 is a bad varint, not a call.
+    let n = grant_dispatch(
+        &GrantEcho,
+        &[0x07, 1, 2, 3, 0, 0, 0xff, 0xff, 0x7f, 0],
+        &mut out,
+    );
+    assert!(matches!(
+        reply(&out, n),
+        GrantReply::Error {
+            reason: GrantError::Malformed(_),
+            ..
+        }
+    ));
+    let n = grant_dispatch(&GrantEcho, &[0x00, 0x7f], &mut out);
+    assert_eq!(
+        reply(&out, n),
+        GrantReply::error(GrantError::VersionMismatch {
+            requested: 0x7f,
+            supported: GRANT_PROTOCOL_VERSION
+        })
+    );
+    let n = grant_dispatch(&GrantEcho, &[0x00, GRANT_PROTOCOL_VERSION as u8], &mut out);
+    assert_eq!(
+        reply(&out, n),
+        GrantReply::Welcome {
+            version: GRANT_PROTOCOL_VERSION
         }
     );
 }

@@ -84,6 +84,17 @@ fn requests() -> Vec<MmuRequest> {
         MmuRequest::GetCounters {
             domain: Some(DomainId(2)),
         },
+        MmuRequest::MapForeign {
+            domain: DomainId(2),
+            gfn: Gfn(0x9000),
+            owner: DomainId(5),
+            mfn: Mfn(0x1234),
+            writable: true,
+        },
+        MmuRequest::UnmapForeign {
+            domain: DomainId(2),
+            gfn: Gfn(0x9000),
+        },
     ];
     for (i, r) in all.iter().enumerate() {
         let idx = match r {
@@ -103,6 +114,8 @@ fn requests() -> Vec<MmuRequest> {
             MmuRequest::GetAndClearDirty { .. } => 13,
             MmuRequest::ZapAll { .. } => 14,
             MmuRequest::GetCounters { .. } => 15,
+            MmuRequest::MapForeign { .. } => 16,
+            MmuRequest::UnmapForeign { .. } => 17,
         };
         assert_eq!(i, idx, "requests() must list variants in declaration order");
         assert_eq!(r.variant_index() as usize, idx, "variant_index of {r:?}");
@@ -226,6 +239,12 @@ fn replies() -> Vec<MmuReply> {
             counters: sample_counters(),
             flush: None,
         },
+        MmuReply::ForeignUnmapped {
+            mfn: Mfn(0x1234),
+            accessed: true,
+            cpus: CpuSet(0b110),
+            flush: None,
+        },
     ];
     for (i, r) in all.iter().enumerate() {
         let idx = match r {
@@ -239,6 +258,7 @@ fn replies() -> Vec<MmuReply> {
             MmuReply::DirtyBitmap { .. } => 7,
             MmuReply::Error { .. } => 8,
             MmuReply::Counters { .. } => 9,
+            MmuReply::ForeignUnmapped { .. } => 10,
         };
         assert_eq!(i, idx, "replies() must list variants in declaration order");
     }
@@ -277,6 +297,16 @@ fn errors() -> Vec<MmuError> {
         MmuError::DirtyLogDisabled(DomainId(4)),
         MmuError::Unsupported(13),
         MmuError::VcpuRunning(VcpuId(5)),
+        MmuError::GfnInUse(Gfn(0x10)),
+        MmuError::NotForeignMapped(Gfn(0x11)),
+        MmuError::NotOwnedBy {
+            mfn: Mfn(0x12),
+            owner: DomainId(4),
+        },
+        MmuError::FramesMapped {
+            mapper: DomainId(6),
+            gfn: Gfn(0x13),
+        },
     ];
     for (i, e) in all.iter().enumerate() {
         let idx = match e {
@@ -299,6 +329,10 @@ fn errors() -> Vec<MmuError> {
             MmuError::DirtyLogDisabled(_) => 16,
             MmuError::Unsupported(_) => 17,
             MmuError::VcpuRunning(_) => 18,
+            MmuError::GfnInUse(_) => 19,
+            MmuError::NotForeignMapped(_) => 20,
+            MmuError::NotOwnedBy { .. } => 21,
+            MmuError::FramesMapped { .. } => 22,
         };
         assert_eq!(i, idx, "errors() must list variants in declaration order");
     }
@@ -405,8 +439,9 @@ fn pinned_scopes_and_decode_errors() {
         abi::mmu::Resource::Domains,
         abi::mmu::Resource::Vcpus,
         abi::mmu::Resource::GuestFrames,
+        abi::mmu::Resource::ForeignMaps,
     ];
-    check("resources", resources, &["00", "01", "02"][..]);
+    check("resources", resources, &["00", "01", "02", "03"][..]);
     // GetCounters for the whole server, and Counters with a flush.
     check(
         "counters extras",
@@ -574,7 +609,7 @@ fn worst_case_messages_fit() {
     assert!(encode(&big_get, &mut buf).unwrap() <= 7);
 }
 
-const PINNED_REQUESTS: [&str; 16] = [
+const PINNED_REQUESTS: [&str; 18] = [
     "0001",
     "0102020080028004802080800201",
     "0202",
@@ -591,8 +626,10 @@ const PINNED_REQUESTS: [&str; 16] = [
     "0d028020",
     "0e02",
     "0f0102",
+    "100280a00205b42401",
+    "110280a002",
 ];
-const PINNED_REPLIES: [&str; 10] = [
+const PINNED_REPLIES: [&str; 11] = [
     "0001",
     "0100",
     "02010a0080a08002",
@@ -603,8 +640,9 @@ const PINNED_REPLIES: [&str; 10] = [
     "07800204018000ff018022010103",
     "08040900",
     "090102030405060708090a0b0c0d0e0fac0200",
+    "0ab424010600",
 ];
-const PINNED_ERRORS: [&str; 19] = [
+const PINNED_ERRORS: [&str; 23] = [
     "0800060300",
     "0801070100",
     "08020400",
@@ -624,6 +662,368 @@ const PINNED_ERRORS: [&str; 19] = [
     "08100400",
     "08110d00",
     "08120500",
+    "08131000",
+    "08141100",
+    "0815120400",
+    "0816061300",
+];
+
+// ---- the grant protocol ----------------------------------------------------
+
+/// One sample of every grant request variant, in declaration order.
+fn grant_requests() -> Vec<GrantRequest> {
+    let mut memory = MemoryMap::new();
+    memory
+        .push(MemRegion {
+            gfn: Gfn(0),
+            mfn: Mfn(0x100),
+            pages: 0x10,
+        })
+        .unwrap();
+    let mut handles = heapless::Vec::new();
+    handles
+        .extend_from_slice(&[MapHandle(1), MapHandle(0x1002)])
+        .unwrap();
+    let all = vec![
+        GrantRequest::Hello { version: 1 },
+        GrantRequest::CreateDomain {
+            domain: DomainId(2),
+            memory,
+        },
+        GrantRequest::DestroyDomain {
+            domain: DomainId(2),
+        },
+        GrantRequest::Grant {
+            domain: DomainId(2),
+            gref: GrantRef(7),
+            grantee: DomainId(3),
+            gfn: Gfn(0x12),
+            readonly: true,
+        },
+        GrantRequest::EndAccess {
+            domain: DomainId(2),
+            gref: GrantRef(7),
+        },
+        GrantRequest::Map {
+            domain: DomainId(3),
+            granter: DomainId(2),
+            gref: GrantRef(7),
+            gfn: Gfn(0x9000),
+            writable: false,
+        },
+        GrantRequest::Unmap {
+            domain: DomainId(3),
+            handles,
+        },
+        GrantRequest::Copy {
+            domain: DomainId(3),
+            granter: DomainId(2),
+            gref: GrantRef(7),
+            offset: 0x100,
+            local: Gpa(0x5008),
+            len: 64,
+            direction: CopyDirection::ToGrant,
+        },
+        GrantRequest::GetCounters { domain: None },
+    ];
+    for (i, r) in all.iter().enumerate() {
+        let idx = match r {
+            GrantRequest::Hello { .. } => 0,
+            GrantRequest::CreateDomain { .. } => 1,
+            GrantRequest::DestroyDomain { .. } => 2,
+            GrantRequest::Grant { .. } => 3,
+            GrantRequest::EndAccess { .. } => 4,
+            GrantRequest::Map { .. } => 5,
+            GrantRequest::Unmap { .. } => 6,
+            GrantRequest::Copy { .. } => 7,
+            GrantRequest::GetCounters { .. } => 8,
+        };
+        assert_eq!(i, idx, "grant_requests() must list variants in order");
+        assert_eq!(r.variant_index() as usize, idx);
+    }
+    all
+}
+
+/// Grant counters with a distinct value per field (1..=11).
+fn sample_grant_counters() -> GrantCounters {
+    // Exhaustive destructuring: a new field must be pinned here.
+    let GrantCounters {
+        grants,
+        maps,
+        unmaps,
+        batches,
+        flushes,
+        flushes_avoided,
+        flush_cpus,
+        copies,
+        grants_active,
+        maps_active,
+        handles_in_use,
+    } = GrantCounters {
+        grants: 1,
+        maps: 2,
+        unmaps: 3,
+        batches: 4,
+        flushes: 5,
+        flushes_avoided: 6,
+        flush_cpus: 7,
+        copies: 8,
+        grants_active: 9,
+        maps_active: 10,
+        handles_in_use: 11,
+    };
+    GrantCounters {
+        grants,
+        maps,
+        unmaps,
+        batches,
+        flushes,
+        flushes_avoided,
+        flush_cpus,
+        copies,
+        grants_active,
+        maps_active,
+        handles_in_use,
+    }
+}
+
+/// One sample of every grant reply variant, in order.
+fn grant_replies() -> Vec<GrantReply> {
+    let mut status = heapless::Vec::new();
+    status
+        .extend_from_slice(&[Ok(()), Err(GrantError::BadHandle(MapHandle(5)))])
+        .unwrap();
+    let all = vec![
+        GrantReply::Welcome { version: 1 },
+        GrantReply::Done { flush: None },
+        GrantReply::Mapped {
+            handle: MapHandle(0x1001),
+            flush: None,
+        },
+        GrantReply::Unmapped {
+            status,
+            flush: flush(0b11, FlushScope::All),
+        },
+        GrantReply::CopyPlan {
+            src: Hpa(0x10_0000),
+            dst: Hpa(0x20_0008),
+            len: 64,
+            flush: None,
+        },
+        GrantReply::Counters {
+            counters: sample_grant_counters(),
+            flush: None,
+        },
+        GrantReply::Error {
+            reason: GrantError::ReadOnly(GrantRef(7)),
+            flush: None,
+        },
+    ];
+    for (i, r) in all.iter().enumerate() {
+        let idx = match r {
+            GrantReply::Welcome { .. } => 0,
+            GrantReply::Done { .. } => 1,
+            GrantReply::Mapped { .. } => 2,
+            GrantReply::Unmapped { .. } => 3,
+            GrantReply::CopyPlan { .. } => 4,
+            GrantReply::Counters { .. } => 5,
+            GrantReply::Error { .. } => 6,
+        };
+        assert_eq!(i, idx, "grant_replies() must list variants in order");
+    }
+    all
+}
+
+/// One sample of every grant error, in order.
+fn grant_errors() -> Vec<GrantError> {
+    let all = vec![
+        GrantError::Malformed(DecodeError::BadEncoding),
+        GrantError::VersionMismatch {
+            requested: 9,
+            supported: 1,
+        },
+        GrantError::UnknownDomain(DomainId(4)),
+        GrantError::DomainExists(DomainId(4)),
+        GrantError::RefOutOfRange {
+            gref: GrantRef(600),
+            limit: 512,
+        },
+        GrantError::RefInUse(GrantRef(7)),
+        GrantError::NotGranted {
+            granter: DomainId(2),
+            gref: GrantRef(7),
+        },
+        GrantError::NotGrantedTo {
+            gref: GrantRef(7),
+            domain: DomainId(3),
+        },
+        GrantError::ReadOnly(GrantRef(7)),
+        GrantError::StillMapped {
+            gref: GrantRef(7),
+            maps: 2,
+        },
+        GrantError::BadHandle(MapHandle(0x2001)),
+        GrantError::GfnNotInMemory(Gfn(0x99)),
+        GrantError::CopyCrossesPage {
+            offset: 4000,
+            len: 200,
+        },
+        GrantError::CapacityExceeded {
+            what: GrantResource::MapHandles,
+            limit: 1024,
+        },
+        GrantError::Mmu(MmuError::GfnInUse(Gfn(0x10))),
+        GrantError::MmuProtocol(4),
+        GrantError::SelfGrant(DomainId(2)),
+    ];
+    for (i, e) in all.iter().enumerate() {
+        let idx = match e {
+            GrantError::Malformed(_) => 0,
+            GrantError::VersionMismatch { .. } => 1,
+            GrantError::UnknownDomain(_) => 2,
+            GrantError::DomainExists(_) => 3,
+            GrantError::RefOutOfRange { .. } => 4,
+            GrantError::RefInUse(_) => 5,
+            GrantError::NotGranted { .. } => 6,
+            GrantError::NotGrantedTo { .. } => 7,
+            GrantError::ReadOnly(_) => 8,
+            GrantError::StillMapped { .. } => 9,
+            GrantError::BadHandle(_) => 10,
+            GrantError::GfnNotInMemory(_) => 11,
+            GrantError::CopyCrossesPage { .. } => 12,
+            GrantError::CapacityExceeded { .. } => 13,
+            GrantError::Mmu(_) => 14,
+            GrantError::MmuProtocol(_) => 15,
+            GrantError::SelfGrant(_) => 16,
+        };
+        assert_eq!(i, idx, "grant_errors() must list variants in order");
+    }
+    all
+}
+
+#[test]
+fn pinned_grant_requests() {
+    check("grant requests", grant_requests(), &PINNED_GRANT_REQUESTS);
+}
+
+#[test]
+fn pinned_grant_replies() {
+    check("grant replies", grant_replies(), &PINNED_GRANT_REPLIES);
+}
+
+#[test]
+fn pinned_grant_errors_and_enums() {
+    let replies: Vec<GrantReply> = grant_errors().into_iter().map(GrantReply::error).collect();
+    check("grant errors", replies, &PINNED_GRANT_ERRORS);
+    let resources = vec![
+        GrantResource::Domains,
+        GrantResource::MapHandles,
+        GrantResource::MapsPerGrant,
+    ];
+    for (i, r) in resources.iter().enumerate() {
+        let idx = match r {
+            GrantResource::Domains => 0,
+            GrantResource::MapHandles => 1,
+            GrantResource::MapsPerGrant => 2,
+        };
+        assert_eq!(i, idx);
+    }
+    check("grant resources", resources, &["00", "01", "02"][..]);
+    let dirs = vec![CopyDirection::FromGrant, CopyDirection::ToGrant];
+    for (i, d) in dirs.iter().enumerate() {
+        let idx = match d {
+            CopyDirection::FromGrant => 0,
+            CopyDirection::ToGrant => 1,
+        };
+        assert_eq!(i, idx);
+    }
+    check("copy directions", dirs, &["00", "01"][..]);
+}
+
+/// The largest grant messages fit in MAX_MESSAGE.
+#[test]
+fn worst_case_grant_messages_fit() {
+    let mut buf = [0u8; MAX_MESSAGE];
+    let mut handles = heapless::Vec::new();
+    let mut status = heapless::Vec::new();
+    for _ in 0..MAX_UNMAP_BATCH {
+        handles.push(MapHandle(u32::MAX)).unwrap();
+        status
+            .push(Err(GrantError::Mmu(MmuError::FramesMapped {
+                mapper: DomainId(u32::MAX),
+                gfn: Gfn(u64::MAX),
+            })))
+            .unwrap();
+    }
+    let req = GrantRequest::Unmap {
+        domain: DomainId(u32::MAX),
+        handles,
+    };
+    let worst_flush = flush(u64::MAX, FlushScope::All);
+    let reply = GrantReply::Unmapped {
+        status,
+        flush: worst_flush,
+    };
+    let a = encode(&req, &mut buf).expect("largest unmap request fits");
+    let b = encode(&reply, &mut buf).expect("largest unmap reply fits");
+    assert!(a <= MAX_MESSAGE && b <= MAX_MESSAGE, "{a} {b}");
+    let c = GrantReply::Counters {
+        counters: GrantCounters {
+            grants: u64::MAX,
+            maps: u64::MAX,
+            unmaps: u64::MAX,
+            batches: u64::MAX,
+            flushes: u64::MAX,
+            flushes_avoided: u64::MAX,
+            flush_cpus: u64::MAX,
+            copies: u64::MAX,
+            grants_active: u64::MAX,
+            maps_active: u64::MAX,
+            handles_in_use: u64::MAX,
+        },
+        flush: worst_flush,
+    };
+    assert!(encode(&c, &mut buf).unwrap() <= 200);
+}
+
+const PINNED_GRANT_REQUESTS: [&str; 9] = [
+    "0001",
+    "01020100800210",
+    "0202",
+    "030207031201",
+    "040207",
+    "0503020780a00200",
+    "060302018220",
+    "07030207800288a0014001",
+    "0800",
+];
+const PINNED_GRANT_REPLIES: [&str; 7] = [
+    "0001",
+    "0100",
+    "02812000",
+    "030200010a05010302",
+    "04808040888080014000",
+    "050102030405060708090a0b00",
+    "06080700",
+];
+const PINNED_GRANT_ERRORS: [&str; 17] = [
+    "06000500",
+    "0601090100",
+    "06020400",
+    "06030400",
+    "0604d804800400",
+    "06050700",
+    "0606020700",
+    "0607070300",
+    "06080700",
+    "0609070200",
+    "060a814000",
+    "060b990100",
+    "060ca01fc80100",
+    "060d01800800",
+    "060e131000",
+    "060f0400",
+    "06100200",
 ];
 
 /// The scheduler protocol's bytes, pinned like the MMU protocol's.

@@ -23,6 +23,10 @@ pub mod walk;
 use abi::mmu::{MemoryMap, MmuError, Resource};
 use abi::Gfn;
 
+/// The most foreign frames (grant mappings) mapped into one domain at once,
+/// in every implementation.
+pub const MAX_FOREIGN_PER_DOMAIN: u32 = 1024;
+
 /// Limits and machine parameters shared by every implementation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {

@@ -63,6 +63,20 @@
 //! lockless path, never unsyncs, never unshadows and never asks for an
 //! emulated write, so those counters stay 0 by design.
 //!
+//! # Foreign frames (grant mappings)
+//! `MapForeign` records (domain, gfn) -> (owner, mfn, writable) beside the
+//! memory map; a guest walk may end in such a frame (its page tables may
+//! not live there). Its shadow leaves are made with A and D clear, writable
+//! only if the mapping and the guest allow it; a write the mapping forbids
+//! gets #PF (P | W) injected. `UnmapForeign` clears every leaf mapping the
+//! frame in the domain's trees with an atomic swap and reports whether any
+//! had A set. A leaf of a foreign frame dropped with A set by anything else
+//! (a tree emptied, a leaf replaced) may still be cached somewhere and its
+//! flush may not have been carried out yet when the unmap comes, so the
+//! mapping remembers it (`dropped_accessed`, with the pCPUs) and the unmap
+//! reports it as accessed. A domain whose frames are foreign-mapped by
+//! another cannot be destroyed (`FramesMapped`).
+//!
 //! # Out of shadow frames
 //! A fault that finds the pool empty empties the vCPU's own tree and
 //! retries; then empties every other vCPU's tree (all domains; frames of
@@ -73,7 +87,9 @@
 //! `must_flush`, paid in their own replies.
 
 use crate::shadow::{self, InstallError};
-use crate::walk::{self, GuestMem, WalkError, PTE_A, PTE_D, PTE_NX, PTE_P, PTE_RW, PTE_US};
+use crate::walk::{
+    self, GuestMem, WalkError, PTE_A, PTE_ADDR_MASK, PTE_D, PTE_NX, PTE_P, PTE_RW, PTE_US,
+};
 use crate::Config;
 use abi::mmu::{MemoryMap, Resource, DIRTY_CHUNK_BYTES, DIRTY_CHUNK_PAGES};
 use abi::{
@@ -101,8 +117,57 @@ pub struct Reference<'m, M: PhysMem + ?Sized> {
 struct State {
     domains: Vec<Domain>,
     vcpus: Vec<Vcpu>,
+    foreign: Vec<Foreign>,
     /// Counts of destroyed domains (and their vCPUs).
     retired: ServerCounters,
+}
+
+/// Guest frames at or above this are out of range for a foreign mapping
+/// (52-bit guest-physical addresses).
+const MAX_GUEST_FRAME: u64 = 1 << 40;
+
+/// A foreign frame mapped into a domain (a grant mapping).
+struct Foreign {
+    domain: DomainId,
+    gfn: Gfn,
+    owner: DomainId,
+    mfn: Mfn,
+    writable: bool,
+    /// Set when a shadow leaf of the frame was dropped with A set before
+    /// the unmap: the pCPUs that may still cache it.
+    dropped_accessed: Option<CpuSet>,
+}
+
+/// Notes, for every leaf in `v`'s tree that maps a foreign frame of its
+/// domain with A set, that the frame was accessed (the tree is about to be
+/// emptied). Scans only if the domain has foreign frames.
+fn note_dropped<M: PhysMem + ?Sized>(
+    mem: &M,
+    foreign: &mut [Foreign],
+    v: &Vcpu,
+) -> Result<(), MmuError> {
+    if !foreign.iter().any(|f| f.domain == v.domain) {
+        return Ok(());
+    }
+    let cpus = v.ran_on.union(v.must_flush);
+    shadow::for_each_leaf(mem, v.root, &mut |leaf| {
+        if leaf & PTE_A != 0 {
+            note_leaf(foreign, v.domain, leaf, cpus);
+        }
+    })
+    .map_err(MmuError::Memory)
+}
+
+/// Records that `leaf` (with A set), if it maps a foreign frame of
+/// `domain`, was dropped while `cpus` may cache it.
+fn note_leaf(foreign: &mut [Foreign], domain: DomainId, leaf: u64, cpus: CpuSet) {
+    let mfn = Mfn((leaf & PTE_ADDR_MASK) >> 12);
+    for f in foreign
+        .iter_mut()
+        .filter(|f| f.domain == domain && f.mfn == mfn)
+    {
+        f.dropped_accessed = Some(f.dropped_accessed.unwrap_or(CpuSet::EMPTY).union(cpus));
+    }
 }
 
 /// Dirty bitmap: one `Vec<u64>` per memory-map region.
@@ -169,6 +234,13 @@ fn mark_dirty(dirty: &mut Option<DirtyLog>, map: &MemoryMap, gfn: Gfn) {
     }
 }
 
+fn find_vcpu(vcpus: &mut [Vcpu], id: VcpuId) -> Result<&mut Vcpu, MmuError> {
+    vcpus
+        .iter_mut()
+        .find(|v| v.id == id)
+        .ok_or(MmuError::UnknownVcpu(id))
+}
+
 impl State {
     fn vcpu(&mut self, id: VcpuId) -> Result<&mut Vcpu, MmuError> {
         self.vcpus
@@ -230,6 +302,7 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
             state: Mutex::new(State {
                 domains: Vec::new(),
                 vcpus: Vec::new(),
+                foreign: Vec::new(),
                 retired: ServerCounters::default(),
             }),
         }
@@ -277,9 +350,11 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
     fn zap(
         &self,
         v: &mut Vcpu,
+        foreign: &mut [Foreign],
         current: Option<PcpuId>,
         flush: &mut Option<FlushObligation>,
     ) -> Result<(), MmuError> {
+        note_dropped(self.mem, foreign, v)?;
         let mut frames = Vec::new();
         let collected = shadow::collect(self.mem, v.root, &mut frames);
         // `must_flush` pCPUs may still cache entries of an earlier tree
@@ -335,13 +410,21 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
         self.enter(v, pcpu, flush)?;
         let di = st.domain_index(domain)?;
         let Domain { memory, dirty, .. } = &mut st.domains[di];
+        let foreign = &st.foreign;
         let guest = GuestMem {
             mem: self.mem,
             map: memory,
         };
+        let foreign_at = |g: Gfn| {
+            foreign
+                .iter()
+                .find(|f| f.domain == domain && f.gfn == g)
+                .map(|f| (f.mfn, f.writable))
+        };
         let access = error_code.access();
-        let walked = walk::walk(
+        let walked = walk::walk_to(
             &guest,
+            &|g| guest.mfn(g).or_else(|| foreign_at(g).map(|f| f.0)),
             cr3,
             mode,
             self.config.maxphyaddr,
@@ -376,9 +459,34 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
                 writable = false;
             }
         }
-        let mut leaf = t.mfn.base().0 | PTE_P | PTE_A;
-        if writable {
-            leaf |= PTE_RW | PTE_D;
+        let foreign_leaf = if guest.mfn(t.gfn).is_none() {
+            foreign_at(t.gfn)
+        } else {
+            None
+        };
+        let mut leaf = t.mfn.base().0 | PTE_P;
+        match foreign_leaf {
+            // A foreign frame: A and D clear (the unmap's flush hint), and
+            // never writable against the mapping.
+            Some((_, may_write)) => {
+                if write && !may_write {
+                    return Ok(MmuReply::InjectPageFault {
+                        error_code: PfErrorCode(error_code.0 & PfErrorCode::U)
+                            .with(PfErrorCode::P | PfErrorCode::W),
+                        address: gva,
+                        flush: None,
+                    });
+                }
+                if writable && may_write {
+                    leaf |= PTE_RW;
+                }
+            }
+            None => {
+                leaf |= PTE_A;
+                if writable {
+                    leaf |= PTE_RW | PTE_D;
+                }
+            }
         }
         if user {
             leaf |= PTE_US;
@@ -390,6 +498,11 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
         for attempt in 0..3 {
             match shadow::install(self.mem, root, gva, leaf, tables_taken) {
                 Ok(old) => {
+                    if old & PTE_P != 0 && old & PTE_A != 0 {
+                        let v = st.vcpu(vcpu)?;
+                        let cpus = v.ran_on.union(v.must_flush);
+                        note_leaf(&mut st.foreign, domain, old, cpus);
+                    }
                     if old & PTE_P != 0 {
                         // The old leaf may be cached wherever the vCPU ran
                         // since its tree was last emptied, and may be wider
@@ -410,9 +523,13 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
                 Err(InstallError::Memory(e)) => return Err(MmuError::Memory(e)),
                 Err(InstallError::OutOfPool) => match attempt {
                     0 => {
-                        let v = st.vcpu(vcpu)?;
+                        let State { vcpus, foreign, .. } = &mut *st;
+                        let v = vcpus
+                            .iter_mut()
+                            .find(|v| v.id == vcpu)
+                            .ok_or(MmuError::UnknownVcpu(vcpu))?;
                         v.counters.reclaims += 1;
-                        self.zap(v, Some(pcpu), flush)?
+                        self.zap(v, foreign, Some(pcpu), flush)?
                     }
                     1 => {
                         st.vcpu(vcpu)?.counters.reclaims += 1;
@@ -428,7 +545,7 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
                             } else {
                                 &mut theirs
                             };
-                            self.zap(v, None, f)?;
+                            self.zap(v, &mut st.foreign, None, f)?;
                         }
                     }
                     _ => {}
@@ -589,6 +706,19 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
         {
             return MmuReply::error(MmuError::VcpuRunning(v.id));
         }
+        if let Some(f) = st
+            .foreign
+            .iter()
+            .find(|f| f.owner == domain && f.domain != domain)
+        {
+            return MmuReply::error(MmuError::FramesMapped {
+                mapper: f.domain,
+                gfn: f.gfn,
+            });
+        }
+        // Its own foreign mappings go with its shadows (the flush below
+        // covers every pCPU that may cache them).
+        st.foreign.retain(|f| f.domain != domain);
         let mut flush = None;
         let mut result = Ok(());
         let mut i = 0;
@@ -714,10 +844,11 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
     fn write_cr3(&self, vcpu: VcpuId, pcpu: PcpuId, cr3: GuestCr3) -> MmuReply {
         let mut st = self.state.lock();
         let mut flush = None;
-        let r = st.vcpu(vcpu).and_then(|v| {
+        let State { vcpus, foreign, .. } = &mut *st;
+        let r = find_vcpu(vcpus, vcpu).and_then(|v| {
             self.enter(v, pcpu, &mut flush)?;
             v.cr3 = cr3;
-            self.zap(v, Some(pcpu), &mut flush)?;
+            self.zap(v, foreign, Some(pcpu), &mut flush)?;
             Ok(MmuReply::LoadShadowRoot {
                 vcpu,
                 root: v.root.base(),
@@ -732,13 +863,14 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
     fn set_paging_mode(&self, vcpu: VcpuId, pcpu: PcpuId, mode: PagingMode) -> MmuReply {
         let mut st = self.state.lock();
         let mut flush = None;
-        let r = st.vcpu(vcpu).and_then(|v| {
+        let State { vcpus, foreign, .. } = &mut *st;
+        let r = find_vcpu(vcpus, vcpu).and_then(|v| {
             self.enter(v, pcpu, &mut flush)?;
             if mode.0 & !SUPPORTED_MODE != 0 {
                 return Err(MmuError::UnsupportedPagingMode(mode));
             }
             v.mode = mode;
-            self.zap(v, Some(pcpu), &mut flush)?;
+            self.zap(v, foreign, Some(pcpu), &mut flush)?;
             Ok(MmuReply::Done { flush: None })
         });
         let reply = finish(r, flush);
@@ -749,11 +881,12 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
     fn invlpg(&self, vcpu: VcpuId, pcpu: PcpuId, _gva: Gva) -> MmuReply {
         let mut st = self.state.lock();
         let mut flush = None;
-        let r = st.vcpu(vcpu).and_then(|v| {
+        let State { vcpus, foreign, .. } = &mut *st;
+        let r = find_vcpu(vcpus, vcpu).and_then(|v| {
             self.enter(v, pcpu, &mut flush)?;
             // Simplest correct: INVLPG drops the vCPU's whole tree (a 2 MiB
             // or 1 GiB guest page is many shadow leaves anyway).
-            self.zap(v, Some(pcpu), &mut flush)?;
+            self.zap(v, foreign, Some(pcpu), &mut flush)?;
             Ok(MmuReply::Done { flush: None })
         });
         let reply = finish(r, flush);
@@ -825,8 +958,9 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
         let mut st = self.state.lock();
         let mut flush = None;
         let r = st.domain_index(domain).and_then(|_| {
-            for v in st.vcpus.iter_mut().filter(|v| v.domain == domain) {
-                self.zap(v, None, &mut flush)?;
+            let State { vcpus, foreign, .. } = &mut *st;
+            for v in vcpus.iter_mut().filter(|v| v.domain == domain) {
+                self.zap(v, foreign, None, &mut flush)?;
             }
             Ok(MmuReply::Done { flush: None })
         });
@@ -836,6 +970,92 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
         }
         st.count_domain_reply(domain, &reply);
         reply
+    }
+
+    fn map_foreign(
+        &self,
+        domain: DomainId,
+        gfn: Gfn,
+        owner: DomainId,
+        mfn: Mfn,
+        writable: bool,
+    ) -> MmuReply {
+        let mut st = self.state.lock();
+        let r = (|| {
+            let di = st.domain_index(domain)?;
+            let oi = st.domain_index(owner)?;
+            if !st.domains[oi]
+                .memory
+                .iter()
+                .any(|r| mfn.0 >= r.mfn.0 && mfn.0 - r.mfn.0 < r.pages)
+            {
+                return Err(MmuError::NotOwnedBy { mfn, owner });
+            }
+            if gfn.0 >= MAX_GUEST_FRAME {
+                return Err(MmuError::GpaNotInMemory(gfn.base()));
+            }
+            let in_map = st.domains[di]
+                .memory
+                .iter()
+                .any(|r| r.translate(gfn).is_some());
+            if in_map
+                || st
+                    .foreign
+                    .iter()
+                    .any(|f| f.domain == domain && f.gfn == gfn)
+            {
+                return Err(MmuError::GfnInUse(gfn));
+            }
+            let held = st.foreign.iter().filter(|f| f.domain == domain).count();
+            if held >= crate::MAX_FOREIGN_PER_DOMAIN as usize {
+                return Err(MmuError::CapacityExceeded {
+                    what: Resource::ForeignMaps,
+                    limit: crate::MAX_FOREIGN_PER_DOMAIN,
+                });
+            }
+            st.foreign.push(Foreign {
+                domain,
+                gfn,
+                owner,
+                mfn,
+                writable,
+                dropped_accessed: None,
+            });
+            Ok(MmuReply::Done { flush: None })
+        })();
+        finish(r, None)
+    }
+
+    fn unmap_foreign(&self, domain: DomainId, gfn: Gfn) -> MmuReply {
+        let mut st = self.state.lock();
+        let r = (|| {
+            st.domain_index(domain)?;
+            let fi = st
+                .foreign
+                .iter()
+                .position(|f| f.domain == domain && f.gfn == gfn)
+                .ok_or(MmuError::NotForeignMapped(gfn))?;
+            let mfn = st.foreign[fi].mfn;
+            let mut accessed = false;
+            let mut cpus = CpuSet::EMPTY;
+            if let Some(c) = st.foreign[fi].dropped_accessed {
+                accessed = true;
+                cpus = cpus.union(c);
+            }
+            for v in st.vcpus.iter().filter(|v| v.domain == domain) {
+                let (_, a) = shadow::unmap_frame(self.mem, v.root, mfn)?;
+                accessed |= a;
+                cpus = cpus.union(v.ran_on).union(v.must_flush);
+            }
+            st.foreign.swap_remove(fi);
+            Ok(MmuReply::ForeignUnmapped {
+                mfn,
+                accessed,
+                cpus,
+                flush: None,
+            })
+        })();
+        finish(r, None)
     }
 
     fn counters(&self, domain: Option<DomainId>) -> MmuReply {

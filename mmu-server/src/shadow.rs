@@ -138,3 +138,80 @@ pub fn lookup<M: PhysMem + ?Sized>(mem: &M, root: Mfn, gva: Gva) -> Result<Optio
     let e = mem.read_u64(entry(table, gva.table_index(1)))?;
     Ok((e & PTE_P != 0).then_some(e))
 }
+
+/// Calls `f` with every present leaf below `root` (for finding entries of
+/// foreign frames before a tree is emptied).
+pub fn for_each_leaf<M: PhysMem + ?Sized>(
+    mem: &M,
+    root: Mfn,
+    f: &mut dyn FnMut(u64),
+) -> Result<(), MemError> {
+    fn below<M: PhysMem + ?Sized>(
+        mem: &M,
+        table: Mfn,
+        level: u8,
+        f: &mut dyn FnMut(u64),
+    ) -> Result<(), MemError> {
+        for i in 0..512 {
+            let e = mem.read_u64(entry(table, i))?;
+            if e & PTE_P == 0 {
+                continue;
+            }
+            if level == 1 {
+                f(e);
+            } else {
+                below(mem, Mfn((e & PTE_ADDR_MASK) >> 12), level - 1, f)?;
+            }
+        }
+        Ok(())
+    }
+    below(mem, root, 4, f)
+}
+
+/// Clears every leaf below `root` that maps `frame`, each with an atomic
+/// swap (a compare-exchange loop), so an A bit the hardware sets
+/// concurrently is never lost. Returns (leaves cleared, whether any of them
+/// had A set when it was cleared).
+pub fn unmap_frame<M: PhysMem + ?Sized>(
+    mem: &M,
+    root: Mfn,
+    frame: Mfn,
+) -> Result<(u64, bool), MemError> {
+    fn below<M: PhysMem + ?Sized>(
+        mem: &M,
+        table: Mfn,
+        level: u8,
+        frame: Mfn,
+        acc: &mut (u64, bool),
+    ) -> Result<(), MemError> {
+        for i in 0..512 {
+            let at = entry(table, i);
+            let e = mem.read_u64(at)?;
+            if e & PTE_P == 0 {
+                continue;
+            }
+            if level > 1 {
+                below(mem, Mfn((e & PTE_ADDR_MASK) >> 12), level - 1, frame, acc)?;
+                continue;
+            }
+            if (e & PTE_ADDR_MASK) >> 12 != frame.0 {
+                continue;
+            }
+            let mut old = e;
+            loop {
+                match mem.compare_exchange_u64(at, old, 0)? {
+                    Ok(_) => break,
+                    Err(now) => old = now,
+                }
+            }
+            if old & PTE_P != 0 {
+                acc.0 += 1;
+                acc.1 |= old & PTE_A != 0;
+            }
+        }
+        Ok(())
+    }
+    let mut acc = (0, false);
+    below(mem, root, 4, frame, &mut acc)?;
+    Ok(acc)
+}

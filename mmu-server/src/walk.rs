@@ -149,6 +149,34 @@ pub fn walk<M: PhysMem + ?Sized>(
     access: PfErrorCode,
     on_write: &mut dyn FnMut(Gfn),
 ) -> Result<Translation, WalkError> {
+    walk_to(
+        guest,
+        &|g| guest.mfn(g),
+        cr3,
+        mode,
+        maxphyaddr,
+        gva,
+        access,
+        on_write,
+    )
+}
+
+/// [`walk`] where the final 4 KiB frame is translated by `leaf_frame`
+/// instead of the memory map alone (a server with foreign mappings passes
+/// the memory map plus its foreign frames; paging-structure frames still
+/// come only from the memory map).
+// The arguments are `walk`'s plus the leaf translation.
+#[allow(clippy::too_many_arguments)]
+pub fn walk_to<M: PhysMem + ?Sized>(
+    guest: &GuestMem<'_, M>,
+    leaf_frame: &dyn Fn(Gfn) -> Option<Mfn>,
+    cr3: GuestCr3,
+    mode: PagingMode,
+    maxphyaddr: u8,
+    gva: Gva,
+    access: PfErrorCode,
+    on_write: &mut dyn FnMut(Gfn),
+) -> Result<Translation, WalkError> {
     let mut code = PfErrorCode(access.0 & (PfErrorCode::W | PfErrorCode::U));
     if access.is_fetch() && mode.nxe() {
         code = code.with(PfErrorCode::I);
@@ -203,7 +231,7 @@ pub fn walk<M: PhysMem + ?Sized>(
         // fault of the leaf, found while walking: before permissions.
         let gpa = Gpa(frame_base.0 + gva.offset_in(size));
         let gfn = gpa.frame();
-        let Some(mfn) = guest.mfn(gfn) else {
+        let Some(mfn) = leaf_frame(gfn) else {
             return Err(WalkError::Fault(
                 code.with(PfErrorCode::P | PfErrorCode::RSVD),
             ));

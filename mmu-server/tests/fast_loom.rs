@@ -229,3 +229,156 @@ fn gate_turns_fast_faults_away_while_pending() {
         gate.exit();
     });
 }
+
+// ---- foreign frames (grant mappings) ---------------------------------------
+
+/// A foreign frame (not in the domain's memory map).
+const FOREIGN_MFN: u64 = 9;
+/// Foreign gfns the frame is mapped at, one after the other.
+const FGFN1: u64 = 3;
+const FGFN2: u64 = 4;
+
+struct ForeignWorld<G> {
+    gate: G,
+    spte: L,
+    /// The domain's current gfn of `FOREIGN_MFN` (a foreign mapping that
+    /// comes and goes moves it: gfn -> mfn is not fixed for foreign gfns).
+    foreign_gfn: L,
+    dirty: Bitmap,
+}
+
+/// The ABA of the fast page fault, through a foreign mapping: a fast fault
+/// is in flight on the leaf of a foreign frame mapped at FGFN1; the locked
+/// path unmaps it (no grace period: foreign unmaps do not wait for one) and
+/// maps the frame again at FGFN2, re-filling the identical entry value.
+///
+/// The server's rules: a foreign leaf is never lockless-writable
+/// (`fast_w = false`) and the fast path derives a gfn only through the
+/// memory map, which has none for a foreign frame (`via_memory_map`). With
+/// either rule the fast path never acts on a foreign leaf; with neither, the
+/// CAS succeeds on the re-filled entry and logs the gfn the frame had
+/// before, and the entry is writable with its current gfn unlogged.
+fn foreign_aba_model(fast_w: bool, via_memory_map: bool) {
+    let leaf = (FOREIGN_MFN << 12) | SPTE_P | SPTE_A | if fast_w { SPTE_FAST_W } else { 0 };
+    let w = Arc::new(ForeignWorld {
+        gate: NoGate,
+        spte: L::new(leaf),
+        foreign_gfn: L::new(FGFN1),
+        dirty: Bitmap(L::default()),
+    });
+    let fast = {
+        let w = w.clone();
+        thread::spawn(move || {
+            fast_fix_write(
+                &w.gate,
+                || Some(&w.spte),
+                |e| {
+                    if via_memory_map {
+                        // Only MFN (the domain's own frame) has a gfn.
+                        ((e >> 12) == MFN).then_some(GFN1)
+                    } else {
+                        Some(w.foreign_gfn.load())
+                    }
+                },
+                &w.dirty,
+            )
+        })
+    };
+    // Locked path: unmap (swap, reading A), map at FGFN2, re-fill.
+    let old = update_leaf(&w.spte, |_| 0);
+    w.foreign_gfn.store(FGFN2);
+    w.spte.store(leaf);
+    let outcome = fast.join().unwrap();
+    let spte = w.spte.load();
+    let dirty = w.dirty.0.load();
+    let current = w.foreign_gfn.load();
+    if spte & SPTE_W != 0 {
+        assert!(
+            dirty & (1 << current) != 0,
+            "writable foreign entry for gfn {current} not logged dirty: dirty={dirty:#b}, \
+             outcome={outcome:?}, replaced {old:#x}"
+        );
+    }
+}
+
+#[test]
+fn foreign_leaves_are_never_touched_by_the_fast_path() {
+    // The server's rules, both at once, with no grace period at all.
+    builder().check(|| foreign_aba_model(false, true));
+}
+
+#[test]
+fn either_foreign_rule_alone_closes_the_foreign_aba() {
+    builder().check(|| foreign_aba_model(false, false));
+    builder().check(|| foreign_aba_model(true, true));
+}
+
+#[test]
+#[should_panic(expected = "not logged dirty")]
+fn foreign_aba_is_caught_without_the_rules() {
+    builder().check(|| foreign_aba_model(true, false));
+}
+
+struct HintWorld {
+    spte: L,
+    /// The frame a pCPU's TLB caches a translation to (0: none).
+    tlb: Mutex<u64>,
+}
+
+/// The accessed-bit flush hint: a pCPU walks the foreign leaf (setting A
+/// with an atomic read-modify-write before it caches, as the CPU does)
+/// while the locked path unmaps it and flushes only if it saw A. After the
+/// unmap no pCPU may cache the frame. An unmap that reads the entry and then
+/// stores 0 (instead of one swap) loses an A set in between.
+fn hint_model(atomic_unmap: bool) {
+    let w = Arc::new(HintWorld {
+        spte: L::new((FOREIGN_MFN << 12) | SPTE_P),
+        tlb: Mutex::new(0),
+    });
+    let walker = {
+        let w = w.clone();
+        thread::spawn(move || {
+            // The hardware walk and fill, one instruction's worth: the flush
+            // IPI is taken before or after it, never inside (the lock).
+            let mut tlb = w.tlb.lock().unwrap();
+            // A is set atomically, only on a present entry, before caching.
+            let seen = w
+                .spte
+                .update(|v| if v & SPTE_P != 0 { v | SPTE_A } else { v });
+            if seen & SPTE_P != 0 {
+                *tlb = seen >> 12;
+            }
+        })
+    };
+    let old = if atomic_unmap {
+        update_leaf(&w.spte, |_| 0)
+    } else {
+        let old = w.spte.load();
+        w.spte.store(0);
+        old
+    };
+    if old & SPTE_A != 0 {
+        // The flush of the dirty mask (the fill and the flush are atomic
+        // w.r.t. each other: the hardware takes the IPI between
+        // instructions).
+        *w.tlb.lock().unwrap() = 0;
+    }
+    walker.join().unwrap();
+    let cached = *w.tlb.lock().unwrap();
+    assert!(
+        cached != FOREIGN_MFN,
+        "a pCPU caches the unmapped frame after an unmap that saw A={} (entry replaced: {old:#x})",
+        old & SPTE_A != 0
+    );
+}
+
+#[test]
+fn the_accessed_hint_is_sound_with_an_atomic_unmap() {
+    builder().check(|| hint_model(true));
+}
+
+#[test]
+#[should_panic(expected = "caches the unmapped frame")]
+fn an_unmap_that_loads_then_stores_loses_the_accessed_bit() {
+    builder().check(|| hint_model(false));
+}

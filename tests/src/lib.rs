@@ -14,6 +14,7 @@
 extern crate alloc;
 
 pub mod arch;
+pub mod grant;
 pub mod history;
 pub mod machine;
 pub mod ram;

@@ -414,18 +414,10 @@ impl<'m> Machine<'m> {
                 continue;
             }
             self.stats.flushes += 1;
-            let tlb = &mut self.pcpus[p].tlb;
-            let is_mine = |v: u32| mine.contains(&v);
-            match f.scope {
-                FlushScope::Page(g) => tlb.flush_range(g.0 & !0xfff, 4096, &is_mine),
-                FlushScope::Range { start, pages } => tlb.flush_range(
-                    start.0 & !0xfff,
-                    u64::from(pages).saturating_mul(4096),
-                    &is_mine,
-                ),
-                // A full flush of every guest ASID on the pCPU.
-                FlushScope::All | FlushScope::AllReloadRoots => tlb.flush_all(),
-            }
+            // (All: a full flush of every guest ASID on the pCPU.)
+            self.pcpus[p]
+                .tlb
+                .flush_scope(f.scope, &|v| mine.contains(&v));
         }
         if f.scope == FlushScope::AllReloadRoots {
             for v in self.vcpus.iter_mut().filter(|v| v.dom == dom) {

@@ -5,6 +5,7 @@
 //! obligation says so or an access faults on them.
 
 use crate::arch::{Rights, Size};
+use abi::FlushScope;
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
@@ -106,6 +107,20 @@ impl Tlb {
         let end = start.saturating_add(len);
         self.entries
             .retain(|_, e| !mine(e.vcpu) || e.end() <= start || e.va >= end);
+    }
+    /// Carries out one pCPU's part of a flush obligation with `scope`:
+    /// `Page` and `Range` for the vCPUs `mine` accepts (the domain's),
+    /// `All` and `AllReloadRoots` for every guest ASID on the pCPU.
+    pub fn flush_scope(&mut self, scope: FlushScope, mine: &dyn Fn(u32) -> bool) {
+        match scope {
+            FlushScope::Page(g) => self.flush_range(g.0 & !0xfff, 4096, mine),
+            FlushScope::Range { start, pages } => self.flush_range(
+                start.0 & !0xfff,
+                u64::from(pages).saturating_mul(4096),
+                mine,
+            ),
+            FlushScope::All | FlushScope::AllReloadRoots => self.flush_all(),
+        }
     }
     /// Drops everything.
     pub fn flush_all(&mut self) {

@@ -27,7 +27,24 @@ impl<P: L4Policy> FastServer<'_, P> {
                         continue;
                     }
                     if sp.role.level() == 1 {
-                        let gfn = mfn_to_gfn(&d.shared.memory, spte_frame(v)).ok_or_else(|| {
+                        let frame = spte_frame(v);
+                        if mfn_to_gfn(&d.shared.memory, frame).is_none() {
+                            // F1, F2: a foreign leaf, listed, never
+                            // lockless-writable.
+                            let listed = d
+                                .foreign
+                                .leaves
+                                .get(&frame.0)
+                                .is_some_and(|s| s.contains(&at.0));
+                            if !listed || v & SPTE_FAST_W != 0 {
+                                return Err(format!(
+                                    "F1/F2: sp {id} entry {i} maps {v:#x} outside the guest \
+                                     (listed as a foreign leaf: {listed})"
+                                ));
+                            }
+                            continue;
+                        }
+                        let gfn = mfn_to_gfn(&d.shared.memory, frame).ok_or_else(|| {
                             format!("sp {id} entry {i} maps {v:#x} outside the guest")
                         })?;
                         rmaps.entry(gfn.0).or_default().insert(at.0);
@@ -82,6 +99,17 @@ impl<P: L4Policy> FastServer<'_, P> {
             }
             if let Some((gfn, _)) = rmaps.into_iter().find(|(_, s)| !s.is_empty()) {
                 return Err(format!("R1: gfn {gfn} mapped but has no rmap"));
+            }
+            // F1: every listed foreign leaf is a present leaf of its frame.
+            for (&mfn, set) in &d.foreign.leaves {
+                for &at in set {
+                    let v = mem.read_u64(Hpa(at)).map_err(|e| format!("{e}"))?;
+                    if v & SPTE_P == 0 || spte_frame(v).0 != mfn {
+                        return Err(format!(
+                            "F1: foreign leaf {at:#x} of frame {mfn:#x} is {v:#x}"
+                        ));
+                    }
+                }
             }
         }
         // P2: every root in use is live and pinned by exactly its users.

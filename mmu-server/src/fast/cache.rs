@@ -95,14 +95,7 @@ impl<P: L4Policy> Inner<P> {
                                     d.shared.mark(g.0);
                                 }
                             }
-                            if let Some(g) = mfn_to_gfn(&d.shared.memory, spte_frame(v)) {
-                                if let Some(h) = d.rmap.get_mut(&g.0) {
-                                    d.pool.remove(h, at);
-                                    if *h == Head::Empty {
-                                        d.rmap.remove(&g.0);
-                                    }
-                                }
-                            }
+                            foreign::forget_leaf(d, at, v);
                         }
                     }
                 }
@@ -275,14 +268,7 @@ impl<P: L4Policy> Inner<P> {
         let mask = d.dirty_mask;
         self.flush.add(mask, FlushScope::All);
         if level == 1 {
-            if let Some(g) = mfn_to_gfn(&d.shared.memory, spte_frame(old)) {
-                if let Some(h) = d.rmap.get_mut(&g.0) {
-                    d.pool.remove(h, at);
-                    if *h == Head::Empty {
-                        d.rmap.remove(&g.0);
-                    }
-                }
-            }
+            foreign::forget_leaf(d, at, old);
         } else if let Some(&child) = self.by_frame.get(&spte_frame(old).0) {
             let d = self.domains.get_mut(&did).expect("looked up above");
             let c = &mut self.sps[child as usize];

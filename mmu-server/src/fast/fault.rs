@@ -159,7 +159,18 @@ impl<P: L4Policy> Inner<P> {
                 flush: None,
             };
         }
-        let w = match walk::walk(mem, &shared.memory, self.maxphyaddr, cr3, mode, gva, ec) {
+        let maps = &self.domains[&did].foreign;
+        let foreign = |g: Gfn| maps.at(g).is_some();
+        let w = match walk::walk(
+            mem,
+            &shared.memory,
+            &foreign,
+            self.maxphyaddr,
+            cr3,
+            mode,
+            gva,
+            ec,
+        ) {
             Ok(w) => w,
             Err(WalkError::Fault(code)) | Err(WalkError::OutsideMemory(code)) => {
                 return MmuReply::InjectPageFault {
@@ -181,6 +192,17 @@ impl<P: L4Policy> Inner<P> {
                 if w.changed & (1 << l) != 0 {
                     shared.mark(w.tables[l as usize].0);
                 }
+            }
+        }
+        if let Some((_, false)) = self.domains[&did].foreign.at(w.gfn) {
+            if ec.is_write() {
+                // A write the foreign mapping does not allow (a read-only
+                // grant): the guest gets a protection fault.
+                return MmuReply::InjectPageFault {
+                    error_code: ec.access().with(PfErrorCode::P),
+                    address: gva,
+                    flush: None,
+                };
             }
         }
         let is_pt = self.domains[&did].pt.contains_key(&w.gfn.0);
@@ -310,8 +332,10 @@ impl<P: L4Policy> Inner<P> {
             sp = child;
         }
         // The leaf.
-        let mfn = gfn_to_mfn(&self.domains[&did].shared.memory, w.gfn)
-            .ok_or(MmuError::GpaNotInMemory(w.gfn.base()))?;
+        let d = &self.domains[&did];
+        let Some(mfn) = gfn_to_mfn(&d.shared.memory, w.gfn) else {
+            return self.install_foreign(mem, did, sp, w, gva, wr, u);
+        };
         let mut spte = mfn.base().0 | SPTE_P | SPTE_A;
         if u {
             spte |= SPTE_U;
@@ -343,14 +367,7 @@ impl<P: L4Policy> Inner<P> {
         let mask = d.dirty_mask;
         if old & SPTE_P == 0 || spte_frame(old) != mfn {
             if old & SPTE_P != 0 {
-                if let Some(g) = mfn_to_gfn(&d.shared.memory, spte_frame(old)) {
-                    if let Some(h) = d.rmap.get_mut(&g.0) {
-                        d.pool.remove(h, at);
-                        if *h == Head::Empty {
-                            d.rmap.remove(&g.0);
-                        }
-                    }
-                }
+                foreign::forget_leaf(d, at, old);
             }
             let h = d.rmap.entry(w.gfn.0).or_default();
             d.pool.add(h, at);

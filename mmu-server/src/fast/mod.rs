@@ -47,7 +47,10 @@
 //!   the mfn in the entry through the domain's memory map, which never
 //!   changes for the domain's life (a new map is a new domain), so the ABA
 //!   of seed 001 can only arise through frame reuse: shadow frames are freed
-//!   only after a grace period of the [`lockless::FastGate`] (G1).
+//!   only after a grace period of the [`lockless::FastGate`] (G1). Foreign
+//!   frames (grant mappings) do change gfn -> mfn, but their leaves are
+//!   never lockless-writable and have no gfn in the memory map, so the fast
+//!   path never acts on them (F2, see `foreign`; modelled under `loom`).
 //! - **Dirty logging** is a constructor argument ([`DirtyMode`]): write
 //!   protection + the fast page fault (`fast-shared`, `fast-percpu`), or
 //!   harvesting the hardware D bits of the shadow leaves through the rmaps
@@ -169,12 +172,14 @@
 //!   a write-protected table and zaps the link, so a writable leaf never
 //!   outlives the D bit that allowed it.
 //! - **Z1**: a current-generation page only links current-generation pages.
+//! - **F1, F2, F3** foreign frames (grant mappings): see `foreign`.
 
 mod audit;
 mod cache;
 mod counters;
 mod dirty;
 mod fault;
+mod foreign;
 pub mod lockless;
 pub mod policy;
 mod prefetch;
@@ -383,6 +388,9 @@ struct Domain {
     pending: VecDeque<Pending>,
     dirty_mask: CpuSet,
     vcpus: Vec<u32>,
+    /// Foreign frames mapped into the domain and their leaves
+    /// ([`foreign`]).
+    foreign: foreign::ForeignMaps,
 }
 
 #[derive(Debug)]

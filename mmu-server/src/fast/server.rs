@@ -47,6 +47,7 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
                     pending: VecDeque::new(),
                     dirty_mask: CpuSet::EMPTY,
                     vcpus: Vec::new(),
+                    foreign: Default::default(),
                 },
             );
             MmuReply::Done { flush: None }
@@ -59,6 +60,9 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
                 return MmuReply::error(MmuError::UnknownDomain(domain));
             };
             let vcpus = d.vcpus.clone();
+            if let Some((mapper, gfn)) = inner.mapper_of(domain.0) {
+                return MmuReply::error(MmuError::FramesMapped { mapper, gfn });
+            }
             inner.zap_all(domain.0);
             // Nothing of the domain runs any more: free everything now.
             let d = inner.domains.get_mut(&domain.0).expect("exists");
@@ -257,6 +261,25 @@ impl<P: L4Policy> MmuServer for FastServer<'_, P> {
             inner.zap_all(domain.0);
             inner.count(domain.0, |c| &c.zaps);
             MmuReply::Done { flush: None }
+        })
+    }
+
+    fn map_foreign(
+        &self,
+        domain: DomainId,
+        gfn: Gfn,
+        owner: DomainId,
+        mfn: Mfn,
+        writable: bool,
+    ) -> MmuReply {
+        self.serve(None, About::Domain(domain), |inner, _, _| {
+            inner.map_foreign(domain, gfn, owner, mfn, writable)
+        })
+    }
+
+    fn unmap_foreign(&self, domain: DomainId, gfn: Gfn) -> MmuReply {
+        self.serve(None, About::Domain(domain), |inner, mem, _| {
+            inner.unmap_foreign(mem, domain, gfn)
         })
     }
 

@@ -114,9 +114,14 @@ impl From<MemError> for WalkError {
 /// Walks the guest tables for `gva` with the access in `access` (W/U/I
 /// bits). On success sets A on every level and D on the leaf for a write,
 /// as hardware does.
+/// `foreign` says which gfns outside the memory map hold a foreign frame:
+/// a walk may end in one (never read a guest table from one).
+// The arguments are the walk's inputs, none of them a natural group.
+#[allow(clippy::too_many_arguments)]
 pub fn walk(
     mem: &dyn PhysMem,
     memory: &MemoryMap,
+    foreign: &dyn Fn(Gfn) -> bool,
     maxphyaddr: u8,
     cr3: GuestCr3,
     mode: PagingMode,
@@ -124,7 +129,7 @@ pub fn walk(
     access: PfErrorCode,
 ) -> Result<Walk, WalkError> {
     for _ in 0..MAX_WALK_RETRIES {
-        match walk_once(mem, memory, maxphyaddr, cr3, mode, gva, access) {
+        match walk_once(mem, memory, foreign, maxphyaddr, cr3, mode, gva, access) {
             Err(WalkError::Contended) => continue,
             r => return r,
         }
@@ -135,9 +140,12 @@ pub fn walk(
 /// Walks before giving up with [`WalkError::Contended`].
 pub const MAX_WALK_RETRIES: usize = 8;
 
+// The arguments are `walk`'s.
+#[allow(clippy::too_many_arguments)]
 fn walk_once(
     mem: &dyn PhysMem,
     memory: &MemoryMap,
+    foreign: &dyn Fn(Gfn) -> bool,
     maxphyaddr: u8,
     cr3: GuestCr3,
     mode: PagingMode,
@@ -211,7 +219,7 @@ fn walk_once(
     let base = (leaf_pte & G_ADDR & addr_mask(maxphyaddr)) >> 12;
     let base = base & !(page_frames - 1);
     let gfn = Gfn(base + ((gva.0 >> 12) & (page_frames - 1)));
-    if gfn_to_mfn(memory, gfn).is_none() {
+    if gfn_to_mfn(memory, gfn).is_none() && !foreign(gfn) {
         return Err(WalkError::OutsideMemory(
             access_ec.with(PfErrorCode::P | PfErrorCode::RSVD),
         ));

@@ -1,7 +1,9 @@
 //! Host runner: the conformance suite against every registered MMU server.
 //!
 //! Prints one line `<name>: N passed, M failed` per implementation (after
-//! the failures' details). Options: `--impl NAME` (only that one),
+//! the failures' details), then the grant suite's lines:
+//! `<mmu>/foreign: ...` per MMU server (its foreign-frame requests) and
+//! `grant/<name>: ...` per grant server (over every MMU server). Options: `--impl NAME` (only that one),
 //! `--seeds N` and `--steps S` (random sequences: N seeds of S steps),
 //! `--seed X` (one seed, for reproducing), `--only NAME` (one scenario).
 //! Exit status 1 if anything failed.
@@ -157,9 +159,87 @@ fn main() -> ExitCode {
         println!("{name}: {passed} passed, {failed} failed");
         any_failed |= failed > 0;
     }
+    any_failed |= grant_suites(&opts);
     if any_failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// The grant suite: `<mmu>/foreign: N passed, M failed` per MMU server (the
+/// foreign-frame requests straight to it), then `grant/<name>: ...` per
+/// grant server (every grant scenario over every MMU server). Returns
+/// whether anything failed.
+fn grant_suites(opts: &Opts) -> bool {
+    use conformance::grant::{foreign_scenarios, grant_scenarios, run_grant_scenario};
+    use conformance::grant::{GrantFactory, GrantScenario, RegisteredGrant};
+    let mmus: Vec<&'static str> = mmu_server::registry::NAMES
+        .iter()
+        .copied()
+        .filter(|n| opts.only_impl.as_deref().is_none_or(|o| o == *n))
+        .collect();
+    let wanted = |sc: &GrantScenario| opts.only_scenario.as_deref().is_none_or(|o| o == sc.name);
+    let run = |sc: &GrantScenario, mmu: &'static str, grant: &dyn GrantFactory| {
+        let words: Vec<AtomicU64> = (0..RAM_FRAMES * 512).map(|_| AtomicU64::new(0)).collect();
+        let ram = Ram::new(RAM_BASE, &words);
+        match catch_unwind(AssertUnwindSafe(|| {
+            run_grant_scenario(sc, &Registered(mmu), grant, ram)
+        })) {
+            Ok(Ok((_, c))) => Ok(c),
+            Ok(Err(f)) => Err(format!("{f}")),
+            Err(p) => Err(format!(
+                "{} over {mmu}: panicked: {}",
+                sc.name,
+                panic_text(&*p)
+            )),
+        }
+    };
+    let mut any_failed = false;
+    let hint = RegisteredGrant(grant_server::registry::ACCESSED_HINT);
+    for &mmu in &mmus {
+        let (mut passed, mut failed) = (0u64, 0u64);
+        for sc in foreign_scenarios().iter().filter(|s| wanted(s)) {
+            match run(sc, mmu, &hint) {
+                Ok(_) => passed += 1,
+                Err(f) => {
+                    failed += 1;
+                    println!("{mmu}/foreign: FAILED {f}");
+                }
+            }
+        }
+        println!("{mmu}/foreign: {passed} passed, {failed} failed");
+        any_failed |= failed > 0;
+    }
+    for &name in grant_server::registry::NAMES {
+        let (mut passed, mut failed) = (0u64, 0u64);
+        let mut totals = abi::GrantCounters::default();
+        for &mmu in &mmus {
+            for sc in grant_scenarios().iter().filter(|s| wanted(s)) {
+                match run(sc, mmu, &RegisteredGrant(name)) {
+                    Ok(c) => {
+                        passed += 1;
+                        totals = totals.sum(&c);
+                    }
+                    Err(f) => {
+                        failed += 1;
+                        println!("grant/{name}: FAILED {f}");
+                    }
+                }
+            }
+        }
+        eprintln!(
+            "conformance: grant/{name} over {mmus:?}: {} maps, {} unmaps in {} batches, \
+             {} flushes ({} pCPUs), {} flushes avoided",
+            totals.maps,
+            totals.unmaps,
+            totals.batches,
+            totals.flushes,
+            totals.flush_cpus,
+            totals.flushes_avoided
+        );
+        println!("grant/{name}: {passed} passed, {failed} failed");
+        any_failed |= failed > 0;
+    }
+    any_failed
 }
