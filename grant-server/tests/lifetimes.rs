@@ -35,6 +35,19 @@ fn both(mmu: &dyn MmuServer, g: &dyn GrantServer) {
     }
 }
 
+/// Runs `f` on each registered grant server over a fresh reference MMU
+/// server, with domains `A` and `B` in both.
+fn each(f: impl Fn(&str, &dyn MmuServer, &dyn GrantServer)) {
+    for name in registry::NAMES {
+        let mem = SimMem::new(4096, 3072..4096);
+        let mmu = Reference::new(&mem, Config::default());
+        let port = DispatchPort(&mmu);
+        let g = registry::create(name, &port).unwrap();
+        both(&mmu, &*g);
+        f(name, &mmu, &*g);
+    }
+}
+
 fn levels(g: &dyn GrantServer) -> (u64, u64, u64) {
     let GrantReply::Counters { counters: c, .. } = g.counters(None) else {
         panic!("counters");
@@ -54,12 +67,7 @@ fn handle(r: GrantReply) -> MapHandle {
 /// left once the grant server forgets the mapper too.
 #[test]
 fn mapper_gone_from_the_mmu_server_first() {
-    for name in registry::NAMES {
-        let mem = SimMem::new(4096, 3072..4096);
-        let mmu = Reference::new(&mem, Config::default());
-        let port = DispatchPort(&mmu);
-        let g = registry::create(name, &port).unwrap();
-        both(&mmu, &*g);
+    each(|name, mmu, g| {
         assert!(matches!(
             g.grant(A, GrantRef(1), B, Gfn(9), false),
             GrantReply::Done { .. }
@@ -71,7 +79,7 @@ fn mapper_gone_from_the_mmu_server_first() {
             matches!(r, GrantReply::Done { flush: None }),
             "{name}: {r:?}"
         );
-        assert_eq!(levels(&*g), (0, 0, 0), "{name}");
+        assert_eq!(levels(g), (0, 0, 0), "{name}");
         let r = g.unmap(B, &[h]);
         let GrantReply::Unmapped { status, .. } = r else {
             panic!("{name}: {r:?}");
@@ -82,19 +90,14 @@ fn mapper_gone_from_the_mmu_server_first() {
             matches!(mmu.destroy_domain(A), MmuReply::Done { .. }),
             "{name}"
         );
-    }
+    });
 }
 
 /// A grant to a domain that died is dead for everyone, a new domain with
 /// the same id included; the granter can still end it.
 #[test]
 fn grants_to_a_dead_domain_are_orphaned() {
-    for name in registry::NAMES {
-        let mem = SimMem::new(4096, 3072..4096);
-        let mmu = Reference::new(&mem, Config::default());
-        let port = DispatchPort(&mmu);
-        let g = registry::create(name, &port).unwrap();
-        both(&mmu, &*g);
+    each(|name, mmu, g| {
         assert!(matches!(
             g.grant(A, GrantRef(3), B, Gfn(9), false),
             GrantReply::Done { .. }
@@ -122,19 +125,14 @@ fn grants_to_a_dead_domain_are_orphaned() {
             g.end_access(A, GrantRef(3)),
             GrantReply::Done { .. }
         ));
-        assert_eq!(levels(&*g), (0, 0, 0), "{name}");
-    }
+        assert_eq!(levels(g), (0, 0, 0), "{name}");
+    });
 }
 
 /// A slot reused many times never accepts an old handle.
 #[test]
 fn stale_handles_stay_dead_across_slot_reuse() {
-    for name in registry::NAMES {
-        let mem = SimMem::new(4096, 3072..4096);
-        let mmu = Reference::new(&mem, Config::default());
-        let port = DispatchPort(&mmu);
-        let g = registry::create(name, &port).unwrap();
-        both(&mmu, &*g);
+    each(|name, _, g| {
         assert!(matches!(
             g.grant(A, GrantRef(1), B, Gfn(9), true),
             GrantReply::Done { .. }
@@ -156,10 +154,10 @@ fn stale_handles_stay_dead_across_slot_reuse() {
         assert!(status
             .iter()
             .all(|s| matches!(s, Err(GrantError::BadHandle(_)))));
-        assert_eq!(levels(&*g), (1, 1, 1), "{name}: the live mapping survived");
+        assert_eq!(levels(g), (1, 1, 1), "{name}: the live mapping survived");
         let GrantReply::Unmapped { status, .. } = g.unmap(B, &[live]) else {
             panic!("{name}");
         };
         assert_eq!(status[0], Ok(()));
-    }
+    });
 }

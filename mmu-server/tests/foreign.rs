@@ -13,7 +13,7 @@ use abi::{
 };
 use common::send;
 use mmu_server::fast::policy::{PerPcpuCopies, SharedRoots};
-use mmu_server::fast::FastServer;
+use mmu_server::fast::{DirtyMode, FastServer};
 use mmu_server::reference::Reference;
 use mmu_server::sim::SimMem;
 use mmu_server::{Config, MAX_FOREIGN_PER_DOMAIN};
@@ -78,6 +78,12 @@ fn servers(mem: &SimMem) -> Vec<Under<'_>> {
         Box::leak(Box::new(FastServer::new("fast-shared", mem, c)));
     let percpu: &FastServer<'_, PerPcpuCopies> =
         Box::leak(Box::new(FastServer::new("fast-percpu", mem, c)));
+    let dbit: &FastServer<'_, SharedRoots> = Box::leak(Box::new(FastServer::with_dirty_mode(
+        "fast-dbit",
+        mem,
+        c,
+        DirtyMode::DirtyBits,
+    )));
     vec![
         Under {
             srv: reference,
@@ -90,6 +96,10 @@ fn servers(mem: &SimMem) -> Vec<Under<'_>> {
         Under {
             srv: percpu,
             audit: Box::new(move || percpu.audit()),
+        },
+        Under {
+            srv: dbit,
+            audit: Box::new(move || dbit.audit()),
         },
     ]
 }
