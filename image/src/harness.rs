@@ -14,6 +14,11 @@ use kernel::svm::{host, Transport};
 use kernel::task::Task;
 use task_rt::mem::WindowMem;
 
+/// The command-line words the harness understands: `mmu=NAME[,NAME...]`,
+/// `transport=task|direct[,...]`, `svm-test` (print test lines and run the
+/// conformance scenarios), `icount` (the TSC counts instructions).
+pub const WORDS: &[&str] = &["mmu=", "transport=", "svm-test", "icount"];
+
 /// The test-only MMU server that forwards every request to the reference
 /// server's task through the kernel (servers calling servers).
 const RELAY: &str = "relay";

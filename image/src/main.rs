@@ -34,6 +34,13 @@ fn umbra_image_main(cmdline: &'static str) -> bool {
     harness::boot_hook(cmdline)
 }
 
+/// The command-line words the image understands (see `harness`).
+#[cfg(target_os = "none")]
+#[no_mangle]
+fn umbra_image_words() -> &'static [&'static str] {
+    harness::WORDS
+}
+
 /// The image is built only for `x86_64-unknown-none`; on the host it is empty.
 #[cfg(not(target_os = "none"))]
 fn main() {}

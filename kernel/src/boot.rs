@@ -297,6 +297,57 @@ pub unsafe fn parse_multiboot(magic: u32, info: u32) -> Result<BootInfo, BootErr
     Ok(out)
 }
 
+/// The command-line words the kernel itself acts on (the image adds its
+/// own, see `umbra_image_words`).
+pub const KERNEL_WORDS: &[&str] = &[
+    "test",
+    "test-fault",
+    "test-panic",
+    "test-triple-fault",
+    "test-hang",
+    "test-stack-overflow",
+    "test-null",
+];
+
+/// A command line that is refused: the word, and what is wrong with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CmdlineError<'a> {
+    /// Neither a known flag nor `key=value` with a known key.
+    Unknown(&'a str),
+    /// A flag or key given twice.
+    Twice(&'a str),
+}
+
+impl core::fmt::Display for CmdlineError<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            CmdlineError::Unknown(w) => write!(f, "unknown command-line word {w:?}"),
+            CmdlineError::Twice(k) => write!(f, "command-line key {k:?} given twice"),
+        }
+    }
+}
+
+/// Checks every word of `line` against `known`: an entry `"name"` is a
+/// flag (the word must be exactly it), an entry `"name="` a key (the word
+/// must be `name=value`). Each flag or key may appear once.
+pub fn check_cmdline<'a>(line: &'a str, known: &[&[&str]]) -> Result<(), CmdlineError<'a>> {
+    let known = || known.iter().flat_map(|k| k.iter());
+    let mut seen: heapless::Vec<&str, 32> = heapless::Vec::new();
+    for word in line.split_ascii_whitespace() {
+        let name = match word.split_once('=') {
+            Some((key, _)) if known().any(|k| k.strip_suffix('=') == Some(key)) => key,
+            None if known().any(|k| *k == word) => word,
+            _ => return Err(CmdlineError::Unknown(word)),
+        };
+        if seen.contains(&name) {
+            return Err(CmdlineError::Twice(name));
+        }
+        // More than 32 distinct words cannot all be known: refuse the rest.
+        seen.push(name).map_err(|_| CmdlineError::Unknown(word))?;
+    }
+    Ok(())
+}
+
 /// True when `word` is one of the whitespace-separated command-line words.
 pub fn has_arg(cmdline: &str, word: &str) -> bool {
     cmdline.split_ascii_whitespace().any(|w| w == word)

@@ -99,6 +99,17 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     buf[..line.len()].copy_from_slice(line.as_bytes());
     CMDLINE.call_once(|| (buf, line.len()));
     kprintln!("umbra: booting, command line \"{}\"", cmdline());
+    // SAFETY: the image crate defines `umbra_image_words` (a link-time
+    // constant, see below).
+    let image_words = unsafe { umbra_image_words() };
+    if let Err(e) = boot::check_cmdline(cmdline(), &[boot::KERNEL_WORDS, image_words]) {
+        kprintln!(
+            "umbra: {e}; the kernel knows {:?}, the image {:?} (a trailing `=` takes a value)",
+            boot::KERNEL_WORDS,
+            image_words
+        );
+        exit(ExitCode::Failure)
+    }
 
     for r in boot.regions() {
         kprintln!(
@@ -231,6 +242,9 @@ extern "Rust" {
     /// image crate, the one place that assembles the image: servers,
     /// guests, harness, report). Returns false when something failed.
     fn umbra_image_main(cmdline: &'static str) -> bool;
+    /// The command-line words the image understands (flags, and keys with
+    /// a trailing `=`); with the kernel's own, every other word is refused.
+    fn umbra_image_words() -> &'static [&'static str];
 }
 
 #[cfg(target_os = "none")]

@@ -386,6 +386,24 @@ fn heap_alloc_and_free() -> Result<(), &'static str> {
 fn cmdline_words() -> Result<(), &'static str> {
     let line = "test --mmu reference smp=8";
     check(boot::has_arg(line, "test"), "has_arg missed a word")?;
+    let known: &[&str] = &["test", "mmu=", "svm-test"];
+    check(
+        boot::check_cmdline("test mmu=reference svm-test", &[known]).is_ok(),
+        "check_cmdline refused known words",
+    )?;
+    check(
+        boot::check_cmdline("test mmu=a bogus", &[known])
+            == Err(boot::CmdlineError::Unknown("bogus")),
+        "check_cmdline took an unknown word",
+    )?;
+    check(
+        boot::check_cmdline("mmu=a mmu=b", &[known]) == Err(boot::CmdlineError::Twice("mmu")),
+        "check_cmdline took a key twice",
+    )?;
+    check(
+        boot::check_cmdline("test=1", &[known]) == Err(boot::CmdlineError::Unknown("test=1")),
+        "check_cmdline took a value for a flag",
+    )?;
     check(!boot::has_arg(line, "tes"), "has_arg matched a prefix")?;
     check(
         boot::arg_value(line, "--mmu") == Some("reference"),
