@@ -309,7 +309,11 @@ impl<P: L4Policy> Inner<P> {
             }
             sp = child;
         }
-        // The leaf.
+        // The leaf. W1: building the path may just have shadowed the leaf's
+        // own frame as a table (a guest table that maps itself, or a table
+        // of this very walk), write-protecting it: then the leaf is read-only
+        // too, and a write retried on it is emulated.
+        let is_pt = is_pt || self.domains[&did].pt.contains_key(&w.gfn.0);
         let mfn = gfn_to_mfn(&self.domains[&did].shared.memory, w.gfn)
             .ok_or(MmuError::GpaNotInMemory(w.gfn.base()))?;
         let mut spte = mfn.base().0 | SPTE_P | SPTE_A;
