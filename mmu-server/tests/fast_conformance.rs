@@ -91,3 +91,30 @@ fn scenarios_fast_dirty_bits() {
     suite(registry::FAST_DBIT, &F(dbits));
     suite("fast-percpu-dbits", &F(dbits_percpu));
 }
+
+/// Random sequences of the suite that once failed the fast servers (longer
+/// than the runner's default 4000 steps): `0x5eed0071` zapped a shadow page
+/// twice in one emulated write (once as the child of another page the write
+/// zapped), freeing its frame twice; `0x5eed003f` built a walk whose path
+/// shadowed the leaf's own frame as a table and still installed the leaf
+/// writable (W1).
+#[test]
+fn random_regressions() {
+    let names = [
+        registry::FAST_SHARED,
+        registry::FAST_PERCPU,
+        registry::FAST_DBIT,
+    ];
+    for name in names {
+        for seed in [0x5eed_0071, 0x5eed_003f, 0x5eed_0000] {
+            let words: Vec<AtomicU64> = (0..RAM_FRAMES * 512).map(|_| AtomicU64::new(0)).collect();
+            let ram = Ram::new(0x10_0000_0000, &words);
+            let r = conformance::run_random(seed, 6000, &conformance::Registered(name), ram);
+            assert!(
+                r.is_ok(),
+                "{name}: {}",
+                r.err().map(|f| f.to_string()).unwrap_or_default()
+            );
+        }
+    }
+}

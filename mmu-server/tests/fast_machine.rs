@@ -8,7 +8,7 @@ use conformance::machine::{Machine, Outcome};
 use conformance::ram::{Ram, SuitePhys};
 use core::sync::atomic::AtomicU64;
 use mmu_server::fast::policy::{L4Policy, PerPcpuCopies, SharedRoots};
-use mmu_server::fast::FastServer;
+use mmu_server::fast::{DirtyMode, FastServer};
 
 const FRAMES: u64 = 4096;
 const GUEST: u64 = 1024;
@@ -27,11 +27,12 @@ impl Rng {
     }
 }
 
-fn run<P: L4Policy>(name: &'static str, seed: u64, steps: usize) {
+fn run<P: L4Policy>(name: &'static str, seed: u64, steps: usize, dirty: DirtyMode) {
     let words: Vec<AtomicU64> = (0..FRAMES * 512).map(|_| AtomicU64::new(0)).collect();
     let ram = Ram::new(0x10_0000, &words);
     let phys = SuitePhys::new(ram, ram.first_mfn() + GUEST);
-    let server = FastServer::<P>::new(name, &phys, mmu_server::Config::default());
+    let server =
+        FastServer::<P>::with_dirty_mode(name, &phys, mmu_server::Config::default(), dirty);
     let mut m = Machine::new(name, &server, &phys, GUEST, 4);
     let r = (|| -> Result<(), String> {
         let e = |f: Box<conformance::machine::Failure>| format!("{f}");
@@ -131,14 +132,22 @@ fn seeds() -> std::ops::RangeInclusive<u64> {
 #[test]
 fn random_workloads_shared_roots() {
     for seed in seeds() {
-        run::<SharedRoots>("fast-shared", seed, 300);
+        run::<SharedRoots>("fast-shared", seed, 300, DirtyMode::WriteProtect);
     }
 }
 
 #[test]
 fn random_workloads_per_pcpu_copies() {
     for seed in seeds() {
-        run::<PerPcpuCopies>("fast-percpu", seed, 300);
+        run::<PerPcpuCopies>("fast-percpu", seed, 300, DirtyMode::WriteProtect);
+    }
+}
+
+/// `fast-dbit`'s configuration (shared roots, D-bit harvesting), audited.
+#[test]
+fn random_workloads_dirty_bits() {
+    for seed in seeds() {
+        run::<SharedRoots>("fast-dbit", seed, 300, DirtyMode::DirtyBits);
     }
 }
 

@@ -106,6 +106,17 @@ impl<P: L4Policy> Inner<P> {
                 d.pool.clear(&mut parents);
             }
             self.by_frame.remove(&frame.0);
+            // P2: a vCPU still naming this (obsolete) page as its root must
+            // not find it again once the id is reused by a new page: it
+            // would take the new page for the root it already pins.
+            if self.sps[id as usize].roots > 0 {
+                for v in self.vcpus.values_mut() {
+                    if v.root == Some(id) {
+                        v.root = None;
+                    }
+                }
+                self.sps[id as usize].roots = 0;
+            }
             self.sps[id as usize].live = false;
             self.sps[id as usize].parents = Head::Empty;
             self.free_ids.push(id);
@@ -281,10 +292,15 @@ impl<P: L4Policy> Inner<P> {
 
     /// Unshadows page `id`: clears its entries, unlinks it from its parents
     /// and queues its frame for freeing after the flush is acknowledged.
+    /// The page stops being live at once, so a second zap of it (a page
+    /// zapped as the child of another one that an emulated write zaps in
+    /// the same request) does nothing: queued twice, its frame would be
+    /// freed twice.
     pub(super) fn zap_sp(&mut self, mem: &dyn PhysMem, id: u32) {
         if !self.sps[id as usize].live {
             return;
         }
+        self.sps[id as usize].live = false;
         for i in 0..ENTRIES {
             self.zap_entry(mem, id, i);
         }

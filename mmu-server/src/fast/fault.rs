@@ -331,7 +331,12 @@ impl<P: L4Policy> Inner<P> {
             }
             sp = child;
         }
-        // The leaf.
+        // The leaf. W1: building the path may just have shadowed the leaf's
+        // own frame as a table (a guest table that maps itself, or a table
+        // of this very walk), write-protecting it: then the leaf is read-only
+        // too, and a write retried on it is emulated. A gfn outside the
+        // memory map may be a foreign (granted) frame.
+        let is_pt = is_pt || self.domains[&did].pt.contains_key(&w.gfn.0);
         let d = &self.domains[&did];
         let Some(mfn) = gfn_to_mfn(&d.shared.memory, w.gfn) else {
             return self.install_foreign(mem, did, sp, w, gva, wr, u);
