@@ -44,6 +44,12 @@ pub mod hc {
     /// Returns in RAX the number of exits the domain has taken so far (this
     /// one included): lets a guest measure exits per operation.
     pub const EXITS: u64 = 5;
+    /// Begins the domain's measured phase: the kernel notes its exit count.
+    pub const PHASE_BEGIN: u64 = 6;
+    /// Ends the measured phase: RDI = the faults the guest counted in it.
+    /// The kernel's report then prints the one "exits per fault" figure:
+    /// the exits strictly between the two hypercalls over those faults.
+    pub const PHASE_END: u64 = 7;
 }
 
 /// Page-table entry bits the guests and the loader use.
@@ -104,6 +110,9 @@ pub struct VcpuInfo {
     pub demand_hi: u64,
     /// Demand faults fixed by the guest's handler.
     pub demand_fixed: u64,
+    /// Extra PTE bits the demand handler sets (0; or A|D, as Linux's
+    /// protection maps and its anonymous write faults do).
+    pub demand_pte_flags: u64,
 }
 
 impl DomainInfo {

@@ -355,7 +355,7 @@ extern "C" fn guest_pf_handler(frame: *mut u64) {
         let e = pte_gpa(v.cur_l4, cr2);
         if rd(e) & pte::P == 0 {
             let page = alloc_page();
-            wr(e, page | pte::P | pte::W);
+            wr(e, page | pte::P | pte::W | v.demand_pte_flags);
         }
         pt_unlock();
         v.demand_fixed += 1;
@@ -369,16 +369,6 @@ extern "C" fn guest_pf_handler(frame: *mut u64) {
     puthex(*rip);
     puts("\n");
     finish(false, cr2)
-}
-
-/// Prints `num / den` with two decimals (for exits-per-fault figures).
-pub fn put_ratio(num: u64, den: u64) {
-    let den = den.max(1);
-    let hundredths = num * 100 / den;
-    putdec(hundredths / 100);
-    putc(b'.');
-    putc(b'0' + ((hundredths / 10) % 10) as u8);
-    putc(b'0' + (hundredths % 10) as u8);
 }
 
 /// Writes `v` in decimal to the guest console.

@@ -75,7 +75,7 @@ pub fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
         }
     }
     print_row("all ", &tot);
-    let total = server_counters(svm);
+    let (total, per_domain) = server_counters(svm);
     let (shadow_now, shadow_peak) = svm.shadow_pages();
     let fast = match &total {
         Ok(c) => format!(
@@ -89,7 +89,7 @@ pub fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
          (Resume replies = {})",
         tot[BUCKETS]
     );
-    print_costs(svm);
+    let costs = print_costs(svm);
     kprintln!("svm: ---- workloads ----");
     let mut all = true;
     for d in svm.domains() {
@@ -99,12 +99,7 @@ pub fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
         let n = |c: &core::sync::atomic::AtomicU64| c.load(core::sync::atomic::Ordering::Relaxed);
         let exits = n(&d.exits);
         let injected = n(&d.injected);
-        // Exits per guest demand fault: every exit of the domain (barriers,
-        // console and checks included) over the guest's demand faults.
-        let per_fault = match workload(d).demand_faults {
-            0 => "-".into(),
-            f => format!("{:.2}", exits as f64 / f as f64),
-        };
+        let per_fault = exits_per_fault(d);
         kprintln!(
             "svm: workload {:<12} d{} vcpus {} exits {:>6} #PF {:>6} fixed {:>6} inject {:>5} emul {:>5} \
              exits/demand-fault {:>5} zaps {:>3} harvests {:>3} shootdown-ipis {:>4}  {}{}",
@@ -127,6 +122,9 @@ pub fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
             }
         );
     }
+    for (d, counters) in svm.domains().iter().zip(&per_domain) {
+        kprintln!("{}", result_line(d, counters.as_ref().ok(), costs));
+    }
     let doms = svm.domains();
     let passed = doms.iter().filter(|d| verdict(d).0).count();
     kprintln!("svm: {passed}/{} workloads passed", doms.len());
@@ -148,30 +146,45 @@ pub fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
 /// same byte path as every request (`Svm::mmu`), prints the table (or one
 /// line when the server reports none at all), and returns the total (or the
 /// text printed instead of numbers).
-fn server_counters(svm: &Svm) -> Result<abi::ServerCounters, String> {
+/// The server's counters: in total, and per domain (in domain order).
+type ServerCounts = (Counted, Vec<Counted>);
+/// One `GetCounters` answer, or why there is none.
+type Counted = Result<abi::ServerCounters, String>;
+
+fn server_counters(svm: &Svm) -> ServerCounts {
     let doms = svm.domains();
-    let mut rows = Vec::new();
-    if svm.server_stopped() {
+    let stopped = || -> ServerCounts {
         let why = String::from("the server was stopped");
-        kprintln!("svm: ---- MMU server `{}` counters: {why} ----", svm.name);
-        return Err(why);
+        (
+            Err(why.clone()),
+            doms.iter().map(|_| Err(why.clone())).collect(),
+        )
+    };
+    if svm.server_stopped() {
+        kprintln!(
+            "svm: ---- MMU server `{}` counters: the server was stopped ----",
+            svm.name
+        );
+        return stopped();
     }
+    let mut rows = Vec::new();
     for d in doms {
         let Ok(reply) = svm.mmu(Some(d), &MmuRequest::GetCounters { domain: Some(d.id) }) else {
-            return Err("the server was stopped".into());
+            return stopped();
         };
         let label = format!("{} d{}", d.spec.name, d.id.0);
         rows.push((label, stats::counters_of(&reply)));
     }
     let Ok(reply) = svm.mmu(None, &MmuRequest::GetCounters { domain: None }) else {
-        return Err("the server was stopped".into());
+        return stopped();
     };
     let total = stats::counters_of(&reply);
     let name = &svm.name;
+    let per_domain = rows.iter().map(|(_, r)| r.clone()).collect();
     if let Err(why) = &total {
         if rows.iter().all(|(_, r)| r.as_ref().err() == Some(why)) {
             kprintln!("svm: ---- MMU server `{name}` counters: {why} ----");
-            return total;
+            return (total, per_domain);
         }
     }
     kprintln!("svm: ---- MMU server `{name}` counters, per workload (GetCounters) ----");
@@ -180,15 +193,91 @@ fn server_counters(svm: &Svm) -> Result<abi::ServerCounters, String> {
         kprintln!("{}", stats::server_line(label, r));
     }
     kprintln!("{}", stats::server_line("all (server)", &total));
-    total
+    (total, per_domain)
+}
+
+/// Exits per fault, the one definition: the exits the domain took strictly
+/// between the guest's `PHASE_BEGIN` and `PHASE_END` hypercalls, over the
+/// faults the guest counted in that phase (guest demand faults for
+/// demand-64M and linux-32M, first touches of mapped pages for touch-16M).
+/// `-` for a workload without a measured phase.
+pub fn exits_per_fault(d: &Domain) -> String {
+    use core::sync::atomic::Ordering::Relaxed;
+    match d.phase_faults.load(Relaxed) {
+        0 => "-".into(),
+        f => format!("{:.2}", d.phase_exits.load(Relaxed) as f64 / f as f64),
+    }
+}
+
+/// The machine-readable line of one workload (`result: v=1 ...`, the
+/// format `cargo xtask` parses into its results; see
+/// `tools/src/results/SCHEMA.md`).
+fn result_line(
+    d: &Domain,
+    server: Option<&abi::ServerCounters>,
+    costs: Option<(u32, u32)>,
+) -> String {
+    use core::fmt::Write;
+    use core::sync::atomic::Ordering::Relaxed;
+    let n = |c: &core::sync::atomic::AtomicU64| c.load(Relaxed);
+    let (ok, _) = verdict(d);
+    let mut l = format!(
+        "result: v=1 workload={} domain={} vcpus={} verdict={} demand_faults={} exits={}",
+        d.spec.name,
+        d.id.0,
+        d.spec.vcpus,
+        if ok { "PASS" } else { "FAIL" },
+        n(&d.phase_faults),
+        n(&d.exits)
+    );
+    for (key, c) in kernel::svm::exit::BUCKET_KEYS.iter().zip(&d.exits_by) {
+        let _ = write!(l, " exits.{key}={}", n(c));
+    }
+    let _ = write!(
+        l,
+        " exits_per_demand_fault={} faults_fixed={} faults_injected={} emulated_writes={}",
+        exits_per_fault(d),
+        n(&d.fixed),
+        n(&d.injected),
+        n(&d.emulated)
+    );
+    match server {
+        Some(c) => {
+            let _ = write!(
+                l,
+                " shadow_pages_peak=- shadow_pages_created={} shadow_pages_freed={}",
+                c.shadow_pages_created, c.shadow_pages_freed
+            );
+        }
+        None => l.push_str(" shadow_pages_peak=- shadow_pages_created=- shadow_pages_freed=-"),
+    }
+    let _ = write!(
+        l,
+        " zaps={} flush_obligations={} shootdown_ipis={} pcpus_flushed={} harvests={}",
+        n(&d.zaps),
+        n(&d.obligations),
+        n(&d.shootdown_ipis),
+        n(&d.cpus_flushed),
+        n(&d.harvests)
+    );
+    if let Some((request, exit)) = costs {
+        let _ = write!(
+            l,
+            " instructions_per_forwarded_exit={exit} instructions_per_server_request={request}"
+        );
+    }
+    l
 }
 
 /// The cost table: TSC ticks per MMU request round trip and per forwarded
 /// #PF exit, median and p99 over the run's samples. Under `-icount` the TSC
 /// counts instructions, and the table says so (`umbra-costs:` lines are
 /// what `cargo xtask run --icount` collects).
-fn print_costs(svm: &Svm) {
-    let unit = if kernel::boot::has_arg(kernel::cmdline(), "icount") {
+/// Returns the medians (request round trip, #PF exit) when they are
+/// instruction counts.
+fn print_costs(svm: &Svm) -> Option<(u32, u32)> {
+    let icount = kernel::boot::has_arg(kernel::cmdline(), "icount");
+    let unit = if icount {
         "instructions"
     } else {
         "TSC ticks (boot with --icount for instructions)"
@@ -211,6 +300,13 @@ fn print_costs(svm: &Svm) {
             None => kprintln!("umbra-costs: server {} transport {} figure {:?} samples 0", svm.name, svm.transport(), fig),
         }
     }
+    let median = |f| stats::percentiles(f).map_or(0, |(_, m, _)| m);
+    icount.then(|| {
+        (
+            median(stats::Figure::RoundTrip),
+            median(stats::Figure::PfExit),
+        )
+    })
 }
 
 fn print_row(label: &str, row: &[u64]) {

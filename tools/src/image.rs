@@ -691,6 +691,25 @@ pub fn test_image() -> Result<Tally> {
         check_null_report(&out, 1),
     );
 
+    for (append, wanted) in [
+        ("mmu=reference tset", "unknown command-line word \"tset\""),
+        (
+            "mmu=reference mmu=fast-shared",
+            "command-line key \"mmu\" given twice",
+        ),
+    ] {
+        eprintln!("xtask: test image: expected-failure boot (`{append}`: refused)");
+        let out = boot(&image, 1, append, BOOT_TIMEOUT, true)?;
+        record(
+            &mut tally,
+            &format!(
+                "expected_failure_cmdline_{}",
+                append.replace([' ', '='], "_")
+            ),
+            check_refused(&out, wanted),
+        );
+    }
+
     for smp in [1, 4, 16] {
         eprintln!("xtask: test image: plain boot with -smp {smp}");
         let out = boot(&image, smp, "", BOOT_TIMEOUT, true)?;
@@ -863,6 +882,25 @@ fn check_goes_on(out: &Outcome) -> Result<(), String> {
             "the boot did not end alive and successful: {}",
             describe(e)
         )),
+    }
+}
+
+/// A boot with a command line the kernel does not understand stops with a
+/// message naming the offending word, before running anything.
+fn check_refused(out: &Outcome, wanted: &str) -> Result<(), String> {
+    if !out.lines.iter().any(|l| l.contains(wanted)) {
+        return Err(format!("no line says `{wanted}`"));
+    }
+    if out
+        .lines
+        .iter()
+        .any(|l| l.starts_with("umbra: MMU implementation"))
+    {
+        return Err("the refused command line still ran workloads".into());
+    }
+    match &out.ending {
+        Ending::Failure => Ok(()),
+        e => Err(format!("expected a failed boot, got: {}", describe(e))),
     }
 }
 

@@ -107,6 +107,18 @@ pub struct Domain {
     pub harvests: AtomicU64,
     /// Paging-mode changes (CR0.WP / CR4.PGE writes) sent to the server.
     pub mode_changes: AtomicU64,
+    /// Exits by report bucket (`exit::BUCKETS`).
+    pub exits_by: [AtomicU64; super::exit::BUCKETS],
+    /// Flush obligations carried out for it.
+    pub obligations: AtomicU64,
+    /// pCPUs told to flush for it (the local one included).
+    pub cpus_flushed: AtomicU64,
+    /// The exit count at the guest's `PHASE_BEGIN`.
+    pub phase_begin: AtomicU64,
+    /// Exits strictly between `PHASE_BEGIN` and `PHASE_END` (0: no phase).
+    pub phase_exits: AtomicU64,
+    /// Faults the guest counted in its phase (`PHASE_END`'s argument).
+    pub phase_faults: AtomicU64,
 }
 
 impl Domain {
@@ -332,6 +344,12 @@ pub fn load(
         harvest: Mutex::new(alloc::vec![0; (bytes / 4096).div_ceil(64) as usize]),
         harvests: AtomicU64::new(0),
         mode_changes: AtomicU64::new(0),
+        exits_by: [const { AtomicU64::new(0) }; super::exit::BUCKETS],
+        obligations: AtomicU64::new(0),
+        cpus_flushed: AtomicU64::new(0),
+        phase_begin: AtomicU64::new(0),
+        phase_exits: AtomicU64::new(0),
+        phase_faults: AtomicU64::new(0),
     };
     Ok((domain, boots))
 }

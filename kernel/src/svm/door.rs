@@ -204,6 +204,7 @@ impl Svm {
         let Some(f) = flush else { return };
         let me = host::cpu_index();
         bump(&STATS[me].obligations);
+        bump(&dom.obligations);
         let mut cpus = f.cpus.0 & online_mask();
         if f.scope == FlushScope::AllReloadRoots {
             dom.root_gen.fetch_add(1, Ordering::AcqRel);
@@ -219,6 +220,8 @@ impl Svm {
             .cpus_flushed
             .fetch_add(cpus.count_ones() as u64, Ordering::Relaxed);
         dom.shootdown_ipis.fetch_add(remote, Ordering::Relaxed);
+        dom.cpus_flushed
+            .fetch_add(cpus.count_ones() as u64, Ordering::Relaxed);
         host::guest_shootdown(cpus, dom.asid);
     }
 }

@@ -44,6 +44,25 @@ pub enum ExitReason {
 /// Number of report buckets (see [`ExitReason::bucket`]).
 pub const BUCKETS: usize = 14;
 
+/// Machine-readable names (the `exits.<name>` keys of the image's result
+/// lines), indexed by [`ExitReason::bucket`].
+pub const BUCKET_KEYS: [&str; BUCKETS] = [
+    "pf",
+    "cr3_write",
+    "cr3_read",
+    "invlpg",
+    "vmmcall",
+    "hlt",
+    "ioio",
+    "intr",
+    "shutdown",
+    "msr",
+    "exception",
+    "invalid",
+    "other",
+    "cr_write",
+];
+
 /// Report column names, indexed by [`ExitReason::bucket`].
 pub const BUCKET_NAMES: [&str; BUCKETS] = [
     "#PF", "cr3-wr", "cr3-rd", "invlpg", "vmmcall", "hlt", "ioio", "intr", "shutdn", "msr", "exc",

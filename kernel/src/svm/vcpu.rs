@@ -351,6 +351,7 @@ impl Vcpu {
         let reason = ExitReason::from_code(code);
         let me = host::cpu_index();
         bump(&STATS[me].exits[reason.bucket()]);
+        bump(&self.dom.exits_by[reason.bucket()]);
         self.dom.exits.fetch_add(1, Ordering::Relaxed);
         let (info1, info2) = (self.vmcb.exit_info1(), self.vmcb.exit_info2());
         match reason {
@@ -654,6 +655,20 @@ impl Vcpu {
                 0
             }
             hc::EXITS => self.dom.exits.load(Ordering::Relaxed),
+            hc::PHASE_BEGIN => {
+                let now = self.dom.exits.load(Ordering::Relaxed);
+                self.dom.phase_begin.store(now, Ordering::Relaxed);
+                0
+            }
+            hc::PHASE_END => {
+                // Both hypercalls are counted in `exits`: leave them out.
+                let now = self.dom.exits.load(Ordering::Relaxed);
+                let begin = self.dom.phase_begin.load(Ordering::Relaxed);
+                let between = now.saturating_sub(begin).saturating_sub(1);
+                self.dom.phase_exits.store(between, Ordering::Relaxed);
+                self.dom.phase_faults.store(a, Ordering::Relaxed);
+                0
+            }
             _ => u64::MAX,
         };
         self.vmcb.set_rax(ret);
