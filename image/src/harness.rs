@@ -10,14 +10,18 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use kernel::kprintln;
 use kernel::svm::domain::DomainSpec;
+use kernel::svm::sched::{SchedTransport, Scheduler};
 use kernel::svm::{host, Transport};
 use kernel::task::Task;
 use task_rt::mem::WindowMem;
 
 /// The command-line words the harness understands: `mmu=NAME[,NAME...]`,
 /// `transport=task|direct[,...]`, `svm-test` (print test lines and run the
-/// conformance scenarios), `icount` (the TSC counts instructions).
-pub const WORDS: &[&str] = &["mmu=", "transport=", "svm-test", "icount"];
+/// conformance scenarios), `icount` (the TSC counts instructions),
+/// `sched=POLICY` (run the vCPUs under that scheduler server, over the same
+/// transport as the MMU server; without it each pCPU round-robins the vCPUs
+/// pinned to it, in the kernel).
+pub const WORDS: &[&str] = &["mmu=", "transport=", "sched=", "svm-test", "icount"];
 
 /// The test-only MMU server that forwards every request to the reference
 /// server's task through the kernel (servers calling servers).
@@ -39,6 +43,7 @@ fn specs() -> Vec<DomainSpec> {
             kernel_zaps: w.kernel_zaps,
             entry: guests::work::guest_main as *const () as u64,
             pf_entry: guests::rt::umbra_guest_pf_entry as *const () as u64,
+            weights: &[],
             index: i as u64,
         })
         .collect()
@@ -64,6 +69,14 @@ pub fn boot_hook(cmdline: &'static str) -> bool {
         return false;
     }
     let test_mode = kernel::boot::has_arg(cmdline, "svm-test");
+    let policy = kernel::boot::arg_value(cmdline, "sched");
+    if let Some(p) = policy.filter(|p| !sched::registry::NAMES.contains(p)) {
+        kprintln!(
+            "svm: no scheduler policy named {p:?}; known: {:?}",
+            sched::registry::NAMES
+        );
+        return false;
+    }
     let (mut passed, mut failed) = (0u32, 0u32);
     let mut ok = true;
     let runs = list.split(',').enumerate().flat_map(|(i, n)| {
@@ -77,7 +90,7 @@ pub fn boot_hook(cmdline: &'static str) -> bool {
         let broken = name.starts_with("misbehave-");
         // A broken server's workloads are expected to stop: no test lines
         // of their own, the one `contain-` line below instead.
-        let outcome = run_one(name, transport, test_mode && !broken);
+        let outcome = run_one(name, transport, test_mode && !broken, policy);
         let label = format!("{name}-{transport}");
         let (p, f, run_ok) = match outcome {
             Ok(o) if broken => {
@@ -147,7 +160,12 @@ struct Outcome {
 
 /// Runs the workloads on server `name` over `transport`, then frees what
 /// the run took (the pool, the task).
-fn run_one(name: &str, transport: &str, test_mode: bool) -> Result<Outcome, String> {
+fn run_one(
+    name: &str,
+    transport: &str,
+    test_mode: bool,
+    policy: Option<&str>,
+) -> Result<Outcome, String> {
     let pool = host::alloc_zeroed(SHADOW_POOL_FRAMES)?;
     let phys_bits = ((core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xFF) as u8).clamp(32, 52);
     let mut mirrors = Vec::new();
@@ -171,8 +189,21 @@ fn run_one(name: &str, transport: &str, test_mode: bool) -> Result<Outcome, Stri
         }
     };
     kprintln!("svm: MMU server `{name}` over real frames, MAXPHYADDR {phys_bits}");
-    let result = kernel::svm::run(server, name, control, mirrors.clone(), &specs());
+    let specs = specs();
+    let vcpus = specs.iter().map(|s| s.vcpus as usize).sum();
+    let (sched, sched_task) = match policy {
+        Some(p) => {
+            let (s, t) = scheduler(p, transport, vcpus)?;
+            kprintln!("svm: scheduler `{p}` over the {transport} transport");
+            (Some(s), t)
+        }
+        None => (None, None),
+    };
+    let result = kernel::svm::run(server, name, control, mirrors.clone(), &specs, sched);
     let finish = |task: Option<&'static Task>| {
+        if let Some(t) = sched_task {
+            t.destroy();
+        }
         for m in &mirrors {
             kernel::task::set_port(abi::task::PORT_MMU as usize, None);
             m.destroy();
@@ -232,26 +263,45 @@ static MMU_TASK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mmu-task.elf"
 /// Loads the MMU server task, gives it the pool, and creates implementation
 /// `name` in it.
 fn task_server(name: &str, pool: u64, phys_bits: u8) -> Result<&'static Task, String> {
-    if MMU_TASK.is_empty() {
-        return Err(
-            "this kernel was built without the MMU server task; build it with \
-                    `cargo xtask run` (or use transport=direct)"
-                .into(),
-        );
+    let pool = (pool, SHADOW_POOL_FRAMES);
+    load_task("MMU server", MMU_TASK, name, Some(pool), phys_bits)
+}
+
+/// Loads the task image `elf` (`what` in messages), maps the shadow pool
+/// `(first byte, frames)` into it if given, and sends `Init` naming
+/// `implementation`.
+fn load_task(
+    what: &str,
+    elf: &[u8],
+    implementation: &str,
+    pool: Option<(u64, u64)>,
+    phys_bits: u8,
+) -> Result<&'static Task, String> {
+    if elf.is_empty() {
+        return Err(format!(
+            "this image was built without the {what} task; build it with `cargo xtask run` \
+             (or use transport=direct)"
+        ));
     }
-    let task = Task::load(&format!("mmu:{name}"), MMU_TASK, host::cpus_online())
-        .map_err(|e| format!("loading the MMU server task: {e}"))?;
-    task.map_window(pool, SHADOW_POOL_FRAMES * 4096, false)
-        .map_err(|e| format!("mapping the shadow pool into the task: {e}"))?;
-    let mut implementation = heapless::String::new();
-    implementation
-        .push_str(name)
-        .map_err(|_| format!("server name {name:?} longer than 32 bytes"))?;
+    let task = Task::load(
+        &format!("{what}:{implementation}"),
+        elf,
+        host::cpus_online(),
+    )
+    .map_err(|e| format!("loading the {what} task: {e}"))?;
+    let (pool_first, pool_frames) = pool.unwrap_or((0, 0));
+    if pool_frames > 0 {
+        task.map_window(pool_first, pool_frames * 4096, false)
+            .map_err(|e| format!("mapping the shadow pool into the {what} task: {e}"))?;
+    }
+    let mut name = heapless::String::new();
+    name.push_str(implementation)
+        .map_err(|_| format!("implementation name {implementation:?} longer than 32 bytes"))?;
     let init = TaskInit {
-        implementation,
+        implementation: name,
         maxphyaddr: phys_bits,
-        pool_first: Mfn(pool / 4096),
-        pool_frames: SHADOW_POOL_FRAMES,
+        pool_first: Mfn(pool_first / 4096),
+        pool_frames,
         pcpus: host::cpus_online() as u32,
     };
     let mut buf = [0u8; MAX_MESSAGE];
@@ -259,14 +309,42 @@ fn task_server(name: &str, pool: u64, phys_bits: u8) -> Result<&'static Task, St
     let mut out = [0u8; MAX_MESSAGE];
     let m = task
         .call(Op::Init, &buf[..n], &mut out)
-        .map_err(|stop| format!("the MMU server task stopped during init: {stop}"))?;
+        .map_err(|stop| format!("the {what} task stopped during init: {stop}"))?;
     match abi::decode::<TaskInitReply>(&out[..m]) {
         Ok(TaskInitReply::Ready(_)) => Ok(task),
         other => {
             task.destroy();
-            Err(format!("the MMU server task refused {name:?}: {other:?}"))
+            Err(format!(
+                "the {what} task refused {implementation:?}: {other:?}"
+            ))
         }
     }
+}
+
+/// The embedded scheduler task image (built by `cargo xtask`; empty when
+/// the image was built without it).
+static SCHED_TASK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sched-task.elf"));
+
+/// The scheduler server for one run: policy `policy` over `transport`, for
+/// `vcpus` vCPUs. Returns it and its task (to destroy after the run).
+fn scheduler(
+    policy: &str,
+    transport: &str,
+    vcpus: usize,
+) -> Result<(Scheduler, Option<&'static Task>), String> {
+    let ncpu = host::cpus_online();
+    if transport == "direct" {
+        let server = sched::registry::create(policy).map_err(|e| format!("{e}"))?;
+        return Ok((
+            Scheduler::new(SchedTransport::Direct(server), policy, vcpus, ncpu),
+            None,
+        ));
+    }
+    let task = load_task("scheduler", SCHED_TASK, policy, None, 0)?;
+    Ok((
+        Scheduler::new(SchedTransport::Task(task), policy, vcpus, ncpu),
+        Some(task),
+    ))
 }
 
 /// Creates the MMU implementation `name` from `mmu_server::registry` (the

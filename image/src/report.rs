@@ -7,6 +7,7 @@ use alloc::vec::Vec;
 use guests::work::{Workload, WORKLOADS};
 use kernel::kprintln;
 use kernel::svm::domain::Domain;
+use kernel::svm::sched::Scheduler;
 use kernel::svm::stats::{self, get, STATS};
 use kernel::svm::Svm;
 
@@ -90,6 +91,9 @@ pub fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
         tot[BUCKETS]
     );
     let costs = print_costs(svm);
+    if let Some(s) = &svm.sched {
+        print_sched(svm, s);
+    }
     kprintln!("svm: ---- workloads ----");
     let mut all = true;
     for d in svm.domains() {
@@ -330,4 +334,93 @@ fn print_row(label: &str, row: &[u64]) {
         row[b + 6]
     );
     kprintln!("{line}");
+}
+
+/// The scheduler's part of the report: per vCPU (CPU time, slices,
+/// migrations), per pCPU (busy and idle time), the summary (migrations,
+/// the flush obligations they caused, refused decisions, Jain's index over
+/// equal-weight CPU-bound vCPUs, the worst share error of weighted ones),
+/// and one `trace:` line per slice for the timeline picture. Line formats:
+/// `tools/src/results/SCHEMA.md`.
+fn print_sched(svm: &Svm, s: &Scheduler) {
+    use core::sync::atomic::Ordering::Relaxed;
+    let policy = &s.policy;
+    kprintln!("sched: ---- scheduler `{policy}` ----");
+    let mut cpu_bound: Vec<(u64, u64, u32)> = Vec::new(); // (weight, cpu_us, vcpu)
+    let mut migrations = 0;
+    for d in svm.domains() {
+        let w = workload(d);
+        for v in 0..d.spec.vcpus {
+            let id = d.first_vcpu + v;
+            let rec = &s.per_vcpu[id as usize];
+            let weight = s.weights.get(id as usize).map_or(0, |w| w.load(Relaxed));
+            let cpu = rec.cpu_us.load(Relaxed);
+            migrations += rec.migrations.load(Relaxed);
+            kprintln!(
+                "sched: v=1 policy={policy} vcpu={id} domain={} workload={} weight={weight} cpu_us={cpu} slices={} migrations={}",
+                d.id.0,
+                d.spec.name,
+                rec.slices.load(Relaxed),
+                rec.migrations.load(Relaxed)
+            );
+            if w.name.starts_with("__cpu_bound_placeholder") {
+                cpu_bound.push((weight as u64, cpu, id));
+            }
+        }
+    }
+    let elapsed = s.elapsed_us();
+    for (p, rec) in s.per_pcpu.iter().enumerate() {
+        let busy = rec.busy_us.load(Relaxed);
+        kprintln!(
+            "sched: v=1 policy={policy} pcpu={p} busy_us={busy} idle_us={} slices={}",
+            elapsed.saturating_sub(busy),
+            rec.slices.load(Relaxed)
+        );
+    }
+    let weights: Vec<u64> = cpu_bound.iter().map(|c| c.0).collect();
+    let times: Vec<u64> = cpu_bound.iter().map(|c| c.1).collect();
+    let jain = match abi::sched::jain_by_key(&weights, &times) {
+        Some((ppm, _)) => format!("{}.{:06}", ppm.0 / 1_000_000, ppm.0 % 1_000_000),
+        None => "-".into(),
+    };
+    let share_error = worst_share_error(&cpu_bound, s.per_pcpu.len() as u32);
+    let flushes: u64 = svm
+        .domains()
+        .iter()
+        .map(|d| d.migration_flushes.load(Relaxed))
+        .sum();
+    kprintln!(
+        "sched: v=1 policy={policy} summary migrations={migrations} migration_flushes={flushes} refused={} jain_equal={jain} worst_share_error={share_error}",
+        s.refused.load(Relaxed)
+    );
+    for (p, rec) in s.per_pcpu.iter().enumerate() {
+        for t in rec.trace.lock().iter() {
+            kprintln!(
+                "trace: v=1 pcpu={p} vcpu={} domain={} start_us={} end_us={}",
+                t.vcpu.0,
+                t.domain.0,
+                t.start_us,
+                t.end_us
+            );
+        }
+    }
+}
+
+/// The largest relative error between a weighted CPU-bound vCPU's share
+/// of their CPU time and its share by weight (with no vCPU getting more
+/// than one pCPU), as `x.xxxx`; `-` when all weights are equal.
+fn worst_share_error(cpu_bound: &[(u64, u64, u32)], pcpus: u32) -> String {
+    let weights: Vec<u32> = cpu_bound.iter().map(|c| c.0 as u32).collect();
+    if weights.windows(2).all(|w| w[0] == w[1]) {
+        return "-".into();
+    }
+    let times: Vec<u64> = cpu_bound.iter().map(|c| c.1).collect();
+    let mut shares = alloc::vec![abi::sched::Share::default(); weights.len()];
+    let n = abi::sched::weighted_shares(&weights, &times, pcpus, &mut shares);
+    let worst = shares[..n]
+        .iter()
+        .map(|s| s.deviation().0)
+        .max()
+        .unwrap_or(0);
+    format!("{}.{:04}", worst / 1_000_000, (worst % 1_000_000) / 100)
 }

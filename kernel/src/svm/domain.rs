@@ -42,6 +42,8 @@ pub struct DomainSpec {
     pub entry: u64,
     /// The guest's #PF handler (installed in its IDT).
     pub pf_entry: u64,
+    /// Scheduler weights of its vCPUs, cycled (empty: the default weight).
+    pub weights: &'static [u32],
     /// Written to the guest's `DomainInfo::workload`.
     pub index: u64,
 }
@@ -113,6 +115,8 @@ pub struct Domain {
     pub obligations: AtomicU64,
     /// pCPUs told to flush for it (the local one included).
     pub cpus_flushed: AtomicU64,
+    /// Flush obligations of `VcpuScheduled` right after a migration.
+    pub migration_flushes: AtomicU64,
     /// The exit count at the guest's `PHASE_BEGIN`.
     pub phase_begin: AtomicU64,
     /// Exits strictly between `PHASE_BEGIN` and `PHASE_END` (0: no phase).
@@ -347,6 +351,7 @@ pub fn load(
         exits_by: [const { AtomicU64::new(0) }; super::exit::BUCKETS],
         obligations: AtomicU64::new(0),
         cpus_flushed: AtomicU64::new(0),
+        migration_flushes: AtomicU64::new(0),
         phase_begin: AtomicU64::new(0),
         phase_exits: AtomicU64::new(0),
         phase_faults: AtomicU64::new(0),

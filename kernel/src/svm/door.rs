@@ -54,6 +54,9 @@ pub struct Svm {
     /// transport's task calls through the kernel and that touch guest
     /// memory themselves).
     pub(super) mirrors: Vec<&'static Task>,
+    /// The scheduler server, when the run has one (else each pCPU
+    /// round-robins the vCPUs pinned to it, in the kernel).
+    pub sched: Option<super::sched::Scheduler>,
     /// All domains (set once, after they are created).
     pub domains: Once<Vec<&'static Domain>>,
     /// Each pCPU's vCPUs (pinned).

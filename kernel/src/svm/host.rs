@@ -70,6 +70,17 @@ pub fn kick(cpus: u64) {
     .execute();
 }
 
+/// Wakes pCPU `index` from a halt (the wake-up IPI; harmless if it runs).
+pub fn wake(index: usize) {
+    if index == cpu_index() || index >= cpus_online() {
+        return;
+    }
+    let id = cpu::get(index).apic_id();
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        crate::apic::send_ipi(id, crate::interrupts::WAKE_VECTOR)
+    });
+}
+
 /// ASIDs (mod 64) whose TLB must be flushed before the next VMRUN here.
 pub fn take_guest_flushes() -> u64 {
     shootdown::take_guest_flushes()

@@ -12,6 +12,8 @@
 //!   transport; it carries out every reply's flush obligation.
 //! - [`domain`], [`vcpu`]: loading guests and handling their exits.
 //! - [`run`]: one run (load, run every pCPU, the kernel's clock, teardown).
+//! - [`sched`]: running vCPUs under a scheduler server (when the run has
+//!   one): its door, the per-pCPU loop, refused decisions, the record.
 //! - [`stats`]: the counters and cost samples behind the run's report.
 //! - [`host`]: the only contact points with the rest of the kernel.
 //!
@@ -58,6 +60,7 @@ pub mod door;
 pub mod exit;
 pub mod host;
 pub mod run;
+pub mod sched;
 pub mod stats;
 pub mod vcpu;
 pub mod vmcb;

@@ -2,6 +2,7 @@
 
 use super::domain::{self, Domain, DomainSpec};
 use super::door::{Svm, Transport, SVM};
+use super::sched::Scheduler;
 use super::stats::{self, bump, STATS};
 use super::vcpu::{self, Vcpu};
 use super::{enable_on_this_cpu, host, online_mask, svm};
@@ -136,6 +137,7 @@ pub fn run(
     control: &'static ControlPage,
     mirrors: Vec<&'static Task>,
     specs: &[DomainSpec],
+    sched: Option<Scheduler>,
 ) -> Result<&'static Svm, &'static str> {
     let ncpu = host::cpus_online();
     crate::kprintln!(
@@ -162,6 +164,7 @@ pub fn run(
         control,
         down: AtomicBool::new(false),
         mirrors,
+        sched,
         domains: Once::new(),
         queues,
         iopm_pa,
@@ -181,6 +184,12 @@ pub fn run(
             return Err("MMU server refused the protocol handshake");
         }
     }
+    if let Some(s) = &svm.sched {
+        if !s.hello() {
+            svm.domains.call_once(Vec::new);
+            return Err("the scheduler refused the protocol handshake");
+        }
+    }
     let mut domains = Vec::new();
     let mut next_vcpu = 0u32;
     let result = load_all(svm, specs, ncpu, &mut domains, &mut next_vcpu);
@@ -197,6 +206,9 @@ pub fn run(
         Ordering::Relaxed,
     );
     NEXT_WORK.store(now, Ordering::Relaxed);
+    if let Some(s) = &svm.sched {
+        s.begin();
+    }
     let all = crate::cpu::CpuSet(online_mask());
     let results = crate::smp::run_on(all, pcpu_main);
     for (i, r) in results.iter().enumerate().take(ncpu) {
@@ -277,7 +289,16 @@ fn load_all(
             )?;
 
             let vcpu = Vcpu::new(vid, v as u32, dom, boot, svm.iopm_pa, svm.msrpm_pa)?;
-            svm.queues[pcpu].lock().push(vcpu);
+            match &svm.sched {
+                Some(s) => {
+                    let weight = match w.weights {
+                        [] => abi::sched::DEFAULT_WEIGHT,
+                        ws => ws[v % ws.len()],
+                    };
+                    s.add(vcpu, weight, p)?;
+                }
+                None => svm.queues[pcpu].lock().push(vcpu),
+            }
         }
         *next_vcpu += w.vcpus;
     }
@@ -368,9 +389,12 @@ fn expect_done(svm: &Svm, dom: &Domain, req: &MmuRequest) -> Result<(), &'static
 /// One pCPU's share of the run: enable SVM, then run its vCPUs round-robin
 /// until every one has ended.
 fn pcpu_main() -> Result<(), &'static str> {
+    let svm = svm();
+    if let Some(s) = &svm.sched {
+        return s.pcpu_loop();
+    }
     let host_vmcb = enable_on_this_cpu()?;
     let me = host::cpu_index();
-    let svm = svm();
     let mut queue = core::mem::take(&mut *svm.queues[me].lock());
     let mut pcpu = vcpu::PcpuState {
         host_vmcb,

@@ -10,8 +10,9 @@ use super::vmcb::{self, misc1, misc2, off, Segment, Vmcb};
 use super::world::{self, GuestGprs};
 use super::{host, svm};
 use abi::guest::{hc, CONSOLE_PORT, EXIT_PORT};
+use abi::sched::StopReason;
 use abi::{GuestCr3, Gva, MmuReply, MmuRequest, PagingMode, PcpuId, PfErrorCode, VcpuId};
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 /// What a pCPU remembers between slices.
 pub struct PcpuState {
@@ -25,6 +26,7 @@ pub struct PcpuState {
 }
 
 /// How a slice ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Slice {
     /// The vCPU can run again later.
     Yield,
@@ -51,6 +53,9 @@ pub struct Vcpu {
     flush_next: bool,
     /// TSC at the last #PF exit, until the next VMRUN records its cost.
     pf_exit_at: Option<u64>,
+    /// The scheduler moved it to another pCPU: the next `VcpuScheduled`'s
+    /// flush obligation is counted as a migration's.
+    migrated: bool,
     line: [u8; 120],
     line_len: usize,
 }
@@ -160,9 +165,20 @@ impl Vcpu {
             root_gen: None,
             flush_next: true,
             pf_exit_at: None,
+            migrated: false,
             line: [0; 120],
             line_len: 0,
         })
+    }
+
+    /// Its wire id.
+    pub fn id(&self) -> VcpuId {
+        self.id
+    }
+
+    /// Marks that the scheduler moved it to another pCPU (see `migrated`).
+    pub fn mark_migrated(&mut self) {
+        self.migrated = true;
     }
 
     /// The domain the vCPU belongs to.
@@ -186,6 +202,9 @@ impl Vcpu {
         ) else {
             return false;
         };
+        if core::mem::take(&mut self.migrated) && reply.flush().is_some() {
+            bump(&self.dom.migration_flushes);
+        }
         match reply {
             MmuReply::LoadShadowRoot { root, .. } => {
                 self.vmcb.write64(off::CR3, root.0);
@@ -214,8 +233,50 @@ impl Vcpu {
     }
 
     /// Runs the vCPU until it yields, is preempted with others waiting, or
-    /// ends.
+    /// ends (the in-kernel pinned loop, without a scheduler server).
     pub fn run_slice(&mut self, pcpu: &mut PcpuState, others_waiting: bool) -> Slice {
+        self.run(pcpu, &mut |preempt| preempt && others_waiting).0
+    }
+
+    /// Runs the vCPU for a scheduler decision: until it yields (HLT), ends,
+    /// uses up `budget` TSC ticks (checked at each exit: the timer's exit
+    /// bounds the overrun to one tick), or `kick` is raised. Returns how
+    /// it stopped, as the scheduler protocol names it.
+    pub fn run_for(
+        &mut self,
+        pcpu: &mut PcpuState,
+        budget: u64,
+        kick: &AtomicBool,
+    ) -> (Slice, StopReason) {
+        let start = crate::apic::tsc();
+        let mut why = StopReason::Yielded;
+        let (slice, stopped) = self.run(pcpu, &mut |_| {
+            if kick.load(Ordering::Acquire) {
+                why = StopReason::Preempted;
+                true
+            } else if crate::apic::tsc() - start >= budget {
+                why = StopReason::SliceExpired;
+                true
+            } else {
+                false
+            }
+        });
+        match (slice, stopped) {
+            (Slice::Done, _) => (Slice::Done, StopReason::Blocked),
+            (Slice::Yield, true) => (Slice::Yield, why),
+            (Slice::Yield, false) => (Slice::Yield, StopReason::Yielded),
+        }
+    }
+
+    /// The run loop: enters the guest and handles its exits until it
+    /// yields or ends, or `stop_now` (asked after every exit with whether
+    /// the exit was a timer preemption point) says to stop. Returns how it
+    /// ended and whether `stop_now` ended it.
+    fn run(
+        &mut self,
+        pcpu: &mut PcpuState,
+        stop_now: &mut dyn FnMut(bool) -> bool,
+    ) -> (Slice, bool) {
         if pcpu.last != Some(self.id) {
             self.flush_next = true;
             pcpu.last = Some(self.id);
@@ -224,7 +285,7 @@ impl Vcpu {
             if self.dom.stopped.load(Ordering::Acquire) {
                 self.deschedule();
                 self.dom.exited_bad.fetch_add(1, Ordering::Relaxed);
-                return Slice::Done;
+                return (Slice::Done, false);
             }
             if self.root_gen != Some(self.dom.root_gen.load(Ordering::Acquire)) && !self.schedule()
             {
@@ -255,15 +316,23 @@ impl Vcpu {
             }
             self.vmcb.write64(off::EVENTINJ, 0);
             match self.handle_exit() {
-                Step::Continue => {}
-                Step::Preempt if !others_waiting => {}
-                Step::Preempt | Step::Yield => {
+                Step::Continue if stop_now(false) => {
                     self.deschedule();
-                    return Slice::Yield;
+                    return (Slice::Yield, true);
+                }
+                Step::Continue => {}
+                Step::Preempt if stop_now(true) => {
+                    self.deschedule();
+                    return (Slice::Yield, true);
+                }
+                Step::Preempt => {}
+                Step::Yield => {
+                    self.deschedule();
+                    return (Slice::Yield, false);
                 }
                 Step::Done => {
                     self.deschedule();
-                    return Slice::Done;
+                    return (Slice::Done, false);
                 }
             }
         }
