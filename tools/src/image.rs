@@ -88,20 +88,27 @@ impl Outcome {
     }
 }
 
-/// Builds the MMU server task (`mmu-server`'s `mmu-task` binary, always
-/// release: it runs in ring 3 and its speed is part of what is measured)
-/// and returns its path. It has its own target directory: its flags differ
-/// from the kernel's (position-independent code linked high, the runtime
-/// cfg `umbra_task`), and sharing one would rebuild both every time.
-pub fn build_mmu_task() -> Result<PathBuf> {
+/// The server task binaries the image embeds: (package, binary, the
+/// environment variable `image/build.rs` reads its path from).
+pub const TASKS: [(&str, &str, &str); 2] = [
+    ("mmu-server", "mmu-task", "UMBRA_MMU_TASK"),
+    ("sched", "sched-task", "UMBRA_SCHED_TASK"),
+];
+
+/// Builds one server task binary (always release: it runs in ring 3 and its
+/// speed is part of what is measured) and returns its path. Tasks have
+/// their own target directory: their flags differ from the kernel's
+/// (position-independent code linked high, the runtime cfg `umbra_task`),
+/// and sharing one would rebuild both every time.
+pub fn build_task(package: &str, bin: &str) -> Result<PathBuf> {
     let target_dir = target_dir().join("task");
     let mut cmd = prereq::cargo();
     cmd.args([
         "build",
         "-p",
-        "mmu-server",
+        package,
         "--bin",
-        "mmu-task",
+        bin,
         "--release",
         "--target",
         prereq::KERNEL_TARGET,
@@ -110,24 +117,15 @@ pub fn build_mmu_task() -> Result<PathBuf> {
     .arg(&target_dir)
     .env(
         "CARGO_ENCODED_RUSTFLAGS",
-        [
-            "-Crelocation-model=pic",
-            "--cfg",
-            "umbra_task",
-            "-Cstrip=debuginfo",
-        ]
-        .join("\x1f"),
+        ["-Crelocation-model=pic", "--cfg", "umbra_task", "-Cstrip=debuginfo"].join("\x1f"),
     );
     prereq::run_checked(&mut cmd)?;
     let path = target_dir
         .join(prereq::KERNEL_TARGET)
         .join("release")
-        .join("mmu-task");
+        .join(bin);
     if !path.is_file() {
-        bail!(
-            "the MMU task build succeeded but {} is missing",
-            path.display()
-        );
+        bail!("the {bin} build succeeded but {} is missing", path.display());
     }
     Ok(path)
 }
@@ -142,10 +140,11 @@ fn target_dir() -> PathBuf {
 /// the guests and the tasks embedded; release unless `debug`), and returns
 /// its path.
 pub fn build_kernel(debug: bool) -> Result<PathBuf> {
-    let task = build_mmu_task()?;
     let mut cmd = prereq::cargo();
-    cmd.args(["build", "-p", "image", "--target", prereq::KERNEL_TARGET])
-        .env("UMBRA_MMU_TASK", &task);
+    cmd.args(["build", "-p", "image", "--target", prereq::KERNEL_TARGET]);
+    for (package, bin, var) in TASKS {
+        cmd.env(var, build_task(package, bin)?);
+    }
     if !debug {
         cmd.arg("--release");
     }
