@@ -425,7 +425,8 @@ impl<'m> Machine<'m> {
     /// checks it exactly: every guest frame whose bytes changed since the
     /// previous harvest (or EnableDirtyLog) must be in it, and every frame
     /// the guest wrote; frames reported that did not change are counted in
-    /// [`Stats::dirty_extra`] and listed in [`Machine::last_harvest`].
+    /// [`Stats::dirty_extra`](super::Stats::dirty_extra) and listed in
+    /// [`Machine::last_harvest`].
     pub fn get_dirty(&mut self, d: usize) -> Res<BTreeSet<u64>> {
         let mut set = BTreeSet::new();
         let mut start = self.doms[d].regions.first().map_or(0, |r| r.0);
