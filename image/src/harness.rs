@@ -69,8 +69,15 @@ pub fn boot_hook(cmdline: &'static str) -> bool {
         return false;
     }
     let test_mode = kernel::boot::has_arg(cmdline, "svm-test");
-    let policy = kernel::boot::arg_value(cmdline, "sched");
-    if let Some(p) = policy.filter(|p| !sched::registry::NAMES.contains(p)) {
+    let policies: Vec<Option<&str>> = match kernel::boot::arg_value(cmdline, "sched") {
+        None => alloc::vec![None],
+        Some(list) => list.split(',').map(Some).collect(),
+    };
+    if let Some(p) = policies
+        .iter()
+        .flatten()
+        .find(|p| !sched::registry::NAMES.contains(p) && !p.starts_with("misbehave-"))
+    {
         kprintln!(
             "svm: no scheduler policy named {p:?}; known: {:?}",
             sched::registry::NAMES
@@ -79,19 +86,29 @@ pub fn boot_hook(cmdline: &'static str) -> bool {
     }
     let (mut passed, mut failed) = (0u32, 0u32);
     let mut ok = true;
-    let runs = list.split(',').enumerate().flat_map(|(i, n)| {
-        transports
-            .split(',')
-            .enumerate()
-            .map(move |(j, t)| (n, t, i, j))
-    });
-    for (name, transport, _, first_transport) in runs {
-        kprintln!("umbra: MMU implementation: {name} (transport {transport})");
+    let mut runs = Vec::new();
+    for n in list.split(',') {
+        for (j, t) in transports.split(',').enumerate() {
+            for (k, p) in policies.iter().enumerate() {
+                runs.push((n, t, *p, j == 0 && k == 0));
+            }
+        }
+    }
+    for (name, transport, policy, first_run) in runs {
+        match policy {
+            Some(p) => kprintln!(
+                "umbra: MMU implementation: {name} (transport {transport}, scheduler {p})"
+            ),
+            None => kprintln!("umbra: MMU implementation: {name} (transport {transport})"),
+        }
         let broken = name.starts_with("misbehave-");
         // A broken server's workloads are expected to stop: no test lines
         // of their own, the one `contain-` line below instead.
         let outcome = run_one(name, transport, test_mode && !broken, policy);
-        let label = format!("{name}-{transport}");
+        let label = match policy {
+            Some(p) => format!("{name}-{transport}-{p}"),
+            None => format!("{name}-{transport}"),
+        };
         let (p, f, run_ok) = match outcome {
             Ok(o) if broken => {
                 let contained = o.stopped && o.domains_stopped > 0;
@@ -121,7 +138,7 @@ pub fn boot_hook(cmdline: &'static str) -> bool {
         passed += p;
         failed += f;
         ok &= run_ok;
-        if test_mode && !broken && first_transport == 0 && name != RELAY {
+        if test_mode && !broken && first_run && name != RELAY {
             // The conformance scenarios on real frames (once per server).
             let (cp, cf) = conf::run_all(name);
             passed += cp;
@@ -229,7 +246,7 @@ fn run_one(
     let teardown = kernel::svm::teardown(svm);
     let clean = teardown.clean();
     if test_mode {
-        let label = format!("{}-{}", svm.name, svm.transport());
+        let label = crate::report::run_label(svm);
         if clean {
             kprintln!("test svm-{label}-teardown-no-leak ... ok");
         } else {

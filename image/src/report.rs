@@ -11,6 +11,14 @@ use kernel::svm::sched::Scheduler;
 use kernel::svm::stats::{self, get, STATS};
 use kernel::svm::Svm;
 
+/// The run's name in test lines: `<server>-<transport>[-<policy>]`.
+pub fn run_label(svm: &Svm) -> String {
+    match &svm.sched {
+        Some(s) => format!("{}-{}-{}", svm.name, svm.transport(), s.policy),
+        None => format!("{}-{}", svm.name, svm.transport()),
+    }
+}
+
 /// The guests-crate workload a domain runs.
 pub fn workload(d: &Domain) -> &'static Workload {
     &WORKLOADS[d.spec.index as usize]
@@ -133,7 +141,7 @@ pub fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
     let passed = doms.iter().filter(|d| verdict(d).0).count();
     kprintln!("svm: {passed}/{} workloads passed", doms.len());
     if test_mode {
-        let name = format!("{}-{}", svm.name, svm.transport());
+        let name = run_label(svm);
         for d in doms {
             match verdict(d) {
                 (true, _) => kprintln!("test svm-{name}-{} ... ok", d.spec.name),

@@ -117,7 +117,13 @@ pub fn build_task(package: &str, bin: &str) -> Result<PathBuf> {
     .arg(&target_dir)
     .env(
         "CARGO_ENCODED_RUSTFLAGS",
-        ["-Crelocation-model=pic", "--cfg", "umbra_task", "-Cstrip=debuginfo"].join("\x1f"),
+        [
+            "-Crelocation-model=pic",
+            "--cfg",
+            "umbra_task",
+            "-Cstrip=debuginfo",
+        ]
+        .join("\x1f"),
     );
     prereq::run_checked(&mut cmd)?;
     let path = target_dir
@@ -125,7 +131,10 @@ pub fn build_task(package: &str, bin: &str) -> Result<PathBuf> {
         .join("release")
         .join(bin);
     if !path.is_file() {
-        bail!("the {bin} build succeeded but {} is missing", path.display());
+        bail!(
+            "the {bin} build succeeded but {} is missing",
+            path.display()
+        );
     }
     Ok(path)
 }
