@@ -87,6 +87,15 @@ pub fn expand(flag: &str, given: &str, known: &[&str]) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// The values an optional selector chooses: `[None]` (not given: no
+/// kernel word, the kernel's default) or each of [`expand`]'s.
+pub fn choices(flag: &str, given: &Option<String>, known: &[&str]) -> Result<Vec<Option<String>>> {
+    Ok(match given {
+        None => vec![None],
+        Some(v) => expand(flag, v, known)?.into_iter().map(Some).collect(),
+    })
+}
+
 /// Refuses `--grant` while the boot image does not run grant servers
 /// (they are tested by their host suite only): the kernel refuses
 /// command-line words it does not understand, so the boot would stop at
@@ -119,16 +128,10 @@ pub fn combinations(args: &CompareArgs) -> Result<Vec<Selectors>> {
             args.smp
         );
     }
-    let opt = |flag: &str, v: &Option<String>, known: &[&str]| -> Result<Vec<Option<String>>> {
-        Ok(match v {
-            None => vec![None],
-            Some(v) => expand(flag, v, known)?.into_iter().map(Some).collect(),
-        })
-    };
     let mmus = expand("mmu", &args.mmu, mmu_server::registry::NAMES)?;
-    let transports = opt("transport", &args.transport, TRANSPORTS)?;
-    let grants = opt("grant", &args.grant, GRANTS)?;
-    let scheds = opt("sched", &args.sched, SCHEDS)?;
+    let transports = choices("transport", &args.transport, TRANSPORTS)?;
+    let grants = choices("grant", &args.grant, GRANTS)?;
+    let scheds = choices("sched", &args.sched, SCHEDS)?;
     let mut out = Vec::new();
     for mmu in &mmus {
         for transport in &transports {
@@ -361,8 +364,8 @@ pub fn compare(args: &CompareArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::{
-        combinations, expand, kernel_line, progress, refuse_unserved, run_selectors, to_run,
-        CompareArgs, SCHEDS,
+        choices, combinations, expand, kernel_line, progress, refuse_unserved, run_selectors,
+        to_run, CompareArgs, SCHEDS,
     };
     use crate::image::{Ending, Outcome};
     use crate::results::test_data::REFERENCE;
@@ -464,6 +467,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"fifo\"") && e.contains("global-rr"), "{e}");
+        assert_eq!(choices("sched", &None, SCHEDS).unwrap(), [None]);
+        let all = choices("sched", &Some("all".into()), SCHEDS).unwrap();
+        assert_eq!(all.len(), SCHEDS.len());
+        assert_eq!(all[2].as_deref(), Some("credit"));
+        assert!(choices("sched", &Some("fifo".into()), SCHEDS).is_err());
         assert!(combinations(&args(&["--mmu", "nope"])).is_err());
         let e = combinations(&args(&["--smp", "65"]))
             .unwrap_err()

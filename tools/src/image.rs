@@ -304,6 +304,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             args.smp
         );
     }
+    let scheds = crate::compare::choices("sched", &args.sched, crate::compare::SCHEDS)?;
     prereq::ensure_qemu()?;
     prereq::ensure_kernel_target()?;
     let names: Vec<&str> = match args.mmu.as_str() {
@@ -319,13 +320,6 @@ pub fn run(args: &RunArgs) -> Result<()> {
         "all" => vec!["task", "direct"],
         one @ ("task" | "direct") => vec![one],
         other => bail!("--transport {other}: no such transport; known: task, direct (or `all`)"),
-    };
-    let scheds: Vec<Option<String>> = match &args.sched {
-        None => vec![None],
-        Some(given) => crate::compare::expand("sched", given, crate::compare::SCHEDS)?
-            .into_iter()
-            .map(Some)
-            .collect(),
     };
     let created = crate::results::write::utc_stamp(std::time::SystemTime::now()).0;
     let image = build_kernel(args.debug)?;

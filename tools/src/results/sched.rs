@@ -255,6 +255,32 @@ pub fn trace_line(rest: &str, sched: &mut Sched) -> Result<(), String> {
     Ok(())
 }
 
+/// The goal for Jain's index over equal-weight vCPUs: at least this.
+pub const GOAL_JAIN: f64 = 0.99;
+/// The goal for weighted shares: `worst_share_error` (a fraction of
+/// the target share, 0.05 = 5%) at most this.
+pub const GOAL_SHARE_ERROR: f64 = 0.05;
+
+/// The goals `sched` misses (Jain's index below [`GOAL_JAIN`], a share
+/// error above [`GOAL_SHARE_ERROR`], a migration under `pinned`); figures
+/// reported as `-` or not at all are not judged.
+pub fn missed_goals(sched: &Sched) -> Vec<&'static str> {
+    let mut missed = Vec::new();
+    if sched.jain_equal.is_some_and(|j| j < GOAL_JAIN) {
+        missed.push("jain");
+    }
+    if sched
+        .worst_share_error
+        .is_some_and(|e| e > GOAL_SHARE_ERROR)
+    {
+        missed.push("shares");
+    }
+    if sched.policy.as_deref() == Some("pinned") && sched.migrations.is_some_and(|m| m > 0) {
+        missed.push("migrations");
+    }
+    missed
+}
+
 /// The vCPU's name in tables and pictures: `d<domain>/v<id>`.
 pub fn vcpu_name(domain: u32, vcpu: u32) -> String {
     format!("d{domain}/v{vcpu}")
@@ -367,6 +393,20 @@ fn summary_table(group: String, runs: &[&Run]) -> SummaryTable {
         "worst_share_error".into(),
         "worst share error (weighted)".into(),
         &|s| s.worst_share_error.map(|x| format!("{x:.4}")),
+    );
+    row(
+        "goals".into(),
+        format!(
+            "goals (Jain >= {GOAL_JAIN}, share error <= {GOAL_SHARE_ERROR}, pinned: 0 migrations)"
+        ),
+        &|s| {
+            let missed = missed_goals(s);
+            Some(if missed.is_empty() {
+                "ok".into()
+            } else {
+                format!("missed:{}", missed.join("+"))
+            })
+        },
     );
     row("slices".into(), "slices (trace)".into(), &|s| {
         (!s.trace.is_empty()).then(|| s.trace.len().to_string())
@@ -504,7 +544,7 @@ impl SummaryTable {
 
 #[cfg(test)]
 mod tests {
-    use super::{ms, summary_tables, vcpu_name, Sched};
+    use super::{missed_goals, ms, summary_tables, vcpu_name, Sched};
     use crate::results::parse::parse_console;
     use crate::results::schema::validate_results;
     use crate::results::test_data::{sched_runs, two_runs, SCHED};
@@ -776,11 +816,35 @@ mod tests {
         let w = t.rows.iter().find(|r| r.key == "vcpu.4.share_pct").unwrap();
         assert_eq!(w.cells[0], "66.9 (66.7)");
         assert!(t.rows.iter().any(|r| r.label.starts_with(&vcpu_name(2, 4))));
+        // Both runs meet the goals: Jain 0.996294, share error 0.0072, and
+        // the pinned copy reports 0 migrations.
+        let goals = t.rows.iter().find(|r| r.key == "goals").unwrap();
+        assert_eq!(goals.cells, ["ok", "ok"]);
         assert_eq!(ms(138_500), "138.500");
         assert_eq!(ms(7), "0.007");
         assert!(t.render().starts_with("== scheduler: reference smp=8 ==\n"));
         // Runs without scheduler lines make no table.
         assert!(summary_tables(&two_runs()).is_empty());
+    }
+
+    #[test]
+    fn missed_goals_are_named() {
+        let mut s = parsed(SCHED);
+        assert!(missed_goals(&s).is_empty());
+        s.jain_equal = Some(0.98);
+        s.worst_share_error = Some(0.051);
+        assert_eq!(missed_goals(&s), ["jain", "shares"]);
+        s.policy = Some("pinned".into());
+        assert_eq!(missed_goals(&s), ["jain", "shares", "migrations"]);
+        s.migrations = Some(0);
+        s.jain_equal = None;
+        s.worst_share_error = Some(0.05);
+        assert!(missed_goals(&s).is_empty());
+        let mut results = sched_runs();
+        results.runs[0].report.sched.as_mut().unwrap().jain_equal = Some(0.5);
+        let t = &summary_tables(&results)[0];
+        let goals = t.rows.iter().find(|r| r.key == "goals").unwrap();
+        assert_eq!(goals.cells, ["missed:jain", "ok"]);
     }
 
     #[test]
