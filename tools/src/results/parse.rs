@@ -128,9 +128,9 @@ pub fn parse_console<S: AsRef<str>>(lines: &[S]) -> Result<Report, ParseError> {
         let body = text.strip_prefix("svm: ").unwrap_or(text);
         if let Some(rest) = body.strip_prefix("result: ") {
             result_line(rest, &mut report, &mut domains, &mut pcpu_rows, i + 1).map_err(err)?;
-        } else if let Some(rest) = body.strip_prefix("sched: ") {
+        } else if let Some(rest) = record(body, "sched: ") {
             sched_line(rest, &mut sched).map_err(err)?;
-        } else if let Some(rest) = body.strip_prefix("trace: ") {
+        } else if let Some(rest) = record(body, "trace: ") {
             trace_line(rest, &mut sched).map_err(err)?;
         } else if let Some(rest) = text.strip_prefix("svm: ") {
             section = svm_line(rest, &mut report, &mut domains, i + 1).map_err(err)?;
@@ -148,6 +148,14 @@ pub fn parse_console<S: AsRef<str>>(lines: &[S]) -> Result<Report, ParseError> {
         report.workloads.push(finish(domain, p)?);
     }
     Ok(report)
+}
+
+/// The rest of `line` after `prefix` when it is a versioned record
+/// (`sched: v=1 ...`); the kernel's prose under the same prefix (`sched:
+/// pcpu 3: refused the decision ...`) is not one.
+fn record<'a>(line: &'a str, prefix: &str) -> Option<&'a str> {
+    line.strip_prefix(prefix)
+        .filter(|rest| rest.starts_with("v="))
 }
 
 /// A workload from what its lines said; an error when no line gave its
