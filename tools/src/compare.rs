@@ -461,6 +461,38 @@ mod tests {
         assert!(run_selectors("", 1, &["icount".into()]).icount);
     }
 
+    /// `SCHEDS` is the `sched` crate's registry, read from its source (the
+    /// tools do not depend on the crate): `NAMES` lists `<module>::NAME`
+    /// and each module defines its `NAME`.
+    #[test]
+    fn scheds_are_the_sched_registry_in_its_order() {
+        let src = |file: &str| {
+            let path = format!("{}/../sched/src/{file}", env!("CARGO_MANIFEST_DIR"));
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+        };
+        let registry = src("registry.rs");
+        let list = registry
+            .split("pub const NAMES: &[&str] = &[")
+            .nth(1)
+            .and_then(|t| t.split(']').next())
+            .expect("NAMES in sched/src/registry.rs");
+        let names: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(|m| {
+                let module = m.strip_suffix("::NAME").expect("<module>::NAME");
+                let text = src(&format!("{module}.rs"));
+                let tail = text
+                    .split("pub const NAME: &str = \"")
+                    .nth(1)
+                    .expect("pub const NAME");
+                tail.split('"').next().unwrap().to_string()
+            })
+            .collect();
+        assert_eq!(names, SCHEDS);
+    }
+
     #[test]
     fn unknown_values_are_refused_by_name() {
         let e = expand("sched", "pinned,fifo", SCHEDS)
