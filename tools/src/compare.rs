@@ -4,7 +4,7 @@ use crate::image::{boot_with, build_kernel, Ending, Outcome};
 use crate::prereq;
 use crate::results::diff::diff;
 use crate::results::parse::{parse_console, ParseError};
-use crate::results::sched::summary_tables;
+use crate::results::sched::{overview_table, summary_tables};
 use crate::results::table::tables;
 use crate::results::write::{load, results_root, write_dir};
 use crate::results::{labels, EndingKind, Report, Results, Run, Selectors};
@@ -112,9 +112,13 @@ fn refuse_unserved(args: &CompareArgs) -> Result<()> {
 }
 
 /// Prints the per-policy scheduler tables of `results` (none when no run
-/// printed `sched:` lines).
+/// printed `sched:` lines), then the overview across groups when there are
+/// several.
 pub fn print_sched_summary(results: &Results) {
-    for t in summary_tables(results) {
+    for t in summary_tables(results)
+        .iter()
+        .chain(&overview_table(results))
+    {
         println!("{}", t.render());
     }
 }

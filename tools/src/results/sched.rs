@@ -360,57 +360,120 @@ pub fn summary_tables(results: &Results) -> Vec<SummaryTable> {
         .collect()
 }
 
-fn summary_table(group: String, runs: &[&Run]) -> SummaryTable {
-    let scheds: Vec<Option<&Sched>> = runs.iter().map(|r| r.report.sched.as_ref()).collect();
-    let mut rows = Vec::new();
-    let mut row = |key: String, label: String, cell: &dyn Fn(&Sched) -> Option<String>| {
-        let cells = scheds
+/// Rows over columns of scheduler figures (`None`: that column's run
+/// printed no scheduler lines), keys and labels prefixed.
+struct Rows<'a> {
+    scheds: Vec<Option<&'a Sched>>,
+    key_prefix: String,
+    label_prefix: String,
+    rows: Vec<SummaryRow>,
+}
+
+impl Rows<'_> {
+    fn row(&mut self, key: &str, label: &str, cell: &dyn Fn(&Sched) -> Option<String>) {
+        let cells = self
+            .scheds
             .iter()
             .map(|s| s.and_then(cell).unwrap_or_else(|| "-".into()))
             .collect();
-        rows.push(SummaryRow { label, key, cells });
-    };
-    let opt_count = |v: Option<u64>| v.map(|n| n.to_string());
-    row("migrations".into(), "migrations".into(), &|s| {
-        opt_count(s.migrations)
-    });
-    row(
-        "migration_flushes".into(),
-        "flushes caused by migrations".into(),
-        &|s| opt_count(s.migration_flushes),
-    );
-    row(
-        "refused".into(),
-        "decisions refused by the kernel".into(),
-        &|s| opt_count(s.refused),
-    );
-    row(
-        "jain_equal".into(),
-        "Jain's index, equal weights".into(),
-        &|s| s.jain_equal.map(|x| format!("{x:.6}")),
-    );
-    row(
-        "worst_share_error".into(),
-        "worst share error (weighted)".into(),
-        &|s| s.worst_share_error.map(|x| format!("{x:.4}")),
-    );
-    row(
-        "goals".into(),
-        format!(
-            "goals (Jain >= {GOAL_JAIN}, share error <= {GOAL_SHARE_ERROR}, pinned: 0 migrations)"
-        ),
-        &|s| {
-            let missed = missed_goals(s);
-            Some(if missed.is_empty() {
-                "ok".into()
-            } else {
-                format!("missed:{}", missed.join("+"))
+        self.rows.push(SummaryRow {
+            label: format!("{}{label}", self.label_prefix),
+            key: format!("{}{key}", self.key_prefix),
+            cells,
+        });
+    }
+
+    /// The run-wide rows: the summary line's figures, the goals, slices.
+    fn run_wide(&mut self) {
+        let count = |v: Option<u64>| v.map(|n| n.to_string());
+        self.row("migrations", "migrations", &|s| count(s.migrations));
+        self.row("migration_flushes", "flushes caused by migrations", &|s| {
+            count(s.migration_flushes)
+        });
+        self.row("refused", "decisions refused by the kernel", &|s| {
+            count(s.refused)
+        });
+        self.row("jain_equal", "Jain's index, equal weights", &|s| {
+            s.jain_equal.map(|x| format!("{x:.6}"))
+        });
+        self.row("worst_share_error", "worst share error (weighted)", &|s| {
+            s.worst_share_error.map(|x| format!("{x:.4}"))
+        });
+        self.row(
+            "goals",
+            &format!(
+                "goals (Jain >= {GOAL_JAIN}, share error <= {GOAL_SHARE_ERROR}, pinned: 0 migrations)"
+            ),
+            &|s| {
+                let missed = missed_goals(s);
+                Some(if missed.is_empty() {
+                    "ok".into()
+                } else {
+                    format!("missed:{}", missed.join("+"))
+                })
+            },
+        );
+        self.row("slices", "slices (trace)", &|s| {
+            (!s.trace.is_empty()).then(|| s.trace.len().to_string())
+        });
+    }
+}
+
+/// With runs of more than one group: the run-wide rows of every group in
+/// one table (`<group>: migrations`, ...), policies as columns, so the
+/// flushes migrations cause can be read across MMU servers.
+pub fn overview_table(results: &Results) -> Option<SummaryTable> {
+    let tables = summary_tables(results);
+    if tables.len() < 2 {
+        return None;
+    }
+    let mut columns: Vec<String> = Vec::new();
+    for run in &results.runs {
+        let p = policy_of(run);
+        if !columns.contains(&p) {
+            columns.push(p);
+        }
+    }
+    let mut rows = Vec::new();
+    for t in &tables {
+        let scheds = columns
+            .iter()
+            .map(|p| {
+                results
+                    .runs
+                    .iter()
+                    .find(|r| group_of(&r.selectors) == t.group && policy_of(r) == *p)
+                    .and_then(|r| r.report.sched.as_ref())
             })
-        },
-    );
-    row("slices".into(), "slices (trace)".into(), &|s| {
-        (!s.trace.is_empty()).then(|| s.trace.len().to_string())
-    });
+            .collect();
+        let mut r = Rows {
+            scheds,
+            key_prefix: format!("{}/", t.group),
+            label_prefix: format!("{}: ", t.group),
+            rows: Vec::new(),
+        };
+        r.run_wide();
+        rows.extend(r.rows);
+    }
+    Some(SummaryTable {
+        group: "overview".into(),
+        columns,
+        rows,
+    })
+}
+
+fn summary_table(group: String, runs: &[&Run]) -> SummaryTable {
+    let scheds: Vec<Option<&Sched>> = runs.iter().map(|r| r.report.sched.as_ref()).collect();
+    let mut rows = Rows {
+        scheds: scheds.clone(),
+        key_prefix: String::new(),
+        label_prefix: String::new(),
+        rows: Vec::new(),
+    };
+    rows.run_wide();
+    let mut row = |key: String, label: String, cell: &dyn Fn(&Sched) -> Option<String>| {
+        rows.row(&key, &label, cell)
+    };
     let pcpus: Vec<u32> = ordered(scheds.iter().flatten().flat_map(|s| &s.pcpus), |p| p.pcpu);
     for p in pcpus {
         let find = move |s: &Sched| s.pcpus.iter().find(|x| x.pcpu == p).cloned();
@@ -473,7 +536,7 @@ fn summary_table(group: String, runs: &[&Run]) -> SummaryTable {
     SummaryTable {
         group,
         columns: runs.iter().map(|r| policy_of(r)).collect(),
-        rows,
+        rows: rows.rows,
     }
 }
 
@@ -544,7 +607,7 @@ impl SummaryTable {
 
 #[cfg(test)]
 mod tests {
-    use super::{missed_goals, ms, summary_tables, vcpu_name, Sched};
+    use super::{missed_goals, ms, overview_table, summary_tables, vcpu_name, Sched};
     use crate::results::parse::parse_console;
     use crate::results::schema::validate_results;
     use crate::results::test_data::{sched_runs, two_runs, SCHED};
@@ -840,6 +903,50 @@ mod tests {
     }
 
     #[test]
+    fn the_overview_puts_every_group_s_run_wide_rows_in_one_table() {
+        let mut results = sched_runs();
+        results.runs[2]
+            .report
+            .sched
+            .as_mut()
+            .unwrap()
+            .migration_flushes = Some(5);
+        let groups = summary_tables(&results);
+        let o = overview_table(&results).expect("two groups");
+        assert_eq!(o.columns, ["credit", "pinned"]);
+        for g in &groups {
+            let own: Vec<_> = o
+                .rows
+                .iter()
+                .filter(|r| r.key.starts_with(&format!("{}/", g.group)))
+                .collect();
+            assert_eq!(own.len(), 7, "{}", g.group);
+            for r in own {
+                let key = r.key.rsplit('/').next().unwrap();
+                let row = g.rows.iter().find(|x| x.key == key).unwrap();
+                assert_eq!(r.label, format!("{}: {}", g.group, row.label));
+                for (col, policy) in g.columns.iter().enumerate() {
+                    let at = o.columns.iter().position(|c| c == policy).unwrap();
+                    assert_eq!(r.cells[at], row.cells[col], "{}", r.key);
+                }
+            }
+        }
+        let flushes = |group: &str| {
+            o.rows
+                .iter()
+                .find(|r| r.key == format!("{group}/migration_flushes"))
+                .unwrap()
+                .cells
+                .clone()
+        };
+        assert_eq!(flushes("reference smp=8"), ["22", "0"]);
+        // fast-shared ran no pinned boot.
+        assert_eq!(flushes("fast-shared smp=8"), ["5", "-"]);
+        results.runs.truncate(2);
+        assert!(overview_table(&results).is_none());
+    }
+
+    #[test]
     fn missed_goals_are_named() {
         let mut s = parsed(SCHED);
         assert!(missed_goals(&s).is_empty());
@@ -875,12 +982,16 @@ mod tests {
             timeline_file("reference sched=credit"),
             "timeline-reference_sched_credit.svg"
         );
-        for t in summary_tables(&results) {
+        for t in summary_tables(&results)
+            .iter()
+            .chain(&overview_table(&results))
+        {
             assert_eq!(
                 std::fs::read_to_string(dir.join(sched_file(&t.group))).unwrap(),
                 t.csv()
             );
         }
+        assert!(dir.join("sched-overview.csv").is_file());
         // Version 1 documents still load.
         let v1 = format!(
             "{}/tests/fixtures/results-before",

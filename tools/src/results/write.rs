@@ -107,7 +107,10 @@ pub fn write_dir(results: &Results, root: &Path) -> Result<PathBuf> {
     }
     put(PCPU_CSV, &pcpu_csv(results))?;
     put(SVG_NAME, &svg::render(results)?)?;
-    for t in sched::summary_tables(results) {
+    for t in sched::summary_tables(results)
+        .iter()
+        .chain(&sched::overview_table(results))
+    {
         put(&sched_file(&t.group), &t.csv())?;
     }
     for run in &results.runs {
