@@ -4,6 +4,7 @@ use crate::image::{boot_with, build_kernel, Ending, Outcome};
 use crate::prereq;
 use crate::results::diff::diff;
 use crate::results::parse::{parse_console, ParseError};
+use crate::results::sched::{overview_table, summary_tables};
 use crate::results::table::tables;
 use crate::results::write::{load, results_root, write_dir};
 use crate::results::{labels, EndingKind, Report, Results, Run, Selectors};
@@ -86,25 +87,40 @@ pub fn expand(flag: &str, given: &str, known: &[&str]) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Refuses `--grant` and `--sched` while the boot image does not run grant
-/// servers or schedulers (they are tested by their host suites only): the
-/// kernel refuses command-line words it does not understand, so the boot
-/// would stop at once.
+/// The values an optional selector chooses: `[None]` (not given: no
+/// kernel word, the kernel's default) or each of [`expand`]'s.
+pub fn choices(flag: &str, given: &Option<String>, known: &[&str]) -> Result<Vec<Option<String>>> {
+    Ok(match given {
+        None => vec![None],
+        Some(v) => expand(flag, v, known)?.into_iter().map(Some).collect(),
+    })
+}
+
+/// Refuses `--grant` while the boot image does not run grant servers
+/// (they are tested by their host suite only): the kernel refuses
+/// command-line words it does not understand, so the boot would stop at
+/// once. `--sched` passes: the kernel takes `sched=`.
 fn refuse_unserved(args: &CompareArgs) -> Result<()> {
-    for (flag, given) in [("grant", &args.grant), ("sched", &args.sched)] {
-        if let Some(v) = given {
-            bail!(
-                "--{flag} {v}: the boot image does not run {flag} servers yet (their host suites \
-                 do: `cargo test -p {}`); compare MMU servers and transports for now",
-                if flag == "grant" {
-                    "grant-server"
-                } else {
-                    "sched"
-                }
-            );
-        }
+    if let Some(v) = &args.grant {
+        bail!(
+            "--grant {v}: the boot image does not run grant servers yet (their host suite \
+             does: `cargo test -p grant-server`); compare MMU servers, transports and \
+             schedulers for now"
+        );
     }
     Ok(())
+}
+
+/// Prints the per-policy scheduler tables of `results` (none when no run
+/// printed `sched:` lines), then the overview across groups when there are
+/// several.
+pub fn print_sched_summary(results: &Results) {
+    for t in summary_tables(results)
+        .iter()
+        .chain(&overview_table(results))
+    {
+        println!("{}", t.render());
+    }
 }
 
 /// Every combination the options select, in the order they will run (MMU
@@ -116,16 +132,10 @@ pub fn combinations(args: &CompareArgs) -> Result<Vec<Selectors>> {
             args.smp
         );
     }
-    let opt = |flag: &str, v: &Option<String>, known: &[&str]| -> Result<Vec<Option<String>>> {
-        Ok(match v {
-            None => vec![None],
-            Some(v) => expand(flag, v, known)?.into_iter().map(Some).collect(),
-        })
-    };
     let mmus = expand("mmu", &args.mmu, mmu_server::registry::NAMES)?;
-    let transports = opt("transport", &args.transport, TRANSPORTS)?;
-    let grants = opt("grant", &args.grant, GRANTS)?;
-    let scheds = opt("sched", &args.sched, SCHEDS)?;
+    let transports = choices("transport", &args.transport, TRANSPORTS)?;
+    let grants = choices("grant", &args.grant, GRANTS)?;
+    let scheds = choices("sched", &args.sched, SCHEDS)?;
     let mut out = Vec::new();
     for mmu in &mmus {
         for transport in &transports {
@@ -232,7 +242,8 @@ pub fn save(command: &str, created: String, runs: Vec<Run>) -> Result<PathBuf> {
     results.runs = runs;
     let dir = write_dir(&results, &results_root())?;
     eprintln!(
-        "xtask: results in {} (results.json, a CSV per table, pcpu-exits.csv, comparison.svg)",
+        "xtask: results in {} (results.json, a CSV per table, pcpu-exits.csv, comparison.svg; \
+         with a scheduler: sched-<group>.csv and timeline-<run>.svg)",
         dir.display()
     );
     Ok(dir)
@@ -341,6 +352,7 @@ pub fn compare(args: &CompareArgs) -> Result<()> {
     for t in tables(&results) {
         println!("{}", t.render());
     }
+    print_sched_summary(&results);
     save("compare", results.created.clone(), results.runs)?;
     if !failed.is_empty() {
         bail!(
@@ -356,8 +368,8 @@ pub fn compare(args: &CompareArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::{
-        combinations, expand, kernel_line, progress, refuse_unserved, run_selectors, to_run,
-        CompareArgs, SCHEDS,
+        choices, combinations, expand, kernel_line, progress, refuse_unserved, run_selectors,
+        to_run, CompareArgs, SCHEDS,
     };
     use crate::image::{Ending, Outcome};
     use crate::results::test_data::REFERENCE;
@@ -409,10 +421,12 @@ mod tests {
     }
 
     #[test]
-    fn grant_and_sched_are_refused_until_the_image_runs_them() {
+    fn grant_is_refused_until_the_image_runs_it_and_sched_is_not() {
         let e = refuse_unserved(&args(&["--grant", "all"])).unwrap_err();
         assert!(e.to_string().contains("--grant all"), "{e}");
-        assert!(refuse_unserved(&args(&["--sched", "pinned"])).is_err());
+        assert!(refuse_unserved(&args(&["--sched", "all"])).is_ok());
+        let e = refuse_unserved(&args(&["--sched", "pinned", "--grant", "always-flush"]));
+        assert!(e.is_err());
         assert!(refuse_unserved(&args(&["--mmu", "all", "--transport", "all"])).is_ok());
     }
 
@@ -451,12 +465,49 @@ mod tests {
         assert!(run_selectors("", 1, &["icount".into()]).icount);
     }
 
+    /// `SCHEDS` is the `sched` crate's registry, read from its source (the
+    /// tools do not depend on the crate): `NAMES` lists `<module>::NAME`
+    /// and each module defines its `NAME`.
+    #[test]
+    fn scheds_are_the_sched_registry_in_its_order() {
+        let src = |file: &str| {
+            let path = format!("{}/../sched/src/{file}", env!("CARGO_MANIFEST_DIR"));
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+        };
+        let registry = src("registry.rs");
+        let list = registry
+            .split("pub const NAMES: &[&str] = &[")
+            .nth(1)
+            .and_then(|t| t.split(']').next())
+            .expect("NAMES in sched/src/registry.rs");
+        let names: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(|m| {
+                let module = m.strip_suffix("::NAME").expect("<module>::NAME");
+                let text = src(&format!("{module}.rs"));
+                let tail = text
+                    .split("pub const NAME: &str = \"")
+                    .nth(1)
+                    .expect("pub const NAME");
+                tail.split('"').next().unwrap().to_string()
+            })
+            .collect();
+        assert_eq!(names, SCHEDS);
+    }
+
     #[test]
     fn unknown_values_are_refused_by_name() {
         let e = expand("sched", "pinned,fifo", SCHEDS)
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"fifo\"") && e.contains("global-rr"), "{e}");
+        assert_eq!(choices("sched", &None, SCHEDS).unwrap(), [None]);
+        let all = choices("sched", &Some("all".into()), SCHEDS).unwrap();
+        assert_eq!(all.len(), SCHEDS.len());
+        assert_eq!(all[2].as_deref(), Some("credit"));
+        assert!(choices("sched", &Some("fifo".into()), SCHEDS).is_err());
         assert!(combinations(&args(&["--mmu", "nope"])).is_err());
         let e = combinations(&args(&["--smp", "65"]))
             .unwrap_err()

@@ -43,6 +43,14 @@ pub struct RunArgs {
     /// exit, median and p99) for each transport and server.
     #[arg(long)]
     pub icount: bool,
+    /// The vCPU scheduler policy, passed as the kernel word `sched=NAME`:
+    /// `pinned`, `global-rr`, `credit`, a comma list, or `all` (one boot per
+    /// policy, MMU server and transport). Without it the kernel runs its
+    /// in-kernel pinned loop. Prints a per-policy table (migrations,
+    /// flushes they caused, pCPU busy time, vCPU CPU time, Jain's index,
+    /// shares) and writes `timeline-<run>.svg` per run with a trace.
+    #[arg(long)]
+    pub sched: Option<String>,
     /// Arguments passed to the kernel command line (QEMU `-append`).
     #[arg(last = true)]
     pub kernel_args: Vec<String>,
@@ -304,6 +312,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             args.smp
         );
     }
+    let scheds = crate::compare::choices("sched", &args.sched, crate::compare::SCHEDS)?;
     prereq::ensure_qemu()?;
     prereq::ensure_kernel_target()?;
     let names: Vec<&str> = match args.mmu.as_str() {
@@ -325,15 +334,23 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let mut failed = Vec::new();
     let mut costs = Vec::new();
     let mut runs = Vec::new();
-    for (transport, name) in transports
-        .iter()
-        .flat_map(|t| names.iter().map(move |n| (*t, *n)))
-    {
+    let mut boots = Vec::new();
+    for sched in &scheds {
+        for transport in &transports {
+            for name in &names {
+                boots.push((sched, *transport, *name));
+            }
+        }
+    }
+    for (sched, transport, name) in boots {
         let mut append = args.kernel_args.join(" ");
         if !name.is_empty() {
             append = format!("mmu={name} transport={transport} {append}")
                 .trim_end()
                 .to_string();
+        }
+        if let Some(policy) = sched {
+            append = format!("sched={policy} {append}").trim_end().to_string();
         }
         if args.icount {
             append = format!("{append} icount").trim_start().to_string();
@@ -365,6 +382,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
         );
         let mut words = args.kernel_args.clone();
         words.push(format!("transport={transport}"));
+        if let Some(policy) = sched {
+            words.push(format!("sched={policy}"));
+        }
         if args.icount {
             words.push("icount".into());
         }
@@ -407,7 +427,15 @@ pub fn run(args: &RunArgs) -> Result<()> {
             }
         }
     }
-    crate::compare::save("run", created, runs)?;
+    // Label the runs against each other: `reference sched=credit`.
+    let selectors: Vec<_> = runs.iter().map(|r| r.selectors.clone()).collect();
+    for (run, label) in runs.iter_mut().zip(crate::results::labels(&selectors)) {
+        run.label = label;
+    }
+    let mut results = crate::results::Results::new("run");
+    results.runs = runs;
+    crate::compare::print_sched_summary(&results);
+    crate::compare::save("run", created, results.runs)?;
     match failed.first() {
         None => Ok(()),
         Some(why) => bail!("{} run(s) failed; first: {why}", failed.len()),

@@ -26,7 +26,9 @@ enum Command {
     /// Build the boot image and boot it under QEMU (TCG, q35), streaming the
     /// serial console. Exits 0 only when the image reports success. Writes
     /// the parsed report as results.json (with CSV tables and an SVG) under
-    /// target/umbra/results/<timestamp>/, as `compare` does.
+    /// target/umbra/results/<timestamp>/, as `compare` does. With `--sched`,
+    /// one boot per policy, a per-policy scheduler table at the end and a
+    /// timeline-<run>.svg per run whose kernel printed a trace.
     Run(image::RunArgs),
     /// Run every host test, the conformance suite and the in-image tests.
     /// The last line is `N passed, M failed` over everything that ran.

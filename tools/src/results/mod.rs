@@ -8,11 +8,13 @@
 pub mod diff;
 pub mod metrics;
 pub mod parse;
+pub mod sched;
 pub mod schema;
 pub mod svg;
 pub mod table;
 #[cfg(test)]
 pub mod test_data;
+pub mod timeline;
 pub mod write;
 
 use serde::{Deserialize, Serialize};
@@ -21,9 +23,12 @@ use std::fmt;
 
 /// The `schema` field of every results file.
 pub const SCHEMA_NAME: &str = "umbra-results";
-/// The version of the results schema this code writes and reads. Bump it
-/// (and `SCHEMA.md`, `schema.json`) on any change a reader could notice.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The version of the results schema this code writes. Bump it (and
+/// `SCHEMA.md`, `schema.json`) on any change a reader could notice.
+pub const SCHEMA_VERSION: u32 = 2;
+/// Every version this code reads: version 1 is version 2 without
+/// `report.sched`.
+pub const SCHEMA_VERSIONS_READ: [u32; 2] = [1, 2];
 
 /// A number in a report: a count, or a ratio (exits per demand fault,
 /// instructions per exit). JSON keeps the distinction: `3` vs `3.0`.
@@ -131,6 +136,10 @@ pub struct Report {
     pub workloads: Vec<Workload>,
     /// The per-pCPU exit table (without its `all` row).
     pub pcpus: Vec<Pcpu>,
+    /// The scheduler's figures and trace (`sched:`/`trace:` lines); absent
+    /// when the run printed none (schema version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sched: Option<sched::Sched>,
 }
 
 /// The combination of implementations and settings one boot ran.

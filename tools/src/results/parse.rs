@@ -12,7 +12,8 @@
 //! naming the line and the offending word: a report that silently lost a
 //! number would make every comparison after it wrong.
 
-use crate::results::metrics::{pcpu_key, sanitize, server_key, workload_key};
+use crate::results::metrics::{pcpu_key, server_key, workload_key};
+use crate::results::sched::{sched_line, trace_line, versioned_pairs, Sched};
 use crate::results::{Pcpu, Report, Value, Verdict, Workload};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -78,6 +79,7 @@ pub fn parse_console<S: AsRef<str>>(lines: &[S]) -> Result<Report, ParseError> {
     let mut domains: BTreeMap<u32, Partial> = BTreeMap::new();
     let mut section = Section::None;
     let mut pcpu_rows: BTreeMap<u32, Pcpu> = BTreeMap::new();
+    let mut sched = Sched::default();
     for (i, raw) in lines.iter().enumerate() {
         let text = raw.as_ref().trim_end();
         let err = |what: String| ParseError {
@@ -126,6 +128,10 @@ pub fn parse_console<S: AsRef<str>>(lines: &[S]) -> Result<Report, ParseError> {
         let body = text.strip_prefix("svm: ").unwrap_or(text);
         if let Some(rest) = body.strip_prefix("result: ") {
             result_line(rest, &mut report, &mut domains, &mut pcpu_rows, i + 1).map_err(err)?;
+        } else if let Some(rest) = record(body, "sched: ") {
+            sched_line(rest, &mut sched).map_err(err)?;
+        } else if let Some(rest) = record(body, "trace: ") {
+            trace_line(rest, &mut sched).map_err(err)?;
         } else if let Some(rest) = text.strip_prefix("svm: ") {
             section = svm_line(rest, &mut report, &mut domains, i + 1).map_err(err)?;
         } else if let Some(name) = text.strip_prefix("umbra: MMU implementation: ") {
@@ -133,10 +139,23 @@ pub fn parse_console<S: AsRef<str>>(lines: &[S]) -> Result<Report, ParseError> {
         }
     }
     report.pcpus = pcpu_rows.into_values().collect();
+    if !sched.is_empty() {
+        sched.vcpus.sort_by_key(|v| v.vcpu);
+        sched.pcpus.sort_by_key(|p| p.pcpu);
+        report.sched = Some(sched);
+    }
     for (domain, p) in domains {
         report.workloads.push(finish(domain, p)?);
     }
     Ok(report)
+}
+
+/// The rest of `line` after `prefix` when it is a versioned record
+/// (`sched: v=1 ...`); the kernel's prose under the same prefix (`sched:
+/// pcpu 3: refused the decision ...`) is not one.
+fn record<'a>(line: &'a str, prefix: &str) -> Option<&'a str> {
+    line.strip_prefix(prefix)
+        .filter(|rest| rest.starts_with("v="))
 }
 
 /// A workload from what its lines said; an error when no line gave its
@@ -343,29 +362,8 @@ fn result_line(
     pcpus: &mut BTreeMap<u32, Pcpu>,
     line: usize,
 ) -> Result<(), String> {
-    let mut pairs = Vec::new();
-    for word in rest.split_whitespace() {
-        let (k, v) = word
-            .split_once('=')
-            .ok_or_else(|| format!("`{word}` is not `key=value`"))?;
-        if k.is_empty() || sanitize(k) != k {
-            return Err(format!("`{k}` is not a key (a-z, 0-9, `_`, `.`)"));
-        }
-        if pairs.iter().any(|(seen, _)| *seen == k) {
-            return Err(format!("key `{k}` given twice"));
-        }
-        pairs.push((k, v));
-    }
-    match pairs.first() {
-        Some(("v", v)) if *v == RESULT_LINE_VERSION.to_string() => {}
-        Some(("v", v)) => {
-            return Err(format!(
-                "result line version `{v}`; this parser reads v={RESULT_LINE_VERSION}"
-            ))
-        }
-        _ => return Err("a result line starts with `v=<version>`".into()),
-    }
-    let pairs = &pairs[1..];
+    let pairs = versioned_pairs(rest, "result", RESULT_LINE_VERSION, &[])?;
+    let pairs = pairs.as_slice();
     match pairs.first() {
         Some(("workload", name)) => {
             let mut domain = None;

@@ -336,6 +336,8 @@ mod tests {
         });
         assert_eq!(validate_results(&doc), Vec::<String>::new());
         doc["schema_version"] = json!(2);
+        assert_eq!(validate_results(&doc), Vec::<String>::new());
+        doc["schema_version"] = json!(3);
         assert!(validate_results(&doc)[0].contains("schema_version"));
     }
 }

@@ -67,3 +67,39 @@ fn regenerate_diff_fixtures() {
         std::fs::write(dir.join(name).join("results.json"), json + "\n").unwrap();
     }
 }
+
+/// A synthetic 2-pCPU console with `sched:` and `trace:` lines under the
+/// `credit` policy (`tests/fixtures/run-sched.txt`).
+pub const SCHED: &str = include_str!("../../tests/fixtures/run-sched.txt");
+
+/// Three runs with scheduler lines: `reference` under `credit` (the
+/// fixture) and under `pinned` (the fixture renamed, with no migrations and
+/// `-` for Jain's index), and `fast-shared` under `credit`; labelled
+/// against each other.
+pub fn sched_runs() -> Results {
+    let pinned = SCHED
+        .replace("policy=credit", "policy=pinned")
+        .replace(
+            "summary migrations=11 migration_flushes=22",
+            "summary migrations=0 migration_flushes=0",
+        )
+        .replace("jain_equal=0.996294", "jain_equal=-");
+    let mut runs = Vec::new();
+    for (console, mmu, sched) in [
+        (SCHED.to_string(), "reference", "credit"),
+        (pinned, "reference", "pinned"),
+        (SCHED.to_string(), "fast-shared", "credit"),
+    ] {
+        let mut run = run_from(&console, mmu);
+        run.selectors.sched = Some(sched.into());
+        run.kernel_args = format!("mmu={mmu} sched={sched}");
+        runs.push(run);
+    }
+    let selectors: Vec<Selectors> = runs.iter().map(|r| r.selectors.clone()).collect();
+    for (run, label) in runs.iter_mut().zip(crate::results::labels(&selectors)) {
+        run.label = label;
+    }
+    let mut r = Results::new("run");
+    r.runs = runs;
+    r
+}

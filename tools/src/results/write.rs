@@ -2,7 +2,7 @@
 
 use crate::results::metrics::EXIT_BUCKETS;
 use crate::results::table::{push_record, tables};
-use crate::results::{schema, svg, Results, SCHEMA_NAME, SCHEMA_VERSION};
+use crate::results::{sched, schema, svg, timeline, Results, SCHEMA_NAME, SCHEMA_VERSIONS_READ};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -65,6 +65,16 @@ pub fn table_file(workload: &str) -> String {
     format!("table-{}.csv", file_stem(workload))
 }
 
+/// CSV file name of a group's scheduler summary table.
+pub fn sched_file(group: &str) -> String {
+    format!("sched-{}.csv", file_stem(group))
+}
+
+/// File name of a run's timeline picture.
+pub fn timeline_file(label: &str) -> String {
+    format!("timeline-{}.svg", file_stem(label))
+}
+
 /// Writes `results` into a new directory `<root>/<timestamp>[-N]/` and
 /// returns it: `results.json` (checked against the schema first), one
 /// `table-<workload>.csv` per table, `pcpu-exits.csv` and `comparison.svg`.
@@ -97,6 +107,17 @@ pub fn write_dir(results: &Results, root: &Path) -> Result<PathBuf> {
     }
     put(PCPU_CSV, &pcpu_csv(results))?;
     put(SVG_NAME, &svg::render(results)?)?;
+    for t in sched::summary_tables(results)
+        .iter()
+        .chain(&sched::overview_table(results))
+    {
+        put(&sched_file(&t.group), &t.csv())?;
+    }
+    for run in &results.runs {
+        if let Some(svg) = timeline::render(run)? {
+            put(&timeline_file(&run.label), &svg)?;
+        }
+    }
     Ok(dir)
 }
 
@@ -134,9 +155,12 @@ pub fn load(dir: &Path) -> Result<Results> {
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let doc: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
-    if doc["schema"] != SCHEMA_NAME || doc["schema_version"] != SCHEMA_VERSION {
+    let version = doc["schema_version"].as_u64();
+    if doc["schema"] != SCHEMA_NAME
+        || !version.is_some_and(|v| SCHEMA_VERSIONS_READ.iter().any(|&r| u64::from(r) == v))
+    {
         bail!(
-            "{}: schema {} version {}; this tool reads {SCHEMA_NAME} version {SCHEMA_VERSION}",
+            "{}: schema {} version {}; this tool reads {SCHEMA_NAME} versions {SCHEMA_VERSIONS_READ:?}",
             path.display(),
             doc["schema"],
             doc["schema_version"]
@@ -220,7 +244,7 @@ mod tests {
         std::fs::write(
             &bad,
             doc.to_string()
-                .replace("\"schema_version\":1", "\"schema_version\":9"),
+                .replace("\"schema_version\":2", "\"schema_version\":9"),
         )
         .unwrap();
         assert!(load(&bad).unwrap_err().to_string().contains("version 9"));
