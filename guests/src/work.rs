@@ -12,7 +12,9 @@ use core::sync::atomic::Ordering;
 pub struct Workload {
     /// Name in the report.
     pub name: &'static str,
-    /// vCPUs (vCPU i runs on pCPU (first_pcpu + i) % pCPUs).
+    /// vCPUs (vCPU i's home pCPU is (first_pcpu + i) % pCPUs: where it
+    /// always runs under the in-kernel loop and `pinned`, the placement
+    /// hint for other scheduler policies).
     pub vcpus: u32,
     /// Guest memory in MiB.
     pub mem_mib: u64,
