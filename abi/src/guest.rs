@@ -85,7 +85,14 @@ pub struct DomainInfo {
     pub pt_lock: AtomicU64,
     /// Scratch words for cross-vCPU protocols (barriers, flags, counters).
     pub shared: [AtomicU64; 32],
+    /// TSC ticks per millisecond as the kernel calibrated them (the guest's
+    /// TSC runs at the host rate); 0 when the kernel does not say, and the
+    /// guest assumes [`DEFAULT_TSC_PER_MS`].
+    pub tsc_per_ms: u64,
 }
+
+/// The TSC rate a guest assumes when [`DomainInfo::tsc_per_ms`] is 0 (2 GHz).
+pub const DEFAULT_TSC_PER_MS: u64 = 2_000_000;
 
 /// Per-vCPU information; the guest's GS base points at it.
 #[repr(C)]

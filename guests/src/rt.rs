@@ -196,6 +196,22 @@ pub fn fail(what: &str, value: u64) -> ! {
     finish(false, value)
 }
 
+/// Reads the time-stamp counter (not intercepted: the host rate, see
+/// `DomainInfo::tsc_per_ms`).
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC is unprivileged, present on x86-64 and has no side effect.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// TSC ticks per millisecond: the kernel's calibration, or
+/// `abi::guest::DEFAULT_TSC_PER_MS` when it gave none.
+pub fn tsc_per_ms() -> u64 {
+    match domain().tsc_per_ms {
+        0 => abi::guest::DEFAULT_TSC_PER_MS,
+        t => t,
+    }
+}
+
 /// Gives the pCPU away for a moment (the hypervisor treats HLT as a yield).
 pub fn yield_now() {
     // SAFETY: HLT is intercepted and simply resumes after it.

@@ -5,13 +5,16 @@
 
 use crate::rt::*;
 use abi::guest::{hc, pte, WORK_BASE};
+use abi::sched::DEFAULT_WEIGHT;
 use core::sync::atomic::Ordering;
 
 /// One workload: its name, vCPU count, guest memory, and the entry.
 pub struct Workload {
     /// Name in the report.
     pub name: &'static str,
-    /// vCPUs (vCPU i runs on pCPU (first_pcpu + i) % pCPUs).
+    /// vCPUs (vCPU i's home pCPU is (first_pcpu + i) % pCPUs: where it
+    /// always runs under the in-kernel loop and `pinned`, the placement
+    /// hint for other scheduler policies).
     pub vcpus: u32,
     /// Guest memory in MiB.
     pub mem_mib: u64,
@@ -24,6 +27,26 @@ pub struct Workload {
     pub ends_in_shutdown: bool,
     /// True when the kernel zaps the domain on its own clock while it runs.
     pub kernel_zaps: bool,
+    /// The scheduler weights of its vCPUs (`1..=abi::sched::MAX_WEIGHT`),
+    /// repeated over the vCPUs: vCPU `i` has `weights[i % len]` (see
+    /// [`Workload::weight`]). Empty: every vCPU has
+    /// `abi::sched::DEFAULT_WEIGHT` (equal weights).
+    pub weights: &'static [u16],
+    /// True when the workload is meant for a scheduler policy: more vCPUs
+    /// than pCPUs kept runnable for a fixed window, so its run time depends
+    /// on time slicing. A run without a scheduler server may leave it out
+    /// (it would pass, but slowly, and slow every workload beside it).
+    pub needs_scheduler: bool,
+}
+
+impl Workload {
+    /// vCPU `vcpu`'s scheduler weight (see [`Workload::weights`]).
+    pub fn weight(&self, vcpu: u32) -> u32 {
+        match self.weights.len() {
+            0 => DEFAULT_WEIGHT,
+            n => u32::from(self.weights[vcpu as usize % n]).max(1),
+        }
+    }
 }
 
 /// Every workload, in report order.
@@ -36,6 +59,8 @@ pub const WORKLOADS: &[Workload] = &[
         run: demand64,
         ends_in_shutdown: false,
         kernel_zaps: true,
+        weights: &[],
+        needs_scheduler: false,
     },
     Workload {
         name: "linux-32M",
@@ -45,6 +70,8 @@ pub const WORKLOADS: &[Workload] = &[
         run: linux32,
         ends_in_shutdown: false,
         kernel_zaps: false,
+        weights: &[],
+        needs_scheduler: false,
     },
     Workload {
         name: "procs-16",
@@ -54,6 +81,8 @@ pub const WORKLOADS: &[Workload] = &[
         run: procs16,
         ends_in_shutdown: false,
         kernel_zaps: false,
+        weights: &[],
+        needs_scheduler: false,
     },
     Workload {
         name: "downgrade",
@@ -63,6 +92,8 @@ pub const WORKLOADS: &[Workload] = &[
         run: downgrade,
         ends_in_shutdown: false,
         kernel_zaps: false,
+        weights: &[],
+        needs_scheduler: false,
     },
     Workload {
         name: "unmap-reuse",
@@ -72,6 +103,8 @@ pub const WORKLOADS: &[Workload] = &[
         run: unmap_reuse,
         ends_in_shutdown: false,
         kernel_zaps: false,
+        weights: &[],
+        needs_scheduler: false,
     },
     Workload {
         name: "touch-16M",
@@ -81,6 +114,8 @@ pub const WORKLOADS: &[Workload] = &[
         run: touch16,
         ends_in_shutdown: false,
         kernel_zaps: false,
+        weights: &[],
+        needs_scheduler: false,
     },
     Workload {
         name: "wp-toggle",
@@ -90,6 +125,8 @@ pub const WORKLOADS: &[Workload] = &[
         run: wp_toggle,
         ends_in_shutdown: false,
         kernel_zaps: false,
+        weights: &[],
+        needs_scheduler: false,
     },
     Workload {
         name: "huge-2M",
@@ -99,6 +136,8 @@ pub const WORKLOADS: &[Workload] = &[
         run: huge2m,
         ends_in_shutdown: false,
         kernel_zaps: false,
+        weights: &[],
+        needs_scheduler: false,
     },
     Workload {
         name: "dirty-log",
@@ -108,6 +147,8 @@ pub const WORKLOADS: &[Workload] = &[
         run: dirty_log,
         ends_in_shutdown: false,
         kernel_zaps: false,
+        weights: &[],
+        needs_scheduler: false,
     },
     Workload {
         name: "zap-all",
@@ -117,6 +158,8 @@ pub const WORKLOADS: &[Workload] = &[
         run: zap_all,
         ends_in_shutdown: false,
         kernel_zaps: false,
+        weights: &[],
+        needs_scheduler: false,
     },
     Workload {
         name: "smp-8",
@@ -126,6 +169,8 @@ pub const WORKLOADS: &[Workload] = &[
         run: smp8,
         ends_in_shutdown: false,
         kernel_zaps: true,
+        weights: &[],
+        needs_scheduler: false,
     },
     Workload {
         name: "hostile",
@@ -135,8 +180,54 @@ pub const WORKLOADS: &[Workload] = &[
         run: hostile,
         ends_in_shutdown: true,
         kernel_zaps: false,
+        weights: &[],
+        needs_scheduler: false,
+    },
+    Workload {
+        name: "fair-24",
+        vcpus: 24,
+        mem_mib: 8,
+        first_pcpu: 0,
+        run: spin_window,
+        ends_in_shutdown: false,
+        kernel_zaps: false,
+        weights: &[],
+        needs_scheduler: true,
+    },
+    Workload {
+        name: "weighted-12",
+        vcpus: 12,
+        mem_mib: 8,
+        first_pcpu: 0,
+        run: spin_window,
+        ends_in_shutdown: false,
+        kernel_zaps: false,
+        // 1x, 2x, 4x the default weight: vCPUs 0, 3, 6, 9 at 1x; 1, 4, 7,
+        // 10 at 2x; 2, 5, 8, 11 at 4x.
+        weights: &[
+            DEFAULT_WEIGHT as u16,
+            2 * DEFAULT_WEIGHT as u16,
+            4 * DEFAULT_WEIGHT as u16,
+        ],
+        needs_scheduler: true,
     },
 ];
+
+// Every scheduler workload fits the spin count slots; every weight is at
+// least 1 (a weight of 0 would be refused by the scheduler).
+const _: () = {
+    let mut i = 0;
+    while i < WORKLOADS.len() {
+        let w = &WORKLOADS[i];
+        assert!(!w.needs_scheduler || w.vcpus as usize <= 32 - SPIN_COUNTS);
+        let mut j = 0;
+        while j < w.weights.len() {
+            assert!(w.weights[j] >= 1);
+            j += 1;
+        }
+        i += 1;
+    }
+};
 
 /// The entry every vCPU starts at: RDI = its VcpuInfo gva, then the
 /// workload's own function.
@@ -665,4 +756,84 @@ fn hostile(_: u64) -> ! {
     let empty_idt = [0u16; 5];
     // SAFETY: this ends the guest; that is the point.
     unsafe { core::arch::asm!("lidt [{}]", "ud2", in(reg) empty_idt.as_ptr(), options(noreturn)) }
+}
+
+/// How long each vCPU of a scheduler workload stays runnable.
+const SPIN_WINDOW_MS: u64 = 1_500;
+/// Fewer iterations than this in a whole window: the vCPU barely ran.
+const SPIN_MIN_ITERATIONS: u64 = 1_000;
+/// `shared` slot counting the vCPUs that finished their window.
+const SPIN_DONE: usize = 0;
+/// `shared` slot with the longest TSC gap any vCPU saw between two
+/// iterations (time it was not running).
+const SPIN_GAP: usize = 1;
+/// First `shared` slot of the per-vCPU iteration counts (one per vCPU).
+const SPIN_COUNTS: usize = 8;
+
+/// CPU-bound vCPUs for the scheduler (`fair-24`, `weighted-12`): every vCPU
+/// spins on the TSC for [`SPIN_WINDOW_MS`] after its own start, counting
+/// iterations, so all stay runnable through the window and the CPU time a
+/// vCPU got shows in its count (the kernel measures the shares; the guest
+/// prints its own view). A window that starts at each vCPU's first run
+/// keeps the workload correct under any scheduler, even one that runs a
+/// vCPU to the end before the next. vCPU 0 waits for all, checks that each
+/// did its work (at least [`SPIN_MIN_ITERATIONS`]) and prints the counts
+/// and the longest gap a vCPU saw (its longest wait while runnable).
+fn spin_window(me: u64) -> ! {
+    let d = domain();
+    let n = d.vcpus;
+    let name = WORKLOADS[d.workload as usize].name;
+    if n > (d.shared.len() - SPIN_COUNTS) as u64 {
+        fail("spin: more vCPUs than count slots:", n);
+    }
+    let per_ms = tsc_per_ms();
+    let start = rdtsc();
+    let deadline = start + SPIN_WINDOW_MS * per_ms;
+    let (mut iterations, mut last, mut gap) = (0u64, start, 0u64);
+    loop {
+        let now = rdtsc();
+        iterations += 1;
+        // The TSC may step back a little after a migration (per-pCPU
+        // offsets); only forward gaps count.
+        gap = gap.max(now.saturating_sub(last));
+        last = now;
+        if now >= deadline {
+            break;
+        }
+    }
+    d.shared[SPIN_COUNTS + me as usize].store(iterations, Ordering::Release);
+    d.shared[SPIN_GAP].fetch_max(gap, Ordering::AcqRel);
+    d.shared[SPIN_DONE].fetch_add(1, Ordering::AcqRel);
+    if me != 0 {
+        exit(0)
+    }
+    wait_for(SPIN_DONE, n);
+    let (mut min, mut max, mut total) = (u64::MAX, 0u64, 0u64);
+    puts(name);
+    puts(": iterations per vCPU:");
+    for k in 0..n as usize {
+        let c = d.shared[SPIN_COUNTS + k].load(Ordering::Acquire);
+        puts(" ");
+        putdec(c);
+        (min, max, total) = (min.min(c), max.max(c), total.saturating_add(c));
+    }
+    puts("\n");
+    for k in 0..n as usize {
+        if d.shared[SPIN_COUNTS + k].load(Ordering::Acquire) < SPIN_MIN_ITERATIONS {
+            fail("spin: a vCPU barely ran in its window, vcpu", k as u64);
+        }
+    }
+    puts(name);
+    puts(": ");
+    putdec(n);
+    puts(" vCPUs runnable ");
+    putdec(SPIN_WINDOW_MS);
+    puts(" ms each; iterations min ");
+    putdec(min);
+    puts(" max ");
+    putdec(max);
+    puts("; longest gap ");
+    putdec(d.shared[SPIN_GAP].load(Ordering::Acquire) * 1000 / per_ms);
+    puts(" us\n");
+    finish(true, total)
 }

@@ -8,8 +8,8 @@
 //! - [`registry`]: the one list of policies, by name.
 //! - [`conformance`]: the black-box suite any scheduler server must pass.
 //!
-//! `no_std` + `alloc`: the same code runs in host tests and, later, as a
-//! ring-3 task in the boot image.
+//! `no_std` + `alloc`: the same code runs in host tests and as a
+//! ring-3 task (`src/bin/sched-task`).
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 

@@ -3,6 +3,8 @@
 //! - [`mem`]: [`mem::WindowMem`], `abi::PhysMem` over frames mapped at a
 //!   fixed offset (the task's window, or the kernel's identity map for the
 //!   direct transport), limited to the served ranges and a shadow pool.
+//! - [`init`]: the answer to the `Init` message every task gives the same
+//!   way (decode the `TaskInit`, create the named server, reply).
 //! - `rt` (only with `--cfg umbra_task`, which `cargo xtask` sets when it
 //!   builds a task binary): what a server task needs and nothing more: the
 //!   entry point, the system calls, the heap, the panic report.
@@ -13,6 +15,7 @@
 
 extern crate alloc;
 
+pub mod init;
 pub mod mem;
 #[cfg(all(umbra_task, target_os = "none"))]
 pub mod rt;

@@ -1,10 +1,9 @@
 //! The task's one entry: `Init` creates the server, `Request` dispatches to it.
 
 use crate::misbehave::{self, Misbehaviour};
-use abi::task::{ControlPage, Op, TaskInit, TaskInitReply, CONTROL, WINDOW_BASE};
+use abi::task::{ControlPage, Op, TaskInit, CONTROL, WINDOW_BASE};
 use abi::{MmuServer, MAX_MESSAGE};
 use alloc::boxed::Box;
-use heapless::String;
 use mmu_server::{registry, Config};
 use spin::Once;
 use task_rt::mem::WindowMem;
@@ -20,10 +19,7 @@ static RELAY: Once<()> = Once::new();
 #[no_mangle]
 fn umbra_task_serve(op: Op, _pcpu: usize, request: &[u8], reply: &mut [u8; MAX_MESSAGE]) -> usize {
     match op {
-        Op::Init => {
-            let answer = init(request);
-            abi::encode(&answer, reply).unwrap_or(0)
-        }
+        Op::Init => task_rt::init::answer(request, reply, init),
         Op::Request if RELAY.get().is_some() => {
             reply[..request.len()].copy_from_slice(request);
             match task_rt::rt::call(abi::task::PORT_MMU, request.len()) {
@@ -44,13 +40,12 @@ fn umbra_task_serve(op: Op, _pcpu: usize, request: &[u8], reply: &mut [u8; MAX_M
     }
 }
 
-fn init(request: &[u8]) -> TaskInitReply {
-    let Ok(init) = abi::decode::<TaskInit>(request) else {
-        return TaskInitReply::Malformed;
-    };
+/// Creates the server `init` names (see `task_rt::init::answer`); false
+/// when no server has that name.
+fn init(init: &TaskInit) -> bool {
     if init.implementation == misbehave::RELAY {
         RELAY.call_once(|| ());
-        return TaskInitReply::Ready(init.implementation);
+        return true;
     }
     let (base_name, misbehaviour) = misbehave::parse(&init.implementation);
     // SAFETY: the kernel maps the control page at CONTROL for the task's
@@ -71,10 +66,8 @@ fn init(request: &[u8]) -> TaskInitReply {
     match registry::create_with(base_name, mem, config) {
         Ok(server) => {
             SERVER.call_once(|| (server, misbehaviour));
-            let mut name = String::new();
-            let _ = name.push_str(&init.implementation);
-            TaskInitReply::Ready(name)
+            true
         }
-        Err(_) => TaskInitReply::UnknownImplementation(init.implementation),
+        Err(_) => false,
     }
 }

@@ -1,5 +1,5 @@
-//! Links the server task binary (`mmu-task`) with the task linker script,
-//! only when building for bare metal.
+//! The build script of every server task's crate (`build = "../task-rt/link-task.rs"`): links its
+//! binaries with the task linker script, only when building for bare metal.
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(umbra_task)");
