@@ -767,16 +767,20 @@ const SPIN_DONE: usize = 0;
 /// `shared` slot with the longest TSC gap any vCPU saw between two
 /// iterations (time it was not running).
 const SPIN_GAP: usize = 1;
+/// `shared` slot counting the vCPUs that reached the start barrier.
+const SPIN_ARRIVED: usize = 2;
+/// `shared` slot holding the common deadline (TSC), 0 until set.
+const SPIN_DEADLINE: usize = 3;
 /// First `shared` slot of the per-vCPU iteration counts (one per vCPU).
 const SPIN_COUNTS: usize = 8;
 
-/// CPU-bound vCPUs for the scheduler (`fair-24`, `weighted-12`): every vCPU
-/// spins on the TSC for [`SPIN_WINDOW_MS`] after its own start, counting
-/// iterations, so all stay runnable through the window and the CPU time a
-/// vCPU got shows in its count (the kernel measures the shares; the guest
-/// prints its own view). A window that starts at each vCPU's first run
-/// keeps the workload correct under any scheduler, even one that runs a
-/// vCPU to the end before the next. vCPU 0 waits for all, checks that each
+/// CPU-bound vCPUs for the scheduler (`fair-24`, `weighted-12`): once every
+/// vCPU has reached a start barrier (waiting there yields, so any scheduler
+/// gets them all there), all spin on the TSC until one common deadline
+/// [`SPIN_WINDOW_MS`] later, counting iterations, so all stay runnable
+/// through the same window and the CPU time a vCPU got in it shows in its
+/// count (the kernel measures the shares inside the window it is told of
+/// with `PHASE_BEGIN`; the guest prints its own view). vCPU 0 waits for all, checks that each
 /// did its work (at least [`SPIN_MIN_ITERATIONS`]) and prints the counts
 /// and the longest gap a vCPU saw (its longest wait while runnable).
 fn spin_window(me: u64) -> ! {
@@ -787,8 +791,20 @@ fn spin_window(me: u64) -> ! {
         fail("spin: more vCPUs than count slots:", n);
     }
     let per_ms = tsc_per_ms();
+    // One common window: every vCPU waits (yielding) at a barrier; the
+    // last to arrive opens the window and tells the kernel (PHASE_BEGIN
+    // with its length), so the kernel can count each vCPU's CPU time
+    // inside it: the window over which fairness and shares are judged.
+    if d.shared[SPIN_ARRIVED].fetch_add(1, Ordering::AcqRel) + 1 == n {
+        let deadline = rdtsc() + SPIN_WINDOW_MS * per_ms;
+        hypercall(hc::PHASE_BEGIN, SPIN_WINDOW_MS * 1000, 0, 0);
+        d.shared[SPIN_DEADLINE].store(deadline, Ordering::Release);
+    }
+    while d.shared[SPIN_DEADLINE].load(Ordering::Acquire) == 0 {
+        yield_now();
+    }
+    let deadline = d.shared[SPIN_DEADLINE].load(Ordering::Acquire);
     let start = rdtsc();
-    let deadline = start + SPIN_WINDOW_MS * per_ms;
     let (mut iterations, mut last, mut gap) = (0u64, start, 0u64);
     loop {
         let now = rdtsc();

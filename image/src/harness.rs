@@ -30,11 +30,14 @@ const RELAY: &str = "relay";
 /// Shadow-pool size in frames (32 MiB).
 const SHADOW_POOL_FRAMES: u64 = 8192;
 
-/// Every guest workload as the kernel sees it: its spec.
-fn specs() -> Vec<DomainSpec> {
+/// Every guest workload as the kernel sees it: its spec. The scheduler
+/// workloads (CPU-bound vCPUs, three times more than pCPUs) run only
+/// under a scheduler server: without one they would only slow the run.
+fn specs(with_scheduler: bool) -> Vec<DomainSpec> {
     guests::work::WORKLOADS
         .iter()
         .enumerate()
+        .filter(|(_, w)| with_scheduler || !w.needs_scheduler)
         .map(|(i, w)| DomainSpec {
             name: w.name,
             vcpus: w.vcpus,
@@ -43,7 +46,7 @@ fn specs() -> Vec<DomainSpec> {
             kernel_zaps: w.kernel_zaps,
             entry: guests::work::guest_main as *const () as u64,
             pf_entry: guests::rt::umbra_guest_pf_entry as *const () as u64,
-            weights: &[],
+            weights: w.weights,
             index: i as u64,
         })
         .collect()
@@ -206,7 +209,7 @@ fn run_one(
         }
     };
     kprintln!("svm: MMU server `{name}` over real frames, MAXPHYADDR {phys_bits}");
-    let specs = specs();
+    let specs = specs(policy.is_some());
     let vcpus = specs.iter().map(|s| s.vcpus as usize).sum();
     let (sched, sched_task) = match policy {
         Some(p) => {

@@ -354,7 +354,8 @@ fn print_sched(svm: &Svm, s: &Scheduler) {
     use core::sync::atomic::Ordering::Relaxed;
     let policy = &s.policy;
     kprintln!("sched: ---- scheduler `{policy}` ----");
-    let mut cpu_bound: Vec<(u64, u64, u32)> = Vec::new(); // (weight, cpu_us, vcpu)
+    // CPU-bound vCPUs: (domain, weight, CPU time inside the domain's window).
+    let mut cpu_bound: Vec<(u32, u32, u64)> = Vec::new();
     let mut migrations = 0;
     for d in svm.domains() {
         let w = workload(d);
@@ -371,8 +372,8 @@ fn print_sched(svm: &Svm, s: &Scheduler) {
                 rec.slices.load(Relaxed),
                 rec.migrations.load(Relaxed)
             );
-            if w.name.starts_with("__cpu_bound_placeholder") {
-                cpu_bound.push((weight as u64, cpu, id));
+            if w.needs_scheduler {
+                cpu_bound.push((d.id.0, weight, rec.window_us.load(Relaxed)));
             }
         }
     }
@@ -385,13 +386,8 @@ fn print_sched(svm: &Svm, s: &Scheduler) {
             rec.slices.load(Relaxed)
         );
     }
-    let weights: Vec<u64> = cpu_bound.iter().map(|c| c.0).collect();
-    let times: Vec<u64> = cpu_bound.iter().map(|c| c.1).collect();
-    let jain = match abi::sched::jain_by_key(&weights, &times) {
-        Some((ppm, _)) => format!("{}.{:06}", ppm.0 / 1_000_000, ppm.0 % 1_000_000),
-        None => "-".into(),
-    };
-    let share_error = worst_share_error(&cpu_bound, s.per_pcpu.len() as u32);
+    let jain = worst_jain(&cpu_bound);
+    let share_error = worst_share_error(&cpu_bound);
     let flushes: u64 = svm
         .domains()
         .iter()
@@ -414,21 +410,49 @@ fn print_sched(svm: &Svm, s: &Scheduler) {
     }
 }
 
-/// The largest relative error between a weighted CPU-bound vCPU's share
-/// of their CPU time and its share by weight (with no vCPU getting more
-/// than one pCPU), as `x.xxxx`; `-` when all weights are equal.
-fn worst_share_error(cpu_bound: &[(u64, u64, u32)], pcpus: u32) -> String {
-    let weights: Vec<u32> = cpu_bound.iter().map(|c| c.0 as u32).collect();
-    if weights.windows(2).all(|w| w[0] == w[1]) {
-        return "-".into();
-    }
-    let times: Vec<u64> = cpu_bound.iter().map(|c| c.1).collect();
-    let mut shares = alloc::vec![abi::sched::Share::default(); weights.len()];
-    let n = abi::sched::weighted_shares(&weights, &times, pcpus, &mut shares);
-    let worst = shares[..n]
+/// Jain's index of the CPU time equal-weight CPU-bound vCPUs of one domain
+/// got inside its measurement window (the common window all of them spend
+/// runnable), worst over the (domain, weight) groups, as `x.xxxxxx`; `-`
+/// without CPU-bound vCPUs.
+fn worst_jain(cpu_bound: &[(u32, u32, u64)]) -> String {
+    let keys: Vec<u64> = cpu_bound
         .iter()
-        .map(|s| s.deviation().0)
-        .max()
-        .unwrap_or(0);
-    format!("{}.{:04}", worst / 1_000_000, (worst % 1_000_000) / 100)
+        .map(|c| (u64::from(c.0) << 32) | u64::from(c.1))
+        .collect();
+    let times: Vec<u64> = cpu_bound.iter().map(|c| c.2).collect();
+    match abi::sched::jain_by_key(&keys, &times) {
+        Some((ppm, _)) => format!("{}.{:06}", ppm.0 / 1_000_000, ppm.0 % 1_000_000),
+        None => "-".into(),
+    }
+}
+
+/// The largest relative error, over the domains whose CPU-bound vCPUs have
+/// different weights, between a vCPU's share of its domain's CPU time
+/// inside the window and its share by weight, as `x.xxxx` (0.05 = 5%);
+/// `-` when no domain has different weights.
+fn worst_share_error(cpu_bound: &[(u32, u32, u64)]) -> String {
+    let mut worst: Option<u32> = None;
+    let mut domains: Vec<u32> = cpu_bound.iter().map(|c| c.0).collect();
+    domains.dedup();
+    for dom in domains {
+        let group: Vec<&(u32, u32, u64)> = cpu_bound.iter().filter(|c| c.0 == dom).collect();
+        let weights: Vec<u32> = group.iter().map(|c| c.1).collect();
+        if weights.windows(2).all(|w| w[0] == w[1]) {
+            continue;
+        }
+        let times: Vec<u64> = group.iter().map(|c| c.2).collect();
+        let mut shares = alloc::vec![abi::sched::Share::default(); weights.len()];
+        // As many pCPUs as vCPUs: the shares by weight, uncapped.
+        let n = abi::sched::weighted_shares(&weights, &times, weights.len() as u32, &mut shares);
+        let w = shares[..n]
+            .iter()
+            .map(|s| s.deviation().0)
+            .max()
+            .unwrap_or(0);
+        worst = Some(worst.map_or(w, |x: u32| x.max(w)));
+    }
+    match worst {
+        Some(w) => format!("{}.{:04}", w / 1_000_000, (w % 1_000_000) / 100),
+        None => "-".into(),
+    }
 }

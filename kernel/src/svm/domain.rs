@@ -43,7 +43,7 @@ pub struct DomainSpec {
     /// The guest's #PF handler (installed in its IDT).
     pub pf_entry: u64,
     /// Scheduler weights of its vCPUs, cycled (empty: the default weight).
-    pub weights: &'static [u32],
+    pub weights: &'static [u16],
     /// Written to the guest's `DomainInfo::workload`.
     pub index: u64,
 }
@@ -117,6 +117,12 @@ pub struct Domain {
     pub cpus_flushed: AtomicU64,
     /// Flush obligations of `VcpuScheduled` right after a migration.
     pub migration_flushes: AtomicU64,
+    /// The measurement window the guest announced with `PHASE_BEGIN`
+    /// (TSC; `window_end` 0: none): the scheduler counts each vCPU's CPU
+    /// time inside it.
+    pub window: AtomicU64,
+    /// The end of the window.
+    pub window_end: AtomicU64,
     /// The exit count at the guest's `PHASE_BEGIN`.
     pub phase_begin: AtomicU64,
     /// Exits strictly between `PHASE_BEGIN` and `PHASE_END` (0: no phase).
@@ -317,6 +323,7 @@ pub fn load(
     di.vcpus = spec.vcpus as u64;
     di.workload = spec.index;
     di.l4_gpa = gl::L4_GPA;
+    di.tsc_per_ms = crate::apic::tsc_per_ms();
     di.next_free.store(ld.next, Ordering::Relaxed);
 
     let domain = Domain {
@@ -352,6 +359,8 @@ pub fn load(
         obligations: AtomicU64::new(0),
         cpus_flushed: AtomicU64::new(0),
         migration_flushes: AtomicU64::new(0),
+        window: AtomicU64::new(0),
+        window_end: AtomicU64::new(0),
         phase_begin: AtomicU64::new(0),
         phase_exits: AtomicU64::new(0),
         phase_faults: AtomicU64::new(0),

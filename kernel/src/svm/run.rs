@@ -293,7 +293,7 @@ fn load_all(
                 Some(s) => {
                     let weight = match w.weights {
                         [] => abi::sched::DEFAULT_WEIGHT,
-                        ws => ws[v % ws.len()],
+                        ws => u32::from(ws[v % ws.len()]),
                     };
                     s.add(vcpu, weight, p)?;
                 }

@@ -63,6 +63,8 @@ pub struct TraceSlice {
 pub struct VcpuRecord {
     /// CPU time, µs.
     pub cpu_us: AtomicU64,
+    /// CPU time inside its domain's measurement window, µs.
+    pub window_us: AtomicU64,
     /// Slices run.
     pub slices: AtomicU64,
     /// Runs on another pCPU than the previous one.
@@ -322,6 +324,15 @@ impl Scheduler {
         let ran = crate::apic::tsc_to_us(t1 - t0);
         let rec = &self.per_vcpu[vcpu.0 as usize];
         rec.cpu_us.fetch_add(ran, Ordering::Relaxed);
+        let (w0, w1) = (
+            v.domain().window.load(Ordering::Relaxed),
+            v.domain().window_end.load(Ordering::Acquire),
+        );
+        if w1 != 0 {
+            let inside = t1.min(w1).saturating_sub(t0.max(w0));
+            rec.window_us
+                .fetch_add(crate::apic::tsc_to_us(inside), Ordering::Relaxed);
+        }
         bump(&rec.slices);
         let prec = &self.per_pcpu[me];
         prec.busy_us.fetch_add(ran, Ordering::Relaxed);

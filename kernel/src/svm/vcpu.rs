@@ -727,6 +727,15 @@ impl Vcpu {
             hc::PHASE_BEGIN => {
                 let now = self.dom.exits.load(Ordering::Relaxed);
                 self.dom.phase_begin.store(now, Ordering::Relaxed);
+                if a != 0 {
+                    // A measurement window of `a` µs from now.
+                    let t = crate::apic::tsc();
+                    let len = a.saturating_mul(crate::apic::tsc_per_ms()) / 1000;
+                    self.dom.window.store(t, Ordering::Relaxed);
+                    self.dom
+                        .window_end
+                        .store(t.saturating_add(len), Ordering::Release);
+                }
                 0
             }
             hc::PHASE_END => {

@@ -6,7 +6,9 @@
 //! MAXPHYADDR, mean nothing here). Each request is `SchedRequest` bytes in
 //! the calling pCPU's buffer, answered by `abi::sched::dispatch`. The
 //! policies take `&self` with their own lock, so several pCPUs may be
-//! inside at once.
+//! inside at once. For the kernel's tests it also answers to the names
+//! `misbehave-twice` and `misbehave-unknown` (see `misbehave`), which are
+//! not in the registry.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(all(target_os = "none", not(umbra_task)))]
@@ -15,6 +17,8 @@ compile_error!("the scheduler task is built by `cargo xtask` (it passes --cfg um
 #[cfg(target_os = "none")]
 extern crate alloc;
 
+#[cfg(target_os = "none")]
+mod misbehave;
 #[cfg(target_os = "none")]
 mod serve;
 
