@@ -794,7 +794,64 @@ fn svm_boots(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
             },
         );
     }
-    containment_boot(image, tally)
+    containment_boot(image, tally)?;
+    scheduler_boot(image, tally)
+}
+
+/// One boot runs every scheduler policy over the task transport (with the
+/// reference MMU server), then two test-only broken policies: one that
+/// answers `Run` for a vCPU running elsewhere, one for a vCPU that does not
+/// exist. Every workload must pass under each; the kernel must report the
+/// broken decisions as refused and run nothing twice; `pinned` must not
+/// migrate.
+fn scheduler_boot(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
+    let append =
+        "mmu=reference sched=pinned,global-rr,credit,misbehave-twice,misbehave-unknown svm-test";
+    eprintln!(
+        "xtask: test image: scheduler policies, then broken ones (the refusals below are expected)"
+    );
+    let out = boot(image, 8, append, TEST_TIMEOUT, true)?;
+    *tally += tally_test_lines(&out.lines);
+    let summary = |policy: &str| {
+        out.lines
+            .iter()
+            .find(|l| l.starts_with(&format!("sched: v=1 policy={policy} summary ")))
+            .cloned()
+    };
+    record(
+        tally,
+        "sched_pinned_never_migrates",
+        match summary("pinned") {
+            Some(l) if l.contains(" migrations=0 ") => Ok(()),
+            Some(l) => Err(format!("pinned migrated: {l}")),
+            None => Err("no summary line for pinned".into()),
+        },
+    );
+    for policy in ["misbehave-twice", "misbehave-unknown"] {
+        let refused = out
+            .lines
+            .iter()
+            .any(|l| l.contains("refused the decision") && l.contains(&format!("of `{policy}`")));
+        record(
+            tally,
+            &format!("sched_{policy}_refused"),
+            match summary(policy) {
+                _ if !refused => Err(format!("no refused decision of `{policy}` reported")),
+                Some(l) if !l.contains(" refused=0 ") => Ok(()),
+                Some(l) => Err(format!("the summary counts no refusal: {l}")),
+                None => Err(format!("no summary line for {policy}")),
+            },
+        );
+    }
+    record(
+        tally,
+        "sched_boot_ends_alive",
+        match &out.ending {
+            Ending::Success => Ok(()),
+            e => Err(format!("the scheduler boot failed: {}", describe(e))),
+        },
+    );
+    Ok(())
 }
 
 /// The misbehaving MMU servers (test-only names the MMU task answers to)
