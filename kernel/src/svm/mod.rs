@@ -20,9 +20,10 @@
 //! # How a run goes
 //! The image (crate `image`) chooses the server, the transport and the
 //! guests, and calls [`run`] with one [`domain::DomainSpec`] per guest: it
-//! loads each domain, pins each vCPU to a pCPU and runs all pCPUs at once
-//! (`smp::run_on`). Each pCPU round-robins its vCPUs: a vCPU gives way on
-//! HLT (the guests' yield) and on timer exits. [`run`] returns the run's
+//! loads each domain and runs all pCPUs at once (`smp::run_on`). Without a
+//! scheduler server each vCPU is pinned to a pCPU and each pCPU
+//! round-robins its vCPUs: a vCPU gives way on HLT (the guests' yield) and
+//! on timer exits. With one ([`sched`]), each pCPU asks it what to run. [`run`] returns the run's
 //! state for the image's report; [`teardown`] then destroys every domain
 //! and checks that no shadow page stayed taken.
 //!
