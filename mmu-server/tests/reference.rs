@@ -1111,6 +1111,7 @@ fn counters_through_the_wire_count_exactly() {
         ServerCounters {
             shadow_pages_created: 2,
             shadow_pages_in_use: 2,
+            shadow_pages_peak: 2,
             ..ServerCounters::default()
         },
         "two vCPUs, one root each"
@@ -1182,6 +1183,7 @@ fn counters_through_the_wire_count_exactly() {
             faults_injected: 1,
             shadow_pages_created: 5,
             shadow_pages_in_use: 5,
+            shadow_pages_peak: 5,
             emulated_writes: 1,
             flush_obligations: obligations,
             flush_cpus: cpus,
@@ -1205,6 +1207,8 @@ fn counters_through_the_wire_count_exactly() {
         ),
         (5, 3, 2)
     );
+    // The peak stays at the 5 frames held before the zap freed 3.
+    assert_eq!(c.shadow_pages_peak, 5);
     assert_eq!(c.shadow_pages_in_use as usize, mem.frames_in_use());
     let (obligations, cpus) = tally.get();
     assert!(obligations >= 1, "the zap of a vCPU that ran must flush");
@@ -1243,10 +1247,15 @@ fn counters_through_the_wire_count_exactly() {
         ServerCounters {
             shadow_pages_created: 1,
             shadow_pages_in_use: 1,
+            shadow_pages_peak: 1,
             ..ServerCounters::default()
         }
     );
     let total = get(&w.s, None);
+    // The server's peak is the 5 frames of D before its zap, not the sum
+    // of the domains' peaks (V20's root came after the zap: 3 in use).
+    assert_eq!(total.shadow_pages_in_use, 3);
+    assert_eq!(total.shadow_pages_peak, 5);
     assert_eq!(total, c.sum(&c2));
     assert_eq!(total.shadow_pages_in_use as usize, mem.frames_in_use());
     // Destroyed domains stay in the total; asking for one is an error.
@@ -1260,6 +1269,8 @@ fn counters_through_the_wire_count_exactly() {
     let (obligations, cpus) = tally.get();
     assert_eq!(total.shadow_pages_in_use, 1);
     assert_eq!(total.shadow_pages_in_use as usize, mem.frames_in_use());
+    // The destroyed domain's frames are gone; the server's peak is not.
+    assert_eq!(total.shadow_pages_peak, 5);
     assert_eq!(
         (
             total.page_faults,
@@ -1296,5 +1307,6 @@ fn counters_count_reclaims() {
     };
     assert_eq!(c.reclaims, 1, "{c:?}");
     assert_eq!(c.faults_fixed, 2);
+    assert!(c.shadow_pages_peak >= c.shadow_pages_in_use, "{c:?}");
     assert_eq!(c.shadow_pages_in_use as usize, mem.frames_in_use());
 }
