@@ -1310,3 +1310,38 @@ fn counters_count_reclaims() {
     assert!(c.shadow_pages_peak >= c.shadow_pages_in_use, "{c:?}");
     assert_eq!(c.shadow_pages_in_use as usize, mem.frames_in_use());
 }
+
+/// The peak is the most frames held at once: N tables, a zap, then fewer
+/// tables again leave it at N (+ the roots), above the level in use.
+#[test]
+fn counters_peak_survives_zap() {
+    let (mem, map) = memory();
+    let mut w = world(&mem, &map);
+    w.map4k(0x40_0000, 0x5000, PTE_RW | PTE_US);
+    w.map4k(0x8000_0000, 0x6000, PTE_RW | PTE_US);
+    w.start(V0, P0);
+    assert_eq!(w.fault(V0, P0, 0x40_0000, U), resume());
+    assert_eq!(w.fault(V0, P0, 0x8000_0000, U), resume());
+    let get = |w: &World| match send(&w.s, MmuRequest::GetCounters { domain: Some(D) }) {
+        MmuReply::Counters { counters, .. } => counters,
+        other => panic!("GetCounters answered {other:?}"),
+    };
+    let held = get(&w);
+    // Two roots, the L3, two L2s and two L1s.
+    assert_eq!(held.shadow_pages_in_use, 7, "{held:?}");
+    assert_eq!(held.shadow_pages_peak, 7, "{held:?}");
+    send(&w.s, MmuRequest::ZapAll { domain: D });
+    send(&w.s, MmuRequest::VcpuDescheduled { vcpu: V0, pcpu: P0 });
+    w.start(V0, P0);
+    assert_eq!(w.fault(V0, P0, 0x40_0000, U), resume());
+    let c = get(&w);
+    assert_eq!(c.shadow_pages_in_use, 5, "{c:?}");
+    assert_eq!(c.shadow_pages_in_use as usize, mem.frames_in_use());
+    assert_eq!(c.shadow_pages_peak, 7, "{c:?}");
+    let MmuReply::Counters { counters: t, .. } =
+        send(&w.s, MmuRequest::GetCounters { domain: None })
+    else {
+        panic!("no counters")
+    };
+    assert_eq!((t.shadow_pages_in_use, t.shadow_pages_peak), (5, 7));
+}
