@@ -101,8 +101,9 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version spoken by this `abi` (2: `GetCounters` / `Counters`
 /// appended; 3: `MapForeign` / `UnmapForeign` / `ForeignUnmapped` appended,
-/// with the errors and resource they need).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// with the errors and resource they need; 4: `ServerCounters::shadow_pages_peak`
+/// appended).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The largest number of regions in a domain's memory map.
 pub const MAX_REGIONS: usize = 16;
@@ -505,10 +506,19 @@ pub struct ServerCounters {
     /// The pCPUs named by those obligations, summed (the popcount of each
     /// obligation's CPU set): the shootdown work the server asked for.
     pub flush_cpus: u64,
+    /// The most shadow pages the domain held at once (created - freed) since
+    /// it was created (version 4); in the whole-server answer: the most the
+    /// server held at once over all domains (not the sum of the domains'
+    /// peaks, which were not necessarily at the same time). A level like
+    /// `shadow_pages_in_use`, never below it.
+    pub shadow_pages_peak: u64,
 }
 
 impl ServerCounters {
-    /// Field-wise sum (saturating), for totals over domains.
+    /// Field-wise sum (saturating), for totals over domains, except
+    /// `shadow_pages_peak`: the larger of the two, a lower bound of the
+    /// total's peak (a server that answers for the whole server tracks its
+    /// own peak and sets the field itself).
     pub fn sum(&self, o: &ServerCounters) -> ServerCounters {
         ServerCounters {
             page_faults: self.page_faults.saturating_add(o.page_faults),
@@ -533,6 +543,7 @@ impl ServerCounters {
             unshadowed: self.unshadowed.saturating_add(o.unshadowed),
             flush_obligations: self.flush_obligations.saturating_add(o.flush_obligations),
             flush_cpus: self.flush_cpus.saturating_add(o.flush_cpus),
+            shadow_pages_peak: self.shadow_pages_peak.max(o.shadow_pages_peak),
         }
     }
 }

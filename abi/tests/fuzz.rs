@@ -156,6 +156,7 @@ fn random_reply(r: &mut Rng) -> MmuReply {
                 unshadowed: r.val(),
                 flush_obligations: r.val(),
                 flush_cpus: r.val(),
+                shadow_pages_peak: r.val(),
             },
             flush,
         },

@@ -123,7 +123,7 @@ fn requests() -> Vec<MmuRequest> {
     all
 }
 
-/// Counters with a distinct value per field (1..=16, the last one 300 to
+/// Counters with a distinct value per field (1..=17, the 16th 300 to
 /// pin a two-byte varint), so a reordered field changes the bytes.
 fn sample_counters() -> ServerCounters {
     // Exhaustive destructuring: a new field must be pinned here.
@@ -144,6 +144,7 @@ fn sample_counters() -> ServerCounters {
         unshadowed,
         flush_obligations,
         flush_cpus,
+        shadow_pages_peak,
     } = ServerCounters::default();
     let _ = (
         page_faults,
@@ -162,6 +163,7 @@ fn sample_counters() -> ServerCounters {
         unshadowed,
         flush_obligations,
         flush_cpus,
+        shadow_pages_peak,
     );
     ServerCounters {
         page_faults: 1,
@@ -180,6 +182,7 @@ fn sample_counters() -> ServerCounters {
         unshadowed: 14,
         flush_obligations: 15,
         flush_cpus: 300,
+        shadow_pages_peak: 17,
     }
 }
 
@@ -452,7 +455,7 @@ fn pinned_scopes_and_decode_errors() {
             },
             MmuReply::error(MmuError::Unsupported(MmuRequest::GET_COUNTERS)),
         ],
-        &["0900000000000000000000000000000000010302", "08110f00"][..],
+        &["090000000000000000000000000000000000010302", "08110f00"][..],
     );
     check(
         "get counters (whole server)",
@@ -595,6 +598,7 @@ fn worst_case_messages_fit() {
         unshadowed: u64::MAX,
         flush_obligations: u64::MAX,
         flush_cpus: u64::MAX,
+        shadow_pages_peak: u64::MAX,
     };
     let big_counters = MmuReply::Counters {
         counters: c,
@@ -639,7 +643,7 @@ const PINNED_REPLIES: [&str; 11] = [
     "0601ff0102",
     "07800204018000ff018022010103",
     "08040900",
-    "090102030405060708090a0b0c0d0e0fac0200",
+    "090102030405060708090a0b0c0d0e0fac021100",
     "0ab424010600",
 ];
 const PINNED_ERRORS: [&str; 23] = [

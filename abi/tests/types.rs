@@ -140,3 +140,32 @@ fn memory_region_checks() {
     }
     .is_valid());
 }
+
+/// Summing counters adds the counts but keeps the larger peak (peaks of two
+/// domains need not have been at the same time).
+#[test]
+fn counters_sum_keeps_the_larger_peak() {
+    use abi::mmu::ServerCounters;
+    let a = ServerCounters {
+        shadow_pages_created: 9,
+        shadow_pages_in_use: 4,
+        shadow_pages_peak: 7,
+        ..ServerCounters::default()
+    };
+    let b = ServerCounters {
+        shadow_pages_created: 3,
+        shadow_pages_in_use: 3,
+        shadow_pages_peak: 5,
+        ..ServerCounters::default()
+    };
+    let s = a.sum(&b);
+    assert_eq!(
+        (
+            s.shadow_pages_created,
+            s.shadow_pages_in_use,
+            s.shadow_pages_peak
+        ),
+        (12, 7, 7)
+    );
+    assert_eq!(b.sum(&a), s);
+}

@@ -59,7 +59,11 @@
 //! destroyed they move into the server's `retired` counts, so the
 //! whole-server figures cover every domain ever created.
 //! `shadow_pages_in_use` is `shadow_pages_created - shadow_pages_freed`
-//! (frames unhooked but not yet freed count as in use). This server has no
+//! (frames unhooked but not yet freed count as in use); `shadow_pages_peak`
+//! (per domain and for the server) is the highest such level seen at the end
+//! of a request that took frames (a fault that ran the pool dry and zapped to
+//! retry is measured after its retry, so the moment the pool was empty is not
+//! seen). This server has no
 //! lockless path, never unsyncs, never unshadows and never asks for an
 //! emulated write, so those counters stay 0 by design.
 //!
@@ -120,6 +124,9 @@ struct State {
     foreign: Vec<Foreign>,
     /// Counts of destroyed domains (and their vCPUs).
     retired: ServerCounters,
+    /// The most shadow frames the server held at once (the whole-server
+    /// `shadow_pages_peak`).
+    peak: u64,
 }
 
 /// Guest frames at or above this are out of range for a foreign mapping
@@ -179,6 +186,8 @@ struct Domain {
     dirty: Option<DirtyLog>,
     /// Domain-level events (its vCPUs count their own).
     counters: ServerCounters,
+    /// The most shadow frames the domain (its vCPUs) held at once.
+    peak: u64,
 }
 
 struct Vcpu {
@@ -279,7 +288,20 @@ impl State {
             .filter(|v| v.domain == d.id)
             .fold(d.counters, |acc, v| acc.sum(&v.counters));
         c.shadow_pages_in_use = c.shadow_pages_created.saturating_sub(c.shadow_pages_freed);
+        c.shadow_pages_peak = d.peak.max(c.shadow_pages_in_use);
         c
+    }
+
+    /// Raises the peaks of `domain` and of the server to the levels now
+    /// (called after every request that took shadow frames; frees only
+    /// lower the levels).
+    fn note_peak(&mut self, domain: DomainId) {
+        if let Ok(di) = self.domain_index(domain) {
+            let level = self.domain_counters(&self.domains[di]).shadow_pages_in_use;
+            let d = &mut self.domains[di];
+            d.peak = d.peak.max(level);
+        }
+        self.peak = self.peak.max(self.total_counters().shadow_pages_in_use);
     }
 
     /// The whole server's counters: destroyed domains plus live ones.
@@ -289,6 +311,7 @@ impl State {
             .iter()
             .fold(self.retired, |acc, d| acc.sum(&self.domain_counters(d)));
         c.shadow_pages_in_use = c.shadow_pages_created.saturating_sub(c.shadow_pages_freed);
+        c.shadow_pages_peak = self.peak.max(c.shadow_pages_in_use);
         c
     }
 }
@@ -304,6 +327,7 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
                 vcpus: Vec::new(),
                 foreign: Vec::new(),
                 retired: ServerCounters::default(),
+                peak: 0,
             }),
         }
     }
@@ -689,6 +713,7 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
             memory: memory.clone(),
             dirty: None,
             counters: ServerCounters::default(),
+            peak: 0,
         });
         MmuReply::Done { flush: None }
     }
@@ -781,6 +806,7 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
                 ..ServerCounters::default()
             },
         });
+        st.note_peak(domain);
         MmuReply::Done { flush: None }
     }
 
@@ -837,6 +863,10 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
                 _ => {}
             }
             count_flush(c, &reply);
+            let domain = v.domain;
+            if taken > 0 {
+                st.note_peak(domain);
+            }
         }
         reply
     }

@@ -237,6 +237,7 @@ fn fast_servers_count_exactly_through_the_wire() {
             (6, 0, 6),
             "{name}: {c:?}"
         );
+        assert_eq!(c.shadow_pages_peak, 6, "{name}: nothing freed yet: {c:?}");
         assert_eq!(
             (
                 c.emulated_writes,
@@ -276,6 +277,12 @@ fn fast_servers_count_exactly_through_the_wire() {
         // A new root, L3, L2, L1 after the zap; the zapped ones are freed
         // (acknowledged by P0's later requests) or still pending.
         assert_eq!(c.shadow_pages_created, 10, "{name}: {c:?}");
+        // The 6 held before the zap, plus at most the 4 new ones if the
+        // zapped pages were still pending when those were taken.
+        assert!(
+            (6..=10).contains(&c.shadow_pages_peak) && c.shadow_pages_peak >= c.shadow_pages_in_use,
+            "{name}: {c:?}"
+        );
         assert_eq!(
             c.shadow_pages_in_use,
             c.shadow_pages_created - c.shadow_pages_freed,
@@ -294,6 +301,14 @@ fn fast_servers_count_exactly_through_the_wire() {
         let t = r.total_before;
         assert_eq!(t.page_faults, c.page_faults + r.d2.page_faults, "{name}");
         assert_eq!(t.faults_fixed, c.faults_fixed + r.d2.faults_fixed, "{name}");
+        // The server held D's and D2's frames at once: its peak is at least
+        // each domain's and the level then.
+        assert!(
+            t.shadow_pages_peak >= c.shadow_pages_peak.max(r.d2.shadow_pages_peak)
+                && t.shadow_pages_peak >= t.shadow_pages_in_use
+                && t.shadow_pages_peak >= c.shadow_pages_in_use + r.d2.shadow_pages_in_use,
+            "{name}: {t:?}"
+        );
         // After: D2's counts are kept; its frames are freed.
         let t = r.total;
         assert_eq!(
@@ -323,6 +338,10 @@ fn fast_servers_count_exactly_through_the_wire() {
             t.shadow_pages_in_use as usize, r.frames_in_use,
             "{name}: the server's frames in use are the simulator's: {t:?}"
         );
+        assert_eq!(
+            t.shadow_pages_peak, r.total_before.shadow_pages_peak,
+            "{name}: destroying D2 freed frames; the server's peak stays"
+        );
     }
 }
 
@@ -341,6 +360,16 @@ fn fast_and_reference_agree_on_fault_counts() {
                 (f.page_faults, f.faults_fixed, f.faults_injected),
                 (r.page_faults, r.faults_fixed, r.faults_injected),
                 "{name} vs reference, {what}"
+            );
+        }
+        // Peaks are not compared: the servers legitimately hold different
+        // frames (the reference one root per vCPU, the fast ones roots
+        // cached per CR3 and mode, per-pCPU copies, lazy frees); each is
+        // checked against its own frames in use.
+        for (c, what) in [(&fast.total, name), (&reference.total, "reference")] {
+            assert!(
+                c.shadow_pages_peak >= c.shadow_pages_in_use,
+                "{what}: {c:?}"
             );
         }
         assert_eq!(reference.d.0.fast_path_fixes, 0);

@@ -1111,6 +1111,7 @@ fn counters_through_the_wire_count_exactly() {
         ServerCounters {
             shadow_pages_created: 2,
             shadow_pages_in_use: 2,
+            shadow_pages_peak: 2,
             ..ServerCounters::default()
         },
         "two vCPUs, one root each"
@@ -1182,6 +1183,7 @@ fn counters_through_the_wire_count_exactly() {
             faults_injected: 1,
             shadow_pages_created: 5,
             shadow_pages_in_use: 5,
+            shadow_pages_peak: 5,
             emulated_writes: 1,
             flush_obligations: obligations,
             flush_cpus: cpus,
@@ -1205,6 +1207,8 @@ fn counters_through_the_wire_count_exactly() {
         ),
         (5, 3, 2)
     );
+    // The peak stays at the 5 frames held before the zap freed 3.
+    assert_eq!(c.shadow_pages_peak, 5);
     assert_eq!(c.shadow_pages_in_use as usize, mem.frames_in_use());
     let (obligations, cpus) = tally.get();
     assert!(obligations >= 1, "the zap of a vCPU that ran must flush");
@@ -1243,10 +1247,15 @@ fn counters_through_the_wire_count_exactly() {
         ServerCounters {
             shadow_pages_created: 1,
             shadow_pages_in_use: 1,
+            shadow_pages_peak: 1,
             ..ServerCounters::default()
         }
     );
     let total = get(&w.s, None);
+    // The server's peak is the 5 frames of D before its zap, not the sum
+    // of the domains' peaks (V20's root came after the zap: 3 in use).
+    assert_eq!(total.shadow_pages_in_use, 3);
+    assert_eq!(total.shadow_pages_peak, 5);
     assert_eq!(total, c.sum(&c2));
     assert_eq!(total.shadow_pages_in_use as usize, mem.frames_in_use());
     // Destroyed domains stay in the total; asking for one is an error.
@@ -1260,6 +1269,8 @@ fn counters_through_the_wire_count_exactly() {
     let (obligations, cpus) = tally.get();
     assert_eq!(total.shadow_pages_in_use, 1);
     assert_eq!(total.shadow_pages_in_use as usize, mem.frames_in_use());
+    // The destroyed domain's frames are gone; the server's peak is not.
+    assert_eq!(total.shadow_pages_peak, 5);
     assert_eq!(
         (
             total.page_faults,
@@ -1296,5 +1307,37 @@ fn counters_count_reclaims() {
     };
     assert_eq!(c.reclaims, 1, "{c:?}");
     assert_eq!(c.faults_fixed, 2);
+    assert!(c.shadow_pages_peak >= c.shadow_pages_in_use, "{c:?}");
     assert_eq!(c.shadow_pages_in_use as usize, mem.frames_in_use());
+}
+
+/// The peak is the most frames held at once: N tables, a zap, then fewer
+/// tables again leave it at N (+ the roots), above the level in use.
+#[test]
+fn counters_peak_survives_zap() {
+    let (mem, map) = memory();
+    let mut w = world(&mem, &map);
+    w.map4k(0x40_0000, 0x5000, PTE_RW | PTE_US);
+    w.map4k(0x8000_0000, 0x6000, PTE_RW | PTE_US);
+    w.start(V0, P0);
+    assert_eq!(w.fault(V0, P0, 0x40_0000, U), resume());
+    assert_eq!(w.fault(V0, P0, 0x8000_0000, U), resume());
+    let get = |w: &World, domain| match send(&w.s, MmuRequest::GetCounters { domain }) {
+        MmuReply::Counters { counters, .. } => counters,
+        other => panic!("GetCounters answered {other:?}"),
+    };
+    let held = get(&w, Some(D));
+    // Two roots, the L3, two L2s and two L1s.
+    assert_eq!(held.shadow_pages_in_use, 7, "{held:?}");
+    assert_eq!(held.shadow_pages_peak, 7, "{held:?}");
+    send(&w.s, MmuRequest::ZapAll { domain: D });
+    send(&w.s, MmuRequest::VcpuDescheduled { vcpu: V0, pcpu: P0 });
+    w.start(V0, P0);
+    assert_eq!(w.fault(V0, P0, 0x40_0000, U), resume());
+    let c = get(&w, Some(D));
+    assert_eq!(c.shadow_pages_in_use, 5, "{c:?}");
+    assert_eq!(c.shadow_pages_in_use as usize, mem.frames_in_use());
+    assert_eq!(c.shadow_pages_peak, 7, "{c:?}");
+    let t = get(&w, None);
+    assert_eq!((t.shadow_pages_in_use, t.shadow_pages_peak), (5, 7));
 }

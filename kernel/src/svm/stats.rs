@@ -146,13 +146,13 @@ pub fn percentiles(which: Figure) -> Option<(usize, u32, u32)> {
 
 /// Column heads of the server-counter table, one per [`server_row`] value
 /// (the meaning of each is documented on [`ServerCounters`]).
-pub const SERVER_HEADS: [&str; 16] = [
-    "pf", "fixed", "inject", "fast", "sp-new", "sp-free", "sp-used", "zaps", "reclm", "emreq",
-    "emul", "unsync", "resync", "unshad", "flush", "fcpus",
+pub const SERVER_HEADS: [&str; 17] = [
+    "pf", "fixed", "inject", "fast", "sp-new", "sp-free", "sp-used", "sp-peak", "zaps", "reclm",
+    "emreq", "emul", "unsync", "resync", "unshad", "flush", "fcpus",
 ];
 
 /// The counters in [`SERVER_HEADS`] order.
-pub fn server_row(c: &ServerCounters) -> [u64; 16] {
+pub fn server_row(c: &ServerCounters) -> [u64; 17] {
     [
         c.page_faults,
         c.faults_fixed,
@@ -161,6 +161,7 @@ pub fn server_row(c: &ServerCounters) -> [u64; 16] {
         c.shadow_pages_created,
         c.shadow_pages_freed,
         c.shadow_pages_in_use,
+        c.shadow_pages_peak,
         c.zaps,
         c.reclaims,
         c.emulate_write_replies,

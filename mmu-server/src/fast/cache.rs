@@ -208,7 +208,7 @@ impl<P: L4Policy> Inner<P> {
         };
         self.by_frame.insert(frame.0, id);
         stats.sp_created.fetch_add(1, Ordering::Relaxed);
-        self.count(did, |c| &c.shadow_pages_created);
+        self.count_created(did);
         let d = self.dom(DomainId(did))?;
         d.cache.insert((gen, gfn, role), id);
         d.active.insert(id);

@@ -19,6 +19,15 @@
 //!   [`L4Policy::frames_counted`].
 //! - `shadow_pages_in_use` = created - freed at the time of the reply
 //!   (pages obsoleted by a zap but not yet freed count as in use).
+//! - `shadow_pages_peak`: per domain, raised (`fetch_max`) to created - freed
+//!   after each shadow page the domain takes ([`Inner::count_created`]); for
+//!   the whole server, `Inner::peak`, raised at the same points to the
+//!   whole-server level (every live domain + the policy's frames), and to the
+//!   level at the time of a whole-server reply. The per-pCPU copies raise it
+//!   at the next shadow page taken or reply, not when taken themselves. A
+//!   destroyed domain's peak only lasts in the server's peak (the retired
+//!   total keeps the largest of its domains' peaks, a lower bound, which the
+//!   whole-server answer replaces by `Inner::peak`).
 //! - `zaps`: completed `ZapAll` requests (not the internal zaps of a
 //!   domain's destruction or of running out of frames).
 //! - `reclaims`: once per step that got frames back because the pool ran
@@ -58,6 +67,7 @@ pub(super) struct DomCounters {
     pub(super) unshadowed: AtomicU64,
     pub(super) flush_obligations: AtomicU64,
     pub(super) flush_cpus: AtomicU64,
+    pub(super) shadow_pages_peak: AtomicU64,
 }
 
 /// Adds `n` to a counter (relaxed: counts only).
@@ -104,6 +114,7 @@ impl DomCounters {
             unshadowed: l(&self.unshadowed),
             flush_obligations: l(&self.flush_obligations),
             flush_cpus: l(&self.flush_cpus),
+            shadow_pages_peak: l(&self.shadow_pages_peak).max(created.saturating_sub(freed)),
         }
     }
 }
@@ -114,6 +125,19 @@ impl<P: L4Policy> Inner<P> {
         if let Some(d) = self.domains.get(&did) {
             add(pick(&d.shared.counters), 1);
         }
+    }
+
+    /// Counts a shadow page taken by domain `did` (if it exists) and raises
+    /// its peak and the server's to the levels now.
+    pub(super) fn count_created(&mut self, did: u32) {
+        if let Some(d) = self.domains.get(&did) {
+            let c = &d.shared.counters;
+            let created = c.shadow_pages_created.fetch_add(1, Ordering::Relaxed) + 1;
+            let freed = c.shadow_pages_freed.load(Ordering::Relaxed);
+            c.shadow_pages_peak
+                .fetch_max(created.saturating_sub(freed), Ordering::Relaxed);
+        }
+        self.peak = self.peak.max(self.total().shadow_pages_in_use);
     }
 
     /// Counts a page fault of `vcpu` served under the lock (if it exists).
@@ -161,12 +185,22 @@ impl<P: L4Policy> Inner<P> {
         self.retired = self.retired.sum(&c);
     }
 
-    /// The counters of `domain`, or of the whole server.
-    fn counters(&self, domain: Option<DomainId>) -> Result<ServerCounters, MmuError> {
+    /// The counters of `domain`, or of the whole server (raising the
+    /// server's peak to the level now).
+    fn counters(&mut self, domain: Option<DomainId>) -> Result<ServerCounters, MmuError> {
         if let Some(id) = domain {
             let d = self.domains.get(&id.0).ok_or(MmuError::UnknownDomain(id))?;
             return Ok(d.shared.counters.snapshot());
         }
+        let mut c = self.total();
+        self.peak = self.peak.max(c.shadow_pages_in_use);
+        c.shadow_pages_peak = self.peak;
+        Ok(c)
+    }
+
+    /// The whole server's counters, its peak not yet set (the largest of
+    /// the domains' peaks).
+    fn total(&self) -> ServerCounters {
         let (taken, given) = self.policy.frames_counted();
         let own = ServerCounters {
             shadow_pages_created: taken,
@@ -180,7 +214,7 @@ impl<P: L4Policy> Inner<P> {
                 acc.sum(&d.shared.counters.snapshot())
             });
         c.shadow_pages_in_use = c.shadow_pages_created.saturating_sub(c.shadow_pages_freed);
-        Ok(c)
+        c
     }
 }
 

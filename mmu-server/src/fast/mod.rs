@@ -454,6 +454,8 @@ struct Inner<P> {
     dirty_mode: DirtyMode,
     /// Counts of destroyed domains (see [`counters`]).
     retired: abi::mmu::ServerCounters,
+    /// The most shadow frames the server held at once (see [`counters`]).
+    peak: u64,
     prefetch: Prefetch,
 }
 
@@ -538,6 +540,7 @@ impl<'m, P: L4Policy> FastServer<'m, P> {
                 maxphyaddr: config.maxphyaddr,
                 dirty_mode,
                 retired: Default::default(),
+                peak: 0,
                 prefetch,
             }),
             fast: spin::RwLock::new(BTreeMap::new()),
