@@ -257,8 +257,8 @@ fn result_line(
         Some(c) => {
             let _ = write!(
                 l,
-                " shadow_pages_peak=- shadow_pages_created={} shadow_pages_freed={}",
-                c.shadow_pages_created, c.shadow_pages_freed
+                " shadow_pages_peak={} shadow_pages_created={} shadow_pages_freed={}",
+                c.shadow_pages_peak, c.shadow_pages_created, c.shadow_pages_freed
             );
         }
         None => l.push_str(" shadow_pages_peak=- shadow_pages_created=- shadow_pages_freed=-"),

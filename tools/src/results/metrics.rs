@@ -89,6 +89,7 @@ pub const CATALOGUE: &[Metric] = &[
     m("server.shadow_pages_created",       "server: shadow pages created",         Lower),
     m("server.shadow_pages_freed",         "server: shadow pages freed",           Lower),
     m("server.shadow_pages_in_use",        "server: shadow pages in use",          Lower),
+    m("server.shadow_pages_peak",          "server: shadow pages peak",            Lower),
     m("server.zaps",                       "server: zaps",                         Lower),
     m("server.reclaims",                   "server: reclaims",                     Lower),
     m("server.emulate_write_replies",      "server: emulate-write replies",        Lower),
@@ -117,6 +118,7 @@ pub fn server_key(head: &str) -> String {
         "sp-new" => "shadow_pages_created",
         "sp-free" => "shadow_pages_freed",
         "sp-used" => "shadow_pages_in_use",
+        "sp-peak" => "shadow_pages_peak",
         "zaps" => "zaps",
         "reclm" => "reclaims",
         "emreq" => "emulate_write_replies",
@@ -201,8 +203,8 @@ mod tests {
     #[test]
     fn column_heads_map_to_catalogued_keys() {
         for h in [
-            "pf", "fixed", "inject", "fast", "sp-new", "sp-free", "sp-used", "zaps", "reclm",
-            "emreq", "emul", "unsync", "resync", "unshad", "flush", "fcpus",
+            "pf", "fixed", "inject", "fast", "sp-new", "sp-free", "sp-used", "sp-peak", "zaps",
+            "reclm", "emreq", "emul", "unsync", "resync", "unshad", "flush", "fcpus",
         ] {
             assert!(find(&server_key(h)).is_some(), "{h}");
         }
