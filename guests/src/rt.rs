@@ -404,8 +404,3 @@ pub fn putdec(v: u64) {
         putc(b);
     }
 }
-
-/// The domain's exits so far (a hypercall, itself counted).
-pub fn exits_so_far() -> u64 {
-    hypercall(hc::EXITS, 0, 0, 0)
-}

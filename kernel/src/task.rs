@@ -159,8 +159,8 @@ pub enum LoadError {
     },
     /// No frames left.
     OutOfFrames,
-    /// The init message was refused or did not decode.
-    Init(String),
+    /// Every slot of the task's served-range table is taken.
+    RangeTableFull,
 }
 
 impl fmt::Display for LoadError {
@@ -172,7 +172,11 @@ impl fmt::Display for LoadError {
                 "segment at {vaddr:#x} (+{memsz:#x}) outside the task image region"
             ),
             LoadError::OutOfFrames => write!(f, "out of frames"),
-            LoadError::Init(why) => write!(f, "init refused: {why}"),
+            LoadError::RangeTableFull => write!(
+                f,
+                "the control page's table of {} served ranges is full",
+                layout::MAX_RANGES
+            ),
         }
     }
 }
@@ -340,9 +344,7 @@ impl Task {
             off += 4096;
         }
         if list && !self.control().add_range(pa, bytes) {
-            return Err(LoadError::Init(
-                "the control page's range table is full".into(),
-            ));
+            return Err(LoadError::RangeTableFull);
         }
         Ok(())
     }

@@ -125,9 +125,10 @@ impl Svm {
         Ok(reply)
     }
 
-    /// Reports the server stopped while serving `req` (the first pCPU to
-    /// see it reports; the others only stop), stops every domain it
-    /// serves, and returns the error for the caller.
+    /// Marks the server stopped after it stopped while serving `req`: the
+    /// pCPU that saw the fault reports it (the others, which find the task
+    /// already stopped, report nothing), every domain it serves is stopped,
+    /// and the caller gets the error.
     fn server_down(&self, req: &MmuRequest, cause: Stop) -> ServerDown {
         // The pCPU that saw the fault reports it; the others, which find
         // the task already stopped, only stop their domains.

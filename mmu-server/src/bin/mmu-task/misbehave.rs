@@ -61,8 +61,10 @@ pub fn before_request(m: Misbehaviour) {
             // The kernel image at 1 MiB: mapped supervisor-only in every
             // task, so this read must fault.
             let kernel = 0x10_0000 as *const u64;
-            // SAFETY: deliberately unsound: the point of this server is an
-            // access the kernel must stop (a ring-3 #PF), not complete.
+            // SAFETY: the address is mapped only for ring 0 in this task's
+            // tables, so the read cannot complete: it raises a #PF in ring 3,
+            // which the kernel turns into a stop of this task. No value is
+            // ever produced and no memory is touched; the fault is the test.
             let v = unsafe { core::ptr::read_volatile(kernel) };
             panic!("misbehave-wild: read kernel memory {v:#x} without a fault");
         }
