@@ -54,7 +54,8 @@ fn specs(with_scheduler: bool) -> Vec<DomainSpec> {
 
 /// Runs what the command line asks for once every CPU is online: with
 /// `mmu=<name>[,<name>...]`, the guest workloads on each named MMU server in
-/// turn, over `transport=task|direct[,...]` (default `task`). Returns false
+/// turn, over `transport=task|direct[,...]` (default `task`), and under
+/// each scheduler policy of `sched=POLICY[,...]` if given. Returns false
 /// when something failed. In the test image (`svm-test`) a name
 /// `misbehave-*` is a deliberately broken server: its run passes when the
 /// server is stopped and reported, its domains are stopped, and the boot

@@ -24,8 +24,10 @@
 //! Boot order: [`boot`] (Multiboot stub, long mode) -> [`serial`] ->
 //! [`frames`] and [`heap`] -> [`madt`] -> [`paging`] (null page and boot
 //! stack guard unmapped) -> [`cpu`] (GDT/TSS/IDT/per-CPU) ->
-//! [`smp`] (APs, with [`apic`] timer calibration) -> self-tests or done.
-//! The command line (QEMU `-append`) selects: `test` runs [`selftest`];
+//! [`smp`] (APs, with [`apic`] timer calibration) -> self-tests -> the
+//! image's `umbra_image_main` (servers, guests, report) -> done.
+//! The command line (QEMU `-append`), checked word by word first (unknown
+//! words and repeated keys stop the boot), selects: `test` runs [`selftest`];
 //! `test-fault`, `test-panic`, `test-triple-fault`, `test-hang`,
 //! `test-stack-overflow` and `test-null` are the expected-failure boots the
 //! runner checks.
