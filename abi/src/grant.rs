@@ -342,6 +342,33 @@ pub enum GrantError {
     SelfGrant(DomainId),
 }
 
+impl GrantError {
+    /// The error's number in a guest's `GrantCall` status
+    /// (`abi::guest::grant_status`): its variant index plus one, so 0 stays
+    /// success.
+    pub const fn code(&self) -> u32 {
+        1 + match self {
+            GrantError::Malformed(_) => 0,
+            GrantError::VersionMismatch { .. } => 1,
+            GrantError::UnknownDomain(_) => 2,
+            GrantError::DomainExists(_) => 3,
+            GrantError::RefOutOfRange { .. } => 4,
+            GrantError::RefInUse(_) => 5,
+            GrantError::NotGranted { .. } => 6,
+            GrantError::NotGrantedTo { .. } => 7,
+            GrantError::ReadOnly(_) => 8,
+            GrantError::StillMapped { .. } => 9,
+            GrantError::BadHandle(_) => 10,
+            GrantError::GfnNotInMemory(_) => 11,
+            GrantError::CopyCrossesPage { .. } => 12,
+            GrantError::CapacityExceeded { .. } => 13,
+            GrantError::Mmu(_) => 14,
+            GrantError::MmuProtocol(_) => 15,
+            GrantError::SelfGrant(_) => 16,
+        }
+    }
+}
+
 impl fmt::Display for GrantError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -50,6 +50,124 @@ pub mod hc {
     /// The kernel's report then prints the one "exits per fault" figure:
     /// the exits strictly between the two hypercalls over those faults.
     pub const PHASE_END: u64 = 7;
+    /// A grant-table operation: RDI = gpa of a [`GrantCall`](super::GrantCall)
+    /// block in the caller's memory (8-byte aligned, not crossing a page).
+    /// The kernel reads the block, forwards the operation to the grant
+    /// server with the caller's domain filled in, carries out the reply
+    /// (flush, copy) and writes the outputs back into the block. Returns in
+    /// RAX the block's `status` (0: done), or [`GRANT_BAD_BLOCK`](super::grant_status::BAD_BLOCK)
+    /// when the block is not in the caller's memory.
+    pub const GRANT: u64 = 8;
+}
+
+/// The operations of [`GrantCall::op`].
+pub mod grant_op {
+    /// Grant `peer` access to own frame `gfn` under `gref`; `flags` bit 0:
+    /// read-only.
+    pub const GRANT: u64 = 1;
+    /// End access through own `gref` (refused while it is mapped).
+    pub const END_ACCESS: u64 = 2;
+    /// Map `peer`'s `gref` at own guest frame `gfn` (above own memory);
+    /// `flags` bit 0: writable. Output: `handle`.
+    pub const MAP: u64 = 3;
+    /// Unmap `handles[..count]` (count 1..=32) in one batch. Output:
+    /// `statuses[..count]`, and `status` (0 unless the whole call failed).
+    pub const UNMAP: u64 = 4;
+    /// Copy `len` bytes between `peer`'s `gref` at byte `offset` and own
+    /// gpa `local`; `flags` bit 1: towards the grant (else from it).
+    pub const COPY: u64 = 5;
+}
+
+/// Values of [`GrantCall::status`] and [`GrantCall::statuses`]: 0 is
+/// success; `1 + i` is the grant server's error of variant index `i`
+/// (`abi::grant::GrantError::code`); the kernel's own refusals are above
+/// 0x1000.
+pub mod grant_status {
+    /// Done.
+    pub const OK: u32 = 0;
+    /// The block is not 8-byte aligned inside the caller's memory.
+    pub const BAD_BLOCK: u32 = 0x1001;
+    /// `op` is not one of [`super::grant_op`], or `count` is not 1..=32.
+    pub const BAD_OP: u32 = 0x1002;
+    /// This run has no grant server.
+    pub const NO_SERVER: u32 = 0x1003;
+    /// The grant server stopped (the domain is being stopped).
+    pub const SERVER_DOWN: u32 = 0x1004;
+    /// The server's copy plan named memory outside both domains: refused,
+    /// nothing copied.
+    pub const BAD_PLAN: u32 = 0x1005;
+    /// The server answered with a reply the operation does not take.
+    pub const BAD_REPLY: u32 = 0x1006;
+}
+
+/// The block a guest hands to [`hc::GRANT`], in its own memory. Inputs are
+/// read by the kernel, outputs written back; the kernel never trusts it for
+/// anything but the values the guest may choose (the caller's domain is the
+/// kernel's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GrantCall {
+    /// One of [`grant_op`].
+    pub op: u64,
+    /// The other domain: the grantee (`GRANT`) or the granter (`MAP`,
+    /// `COPY`), as a `DomainId` number.
+    pub peer: u64,
+    /// The grant reference.
+    pub gref: u64,
+    /// `GRANT`: own frame granted; `MAP`: own frame to map at.
+    pub gfn: u64,
+    /// Bit 0: read-only (`GRANT`) / writable (`MAP`); bit 1: `COPY` towards
+    /// the grant.
+    pub flags: u64,
+    /// `COPY`: byte offset in the granted frame.
+    pub offset: u64,
+    /// `COPY`: own guest-physical address.
+    pub local: u64,
+    /// `COPY`: bytes.
+    pub len: u64,
+    /// `UNMAP`: handles used.
+    pub count: u64,
+    /// Output of `MAP`: the map handle.
+    pub handle: u64,
+    /// Output: [`grant_status`] of the call.
+    pub status: u64,
+    /// `UNMAP` input: the handles.
+    pub handles: [u32; 32],
+    /// `UNMAP` output: one [`grant_status`] per handle.
+    pub statuses: [u32; 32],
+}
+
+/// Byte offsets of [`GrantCall`]'s fields (the kernel reads the block word
+/// by word from guest memory).
+pub mod grant_call {
+    /// `op`.
+    pub const OP: u64 = 0;
+    /// `peer`.
+    pub const PEER: u64 = 8;
+    /// `gref`.
+    pub const GREF: u64 = 16;
+    /// `gfn`.
+    pub const GFN: u64 = 24;
+    /// `flags`.
+    pub const FLAGS: u64 = 32;
+    /// `offset`.
+    pub const OFFSET: u64 = 40;
+    /// `local`.
+    pub const LOCAL: u64 = 48;
+    /// `len`.
+    pub const LEN: u64 = 56;
+    /// `count`.
+    pub const COUNT: u64 = 64;
+    /// `handle`.
+    pub const HANDLE: u64 = 72;
+    /// `status`.
+    pub const STATUS: u64 = 80;
+    /// `handles`.
+    pub const HANDLES: u64 = 88;
+    /// `statuses`.
+    pub const STATUSES: u64 = 88 + 4 * 32;
+    /// The block's size.
+    pub const SIZE: u64 = 88 + 8 * 32;
 }
 
 /// Page-table entry bits the guests and the loader use.
@@ -89,6 +207,11 @@ pub struct DomainInfo {
     /// TSC runs at the host rate); 0 when the kernel does not say, and the
     /// guest assumes [`DEFAULT_TSC_PER_MS`].
     pub tsc_per_ms: u64,
+    /// This domain's `DomainId` number (what [`GrantCall::peer`] names).
+    pub domain_id: u64,
+    /// The peer domain's `DomainId` number for a split-driver pair (the
+    /// frontend's backend and the other way), 0 when it has none.
+    pub peer: u64,
 }
 
 /// The TSC rate a guest assumes when [`DomainInfo::tsc_per_ms`] is 0 (2 GHz).
@@ -144,3 +267,22 @@ impl DomainInfo {
         }
     }
 }
+
+// The offsets the kernel uses are the layout's (checked at compile time).
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(offset_of!(GrantCall, op) as u64 == grant_call::OP);
+    assert!(offset_of!(GrantCall, peer) as u64 == grant_call::PEER);
+    assert!(offset_of!(GrantCall, gref) as u64 == grant_call::GREF);
+    assert!(offset_of!(GrantCall, gfn) as u64 == grant_call::GFN);
+    assert!(offset_of!(GrantCall, flags) as u64 == grant_call::FLAGS);
+    assert!(offset_of!(GrantCall, offset) as u64 == grant_call::OFFSET);
+    assert!(offset_of!(GrantCall, local) as u64 == grant_call::LOCAL);
+    assert!(offset_of!(GrantCall, len) as u64 == grant_call::LEN);
+    assert!(offset_of!(GrantCall, count) as u64 == grant_call::COUNT);
+    assert!(offset_of!(GrantCall, handle) as u64 == grant_call::HANDLE);
+    assert!(offset_of!(GrantCall, status) as u64 == grant_call::STATUS);
+    assert!(offset_of!(GrantCall, handles) as u64 == grant_call::HANDLES);
+    assert!(offset_of!(GrantCall, statuses) as u64 == grant_call::STATUSES);
+    assert!(size_of::<GrantCall>() as u64 == grant_call::SIZE);
+};

@@ -1022,3 +1022,20 @@ mod sched_wire {
         );
     }
 }
+
+/// A guest's grant status number is the error's wire variant index plus
+/// one, for every variant (the guest ABI promises it).
+#[test]
+fn grant_error_code_is_its_wire_variant_plus_one() {
+    let mut r = Rng(0x6a09_e667_f3bc_c908);
+    let mut seen = [false; 17];
+    for _ in 0..2000 {
+        let e = random_grant_error(&mut r);
+        let mut buf = [0u8; MAX_MESSAGE];
+        let n = encode(&e, &mut buf).expect("an error encodes");
+        assert!(n > 0);
+        assert_eq!(e.code(), u32::from(buf[0]) + 1, "{e:?}");
+        seen[buf[0] as usize] = true;
+    }
+    assert!(seen.iter().all(|s| *s), "every variant drawn: {seen:?}");
+}
