@@ -37,6 +37,11 @@ pub struct Workload {
     /// on time slicing. A run without a scheduler server may leave it out
     /// (it would pass, but slowly, and slow every workload beside it).
     pub needs_scheduler: bool,
+    /// The partner of a split-driver pair: its index in [`WORKLOADS`].
+    pub peer: Option<usize>,
+    /// True for the split-driver workloads: they run only in grant runs,
+    /// and grant runs run only them.
+    pub grant: bool,
 }
 
 impl Workload {
@@ -61,6 +66,8 @@ pub const WORKLOADS: &[Workload] = &[
         kernel_zaps: true,
         weights: &[],
         needs_scheduler: false,
+        peer: None,
+        grant: false,
     },
     Workload {
         name: "linux-32M",
@@ -72,6 +79,8 @@ pub const WORKLOADS: &[Workload] = &[
         kernel_zaps: false,
         weights: &[],
         needs_scheduler: false,
+        peer: None,
+        grant: false,
     },
     Workload {
         name: "procs-16",
@@ -83,6 +92,8 @@ pub const WORKLOADS: &[Workload] = &[
         kernel_zaps: false,
         weights: &[],
         needs_scheduler: false,
+        peer: None,
+        grant: false,
     },
     Workload {
         name: "downgrade",
@@ -94,6 +105,8 @@ pub const WORKLOADS: &[Workload] = &[
         kernel_zaps: false,
         weights: &[],
         needs_scheduler: false,
+        peer: None,
+        grant: false,
     },
     Workload {
         name: "unmap-reuse",
@@ -105,6 +118,8 @@ pub const WORKLOADS: &[Workload] = &[
         kernel_zaps: false,
         weights: &[],
         needs_scheduler: false,
+        peer: None,
+        grant: false,
     },
     Workload {
         name: "touch-16M",
@@ -116,6 +131,8 @@ pub const WORKLOADS: &[Workload] = &[
         kernel_zaps: false,
         weights: &[],
         needs_scheduler: false,
+        peer: None,
+        grant: false,
     },
     Workload {
         name: "wp-toggle",
@@ -127,6 +144,8 @@ pub const WORKLOADS: &[Workload] = &[
         kernel_zaps: false,
         weights: &[],
         needs_scheduler: false,
+        peer: None,
+        grant: false,
     },
     Workload {
         name: "huge-2M",
@@ -138,6 +157,8 @@ pub const WORKLOADS: &[Workload] = &[
         kernel_zaps: false,
         weights: &[],
         needs_scheduler: false,
+        peer: None,
+        grant: false,
     },
     Workload {
         name: "dirty-log",
@@ -149,6 +170,8 @@ pub const WORKLOADS: &[Workload] = &[
         kernel_zaps: false,
         weights: &[],
         needs_scheduler: false,
+        peer: None,
+        grant: false,
     },
     Workload {
         name: "zap-all",
@@ -160,6 +183,8 @@ pub const WORKLOADS: &[Workload] = &[
         kernel_zaps: false,
         weights: &[],
         needs_scheduler: false,
+        peer: None,
+        grant: false,
     },
     Workload {
         name: "smp-8",
@@ -171,6 +196,8 @@ pub const WORKLOADS: &[Workload] = &[
         kernel_zaps: true,
         weights: &[],
         needs_scheduler: false,
+        peer: None,
+        grant: false,
     },
     Workload {
         name: "hostile",
@@ -182,6 +209,8 @@ pub const WORKLOADS: &[Workload] = &[
         kernel_zaps: false,
         weights: &[],
         needs_scheduler: false,
+        peer: None,
+        grant: false,
     },
     Workload {
         name: "fair-24",
@@ -193,6 +222,8 @@ pub const WORKLOADS: &[Workload] = &[
         kernel_zaps: false,
         weights: &[],
         needs_scheduler: true,
+        peer: None,
+        grant: false,
     },
     Workload {
         name: "weighted-12",
@@ -210,6 +241,8 @@ pub const WORKLOADS: &[Workload] = &[
             4 * DEFAULT_WEIGHT as u16,
         ],
         needs_scheduler: true,
+        peer: None,
+        grant: false,
     },
 ];
 
