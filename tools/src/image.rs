@@ -879,7 +879,50 @@ fn svm_boots(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
         );
     }
     containment_boot(image, tally)?;
-    scheduler_boot(image, tally)
+    scheduler_boot(image, tally)?;
+    grant_boot(image, tally)
+}
+
+/// The grant boots: the split-driver workloads under every grant server
+/// and every MMU server over the task transport, then once over the direct
+/// transport. Each run prints test lines for its workloads, each pair's
+/// flush goal (`always-flush` spares none; `accessed-hint` meets the
+/// pair's share) and that every grant and mapping was given back.
+fn grant_boot(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
+    let all = |names: &[&str]| names.join(",");
+    let boots = [
+        format!(
+            "mmu={} transport=task grant={} svm-test",
+            all(mmu_server::registry::NAMES),
+            all(grant_server::registry::NAMES)
+        ),
+        "mmu=reference transport=direct grant=accessed-hint svm-test".to_string(),
+    ];
+    for (i, append) in boots.iter().enumerate() {
+        eprintln!("xtask: test image: split-driver workloads under the grant servers ({append})");
+        let out = boot(image, 8, append, TEST_TIMEOUT, true)?;
+        let lines = tally_test_lines(&out.lines);
+        *tally += lines;
+        let tables = out
+            .lines
+            .iter()
+            .filter(|l| l.starts_with("grant: v=1 "))
+            .count();
+        record(
+            tally,
+            &format!("grant_boot_{i}"),
+            match &out.ending {
+                _ if tables == 0 => Err(format!("no grant table; {}", describe(&out.ending))),
+                Ending::Success if lines.failed == 0 => Ok(()),
+                e => Err(format!(
+                    "{} test line(s) failed; {}",
+                    lines.failed,
+                    describe(e)
+                )),
+            },
+        );
+    }
+    Ok(())
 }
 
 /// One boot runs every scheduler policy over the task transport (with the
