@@ -112,7 +112,7 @@ pub fn boot_hook(cmdline: &'static str) -> bool {
     if let Some(g) = grants
         .iter()
         .flatten()
-        .find(|g| !grant_server::registry::NAMES.contains(g))
+        .find(|g| !grant_server::registry::NAMES.contains(g) && !g.starts_with("misbehave-"))
     {
         kprintln!(
             "svm: no grant server named {g:?}; known: {:?}",
@@ -141,7 +141,8 @@ pub fn boot_hook(cmdline: &'static str) -> bool {
             with.push_str(&format!(", grant server {g}"));
         }
         kprintln!("umbra: MMU implementation: {name} (transport {transport}{with})");
-        let broken = name.starts_with("misbehave-");
+        let broken_grant = grant.is_some_and(|g| g.starts_with("misbehave-"));
+        let broken = name.starts_with("misbehave-") || broken_grant;
         // A broken server's workloads are expected to stop: no test lines
         // of their own, the one `contain-` line below instead.
         let outcome = run_one(name, transport, test_mode && !broken, policy, grant);
@@ -152,7 +153,12 @@ pub fn boot_hook(cmdline: &'static str) -> bool {
         }
         let (p, f, run_ok) = match outcome {
             Ok(o) if broken => {
-                let contained = o.stopped && o.domains_stopped > 0;
+                // A broken grant server must also leave nothing behind
+                // (the teardown gives every frame back) and, when its copy
+                // plans are wild, copy nothing.
+                let contained = o.stopped
+                    && o.domains_stopped > 0
+                    && (!broken_grant || (o.clean && o.copied == 0));
                 if contained {
                     kprintln!(
                         "test contain-{label} ... ok ({} domains stopped; the kernel goes on)",
@@ -160,9 +166,12 @@ pub fn boot_hook(cmdline: &'static str) -> bool {
                     );
                 } else {
                     kprintln!(
-                        "test contain-{label} ... FAILED: server stopped {}, domains stopped {}",
+                        "test contain-{label} ... FAILED: server stopped {}, domains stopped {}, \
+                         teardown clean {}, bytes copied {}",
                         o.stopped,
-                        o.domains_stopped
+                        o.domains_stopped,
+                        o.clean,
+                        o.copied
                     );
                 }
                 (contained as u32, !contained as u32, contained)
@@ -210,10 +219,15 @@ struct Outcome {
     failed: u32,
     /// Every workload passed and the teardown was clean.
     all_passed: bool,
-    /// The server was stopped during the run.
+    /// The server was stopped during the run (the grant server, in a
+    /// grant run with a broken one; else the MMU server).
     stopped: bool,
-    /// Domains stopped because the server was.
+    /// Domains stopped because that server was.
     domains_stopped: u32,
+    /// The teardown was clean (every domain destroyed, no shadow leak).
+    clean: bool,
+    /// Bytes the kernel copied for grant copies.
+    copied: u64,
 }
 
 /// Runs the workloads on server `name` over `transport`, then frees what
@@ -326,11 +340,19 @@ fn run_one(
     }
     let doms = svm.domains();
     let passed = doms.iter().filter(|d| verdict(d).0).count() as u32;
+    let grant_broken = grant.is_some_and(|g| g.starts_with("misbehave-"));
+    let (stopped, why) = match grant_broken {
+        true => (svm.grant_stopped(), "grant server stopped"),
+        false => (svm.server_stopped(), "MMU server stopped"),
+    };
     let domains_stopped = doms
         .iter()
-        .filter(|d| matches!(*d.stop_reason.lock(), Some(("MMU server stopped", _))))
+        .filter(|d| matches!(*d.stop_reason.lock(), Some((w, _)) if w == why))
         .count() as u32;
-    let stopped = svm.server_stopped();
+    let copied = doms
+        .iter()
+        .map(|d| d.grant_copied.load(core::sync::atomic::Ordering::Relaxed))
+        .sum();
     finish(task);
     let (gp, gf) = goals;
     Ok(Outcome {
@@ -339,6 +361,8 @@ fn run_one(
         all_passed: workloads_passed && clean && gf == 0,
         stopped,
         domains_stopped,
+        clean,
+        copied,
     })
 }
 

@@ -883,11 +883,27 @@ fn svm_boots(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
     grant_boot(image, tally)
 }
 
+/// The broken grant servers the last grant boot runs, and what each one's
+/// stop report must say.
+const GRANT_MISBEHAVING: [(&str, &str); 2] = [
+    (
+        "misbehave-panic",
+        "panicked: misbehave-panic: deliberate panic",
+    ),
+    (
+        "misbehave-plan",
+        "was refused: the granted side is not in the granter's memory",
+    ),
+];
+
 /// The grant boots: the split-driver workloads under every grant server
 /// and every MMU server over the task transport, then once over the direct
-/// transport. Each run prints test lines for its workloads, each pair's
-/// flush goal (`always-flush` spares none; `accessed-hint` meets the
-/// pair's share) and that every grant and mapping was given back.
+/// transport, then two broken grant servers and a good one in one boot.
+/// Each run prints test lines for its workloads, each pair's flush goal
+/// (`always-flush` spares none; `accessed-hint` meets the pair's share)
+/// and that every grant and mapping was given back; each broken server
+/// must be stopped and reported, its domains stopped, every frame given
+/// back, nothing copied, and the boot must go on.
 fn grant_boot(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
     let all = |names: &[&str]| names.join(",");
     let boots = [
@@ -897,6 +913,10 @@ fn grant_boot(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
             all(grant_server::registry::NAMES)
         ),
         "mmu=reference transport=direct grant=accessed-hint svm-test".to_string(),
+        // Two broken grant servers (test-only names the grant task answers
+        // to), then a good one in the same boot.
+        "mmu=reference transport=task grant=misbehave-panic,misbehave-plan,accessed-hint svm-test"
+            .to_string(),
     ];
     for (i, append) in boots.iter().enumerate() {
         eprintln!("xtask: test image: split-driver workloads under the grant servers ({append})");
@@ -913,6 +933,17 @@ fn grant_boot(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
             &format!("grant_boot_{i}"),
             match &out.ending {
                 _ if tables == 0 => Err(format!("no grant table; {}", describe(&out.ending))),
+                _ if append.contains("misbehave-") => GRANT_MISBEHAVING
+                    .iter()
+                    .find(|(name, cause)| {
+                        !out.lines.iter().any(|l| {
+                            l.contains(&format!("grant server `{name}` STOPPED on pcpu "))
+                                && l.contains(cause)
+                        })
+                    })
+                    .map_or(Ok(()), |(name, cause)| {
+                        Err(format!("no STOPPED report for `{name}` saying `{cause}`"))
+                    }),
                 Ending::Success if lines.failed == 0 => Ok(()),
                 e => Err(format!(
                     "{} test line(s) failed; {}",

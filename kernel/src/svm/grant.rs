@@ -12,8 +12,17 @@
 //!   knows for certain: the caller's side is exactly the caller's own
 //!   `local` address, the other side lies in the granter's memory, and
 //!   neither crosses a 4 KiB frame. A plan that fails the check is refused
-//!   (`BAD_PLAN`), nothing is copied, and the server is reported: no guest
-//!   ever reads or writes a frame that is neither its own nor granted.
+//!   (`BAD_PLAN`), nothing is copied, and the server is stopped and
+//!   reported like one that faulted.
+//!
+//! The kernel checks ownership, not the grant itself: that a granted side
+//! is the frame the granter granted to the caller is the grant server's
+//! decision. So a broken grant server's copy can reach the wrong frame of
+//! the granter named in the request, but never the kernel's memory or
+//! another domain's. Mappings do not pass through here: the grant server
+//! asks the MMU server directly (through the kernel's `SYS_CALL`), and the
+//! MMU server checks that the frame belongs to the owner the grant server
+//! names; the grant server is trusted with that choice.
 
 use super::domain::Domain;
 use super::door::{ServerDown, Svm};
@@ -28,6 +37,7 @@ use abi::guest::{grant_call as at, grant_op, grant_status};
 use abi::task::Op;
 use abi::{DomainId, FlushObligation, FlushScope, Gfn, Gpa, MAX_MESSAGE};
 use alloc::boxed::Box;
+use alloc::format;
 use alloc::string::String;
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -135,6 +145,23 @@ impl Svm {
         ServerDown { cause }
     }
 
+    /// Stops the grant server for a decision the kernel refused (`what`
+    /// says which and why), as if it had faulted: reported, never called
+    /// again, every domain stopped.
+    fn grant_broken(&self, what: &str) {
+        let Some(door) = &self.grant else { return };
+        crate::kprintln!(
+            "svm: grant server `{}` STOPPED on pcpu {}: {what}",
+            door.name,
+            host::cpu_index()
+        );
+        self.grant_down(
+            door,
+            &GrantRequest::GetCounters { domain: None },
+            Stop::AlreadyStopped,
+        );
+    }
+
     /// Carries out a grant reply's flush: every guest translation on the
     /// named pCPUs (all ASIDs), acknowledged; `AllReloadRoots` (which a
     /// grant server may pass on from the MMU server) also voids every
@@ -197,7 +224,14 @@ pub(super) fn guest_call(svm: &Svm, dom: &Domain, block: u64) -> Result<u64, Ser
         Err(status) => status,
         Ok(req) => {
             let reply = svm.grant(Some(dom), &req)?;
-            answer(svm, dom, block, &req, reply)
+            let status = answer(svm, dom, block, &req, reply);
+            if svm.grant_stopped() {
+                // The kernel refused the server's answer and stopped it.
+                return Err(ServerDown {
+                    cause: Stop::AlreadyStopped,
+                });
+            }
+            status
         }
     };
     if status != grant_status::OK {
@@ -315,11 +349,12 @@ fn answer(svm: &Svm, dom: &Domain, block: u64, req: &GrantRequest, reply: GrantR
                 grant_status::OK
             }
             Err(why) => {
-                crate::kprintln!(
-                    "svm: grant server `{}`: copy plan {src:?} -> {dst:?} ({len} bytes) for d{} refused: {why}",
-                    svm.grant_name(),
-                    dom.id.0
-                );
+                // A server that plans a copy outside what it may name is
+                // broken: refused, nothing copied, and stopped like a
+                // server that faulted (it is never trusted again).
+                svm.grant_broken(&format!(
+                    "its copy plan {src:?} -> {dst:?} ({len} bytes) for {req:?} was refused: {why}"
+                ));
                 grant_status::BAD_PLAN
             }
         },

@@ -374,17 +374,32 @@ pub fn teardown(svm: &Svm) -> Teardown {
             }
         }
     }
-    for d in svm.domains() {
-        match svm.mmu(Some(d), &MmuRequest::DestroyDomain { domain: d.id }) {
-            Ok(MmuReply::Done { .. }) | Err(_) => {}
-            Ok(reply) => {
-                crate::kprintln!("svm: DestroyDomain d{}: {reply:?}", d.id.0);
-                destroyed = false;
-                continue;
+    // Then the MMU server. A domain whose frames another still maps (only
+    // after a grant server that stopped or failed to revoke) waits until
+    // its mappers are gone (their foreign mappings go with them): passes
+    // until one frees nothing.
+    let mut left_over: Vec<&Domain> = svm.domains().to_vec();
+    loop {
+        let before = left_over.len();
+        let mut refused = Vec::new();
+        for d in left_over {
+            match svm.mmu(Some(d), &MmuRequest::DestroyDomain { domain: d.id }) {
+                Ok(MmuReply::Done { .. }) | Err(_) => {
+                    svm.remove_guest_range(d.mem_pa, d.mem_bytes);
+                    host::free(d.mem_pa, d.mem_bytes / 4096);
+                }
+                Ok(reply) => refused.push((d, reply)),
             }
         }
-        svm.remove_guest_range(d.mem_pa, d.mem_bytes);
-        host::free(d.mem_pa, d.mem_bytes / 4096);
+        let progress = refused.len() < before;
+        if refused.is_empty() || !progress {
+            for (d, reply) in &refused {
+                crate::kprintln!("svm: DestroyDomain d{}: {reply:?}", d.id.0);
+                destroyed = false;
+            }
+            break;
+        }
+        left_over = refused.into_iter().map(|(d, _)| d).collect();
     }
     let (left, peak) = svm.shadow_pages();
     // A server may keep a frame per pCPU for its whole life (fast-percpu's

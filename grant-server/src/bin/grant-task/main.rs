@@ -5,7 +5,10 @@
 //! (the pool fields mean nothing here: a grant server owns no memory). Each
 //! request is `GrantRequest` bytes in the calling pCPU's buffer, answered by
 //! `abi::grant::grant_dispatch`. The server reaches the MMU server through
-//! the kernel, with `SYS_CALL` to `abi::task::PORT_MMU` (see `port`).
+//! the kernel, with `SYS_CALL` to `abi::task::PORT_MMU` (see `serve`).
+//!
+//! For the kernel's tests it also answers to the names `misbehave-panic`
+//! and `misbehave-plan` (see `misbehave`), which are not in the registry.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(all(target_os = "none", not(umbra_task)))]
@@ -14,6 +17,8 @@ compile_error!("the grant task is built by `cargo xtask` (it passes --cfg umbra_
 #[cfg(target_os = "none")]
 extern crate alloc;
 
+#[cfg(target_os = "none")]
+mod misbehave;
 #[cfg(target_os = "none")]
 mod serve;
 

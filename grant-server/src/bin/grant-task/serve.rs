@@ -9,6 +9,7 @@
 //! [`REPLY`]: so only one path ever writes the page at a time, and the
 //! grant reply is copied in after the last MMU call.
 
+use crate::misbehave::{self, Misbehaviour};
 use abi::mmu::{MmuError, MmuReply, MmuRequest};
 use abi::task::{Op, MAX_PCPUS, PORT_MMU};
 use abi::{DecodeError, GrantServer, MAX_MESSAGE};
@@ -18,7 +19,7 @@ use grant_server::{registry, MmuPort};
 use spin::Once;
 
 /// The server this task runs, once `Init` created it.
-static SERVER: Once<Box<dyn GrantServer>> = Once::new();
+static SERVER: Once<(Box<dyn GrantServer>, Misbehaviour)> = Once::new();
 
 /// Each pCPU's reply buffer for the request it is serving now (null
 /// between requests).
@@ -65,25 +66,27 @@ impl MmuPort for TaskPort {
 fn umbra_task_serve(op: Op, pcpu: usize, request: &[u8], reply: &mut [u8; MAX_MESSAGE]) -> usize {
     match op {
         Op::Init => task_rt::init::answer(request, reply, |init| {
-            match registry::create(init.implementation.as_str(), &PORT) {
+            let (name, misbehaviour) = misbehave::parse(&init.implementation);
+            match registry::create(name, &PORT) {
                 Ok(server) => {
-                    SERVER.call_once(|| server);
+                    SERVER.call_once(|| (server, misbehaviour));
                     true
                 }
                 Err(_) => false,
             }
         }),
         Op::Request => {
-            let Some(server) = SERVER.get() else {
+            let Some((server, misbehaviour)) = SERVER.get() else {
                 panic!("request before Init");
             };
+            misbehave::before(*misbehaviour);
             let slot = &REPLY[pcpu.min(MAX_PCPUS - 1)];
             slot.store(reply.as_mut_ptr(), Ordering::Release);
             let mut out = [0u8; MAX_MESSAGE];
             let n = abi::grant::grant_dispatch(&**server, request, &mut out);
             slot.store(core::ptr::null_mut(), Ordering::Release);
             reply[..n].copy_from_slice(&out[..n]);
-            n
+            misbehave::after(*misbehaviour, request, reply, n)
         }
     }
 }
