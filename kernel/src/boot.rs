@@ -193,6 +193,40 @@ pub struct Region {
 
 /// Most memory-map entries kept.
 pub const MAX_REGIONS: usize = 32;
+/// Most boot modules kept (QEMU `-initrd a,b,...`).
+pub const MAX_MODULES: usize = 8;
+/// Longest module string kept (bytes).
+pub const MAX_MODULE_STRING: usize = 128;
+
+/// One boot module: its bytes stay where the loader put them (the frame
+/// allocator keeps them out), its string is copied.
+#[derive(Clone, Copy, Debug)]
+pub struct Module {
+    /// First byte.
+    pub start: PhysAddr,
+    /// One past the last byte.
+    pub end: PhysAddr,
+    string: [u8; MAX_MODULE_STRING],
+    string_len: usize,
+}
+
+impl Module {
+    /// The module's string (QEMU: the file name, then any arguments),
+    /// empty when absent or not UTF-8.
+    pub fn string(&self) -> &str {
+        core::str::from_utf8(&self.string[..self.string_len]).unwrap_or("")
+    }
+
+    /// The module's length in bytes.
+    pub fn len(&self) -> u64 {
+        self.end.as_u64().saturating_sub(self.start.as_u64())
+    }
+
+    /// Whether it holds no byte.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 /// Longest kernel command line kept (bytes).
 pub const MAX_CMDLINE: usize = 256;
 
@@ -203,9 +237,16 @@ pub struct BootInfo {
     region_count: usize,
     cmdline: [u8; MAX_CMDLINE],
     cmdline_len: usize,
+    modules: [Module; MAX_MODULES],
+    module_count: usize,
 }
 
 impl BootInfo {
+    /// The boot modules, in the loader's order.
+    pub fn modules(&self) -> &[Module] {
+        &self.modules[..self.module_count]
+    }
+
     /// The memory map (all types).
     pub fn regions(&self) -> &[Region] {
         &self.regions[..self.region_count]
@@ -244,6 +285,13 @@ pub unsafe fn parse_multiboot(magic: u32, info: u32) -> Result<BootInfo, BootErr
         region_count: 0,
         cmdline: [0; MAX_CMDLINE],
         cmdline_len: 0,
+        modules: [Module {
+            start: PhysAddr::zero(),
+            end: PhysAddr::zero(),
+            string: [0; MAX_MODULE_STRING],
+            string_len: 0,
+        }; MAX_MODULES],
+        module_count: 0,
     };
     let base = info as usize as *const u32;
     // SAFETY: the caller guarantees the Multiboot info structure at `info`;
@@ -268,6 +316,36 @@ pub unsafe fn parse_multiboot(magic: u32, info: u32) -> Result<BootInfo, BootErr
             }
             out.cmdline[out.cmdline_len] = b;
             out.cmdline_len += 1;
+        }
+    }
+    if flags & (1 << 3) != 0 {
+        // SAFETY: words 5 and 6 (mods_count, mods_addr) are part of the
+        // fixed layout, valid when flag 3 is set.
+        let (count, addr) = unsafe { (base.add(5).read_unaligned(), base.add(6).read_unaligned()) };
+        for i in 0..(count as usize).min(MAX_MODULES) {
+            let m = (addr as usize + i * 16) as *const u32;
+            // SAFETY: the loader's module list: `count` entries of four
+            // words (start, end, string, reserved).
+            let (start, end, string) = unsafe {
+                (m.read_unaligned(), m.add(1).read_unaligned(), m.add(2).read_unaligned())
+            };
+            let module = &mut out.modules[i];
+            module.start = PhysAddr::new(u64::from(start));
+            module.end = PhysAddr::new(u64::from(end.max(start)));
+            if string != 0 {
+                let p = string as usize as *const u8;
+                while module.string_len < MAX_MODULE_STRING {
+                    // SAFETY: the loader's NUL-terminated module string; we
+                    // stop at NUL or at our buffer's size.
+                    let b = unsafe { p.add(module.string_len).read() };
+                    if b == 0 {
+                        break;
+                    }
+                    module.string[module.string_len] = b;
+                    module.string_len += 1;
+                }
+            }
+            out.module_count += 1;
         }
     }
     if flags & (1 << 6) == 0 {

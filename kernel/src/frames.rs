@@ -217,7 +217,7 @@ fn frame_at(addr: u64) -> PhysFrame<Size4KiB> {
 pub static FRAMES: Mutex<FrameSet<WORDS>> = Mutex::new(FrameSet::new());
 
 /// Fills [`FRAMES`] from the memory map: usable RAM, minus the low 1 MiB
-/// (BIOS, AP trampoline) and the loaded image. Returns (usable bytes in the
+/// (BIOS, AP trampoline), the loaded image and the boot modules. Returns (usable bytes in the
 /// map, bytes managed).
 pub fn init(boot: &BootInfo) -> (u64, u64) {
     let mut set = FRAMES.lock();
@@ -229,6 +229,9 @@ pub fn init(boot: &BootInfo) -> (u64, u64) {
     set.reserve(PhysAddr::new(0), 1 << 20);
     let (start, end) = crate::boot::image_span();
     set.reserve(start, end - start);
+    for m in boot.modules() {
+        set.reserve(m.start, m.len());
+    }
     (ram, set.free_frames() * FRAME_SIZE)
 }
 

@@ -70,6 +70,15 @@ pub mod task;
 #[cfg(target_os = "none")]
 static CMDLINE: spin::Once<([u8; boot::MAX_CMDLINE], usize)> = spin::Once::new();
 
+static MODULES: spin::Once<heapless::Vec<boot::Module, { boot::MAX_MODULES }>> =
+    spin::Once::new();
+
+/// The boot modules (QEMU `-initrd`), in order; their bytes are reserved
+/// from the frame allocator for the kernel's life.
+pub fn modules() -> &'static [boot::Module] {
+    MODULES.get().map_or(&[], |m| m.as_slice())
+}
+
 /// The kernel command line (QEMU `-append`), available after boot.
 #[cfg(target_os = "none")]
 pub fn cmdline() -> &'static str {
@@ -100,6 +109,14 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     let mut buf = [0u8; boot::MAX_CMDLINE];
     buf[..line.len()].copy_from_slice(line.as_bytes());
     CMDLINE.call_once(|| (buf, line.len()));
+    MODULES.call_once(|| {
+        let mut kept = heapless::Vec::new();
+        for m in boot.modules() {
+            // Cannot fail: BootInfo keeps at most MAX_MODULES.
+            let _ = kept.push(*m);
+        }
+        kept
+    });
     kprintln!("umbra: booting, command line \"{}\"", cmdline());
     // SAFETY: the image crate defines `umbra_image_words` (a link-time
     // constant, see below).
@@ -119,6 +136,15 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
             r.start.as_u64(),
             r.start.as_u64() + r.len,
             r.kind
+        );
+    }
+    for (i, m) in boot.modules().iter().enumerate() {
+        kprintln!(
+            "umbra: module {i}: {:#x}-{:#x} ({} bytes) \"{}\"",
+            m.start.as_u64(),
+            m.end.as_u64(),
+            m.len(),
+            m.string()
         );
     }
     let (ram, managed) = frames::init(&boot);

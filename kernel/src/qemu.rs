@@ -17,10 +17,17 @@ pub enum ExitCode {
 
 /// Ends the run with `code`; halts forever if the device is absent.
 pub fn exit(code: ExitCode) -> ! {
+    exit_with(code as u32)
+}
+
+/// Ends the run with the raw isa-debug-exit value `value` (QEMU exits
+/// with `(value << 1) | 1`): the status an unmodified guest wrote to its
+/// own exit port, passed on so its runner reads it unchanged.
+pub fn exit_with(value: u32) -> ! {
     let mut port: Port<u32> = Port::new(0xF4);
     // SAFETY: port 0xF4 is QEMU's isa-debug-exit; on a machine without it the
     // write is ignored and we halt below.
-    unsafe { port.write(code as u32) };
+    unsafe { port.write(value) };
     loop {
         x86_64::instructions::interrupts::disable();
         x86_64::instructions::hlt();
