@@ -46,7 +46,9 @@ pub(crate) fn parse(image: &[u8]) -> Result<ElfKernel, LoadError> {
         });
     }
     if ehdr.e_type != ET_EXEC {
-        return Err(LoadError::ElfType { e_type: ehdr.e_type });
+        return Err(LoadError::ElfType {
+            e_type: ehdr.e_type,
+        });
     }
     let table = file.segments().ok_or(LoadError::NoSegments)?;
     let mut segments = heapless::Vec::new();

@@ -224,7 +224,7 @@ struct Size(u64);
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const MIB: u64 = 1 << 20;
-        if self.0 != 0 && self.0 % MIB == 0 {
+        if self.0 != 0 && self.0.is_multiple_of(MIB) {
             write!(f, "{} MiB", self.0 / MIB)
         } else {
             write!(f, "{:#x} bytes", self.0)
@@ -279,7 +279,7 @@ impl fmt::Display for LoadError {
                 f,
                 "a.out kludge: load_addr {load_addr:#x} is {:#x} bytes before header_addr \
                  {header_addr:#x}, but the header is at file offset {header_offset:#x}",
-                header_addr - load_addr
+                header_addr.wrapping_sub(*load_addr)
             ),
             E::LoadEndBeforeLoad {
                 load_end_addr,

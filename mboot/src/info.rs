@@ -3,8 +3,8 @@
 use abi::Gpa;
 
 use crate::{
-    Kernel, LoadError, BOOTLOADER_MAGIC, HIGH_MEMORY_START, INFO_GPA, LOW_AREA_END,
-    LOW_MEMORY_END, MAX_MODULES, MODULE_ALIGN,
+    Kernel, LoadError, BOOTLOADER_MAGIC, HIGH_MEMORY_START, INFO_GPA, LOW_AREA_END, LOW_MEMORY_END,
+    MAX_MODULES, MODULE_ALIGN,
 };
 
 /// Info flag bit 0: `mem_lower` and `mem_upper` are valid.
@@ -170,9 +170,9 @@ pub fn plan(
         check_string(m.string, Some(index))?;
         let len = m.bytes.len() as u64;
         let start = cursor.unwrap_or(u64::MAX);
-        let end = start.checked_add(len).filter(|&end| {
-            end <= mem_bytes && end <= u64::from(u32::MAX)
-        });
+        let end = start
+            .checked_add(len)
+            .filter(|&end| end <= mem_bytes && end <= u64::from(u32::MAX));
         let Some(end) = end else {
             return Err(LoadError::ModulePastMemory {
                 index,
@@ -208,7 +208,11 @@ pub fn plan(
 }
 
 /// Writes a NUL-terminated string at `gpa`.
-fn write_string<M: GuestMemory + ?Sized>(mem: &mut M, gpa: Gpa, text: &str) -> Result<(), LoadError> {
+fn write_string<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    gpa: Gpa,
+    text: &str,
+) -> Result<(), LoadError> {
     mem.write(gpa, text.as_bytes())?;
     mem.write(Gpa(gpa.0 + text.len() as u64), &[0])
 }
@@ -258,13 +262,25 @@ pub fn build_info<M: GuestMemory + ?Sized>(
     let mut info = [0u8; INFO_BYTES as usize];
     let flags = INFO_MEMORY | INFO_CMDLINE | INFO_MODS | INFO_MMAP;
     put(&mut info, 0, &flags.to_le_bytes());
-    put(&mut info, 4, &((LOW_MEMORY_END.0 / 1024) as u32).to_le_bytes());
-    put(&mut info, 8, &u32::try_from(mem_upper).unwrap_or(u32::MAX).to_le_bytes());
+    put(
+        &mut info,
+        4,
+        &((LOW_MEMORY_END.0 / 1024) as u32).to_le_bytes(),
+    );
+    put(
+        &mut info,
+        8,
+        &u32::try_from(mem_upper).unwrap_or(u32::MAX).to_le_bytes(),
+    );
     // The low area lies below 64 KiB: every address in it fits a u32.
     put(&mut info, 16, &(layout.cmdline.0 as u32).to_le_bytes());
     put(&mut info, 20, &(modules.len() as u32).to_le_bytes());
     put(&mut info, 24, &(layout.mods.0 as u32).to_le_bytes());
-    put(&mut info, 44, &((MMAP_ENTRIES * MMAP_ENTRY_BYTES) as u32).to_le_bytes());
+    put(
+        &mut info,
+        44,
+        &((MMAP_ENTRIES * MMAP_ENTRY_BYTES) as u32).to_le_bytes(),
+    );
     put(&mut info, 48, &(layout.mmap.0 as u32).to_le_bytes());
     mem.write(layout.info, &info)?;
 

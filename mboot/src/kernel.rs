@@ -42,7 +42,7 @@ impl Segment {
 
     /// Bytes zero-filled after the file's bytes.
     pub fn zero_len(&self) -> u64 {
-        self.mem_len - self.file_len as u64
+        self.mem_len.saturating_sub(self.file_len as u64)
     }
 
     /// Whether the segment shares a byte with `start..end`.
@@ -201,7 +201,11 @@ impl Kernel {
     /// into guest memory and zero-fills their tails. Call
     /// [`check_fits`](Self::check_fits) first: a segment outside `mem` is
     /// refused by `mem`, after the segments before it were written.
-    pub fn load<M: GuestMemory + ?Sized>(&self, image: &[u8], mem: &mut M) -> Result<(), LoadError> {
+    pub fn load<M: GuestMemory + ?Sized>(
+        &self,
+        image: &[u8],
+        mem: &mut M,
+    ) -> Result<(), LoadError> {
         for (index, s) in self.segments.iter().enumerate() {
             let Some(bytes) = s
                 .file_offset
@@ -216,7 +220,7 @@ impl Kernel {
                 });
             };
             mem.write(s.gpa, bytes)?;
-            mem.zero(Gpa(s.gpa.0 + s.file_len as u64), s.zero_len())?;
+            mem.zero(Gpa(s.gpa.0.saturating_add(s.file_len as u64)), s.zero_len())?;
         }
         Ok(())
     }

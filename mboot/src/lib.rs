@@ -52,9 +52,9 @@ pub use header::{
     AoutAddresses, Header, FLAG_AOUT_KLUDGE, FLAG_MEMORY_INFO, FLAG_PAGE_ALIGN, FLAG_VIDEO_MODE,
 };
 pub use info::{
-    build_info, plan, Entry, GuestMemory, Layout, Module, ModulePlacement, INFO_BYTES, INFO_CMDLINE,
-    INFO_MEMORY, INFO_MMAP, INFO_MODS, MMAP_AVAILABLE, MMAP_ENTRIES, MMAP_ENTRY_BYTES,
-    MODULE_ENTRY_BYTES,
+    build_info, plan, Entry, GuestMemory, Layout, Module, ModulePlacement, INFO_BYTES,
+    INFO_CMDLINE, INFO_MEMORY, INFO_MMAP, INFO_MODS, MMAP_AVAILABLE, MMAP_ENTRIES,
+    MMAP_ENTRY_BYTES, MODULE_ENTRY_BYTES,
 };
 pub use kernel::{parse, Format, Kernel, Segment};
 

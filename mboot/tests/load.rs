@@ -117,11 +117,23 @@ fn the_header_must_be_aligned_complete_and_in_the_first_8192_bytes() {
     };
     // At 8180 the 12 bytes end exactly at 8192: found (then not ELF).
     assert!(refusal(&at(8180)).starts_with("not an ELF file"));
-    assert_eq!(refusal(&at(8184)), "no Multiboot header in the first 8192 bytes");
-    assert_eq!(refusal(&at(8192)), "no Multiboot header in the first 8192 bytes");
-    assert_eq!(refusal(&at(2)), "no Multiboot header in the first 8192 bytes");
+    assert_eq!(
+        refusal(&at(8184)),
+        "no Multiboot header in the first 8192 bytes"
+    );
+    assert_eq!(
+        refusal(&at(8192)),
+        "no Multiboot header in the first 8192 bytes"
+    );
+    assert_eq!(
+        refusal(&at(2)),
+        "no Multiboot header in the first 8192 bytes"
+    );
     assert_eq!(refusal(&[]), "no Multiboot header in the first 8192 bytes");
-    assert_eq!(refusal(b"\x02\xb0\xad\x1b"), "no Multiboot header in the first 8192 bytes");
+    assert_eq!(
+        refusal(b"\x02\xb0\xad\x1b"),
+        "no Multiboot header in the first 8192 bytes"
+    );
 }
 
 #[test]
@@ -141,7 +153,13 @@ fn a_bad_checksum_is_reported_with_its_value() {
     spec.entry = 0x10_0000;
     let mut file = elf(&spec);
     file[ELF_HEADER_AT - 12..ELF_HEADER_AT].copy_from_slice(&f);
-    assert_eq!(parse(&file).expect("the second header is valid").header.offset, ELF_HEADER_AT);
+    assert_eq!(
+        parse(&file)
+            .expect("the second header is valid")
+            .header
+            .offset,
+        ELF_HEADER_AT
+    );
 }
 
 #[test]
@@ -213,13 +231,19 @@ fn elf_files_it_cannot_run_are_refused_by_field() {
         f(&mut file);
         refusal(&file)
     };
-    assert_eq!(edit(&|f| f[4] = 3), "ELF class 3 unknown (1 is ELF32, 2 is ELF64)");
+    assert_eq!(
+        edit(&|f| f[4] = 3),
+        "ELF class 3 unknown (1 is ELF32, 2 is ELF64)"
+    );
     assert_eq!(
         edit(&|f| f[5] = 2),
         "ELF data encoding 2 is not little-endian (1), as x86 is"
     );
     assert_eq!(edit(&|f| f[18] = 62), "ELF32 machine 62 is not x86 (3)");
-    assert_eq!(edit(&|f| f[16] = 3), "ELF type 3 is not an executable (ET_EXEC, 2)");
+    assert_eq!(
+        edit(&|f| f[16] = 3),
+        "ELF type 3 is not an executable (ET_EXEC, 2)"
+    );
     assert_eq!(
         edit(&|f| f[0] = b'X'),
         "not an ELF file (starts 58 45 4c 46) and the Multiboot header has no a.out kludge \
@@ -252,10 +276,15 @@ fn elf_segments_are_checked() {
         with(&|s| s.entry = 0x10_1000),
         "entry point 0x101000 lies in no loaded segment"
     );
-    assert_eq!(with(&|s| s.segs.clear()), "nothing to load: no segment has any bytes");
+    assert_eq!(
+        with(&|s| s.segs.clear()),
+        "nothing to load: no segment has any bytes"
+    );
     assert_eq!(
         with(&|s| {
-            s.segs = (0..17).map(|i| Seg::at(0x10_0000 + i * 0x1000, &[1], 1)).collect();
+            s.segs = (0..17)
+                .map(|i| Seg::at(0x10_0000 + i * 0x1000, &[1], 1))
+                .collect();
             s.entry = 0x10_0000;
         }),
         "17 loadable segments; at most 16 are supported"
@@ -264,7 +293,10 @@ fn elf_segments_are_checked() {
     spec64.entry = 0x1_0000_0000;
     spec64.segs[0].paddr = 0x1_0000_0000;
     spec64.segs[0].vaddr = 0x1_0000_0000;
-    assert_eq!(refusal(&elf(&spec64)), "entry point 0x100000000 is not a 32-bit address");
+    assert_eq!(
+        refusal(&elf(&spec64)),
+        "entry point 0x100000000 is not a 32-bit address"
+    );
     spec64.segs[0].paddr = u64::MAX - 8;
     assert_eq!(
         refusal(&elf(&spec64)),
@@ -285,7 +317,11 @@ fn elf_segments_are_checked() {
 
 #[test]
 fn check_fits_refuses_with_the_numbers() {
-    let spec = ElfSpec::new(true, 0x10_0000, vec![Seg::at(0x10_0000, &[0xf4], 128 * MIB)]);
+    let spec = ElfSpec::new(
+        true,
+        0x10_0000,
+        vec![Seg::at(0x10_0000, &[0xf4], 128 * MIB)],
+    );
     let big = parse(&elf(&spec)).unwrap();
     assert_eq!(
         fit_refusal(&big, 128 * MIB),
@@ -301,18 +337,32 @@ fn check_fits_refuses_with_the_numbers() {
         "the domain's 1 MiB of memory do not reach past 1 MiB"
     );
 
-    let low = parse(&elf(&ElfSpec::new(false, 0x8000, vec![Seg::at(0x8000, &[1], 0x1001)])))
-        .unwrap();
+    let low = parse(&elf(&ElfSpec::new(
+        false,
+        0x8000,
+        vec![Seg::at(0x8000, &[1], 0x1001)],
+    )))
+    .unwrap();
     assert_eq!(
         fit_refusal(&low, 128 * MIB),
         "segment at 0x8000 of 0x1001 bytes overlaps the loader's low area 0x9000..0x10000 (info, \
          memory map, module list, strings)"
     );
-    let below = parse(&elf(&ElfSpec::new(false, 0x1000, vec![Seg::at(0x1000, &[1], 0x8000)])))
-        .unwrap();
-    below.check_fits(128 * MIB).expect("ends right at the low area");
-    let hole = parse(&elf(&ElfSpec::new(false, 0x9_f000, vec![Seg::at(0x9_f000, &[1], 0x1001)])))
-        .unwrap();
+    let below = parse(&elf(&ElfSpec::new(
+        false,
+        0x1000,
+        vec![Seg::at(0x1000, &[1], 0x8000)],
+    )))
+    .unwrap();
+    below
+        .check_fits(128 * MIB)
+        .expect("ends right at the low area");
+    let hole = parse(&elf(&ElfSpec::new(
+        false,
+        0x9_f000,
+        vec![Seg::at(0x9_f000, &[1], 0x1001)],
+    )))
+    .unwrap();
     assert_eq!(
         fit_refusal(&hole, 128 * MIB),
         "segment at 0x9f000 of 0x1001 bytes overlaps 640 KiB..1 MiB, which the memory map leaves out"
@@ -372,14 +422,22 @@ fn the_info_structure_reads_back_field_by_field() {
     assert_eq!(&mem[0x10_3000..0x10_3000 + environ.len()], environ);
     assert_eq!(&mem[0x10_4000..0x10_5001], &second[..]);
     assert_eq!(c_string(&mem, u32_at(&mem, mods + 8).into()), b"environ");
-    assert_eq!(c_string(&mem, u32_at(&mem, mods + 24).into()), b"second module");
+    assert_eq!(
+        c_string(&mem, u32_at(&mem, mods + 24).into()),
+        b"second module"
+    );
     assert_eq!(u32_at(&mem, mods + 12), 0, "reserved");
     // The memory map: two available ranges.
     assert_eq!(u32_at(&mem, info + 44), 48, "mmap_length");
     let mmap = u64::from(u32_at(&mem, info + 48));
     let entry_at = |i: u64| {
         let e = mmap + 24 * i;
-        (u32_at(&mem, e), u64_at(&mem, e + 4), u64_at(&mem, e + 12), u32_at(&mem, e + 20))
+        (
+            u32_at(&mem, e),
+            u64_at(&mem, e + 4),
+            u64_at(&mem, e + 12),
+            u32_at(&mem, e + 20),
+        )
     };
     assert_eq!(entry_at(0), (20, 0, 0xa_0000, 1));
     assert_eq!(entry_at(1), (20, 0x10_0000, 3 * MIB, 1));
@@ -393,8 +451,14 @@ fn the_info_structure_reads_back_field_by_field() {
     // The kernel's bytes and zeroed bss.
     assert_eq!(&mem[0x10_0000..0x10_0030], &[0x90; 0x30][..]);
     assert_eq!(&mem[0x10_2000..0x10_200a], b"data bytes");
-    assert!(mem[0x10_200a..0x10_3000].iter().all(|&b| b == 0), "bss is zeroed");
-    assert_eq!(mem[0x10_0030], 0xaa, "bytes between segments are left alone");
+    assert!(
+        mem[0x10_200a..0x10_3000].iter().all(|&b| b == 0),
+        "bss is zeroed"
+    );
+    assert_eq!(
+        mem[0x10_0030], 0xaa,
+        "bytes between segments are left alone"
+    );
 }
 
 #[test]
@@ -407,7 +471,10 @@ fn an_empty_command_line_is_still_a_string() {
     assert_eq!(u32_at(&mem, entry.ebx.0 + 20), 0, "no modules");
     assert_eq!(u32_at(&mem, entry.ebx.0 + 8), 1024, "mem_upper");
     assert_eq!(&mem[0x10_0040..0x10_0044], &0x1bad_b002u32.to_le_bytes());
-    assert!(mem[0x10_0080..0x10_1000].iter().all(|&b| b == 0), "bss is zeroed");
+    assert!(
+        mem[0x10_0080..0x10_1000].iter().all(|&b| b == 0),
+        "bss is zeroed"
+    );
 }
 
 #[test]
@@ -417,7 +484,9 @@ fn modules_and_strings_that_do_not_fit_are_refused() {
     let big = vec![0u8; 2 * MIB as usize];
     let one = |bytes, string| [Module { bytes, string }];
     assert_eq!(
-        plan(&k, 3 * MIB, "", &one(&big, "big")).unwrap_err().to_string(),
+        plan(&k, 3 * MIB, "", &one(&big, "big"))
+            .unwrap_err()
+            .to_string(),
         "module 0 of 0x200000 bytes, placed at 0x103000 after the kernel, passes the domain's \
          3 MiB (or 4 GiB)"
     );
@@ -426,7 +495,9 @@ fn modules_and_strings_that_do_not_fit_are_refused() {
         "the command line has a NUL byte at offset 1"
     );
     assert_eq!(
-        plan(&k, 3 * MIB, "", &one(b"x", "\0")).unwrap_err().to_string(),
+        plan(&k, 3 * MIB, "", &one(b"x", "\0"))
+            .unwrap_err()
+            .to_string(),
         "module 0's string has a NUL byte at offset 0"
     );
     let long = "x".repeat(0x7000);

@@ -54,7 +54,11 @@ pub fn multiboot_header(flags: u32) -> Vec<u8> {
     let mut h = Vec::new();
     h.extend(HEADER_MAGIC.to_le_bytes());
     h.extend(flags.to_le_bytes());
-    h.extend(0u32.wrapping_sub(HEADER_MAGIC).wrapping_sub(flags).to_le_bytes());
+    h.extend(
+        0u32.wrapping_sub(HEADER_MAGIC)
+            .wrapping_sub(flags)
+            .to_le_bytes(),
+    );
     h
 }
 
@@ -124,7 +128,10 @@ pub fn elf(spec: &ElfSpec) -> Vec<u8> {
             put(&mut f, ph + 28, &16u32.to_le_bytes());
         }
     }
-    assert!(ehsize + spec.segs.len() * phsize <= ELF_HEADER_AT, "too many test segments");
+    assert!(
+        ehsize + spec.segs.len() * phsize <= ELF_HEADER_AT,
+        "too many test segments"
+    );
     put(&mut f, ELF_HEADER_AT, &multiboot_header(spec.header_flags));
     f
 }
@@ -214,5 +221,8 @@ pub fn u64_at(mem: &[u8], at: u64) -> u64 {
 /// The NUL-terminated string at `at`.
 pub fn c_string(mem: &[u8], at: u64) -> &[u8] {
     let rest = &mem[at as usize..];
-    &rest[..rest.iter().position(|&b| b == 0).expect("a NUL ends the string")]
+    &rest[..rest
+        .iter()
+        .position(|&b| b == 0)
+        .expect("a NUL ends the string")]
 }
