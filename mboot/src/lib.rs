@@ -38,6 +38,12 @@
 //!
 //! Nothing here panics on any input: every problem is a [`LoadError`] that
 //! names the value at fault.
+//!
+//! Status: `cargo xtask run --guest` uses [`parse`], [`Kernel::check_fits`]
+//! and [`plan`] to check a kernel and its modules on the host. Nothing calls
+//! [`Kernel::load`] or [`build_info`] outside this crate's tests yet: the
+//! kernel side that would create the domain, copy the kernel in and enter
+//! it is not built, so no Multiboot kernel runs under Umbra today.
 #![no_std]
 #![forbid(unsafe_code)]
 

@@ -21,6 +21,16 @@ fn refusal(image: &[u8]) -> String {
     }
 }
 
+/// A parsed ELF32 kernel of one segment of `len` bytes at `gpa`, entered at its start.
+fn one_segment(gpa: u64, len: u64) -> Kernel {
+    parse(&elf(&ElfSpec::new(
+        false,
+        gpa,
+        vec![Seg::at(gpa, &[1], len)],
+    )))
+    .unwrap()
+}
+
 fn fit_refusal(k: &Kernel, mem_bytes: u64) -> String {
     k.check_fits(mem_bytes)
         .expect_err("the kernel should not fit")
@@ -337,32 +347,17 @@ fn check_fits_refuses_with_the_numbers() {
         "the domain's 1 MiB of memory do not reach past 1 MiB"
     );
 
-    let low = parse(&elf(&ElfSpec::new(
-        false,
-        0x8000,
-        vec![Seg::at(0x8000, &[1], 0x1001)],
-    )))
-    .unwrap();
+    let low = one_segment(0x8000, 0x1001);
     assert_eq!(
         fit_refusal(&low, 128 * MIB),
         "segment at 0x8000 of 0x1001 bytes overlaps the loader's low area 0x9000..0x10000 (info, \
          memory map, module list, strings)"
     );
-    let below = parse(&elf(&ElfSpec::new(
-        false,
-        0x1000,
-        vec![Seg::at(0x1000, &[1], 0x8000)],
-    )))
-    .unwrap();
+    let below = one_segment(0x1000, 0x8000);
     below
         .check_fits(128 * MIB)
         .expect("ends right at the low area");
-    let hole = parse(&elf(&ElfSpec::new(
-        false,
-        0x9_f000,
-        vec![Seg::at(0x9_f000, &[1], 0x1001)],
-    )))
-    .unwrap();
+    let hole = one_segment(0x9_f000, 0x1001);
     assert_eq!(
         fit_refusal(&hole, 128 * MIB),
         "segment at 0x9f000 of 0x1001 bytes overlaps 640 KiB..1 MiB, which the memory map leaves out"
