@@ -52,6 +52,7 @@ impl Segment {
 }
 
 /// A Multiboot v1 kernel, parsed: where each segment goes and where it starts.
+/// Made only by [`parse`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Kernel {
     /// The header it was found by.
@@ -60,8 +61,9 @@ pub struct Kernel {
     pub format: Format,
     /// Guest-physical address of the first instruction (EIP at entry).
     pub entry: Gpa,
-    /// The loadable segments (at least one; none empty; no two overlap).
-    pub segments: heapless::Vec<Segment, MAX_SEGMENTS>,
+    /// The loadable segments (at least one; none empty; no two overlap;
+    /// each within the file): private, so only [`parse`] makes them.
+    segments: heapless::Vec<Segment, MAX_SEGMENTS>,
 }
 
 /// Parses a Multiboot v1 kernel image. See the crate documentation for what
