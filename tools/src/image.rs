@@ -59,6 +59,20 @@ pub struct RunArgs {
     /// batches, flushes done and avoided, shootdown IPIs, pCPUs flushed.
     #[arg(long)]
     pub grant: Option<String>,
+    /// An unmodified Multiboot v1 kernel (ELF32, ELF64 or a.out kludge) to
+    /// run as a one-vCPU domain of 128 MiB. Today only the loader's checks
+    /// run: the file, its modules and its command line are parsed and placed,
+    /// any problem is refused naming the file and the reason, and a kernel
+    /// that passes still exits non-zero (the kernel side is not built yet).
+    #[arg(long, value_name = "FILE")]
+    pub guest: Option<PathBuf>,
+    /// A module for the `--guest` kernel (repeatable, in order; each gets its
+    /// file name as its string), e.g. an environ file `NR_CPUS=1`.
+    #[arg(long = "module", value_name = "FILE", requires = "guest")]
+    pub modules: Vec<PathBuf>,
+    /// The `--guest` kernel's command line.
+    #[arg(long, value_name = "STR", requires = "guest", default_value = "")]
+    pub guest_cmdline: String,
     /// Arguments passed to the kernel command line (QEMU `-append`).
     #[arg(last = true)]
     pub kernel_args: Vec<String>,
@@ -315,6 +329,13 @@ fn describe(ending: &Ending) -> String {
 
 /// `cargo xtask run`.
 pub fn run(args: &RunArgs) -> Result<()> {
+    if let Some(kernel) = &args.guest {
+        return crate::guest::run(&crate::guest::GuestArgs {
+            kernel,
+            modules: &args.modules,
+            cmdline: &args.guest_cmdline,
+        });
+    }
     if !(1..=64).contains(&args.smp) {
         bail!(
             "--smp {} is out of range: Umbra runs 1 to 64 CPUs",

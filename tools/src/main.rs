@@ -5,6 +5,7 @@
 mod bench;
 mod compare;
 mod conformance;
+mod guest;
 mod image;
 mod prereq;
 mod results;
@@ -28,7 +29,9 @@ enum Command {
     /// the parsed report as results.json (with CSV tables and an SVG) under
     /// target/umbra/results/<timestamp>/, as `compare` does. With `--sched`,
     /// one boot per policy, a per-policy scheduler table at the end and a
-    /// timeline-<run>.svg per run whose kernel printed a trace.
+    /// timeline-<run>.svg per run whose kernel printed a trace. With
+    /// `--guest FILE`, checks an unmodified Multiboot kernel instead (see
+    /// `--guest`; running one is not built yet).
     Run(image::RunArgs),
     /// Run every host test, the conformance suite and the in-image tests.
     /// The last line is `N passed, M failed` over everything that ran.
