@@ -9,7 +9,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use kernel::kprintln;
-use kernel::svm::domain::DomainSpec;
+use kernel::svm::domain::{DomainSpec, MultibootGuest, NO_EXIT_STATUS};
 use kernel::svm::sched::{SchedTransport, Scheduler};
 use kernel::svm::{host, GrantDoor, GrantTransport, Transport};
 use kernel::task::Task;
@@ -21,12 +21,15 @@ use task_rt::mem::WindowMem;
 /// `sched=POLICY` (run the vCPUs under that scheduler server, over the same
 /// transport as the MMU server; without it each pCPU round-robins the vCPUs
 /// pinned to it, in the kernel), `grant=NAME[,NAME...]` (run the
-/// split-driver workloads, and only them, under each named grant server).
+/// split-driver workloads, and only them, under each named grant server),
+/// `mbguest` (run the unmodified Multiboot kernel of the boot modules, and
+/// only it, then end QEMU with the status it wrote to its exit port).
 pub const WORDS: &[&str] = &[
     "mmu=",
     "transport=",
     "sched=",
     "grant=",
+    "mbguest",
     "svm-test",
     "icount",
 ];
@@ -65,6 +68,7 @@ fn specs(with_scheduler: bool, grant_run: bool) -> Vec<DomainSpec> {
             weights: w.weights,
             index: i as u64,
             peer: w.peer.and_then(place),
+            multiboot: None,
         })
         .collect()
 }
@@ -120,6 +124,25 @@ pub fn boot_hook(cmdline: &'static str) -> bool {
         );
         return false;
     }
+    let guest = match kernel::boot::has_arg(cmdline, "mbguest") {
+        false => None,
+        true if kernel::boot::arg_value(cmdline, "grant").is_some()
+            || kernel::boot::arg_value(cmdline, "sched").is_some() =>
+        {
+            kprintln!(
+                "svm: mbguest runs one unmodified guest; it takes no grant server or scheduler"
+            );
+            return false;
+        }
+        true => match multiboot_guest() {
+            Ok(g) => Some(g),
+            Err(e) => {
+                kprintln!("svm: {e}");
+                return false;
+            }
+        },
+    };
+    let mut statuses = Vec::new();
     let (mut passed, mut failed) = (0u32, 0u32);
     let mut ok = true;
     let mut runs = Vec::new();
@@ -145,7 +168,7 @@ pub fn boot_hook(cmdline: &'static str) -> bool {
         let broken = name.starts_with("misbehave-") || broken_grant;
         // A broken server's workloads are expected to stop: no test lines
         // of their own, the one `contain-` line below instead.
-        let outcome = run_one(name, transport, test_mode && !broken, policy, grant);
+        let outcome = run_one(name, transport, test_mode && !broken, policy, grant, guest);
         let mut label = format!("{name}-{transport}");
         for extra in [policy, grant].into_iter().flatten() {
             label.push('-');
@@ -176,6 +199,18 @@ pub fn boot_hook(cmdline: &'static str) -> bool {
                 }
                 (contained as u32, !contained as u32, contained)
             }
+            Ok(o) if guest.is_some() => {
+                match o.guest_status {
+                    Some(v) => kprintln!(
+                        "svm: the unmodified guest on `{label}` wrote {v:#x} to its exit port"
+                    ),
+                    None => kprintln!(
+                        "svm: the unmodified guest on `{label}` ended without writing its exit port"
+                    ),
+                }
+                statuses.push(o.guest_status);
+                (o.passed, o.failed, o.all_passed)
+            }
             Ok(o) => (o.passed, o.failed, o.all_passed),
             Err(e) => {
                 kprintln!("svm: run failed: {e}");
@@ -193,6 +228,24 @@ pub fn boot_hook(cmdline: &'static str) -> bool {
             let (cp, cf) = conf::run_all(name);
             passed += cp;
             failed += cf;
+        }
+    }
+    if guest.is_some() {
+        // The guest's own verdict, as its runner reads it: QEMU exits with
+        // (status << 1) | 1. Every server must agree; the first that
+        // disagrees with the first run (or never wrote) decides.
+        let first = statuses.first().copied().flatten();
+        match statuses
+            .iter()
+            .find(|s| **s != first)
+            .copied()
+            .unwrap_or(first)
+        {
+            Some(v) => {
+                kprintln!("umbra: ending with the guest's exit status {v:#x}");
+                kernel::qemu::exit_with(v)
+            }
+            None => return false,
         }
     }
     if !test_mode {
@@ -228,6 +281,8 @@ struct Outcome {
     clean: bool,
     /// Bytes the kernel copied for grant copies.
     copied: u64,
+    /// What an unmodified guest wrote to its exit port, if it did.
+    guest_status: Option<u32>,
 }
 
 /// Runs the workloads on server `name` over `transport`, then frees what
@@ -238,6 +293,7 @@ fn run_one(
     test_mode: bool,
     policy: Option<&str>,
     grant: Option<&str>,
+    guest: Option<&'static MultibootGuest>,
 ) -> Result<Outcome, String> {
     let pool = host::alloc_zeroed(SHADOW_POOL_FRAMES)?;
     let phys_bits = ((core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xFF) as u8).clamp(32, 52);
@@ -262,7 +318,10 @@ fn run_one(
         }
     };
     kprintln!("svm: MMU server `{name}` over real frames, MAXPHYADDR {phys_bits}");
-    let specs = specs(policy.is_some(), grant.is_some());
+    let specs = match guest {
+        Some(g) => alloc::vec![multiboot_spec(g)],
+        None => specs(policy.is_some(), grant.is_some()),
+    };
     let vcpus = specs.iter().map(|s| s.vcpus as usize).sum();
     let (sched, sched_task) = match policy {
         Some(p) => {
@@ -363,7 +422,60 @@ fn run_one(
         domains_stopped,
         clean,
         copied,
+        guest_status: doms
+            .first()
+            .map(|d| d.exit_status.load(core::sync::atomic::Ordering::Acquire))
+            .filter(|&v| guest.is_some() && v != NO_EXIT_STATUS)
+            .map(|v| v as u32),
     })
+}
+
+/// The one domain of an unmodified Multiboot guest: one vCPU on pCPU 0,
+/// [`MULTIBOOT_MEM_MIB`] of memory.
+fn multiboot_spec(g: &'static MultibootGuest) -> DomainSpec {
+    DomainSpec {
+        name: "multiboot",
+        vcpus: 1,
+        mem_mib: MULTIBOOT_MEM_MIB,
+        first_pcpu: 0,
+        kernel_zaps: false,
+        entry: 0,
+        pf_entry: 0,
+        weights: &[],
+        index: 0,
+        peer: None,
+        multiboot: Some(g),
+    }
+}
+
+/// Memory of an unmodified guest's domain (kvm-unit-tests' runner gives
+/// its x86 tests 128 MiB).
+pub const MULTIBOOT_MEM_MIB: u64 = 128;
+
+/// The unmodified Multiboot kernel the boot modules hold (`mbguest`): module
+/// 0 is the kernel, its string the file name then the guest's command
+/// line; the other modules are the guest's, with their strings.
+fn multiboot_guest() -> Result<&'static MultibootGuest, String> {
+    let mods = kernel::modules();
+    let Some((kernel_module, rest)) = mods.split_first() else {
+        return Err("mbguest: no boot module holds a Multiboot kernel (QEMU -initrd)".into());
+    };
+    let cmdline = kernel_module
+        .string()
+        .split_once(' ')
+        .map_or("", |(_, args)| args.trim());
+    let modules: Vec<mboot::Module<'static>> = rest
+        .iter()
+        .map(|m| mboot::Module {
+            bytes: m.bytes(),
+            string: m.string(),
+        })
+        .collect();
+    Ok(Box::leak(Box::new(MultibootGuest {
+        image: kernel_module.bytes(),
+        cmdline,
+        modules: modules.leak(),
+    })))
 }
 
 /// The embedded MMU server task image (built by `cargo xtask`; empty when

@@ -29,6 +29,15 @@ pub fn verdict(d: &Domain) -> (bool, &'static str) {
     use core::sync::atomic::Ordering::Acquire;
     let reported = d.reported.load(Acquire);
     let stop = *d.stop_reason.lock();
+    if d.spec.multiboot.is_some() {
+        // An unmodified guest passes by writing 0 to its exit port.
+        return match (d.exit_status.load(Acquire), stop) {
+            (_, Some(_)) => (false, "FAIL (stopped)"),
+            (0, None) => (true, "PASS (exit status 0)"),
+            (kernel::svm::domain::NO_EXIT_STATUS, None) => (false, "FAIL (no exit status)"),
+            _ => (false, "FAIL (nonzero exit status)"),
+        };
+    }
     if workload(d).ends_in_shutdown {
         return match (reported, stop) {
             (1, Some(("shutdown", _))) => (true, "PASS (faulted, then stopped on shutdown)"),

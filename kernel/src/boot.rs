@@ -226,6 +226,20 @@ impl Module {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The module's bytes.
+    pub fn bytes(&self) -> &'static [u8] {
+        // SAFETY: the loader put the module in RAM, which the kernel maps
+        // at identity; `frames::init` keeps its frames out of the
+        // allocator for the kernel's life and nothing writes them, so a
+        // shared 'static slice over them is sound.
+        unsafe {
+            core::slice::from_raw_parts(
+                self.start.as_u64() as usize as *const u8,
+                self.len() as usize,
+            )
+        }
+    }
 }
 /// Longest kernel command line kept (bytes).
 pub const MAX_CMDLINE: usize = 256;
@@ -327,7 +341,11 @@ pub unsafe fn parse_multiboot(magic: u32, info: u32) -> Result<BootInfo, BootErr
             // SAFETY: the loader's module list: `count` entries of four
             // words (start, end, string, reserved).
             let (start, end, string) = unsafe {
-                (m.read_unaligned(), m.add(1).read_unaligned(), m.add(2).read_unaligned())
+                (
+                    m.read_unaligned(),
+                    m.add(1).read_unaligned(),
+                    m.add(2).read_unaligned(),
+                )
             };
             let module = &mut out.modules[i];
             module.start = PhysAddr::new(u64::from(start));

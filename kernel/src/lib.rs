@@ -70,8 +70,7 @@ pub mod task;
 #[cfg(target_os = "none")]
 static CMDLINE: spin::Once<([u8; boot::MAX_CMDLINE], usize)> = spin::Once::new();
 
-static MODULES: spin::Once<heapless::Vec<boot::Module, { boot::MAX_MODULES }>> =
-    spin::Once::new();
+static MODULES: spin::Once<heapless::Vec<boot::Module, { boot::MAX_MODULES }>> = spin::Once::new();
 
 /// The boot modules (QEMU `-initrd`), in order; their bytes are reserved
 /// from the frame allocator for the kernel's life.

@@ -10,9 +10,39 @@ use abi::DomainId;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use spin::Mutex;
 
+/// The mode a vCPU starts in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootMode {
+    /// 64-bit long mode on the loader's page tables (Umbra's own guests).
+    Long,
+    /// 32-bit protected mode with paging off, EAX and EBX as a Multiboot
+    /// loader leaves them (an unmodified Multiboot kernel).
+    Multiboot {
+        /// The bootloader magic.
+        eax: u32,
+        /// The Multiboot info's gpa.
+        ebx: u32,
+    },
+}
+
+/// An unmodified Multiboot v1 kernel to run as a domain: its file, its
+/// command line and its modules (the image takes them from the boot
+/// modules).
+#[derive(Clone, Copy, Debug)]
+pub struct MultibootGuest {
+    /// The kernel file (ELF32, ELF64 or a.out kludge).
+    pub image: &'static [u8],
+    /// Its command line.
+    pub cmdline: &'static str,
+    /// Its modules, in order.
+    pub modules: &'static [mboot::Module<'static>],
+}
+
 /// Where a vCPU starts: its registers as the loader set them.
 #[derive(Clone, Copy, Debug)]
 pub struct VcpuBoot {
+    /// The mode it starts in.
+    pub mode: BootMode,
     /// Entry point.
     pub rip: u64,
     /// Stack top.
@@ -50,6 +80,9 @@ pub struct DomainSpec {
     /// run's list (its domain is `DomainId(peer + 1)`), written to the
     /// guest's `DomainInfo::peer`.
     pub peer: Option<u32>,
+    /// An unmodified Multiboot kernel to load instead of one of Umbra's own
+    /// guests (`entry`, `pf_entry` and `index` are then unused; one vCPU).
+    pub multiboot: Option<&'static MultibootGuest>,
 }
 
 /// A guest and everything the kernel knows about it.
@@ -145,9 +178,73 @@ pub struct Domain {
     pub grant_cpus_flushed: AtomicU64,
     /// Bytes the kernel copied for its grant copies.
     pub grant_copied: AtomicU64,
+    /// The last value a vCPU wrote to the exit port (`NO_EXIT_STATUS`:
+    /// none), what an unmodified guest's runner reads as its result.
+    pub exit_status: AtomicU64,
 }
 
+/// [`Domain::exit_status`] before any write to the exit port.
+pub const NO_EXIT_STATUS: u64 = u64::MAX;
+
 impl Domain {
+    /// A domain's kernel record, every counter zero, not yet run.
+    fn new(
+        id: DomainId,
+        spec: DomainSpec,
+        mem_pa: u64,
+        mem_bytes: u64,
+        asid: u32,
+        first_vcpu: u32,
+        pcpus: u64,
+    ) -> Domain {
+        Domain {
+            id,
+            spec,
+            mem_pa,
+            mem_bytes,
+            asid,
+            first_vcpu,
+            pcpus,
+            stopped: AtomicBool::new(false),
+            stop_reason: Mutex::new(None),
+            reported: AtomicU8::new(0),
+            detail: AtomicU64::new(0),
+            exited_ok: AtomicU32::new(0),
+            exited_bad: AtomicU32::new(0),
+            dirty_on: AtomicBool::new(false),
+            root_gen: AtomicU64::new(0),
+            shootdown_ipis: AtomicU64::new(0),
+            exits: AtomicU64::new(0),
+            dirty_extra: AtomicU64::new(0),
+            pf_exits: AtomicU64::new(0),
+            fixed: AtomicU64::new(0),
+            injected: AtomicU64::new(0),
+            emulated: AtomicU64::new(0),
+            zaps: AtomicU64::new(0),
+            ended: AtomicU32::new(0),
+            emul_lock: Mutex::new(()),
+            harvest: Mutex::new(alloc::vec![0; (mem_bytes / 4096).div_ceil(64) as usize]),
+            harvests: AtomicU64::new(0),
+            mode_changes: AtomicU64::new(0),
+            exits_by: [const { AtomicU64::new(0) }; super::exit::BUCKETS],
+            obligations: AtomicU64::new(0),
+            cpus_flushed: AtomicU64::new(0),
+            migration_flushes: AtomicU64::new(0),
+            window: AtomicU64::new(0),
+            window_end: AtomicU64::new(0),
+            phase_begin: AtomicU64::new(0),
+            phase_exits: AtomicU64::new(0),
+            phase_faults: AtomicU64::new(0),
+            grant_calls: AtomicU64::new(0),
+            grant_errors: AtomicU64::new(0),
+            grant_obligations: AtomicU64::new(0),
+            grant_ipis: AtomicU64::new(0),
+            grant_cpus_flushed: AtomicU64::new(0),
+            grant_copied: AtomicU64::new(0),
+            exit_status: AtomicU64::new(NO_EXIT_STATUS),
+        }
+    }
+
     /// Host pointer to guest-physical `gpa`, if `len` bytes from it are inside
     /// guest memory.
     pub fn gpa_ptr(&self, gpa: u64, len: u64) -> Option<*mut u8> {
@@ -294,6 +391,19 @@ pub fn load(
 ) -> Result<(Domain, alloc::vec::Vec<VcpuBoot>), &'static str> {
     let bytes = spec.mem_mib << 20;
     let pa = host::alloc_zeroed(bytes / 4096)?;
+    if let Some(mb) = spec.multiboot {
+        return match load_multiboot(mb, pa, bytes) {
+            Ok(boot) => Ok((
+                Domain::new(id, spec, pa, bytes, asid, first_vcpu, pcpus),
+                alloc::vec![boot],
+            )),
+            Err(e) => {
+                crate::kprintln!("svm: the Multiboot kernel cannot be loaded: {e}");
+                host::free(pa, bytes / 4096);
+                Err("the Multiboot kernel cannot be loaded")
+            }
+        };
+    }
     let mut ld = Loader {
         pa,
         bytes,
@@ -345,6 +455,7 @@ pub fn load(
         vi.domain_gva = gl::DIRECT_BASE + gl::DOMAIN_INFO_GPA;
         vi.cur_l4 = gl::L4_GPA;
         boots.push(VcpuBoot {
+            mode: BootMode::Long,
             rip: spec.entry,
             rsp: gl::DIRECT_BASE + stack_lo + gl::STACK_BYTES - 8,
             rdi: info_gva,
@@ -363,50 +474,32 @@ pub fn load(
     di.peer = spec.peer.map_or(0, |i| u64::from(i) + 1);
     di.next_free.store(ld.next, Ordering::Relaxed);
 
-    let domain = Domain {
-        id,
-        spec,
-        mem_pa: pa,
-        mem_bytes: bytes,
-        asid,
-        first_vcpu,
-        pcpus,
-        stopped: AtomicBool::new(false),
-        stop_reason: Mutex::new(None),
-        reported: AtomicU8::new(0),
-        detail: AtomicU64::new(0),
-        exited_ok: AtomicU32::new(0),
-        exited_bad: AtomicU32::new(0),
-        dirty_on: AtomicBool::new(false),
-        root_gen: AtomicU64::new(0),
-        shootdown_ipis: AtomicU64::new(0),
-        exits: AtomicU64::new(0),
-        dirty_extra: AtomicU64::new(0),
-        pf_exits: AtomicU64::new(0),
-        fixed: AtomicU64::new(0),
-        injected: AtomicU64::new(0),
-        emulated: AtomicU64::new(0),
-        zaps: AtomicU64::new(0),
-        ended: AtomicU32::new(0),
-        emul_lock: Mutex::new(()),
-        harvest: Mutex::new(alloc::vec![0; (bytes / 4096).div_ceil(64) as usize]),
-        harvests: AtomicU64::new(0),
-        mode_changes: AtomicU64::new(0),
-        exits_by: [const { AtomicU64::new(0) }; super::exit::BUCKETS],
-        obligations: AtomicU64::new(0),
-        cpus_flushed: AtomicU64::new(0),
-        migration_flushes: AtomicU64::new(0),
-        window: AtomicU64::new(0),
-        window_end: AtomicU64::new(0),
-        phase_begin: AtomicU64::new(0),
-        phase_exits: AtomicU64::new(0),
-        phase_faults: AtomicU64::new(0),
-        grant_calls: AtomicU64::new(0),
-        grant_errors: AtomicU64::new(0),
-        grant_obligations: AtomicU64::new(0),
-        grant_ipis: AtomicU64::new(0),
-        grant_cpus_flushed: AtomicU64::new(0),
-        grant_copied: AtomicU64::new(0),
-    };
+    let domain = Domain::new(id, spec, pa, bytes, asid, first_vcpu, pcpus);
     Ok((domain, boots))
+}
+
+/// Loads an unmodified Multiboot kernel into the zeroed guest memory at
+/// host-physical `pa` (`bytes` long): its segments, its modules, the
+/// Multiboot info; returns where its vCPU starts (32-bit protected mode,
+/// paging off, EAX/EBX as the Multiboot spec says).
+fn load_multiboot(mb: &MultibootGuest, pa: u64, bytes: u64) -> Result<VcpuBoot, mboot::LoadError> {
+    // SAFETY: `pa` is a fresh allocation of `bytes` zeroed, contiguous,
+    // identity-mapped bytes that nothing else references until the domain
+    // exists; the slice lives only during the load.
+    let mem = unsafe { core::slice::from_raw_parts_mut(host::va(pa), bytes as usize) };
+    let kernel = mboot::parse(mb.image)?;
+    kernel.check_fits(bytes)?;
+    kernel.load(mb.image, mem)?;
+    let entry = mboot::build_info(mem, &kernel, mb.cmdline, mb.modules)?;
+    Ok(VcpuBoot {
+        mode: BootMode::Multiboot {
+            eax: entry.eax,
+            // The info lies in the low area (below 64 KiB).
+            ebx: entry.ebx.0 as u32,
+        },
+        rip: entry.eip.0,
+        rsp: 0,
+        rdi: 0,
+        gs_base: 0,
+    })
 }

@@ -3,7 +3,7 @@
 //! server and carrying out its replies).
 
 use super::decode::{self, Op, RegFile};
-use super::domain::{Domain, VcpuBoot};
+use super::domain::{BootMode, Domain, VcpuBoot};
 use super::exit::ExitReason;
 use super::stats::{self, bump, STATS};
 use super::vmcb::{self, misc1, misc2, off, Segment, Vmcb};
@@ -151,17 +151,34 @@ impl Vcpu {
         );
         v.set_rip(boot.rip);
         v.set_rsp(boot.rsp);
-        let gprs = GuestGprs {
+        let mut gprs = GuestGprs {
             rdi: boot.rdi,
             ..GuestGprs::default()
         };
+        let mut guest_cr3 = abi::guest::L4_GPA;
+        if let BootMode::Multiboot { eax, ebx } = boot.mode {
+            // As a Multiboot loader leaves it: flat 32-bit code and data,
+            // EAX the magic, EBX the info. The hardware stays in long mode
+            // (compatibility mode: CS.L = 0) on the MMU server's identity
+            // shadow; the guest's own GDT and IDT come later.
+            v.set_segment(off::CS, Segment::CODE32);
+            for s in [off::DS, off::ES, off::SS, off::FS, off::GS] {
+                v.set_segment(s, Segment::DATA);
+            }
+            for s in [off::GDTR, off::IDTR] {
+                v.set_segment(s, Segment::NULL);
+            }
+            v.set_rax(u64::from(eax));
+            gprs.rbx = u64::from(ebx);
+            guest_cr3 = 0;
+        }
         Ok(Vcpu {
             id,
             index,
             dom,
             vmcb: v,
             gprs,
-            guest_cr3: abi::guest::L4_GPA,
+            guest_cr3,
             root_gen: None,
             flush_next: true,
             pf_exit_at: None,
@@ -830,6 +847,9 @@ impl Vcpu {
                 self.line_len = 0;
             }
         } else if port == EXIT_PORT {
+            self.dom
+                .exit_status
+                .store(u64::from(rax as u32), Ordering::Release);
             if rax as u32 == 0 {
                 self.dom.exited_ok.fetch_add(1, Ordering::Relaxed);
             } else {

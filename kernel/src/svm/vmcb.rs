@@ -141,6 +141,14 @@ impl Segment {
         limit: 0xFFFF_FFFF,
         base: 0,
     };
+    /// Flat 32-bit ring-0 code (execute/read accessed, D/B, G, not L): what
+    /// a Multiboot loader hands its kernel (run in compatibility mode).
+    pub const CODE32: Segment = Segment {
+        selector: 0x08,
+        attrib: 0x0C9B,
+        limit: 0xFFFF_FFFF,
+        base: 0,
+    };
     /// A null data segment (usable in 64-bit mode).
     pub const NULL: Segment = Segment {
         selector: 0,
