@@ -1,6 +1,6 @@
 //! Links the boot image with the kernel's linker script (bare metal only),
-//! and embeds the server tasks named by `UMBRA_MMU_TASK` and
-//! `UMBRA_SCHED_TASK` (set by `cargo xtask`; without them the embedded
+//! and embeds the server tasks named by `UMBRA_MMU_TASK`,
+//! `UMBRA_SCHED_TASK` and `UMBRA_GRANT_TASK` (set by `cargo xtask`; without them the embedded
 //! images are empty and only the direct transport works).
 
 fn main() {
@@ -10,6 +10,7 @@ fn main() {
     for (var, file) in [
         ("UMBRA_MMU_TASK", "mmu-task.elf"),
         ("UMBRA_SCHED_TASK", "sched-task.elf"),
+        ("UMBRA_GRANT_TASK", "grant-task.elf"),
     ] {
         println!("cargo:rerun-if-env-changed={var}");
         let dest = std::path::Path::new(&out).join(file);

@@ -11,7 +11,7 @@ use alloc::vec::Vec;
 use kernel::kprintln;
 use kernel::svm::domain::DomainSpec;
 use kernel::svm::sched::{SchedTransport, Scheduler};
-use kernel::svm::{host, Transport};
+use kernel::svm::{host, GrantDoor, GrantTransport, Transport};
 use kernel::task::Task;
 use task_rt::mem::WindowMem;
 
@@ -20,8 +20,16 @@ use task_rt::mem::WindowMem;
 /// conformance scenarios), `icount` (the TSC counts instructions),
 /// `sched=POLICY` (run the vCPUs under that scheduler server, over the same
 /// transport as the MMU server; without it each pCPU round-robins the vCPUs
-/// pinned to it, in the kernel).
-pub const WORDS: &[&str] = &["mmu=", "transport=", "sched=", "svm-test", "icount"];
+/// pinned to it, in the kernel), `grant=NAME[,NAME...]` (run the
+/// split-driver workloads, and only them, under each named grant server).
+pub const WORDS: &[&str] = &[
+    "mmu=",
+    "transport=",
+    "sched=",
+    "grant=",
+    "svm-test",
+    "icount",
+];
 
 /// The test-only MMU server that forwards every request to the reference
 /// server's task through the kernel (servers calling servers).
@@ -30,14 +38,22 @@ const RELAY: &str = "relay";
 /// Shadow-pool size in frames (32 MiB).
 const SHADOW_POOL_FRAMES: u64 = 8192;
 
-/// Every guest workload as the kernel sees it: its spec. The scheduler
-/// workloads (CPU-bound vCPUs, three times more than pCPUs) run only
-/// under a scheduler server: without one they would only slow the run.
-fn specs(with_scheduler: bool) -> Vec<DomainSpec> {
-    guests::work::WORKLOADS
+/// Every guest workload of a run as the kernel sees it: its spec. The
+/// scheduler workloads (CPU-bound vCPUs, three times more than pCPUs) run
+/// only under a scheduler server: without one they would only slow the
+/// run. A grant run runs the split-driver workloads and only them.
+fn specs(with_scheduler: bool, grant_run: bool) -> Vec<DomainSpec> {
+    let chosen: Vec<usize> = guests::work::WORKLOADS
         .iter()
         .enumerate()
-        .filter(|(_, w)| with_scheduler || !w.needs_scheduler)
+        .filter(|(_, w)| (with_scheduler || !w.needs_scheduler) && w.grant == grant_run)
+        .map(|(i, _)| i)
+        .collect();
+    // A partner's place in this run's list (its domain is that plus one).
+    let place = |peer: usize| chosen.iter().position(|&i| i == peer).map(|p| p as u32);
+    chosen
+        .iter()
+        .map(|&i| (i, &guests::work::WORKLOADS[i]))
         .map(|(i, w)| DomainSpec {
             name: w.name,
             vcpus: w.vcpus,
@@ -48,6 +64,7 @@ fn specs(with_scheduler: bool) -> Vec<DomainSpec> {
             pf_entry: guests::rt::umbra_guest_pf_entry as *const () as u64,
             weights: w.weights,
             index: i as u64,
+            peer: w.peer.and_then(place),
         })
         .collect()
 }
@@ -88,31 +105,51 @@ pub fn boot_hook(cmdline: &'static str) -> bool {
         );
         return false;
     }
+    let grants: Vec<Option<&str>> = match kernel::boot::arg_value(cmdline, "grant") {
+        None => alloc::vec![None],
+        Some(list) => list.split(',').map(Some).collect(),
+    };
+    if let Some(g) = grants
+        .iter()
+        .flatten()
+        .find(|g| !grant_server::registry::NAMES.contains(g))
+    {
+        kprintln!(
+            "svm: no grant server named {g:?}; known: {:?}",
+            grant_server::registry::NAMES
+        );
+        return false;
+    }
     let (mut passed, mut failed) = (0u32, 0u32);
     let mut ok = true;
     let mut runs = Vec::new();
     for n in list.split(',') {
         for (j, t) in transports.split(',').enumerate() {
             for (k, p) in policies.iter().enumerate() {
-                runs.push((n, t, *p, j == 0 && k == 0));
+                for (l, g) in grants.iter().enumerate() {
+                    runs.push((n, t, *p, *g, j == 0 && k == 0 && l == 0));
+                }
             }
         }
     }
-    for (name, transport, policy, first_run) in runs {
-        match policy {
-            Some(p) => kprintln!(
-                "umbra: MMU implementation: {name} (transport {transport}, scheduler {p})"
-            ),
-            None => kprintln!("umbra: MMU implementation: {name} (transport {transport})"),
+    for (name, transport, policy, grant, first_run) in runs {
+        let mut with = String::new();
+        if let Some(p) = policy {
+            with.push_str(&format!(", scheduler {p}"));
         }
+        if let Some(g) = grant {
+            with.push_str(&format!(", grant server {g}"));
+        }
+        kprintln!("umbra: MMU implementation: {name} (transport {transport}{with})");
         let broken = name.starts_with("misbehave-");
         // A broken server's workloads are expected to stop: no test lines
         // of their own, the one `contain-` line below instead.
-        let outcome = run_one(name, transport, test_mode && !broken, policy);
-        let label = match policy {
-            Some(p) => format!("{name}-{transport}-{p}"),
-            None => format!("{name}-{transport}"),
-        };
+        let outcome = run_one(name, transport, test_mode && !broken, policy, grant);
+        let mut label = format!("{name}-{transport}");
+        for extra in [policy, grant].into_iter().flatten() {
+            label.push('-');
+            label.push_str(extra);
+        }
         let (p, f, run_ok) = match outcome {
             Ok(o) if broken => {
                 let contained = o.stopped && o.domains_stopped > 0;
@@ -142,7 +179,7 @@ pub fn boot_hook(cmdline: &'static str) -> bool {
         passed += p;
         failed += f;
         ok &= run_ok;
-        if test_mode && !broken && first_run && name != RELAY {
+        if test_mode && !broken && first_run && name != RELAY && grant.is_none() {
             // The conformance scenarios on real frames (once per server).
             let (cp, cf) = conf::run_all(name);
             passed += cp;
@@ -186,6 +223,7 @@ fn run_one(
     transport: &str,
     test_mode: bool,
     policy: Option<&str>,
+    grant: Option<&str>,
 ) -> Result<Outcome, String> {
     let pool = host::alloc_zeroed(SHADOW_POOL_FRAMES)?;
     let phys_bits = ((core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xFF) as u8).clamp(32, 52);
@@ -210,7 +248,7 @@ fn run_one(
         }
     };
     kprintln!("svm: MMU server `{name}` over real frames, MAXPHYADDR {phys_bits}");
-    let specs = specs(policy.is_some());
+    let specs = specs(policy.is_some(), grant.is_some());
     let vcpus = specs.iter().map(|s| s.vcpus as usize).sum();
     let (sched, sched_task) = match policy {
         Some(p) => {
@@ -220,9 +258,34 @@ fn run_one(
         }
         None => (None, None),
     };
-    let result = kernel::svm::run(server, name, control, mirrors.clone(), &specs, sched);
+    let (grant_door, grant_task) = match grant {
+        Some(g) => {
+            // A grant task reaches the MMU server's task at PORT_MMU (the
+            // relay's backend is there already).
+            if let (Some(t), false) = (task, name == RELAY) {
+                kernel::task::set_port(abi::task::PORT_MMU as usize, Some(t));
+            }
+            let (door, t) = grant_server(g, transport)?;
+            kprintln!("svm: grant server `{g}` over the {transport} transport");
+            (Some(door), t)
+        }
+        None => (None, None),
+    };
+    let result = kernel::svm::run(
+        server,
+        name,
+        control,
+        mirrors.clone(),
+        &specs,
+        sched,
+        grant_door,
+    );
     let finish = |task: Option<&'static Task>| {
         if let Some(t) = sched_task {
+            t.destroy();
+        }
+        if let Some(t) = grant_task {
+            kernel::task::set_port(abi::task::PORT_MMU as usize, None);
             t.destroy();
         }
         for m in &mirrors {
@@ -247,6 +310,7 @@ fn run_one(
         }
     };
     let workloads_passed = report(svm, host::cpus_online(), test_mode);
+    let goals = crate::grants::report(svm, test_mode);
     let teardown = kernel::svm::teardown(svm);
     let clean = teardown.clean();
     if test_mode {
@@ -268,10 +332,11 @@ fn run_one(
         .count() as u32;
     let stopped = svm.server_stopped();
     finish(task);
+    let (gp, gf) = goals;
     Ok(Outcome {
-        passed: passed + u32::from(clean),
-        failed: doms.len() as u32 - passed + u32::from(!clean),
-        all_passed: workloads_passed && clean,
+        passed: passed + u32::from(clean) + gp,
+        failed: doms.len() as u32 - passed + u32::from(!clean) + gf,
+        all_passed: workloads_passed && clean && gf == 0,
         stopped,
         domains_stopped,
     })
@@ -366,6 +431,40 @@ fn scheduler(
         Scheduler::new(SchedTransport::Task(task), policy, vcpus, ncpu),
         Some(task),
     ))
+}
+
+/// The embedded grant server task image (built by `cargo xtask`; empty
+/// when the image was built without it).
+static GRANT_TASK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/grant-task.elf"));
+
+/// The grant server's port to the MMU server when both are linked into the
+/// kernel (the direct transport): the kernel's door, without carrying out
+/// the reply's flush, which the grant server merges into its own reply.
+struct KernelPort;
+
+impl grant_server::MmuPort for KernelPort {
+    fn call(&self, request: &abi::MmuRequest) -> abi::MmuReply {
+        match kernel::svm::svm().mmu_for_server(request) {
+            Ok(reply) => reply,
+            // The MMU server stopped: every domain is being stopped; the
+            // grant server answers its caller with this error.
+            Err(_) => {
+                abi::MmuReply::error(abi::mmu::MmuError::Unsupported(request.variant_index()))
+            }
+        }
+    }
+}
+
+/// The grant server `name` over `transport`, and its task (to destroy
+/// after the run).
+fn grant_server(name: &str, transport: &str) -> Result<(GrantDoor, Option<&'static Task>), String> {
+    if transport == "direct" {
+        static PORT: KernelPort = KernelPort;
+        let server = grant_server::registry::create(name, &PORT).map_err(|e| format!("{e}"))?;
+        return Ok((GrantDoor::new(GrantTransport::Direct(server), name), None));
+    }
+    let task = load_task("grant server", GRANT_TASK, name, None, 0)?;
+    Ok((GrantDoor::new(GrantTransport::Task(task), name), Some(task)))
 }
 
 /// Creates the MMU implementation `name` from `mmu_server::registry` (the

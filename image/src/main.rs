@@ -9,6 +9,7 @@
 //!
 //! - [`harness`]: what a boot runs (servers, transports, test lines).
 //! - [`report`]: the run's report and verdicts.
+//! - [`grants`]: the grant server's table, goals and leak check.
 //! - [`conf`]: the MMU conformance scenarios on real frames.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
@@ -17,6 +18,8 @@ extern crate alloc;
 
 #[cfg(target_os = "none")]
 mod conf;
+#[cfg(target_os = "none")]
+mod grants;
 #[cfg(target_os = "none")]
 mod harness;
 #[cfg(target_os = "none")]

@@ -135,7 +135,8 @@ pub fn report(svm: &Svm, ncpu: usize, test_mode: bool) -> bool {
         );
     }
     for (d, counters) in svm.domains().iter().zip(&per_domain) {
-        kprintln!("{}", result_line(d, counters.as_ref().ok(), costs));
+        let grants = crate::grants::result_fields(svm, d);
+        kprintln!("{}{grants}", result_line(d, counters.as_ref().ok(), costs));
     }
     let doms = svm.domains();
     let passed = doms.iter().filter(|d| verdict(d).0).count();

@@ -53,10 +53,15 @@ pub enum Space {
     Host,
     /// A guest's address space, by ASID (flushed before its next VMRUN).
     Guest {
-        /// The guest's ASID (kept modulo 64 in the pending mask).
+        /// The guest's ASID (kept modulo 64 in the pending mask), or
+        /// [`ALL_ASIDS`].
         asid: u32,
     },
 }
+
+/// The `asid` of a [`Space::Guest`] flush of every guest address space
+/// (a grant revocation concerns whichever domains mapped the frame).
+pub const ALL_ASIDS: u32 = u32::MAX;
 
 /// Which translations to flush.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -311,10 +316,15 @@ fn flush_local(space: Space, scope: Scope) {
     use x86_64::instructions::tlb;
     match space {
         Space::Guest { asid } => {
+            let bits = if asid == ALL_ASIDS {
+                u64::MAX
+            } else {
+                1 << (asid % 64)
+            };
             cpu::current()
                 .mailbox
                 .guest_pending
-                .fetch_or(1 << (asid % 64), Ordering::AcqRel);
+                .fetch_or(bits, Ordering::AcqRel);
         }
         Space::Host => match scope {
             Scope::Page(a) => tlb::flush(a),

@@ -79,6 +79,15 @@ pub fn call(port: u64, len: usize) -> Result<usize, CallError> {
     }
 }
 
+/// This thread's pCPU, found from its stack (each pCPU's stack lies in its
+/// own `STACK_STRIDE` slot, see `abi::task`).
+pub fn this_pcpu() -> usize {
+    let rsp: u64;
+    // SAFETY: reading RSP has no side effect.
+    unsafe { core::arch::asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack)) };
+    ((rsp.saturating_sub(task::STACKS_BASE) / task::STACK_STRIDE) as usize).min(task::MAX_PCPUS - 1)
+}
+
 /// Gives up with `len` bytes of message in the reply half of the buffer.
 fn give_up(len: usize) -> ! {
     // SAFETY: as in `reply`; SYS_PANIC ends the task for good.
@@ -148,11 +157,7 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
     // The panicking thread finds its pCPU from its stack (each pCPU's
     // stack lies in its own STACK_STRIDE slot) and writes the message into
     // that pCPU's reply half, which the kernel reads for the call it waits on.
-    let rsp: u64;
-    // SAFETY: reading RSP has no side effect.
-    unsafe { core::arch::asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack)) };
-    let pcpu = (rsp.saturating_sub(task::STACKS_BASE) / task::STACK_STRIDE) as usize;
-    let (_, out) = buffers(pcpu);
+    let (_, out) = buffers(this_pcpu());
     let mut w = Cut { buf: out, len: 0 };
     let (file, line) = info.location().map_or(("?", 0), |l| (l.file(), l.line()));
     let _ = write!(w, "{} at {file}:{line}", info.message());

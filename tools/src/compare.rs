@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 /// Kernel-server transports (`transport=`): the ring-3 server task (the
 /// default) and the in-kernel direct call.
 pub const TRANSPORTS: &[&str] = &["task", "direct"];
-/// Grant servers (`grant=`), as `grant-server`'s registry names them.
-pub const GRANTS: &[&str] = &["always-flush", "accessed-hint"];
+/// Grant servers (`grant=`): `grant-server`'s registry.
+pub const GRANTS: &[&str] = grant_server::registry::NAMES;
 /// vCPU schedulers (`sched=`), as `sched`'s registry names them.
 pub const SCHEDS: &[&str] = &["pinned", "global-rr", "credit"];
 
@@ -94,21 +94,6 @@ pub fn choices(flag: &str, given: &Option<String>, known: &[&str]) -> Result<Vec
         None => vec![None],
         Some(v) => expand(flag, v, known)?.into_iter().map(Some).collect(),
     })
-}
-
-/// Refuses `--grant` while the boot image does not run grant servers
-/// (they are tested by their host suite only): the kernel refuses
-/// command-line words it does not understand, so the boot would stop at
-/// once. `--sched` passes: the kernel takes `sched=`.
-fn refuse_unserved(args: &CompareArgs) -> Result<()> {
-    if let Some(v) = &args.grant {
-        bail!(
-            "--grant {v}: the boot image does not run grant servers yet (their host suite \
-             does: `cargo test -p grant-server`); compare MMU servers, transports and \
-             schedulers for now"
-        );
-    }
-    Ok(())
 }
 
 /// Prints the per-policy scheduler tables of `results` (none when no run
@@ -311,7 +296,6 @@ pub fn compare(args: &CompareArgs) -> Result<()> {
         return Ok(());
     }
     let combos = combinations(args)?;
-    refuse_unserved(args)?;
     let names = labels(&combos);
     prereq::ensure_qemu()?;
     prereq::ensure_kernel_target()?;
@@ -368,8 +352,8 @@ pub fn compare(args: &CompareArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::{
-        choices, combinations, expand, kernel_line, progress, refuse_unserved, run_selectors,
-        to_run, CompareArgs, SCHEDS,
+        choices, combinations, expand, kernel_line, progress, run_selectors, to_run, CompareArgs,
+        SCHEDS,
     };
     use crate::image::{Ending, Outcome};
     use crate::results::test_data::REFERENCE;
@@ -421,13 +405,12 @@ mod tests {
     }
 
     #[test]
-    fn grant_is_refused_until_the_image_runs_it_and_sched_is_not() {
-        let e = refuse_unserved(&args(&["--grant", "all"])).unwrap_err();
-        assert!(e.to_string().contains("--grant all"), "{e}");
-        assert!(refuse_unserved(&args(&["--sched", "all"])).is_ok());
-        let e = refuse_unserved(&args(&["--sched", "pinned", "--grant", "always-flush"]));
-        assert!(e.is_err());
-        assert!(refuse_unserved(&args(&["--mmu", "all", "--transport", "all"])).is_ok());
+    fn grant_expands_to_every_registered_server_and_names_an_unknown_one() {
+        let c = combinations(&args(&["--mmu", "reference", "--grant", "all"])).unwrap();
+        let got: Vec<_> = c.iter().map(|s| s.grant.clone().unwrap()).collect();
+        assert_eq!(got, grant_server::registry::NAMES);
+        let e = combinations(&args(&["--grant", "sometimes-flush"])).unwrap_err();
+        assert!(e.to_string().contains("sometimes-flush"), "{e}");
     }
 
     #[test]

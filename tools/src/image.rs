@@ -51,6 +51,14 @@ pub struct RunArgs {
     /// shares) and writes `timeline-<run>.svg` per run with a trace.
     #[arg(long)]
     pub sched: Option<String>,
+    /// The grant server, passed as the kernel word `grant=NAME`:
+    /// `always-flush`, `accessed-hint`, a comma list, or `all` (one boot
+    /// per grant server, MMU server and transport). A grant run runs the
+    /// split-driver workloads (block-like and net-like frontend/backend
+    /// pairs) and only them, and ends with a table per pair: maps, unmaps,
+    /// batches, flushes done and avoided, shootdown IPIs, pCPUs flushed.
+    #[arg(long)]
+    pub grant: Option<String>,
     /// Arguments passed to the kernel command line (QEMU `-append`).
     #[arg(last = true)]
     pub kernel_args: Vec<String>,
@@ -98,9 +106,10 @@ impl Outcome {
 
 /// The server task binaries the image embeds: (package, binary, the
 /// environment variable `image/build.rs` reads its path from).
-pub const TASKS: [(&str, &str, &str); 2] = [
+pub const TASKS: [(&str, &str, &str); 3] = [
     ("mmu-server", "mmu-task", "UMBRA_MMU_TASK"),
     ("sched", "sched-task", "UMBRA_SCHED_TASK"),
+    ("grant-server", "grant-task", "UMBRA_GRANT_TASK"),
 ];
 
 /// Builds one server task binary (always release: it runs in ring 3 and its
@@ -313,6 +322,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         );
     }
     let scheds = crate::compare::choices("sched", &args.sched, crate::compare::SCHEDS)?;
+    let grants = crate::compare::choices("grant", &args.grant, crate::compare::GRANTS)?;
     prereq::ensure_qemu()?;
     prereq::ensure_kernel_target()?;
     let names: Vec<&str> = match args.mmu.as_str() {
@@ -336,13 +346,16 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let mut runs = Vec::new();
     let mut boots = Vec::new();
     for sched in &scheds {
-        for transport in &transports {
-            for name in &names {
-                boots.push((sched, *transport, *name));
+        for grant in &grants {
+            for transport in &transports {
+                for name in &names {
+                    boots.push((sched, grant, *transport, *name));
+                }
             }
         }
     }
-    for (sched, transport, name) in boots {
+    let mut grant_lines = Vec::new();
+    for (sched, grant, transport, name) in boots {
         let mut append = args.kernel_args.join(" ");
         if !name.is_empty() {
             append = format!("mmu={name} transport={transport} {append}")
@@ -351,6 +364,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
         }
         if let Some(policy) = sched {
             append = format!("sched={policy} {append}").trim_end().to_string();
+        }
+        if let Some(g) = grant {
+            append = format!("grant={g} {append}").trim_end().to_string();
         }
         if args.icount {
             append = format!("{append} icount").trim_start().to_string();
@@ -380,10 +396,19 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 .filter_map(|l| l.strip_prefix("umbra-costs: "))
                 .map(str::to_string),
         );
+        grant_lines.extend(
+            out.lines
+                .iter()
+                .filter_map(|l| l.strip_prefix("grant: "))
+                .map(str::to_string),
+        );
         let mut words = args.kernel_args.clone();
         words.push(format!("transport={transport}"));
         if let Some(policy) = sched {
             words.push(format!("sched={policy}"));
+        }
+        if let Some(g) = grant {
+            words.push(format!("grant={g}"));
         }
         if args.icount {
             words.push("icount".into());
@@ -427,6 +452,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             }
         }
     }
+    print_grant_summary(&grant_lines);
     // Label the runs against each other: `reference sched=credit`.
     let selectors: Vec<_> = runs.iter().map(|r| r.selectors.clone()).collect();
     for (run, label) in runs.iter_mut().zip(crate::results::labels(&selectors)) {
@@ -440,6 +466,64 @@ pub fn run(args: &RunArgs) -> Result<()> {
         None => Ok(()),
         Some(why) => bail!("{} run(s) failed; first: {why}", failed.len()),
     }
+}
+
+/// The columns of the grant summary: (heading, key of the `grant:` line).
+const GRANT_COLUMNS: [(&str, &str); 11] = [
+    ("mmu", "mmu"),
+    ("grant", "grant"),
+    ("pair", "pair"),
+    ("maps", "maps"),
+    ("unmaps", "unmaps"),
+    ("batches", "batches"),
+    ("flushes", "flushes"),
+    ("avoided", "flushes_avoided"),
+    ("avoided%", "avoided_pct"),
+    ("ipis", "shootdown_ipis"),
+    ("pcpus-flushed", "pcpus_flushed"),
+];
+
+/// Prints one table of every boot's `grant:` lines (one row per MMU
+/// server, grant server and split-driver pair); nothing without any.
+pub fn print_grant_summary(lines: &[String]) {
+    let rows = grant_rows(lines);
+    if rows.is_empty() {
+        return;
+    }
+    println!("xtask: ---- grant servers, per split-driver pair ----");
+    let head: Vec<String> = GRANT_COLUMNS
+        .iter()
+        .map(|(h, _)| format!("{h:>14}"))
+        .collect();
+    println!("{}", head.concat());
+    for r in rows {
+        let cells: Vec<String> = r.iter().map(|c| format!("{c:>14}")).collect();
+        println!("{}", cells.concat());
+    }
+}
+
+/// The summary's cells from `grant: v=1 key=value ...` lines (a missing
+/// key shows `-`; a line of another version is skipped).
+pub fn grant_rows(lines: &[String]) -> Vec<Vec<String>> {
+    lines
+        .iter()
+        .filter(|l| l.starts_with("v=1 "))
+        .map(|l| {
+            let pairs: Vec<(&str, &str)> = l
+                .split_whitespace()
+                .filter_map(|w| w.split_once('='))
+                .collect();
+            GRANT_COLUMNS
+                .iter()
+                .map(|(_, key)| {
+                    pairs
+                        .iter()
+                        .find(|(k, _)| k == key)
+                        .map_or("-".to_string(), |(_, v)| v.to_string())
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// The QEMU options of `--icount` (none without it).
@@ -795,7 +879,50 @@ fn svm_boots(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
         );
     }
     containment_boot(image, tally)?;
-    scheduler_boot(image, tally)
+    scheduler_boot(image, tally)?;
+    grant_boot(image, tally)
+}
+
+/// The grant boots: the split-driver workloads under every grant server
+/// and every MMU server over the task transport, then once over the direct
+/// transport. Each run prints test lines for its workloads, each pair's
+/// flush goal (`always-flush` spares none; `accessed-hint` meets the
+/// pair's share) and that every grant and mapping was given back.
+fn grant_boot(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
+    let all = |names: &[&str]| names.join(",");
+    let boots = [
+        format!(
+            "mmu={} transport=task grant={} svm-test",
+            all(mmu_server::registry::NAMES),
+            all(grant_server::registry::NAMES)
+        ),
+        "mmu=reference transport=direct grant=accessed-hint svm-test".to_string(),
+    ];
+    for (i, append) in boots.iter().enumerate() {
+        eprintln!("xtask: test image: split-driver workloads under the grant servers ({append})");
+        let out = boot(image, 8, append, TEST_TIMEOUT, true)?;
+        let lines = tally_test_lines(&out.lines);
+        *tally += lines;
+        let tables = out
+            .lines
+            .iter()
+            .filter(|l| l.starts_with("grant: v=1 "))
+            .count();
+        record(
+            tally,
+            &format!("grant_boot_{i}"),
+            match &out.ending {
+                _ if tables == 0 => Err(format!("no grant table; {}", describe(&out.ending))),
+                Ending::Success if lines.failed == 0 => Ok(()),
+                e => Err(format!(
+                    "{} test line(s) failed; {}",
+                    lines.failed,
+                    describe(e)
+                )),
+            },
+        );
+    }
+    Ok(())
 }
 
 /// One boot runs every scheduler policy over the task transport (with the
@@ -1014,6 +1141,38 @@ fn record(tally: &mut Tally, name: &str, result: Result<(), String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grant_rows_take_each_column_by_key_and_show_a_missing_one_as_a_dash() {
+        let lines = vec![
+            "v=1 mmu=reference transport=task grant=accessed-hint pair=blk maps=320 unmaps=320 \
+             batches=64 flushes=1 flushes_avoided=63 avoided_pct=98.4 shootdown_ipis=1 \
+             pcpus_flushed=2 copies=320"
+                .to_string(),
+            "v=1 mmu=fast-shared grant=always-flush pair=net".to_string(),
+            "v=2 mmu=future".to_string(),
+        ];
+        let rows = grant_rows(&lines);
+        assert_eq!(rows.len(), 2, "the v=2 line is skipped");
+        assert_eq!(
+            rows[0],
+            [
+                "reference",
+                "accessed-hint",
+                "blk",
+                "320",
+                "320",
+                "64",
+                "1",
+                "63",
+                "98.4",
+                "1",
+                "2"
+            ]
+        );
+        assert_eq!(rows[1][..3], ["fast-shared", "always-flush", "net"]);
+        assert!(rows[1][3..].iter().all(|c| c == "-"), "{:?}", rows[1]);
+    }
 
     /// The names in the `[dependencies]` table of a crate's manifest.
     fn dependencies(krate: &str) -> Vec<String> {

@@ -46,6 +46,10 @@ pub struct DomainSpec {
     pub weights: &'static [u16],
     /// Written to the guest's `DomainInfo::workload`.
     pub index: u64,
+    /// The partner of a split-driver pair: the index of its spec in the
+    /// run's list (its domain is `DomainId(peer + 1)`), written to the
+    /// guest's `DomainInfo::peer`.
+    pub peer: Option<u32>,
 }
 
 /// A guest and everything the kernel knows about it.
@@ -129,6 +133,18 @@ pub struct Domain {
     pub phase_exits: AtomicU64,
     /// Faults the guest counted in its phase (`PHASE_END`'s argument).
     pub phase_faults: AtomicU64,
+    /// Grant hypercalls it made.
+    pub grant_calls: AtomicU64,
+    /// Of those, calls (or unmap entries) the grant server refused.
+    pub grant_errors: AtomicU64,
+    /// Flush obligations of grant replies carried out for its calls.
+    pub grant_obligations: AtomicU64,
+    /// Shootdown IPIs those obligations sent.
+    pub grant_ipis: AtomicU64,
+    /// pCPUs those obligations flushed (the local one included).
+    pub grant_cpus_flushed: AtomicU64,
+    /// Bytes the kernel copied for its grant copies.
+    pub grant_copied: AtomicU64,
 }
 
 impl Domain {
@@ -148,6 +164,25 @@ impl Domain {
         // SAFETY: in guest memory (checked); the guest may be writing it
         // concurrently, so read volatile (a torn value only harms the guest).
         Some(unsafe { p.cast::<u64>().read_volatile() })
+    }
+
+    /// Writes a u64 of guest memory; false outside it.
+    pub fn write_u64(&self, gpa: u64, v: u64) -> bool {
+        let Some(p) = self.gpa_ptr(gpa, 8) else {
+            return false;
+        };
+        // SAFETY: in guest memory (checked); the guest may race the write,
+        // which only harms the guest. Volatile: the guest reads it.
+        unsafe { p.cast::<u64>().write_volatile(v) };
+        true
+    }
+
+    /// Host-physical range `[hpa, hpa + len)` lies in this domain's memory.
+    pub fn holds(&self, hpa: u64, len: u64) -> bool {
+        hpa >= self.mem_pa
+            && hpa
+                .checked_add(len)
+                .is_some_and(|end| end <= self.mem_pa + self.mem_bytes)
     }
 
     /// Stops the domain with a reason (first reason wins).
@@ -324,6 +359,8 @@ pub fn load(
     di.workload = spec.index;
     di.l4_gpa = gl::L4_GPA;
     di.tsc_per_ms = crate::apic::tsc_per_ms();
+    di.domain_id = u64::from(id.0);
+    di.peer = spec.peer.map_or(0, |i| u64::from(i) + 1);
     di.next_free.store(ld.next, Ordering::Relaxed);
 
     let domain = Domain {
@@ -364,6 +401,12 @@ pub fn load(
         phase_begin: AtomicU64::new(0),
         phase_exits: AtomicU64::new(0),
         phase_faults: AtomicU64::new(0),
+        grant_calls: AtomicU64::new(0),
+        grant_errors: AtomicU64::new(0),
+        grant_obligations: AtomicU64::new(0),
+        grant_ipis: AtomicU64::new(0),
+        grant_cpus_flushed: AtomicU64::new(0),
+        grant_copied: AtomicU64::new(0),
     };
     Ok((domain, boots))
 }

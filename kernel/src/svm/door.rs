@@ -57,6 +57,9 @@ pub struct Svm {
     /// The scheduler server, when the run has one (else each pCPU
     /// round-robins the vCPUs pinned to it, in the kernel).
     pub sched: Option<super::sched::Scheduler>,
+    /// The grant server, when the run has one (else the guests' grant
+    /// hypercalls answer `NO_SERVER`).
+    pub grant: Option<super::grant::GrantDoor>,
     /// All domains (set once, after they are created).
     pub domains: Once<Vec<&'static Domain>>,
     /// Each pCPU's vCPUs (pinned).
@@ -87,6 +90,27 @@ impl Svm {
     /// serving (or has stopped before), it is reported with the request,
     /// every domain is stopped, and the caller gets [`ServerDown`].
     pub fn mmu(&self, dom: Option<&Domain>, req: &MmuRequest) -> Result<MmuReply, ServerDown> {
+        let reply = self.mmu_for_server(req)?;
+        match dom {
+            Some(d) => self.carry_out(d, reply.flush()),
+            None if reply.flush().is_some() => {
+                // A whole-server answer concerns no one domain: carry it
+                // out for each (a wider flush is always allowed).
+                for d in self.domains.get().map(|v| v.as_slice()).unwrap_or(&[]) {
+                    self.carry_out(d, reply.flush());
+                }
+            }
+            None => {}
+        }
+        Ok(reply)
+    }
+
+    /// Sends `req` to the MMU server and returns its reply WITHOUT carrying
+    /// out its flush obligation: only for another server (a grant server
+    /// linked into the kernel) that merges the obligation into its own
+    /// reply, which the kernel's door for that server carries out.
+    /// Everything else goes through [`Svm::mmu`].
+    pub fn mmu_for_server(&self, req: &MmuRequest) -> Result<MmuReply, ServerDown> {
         let me = host::cpu_index();
         bump(&STATS[me].mmu_calls);
         if self.down.load(Ordering::Acquire) {
@@ -111,17 +135,6 @@ impl Svm {
         let reply = abi::decode::<MmuReply>(&out[..m])
             .unwrap_or_else(|e| MmuReply::error(abi::mmu::MmuError::Malformed(e)));
         stats::record_round_trip(me, crate::apic::tsc() - t0);
-        match dom {
-            Some(d) => self.carry_out(d, reply.flush()),
-            None if reply.flush().is_some() => {
-                // A whole-server answer concerns no one domain: carry it
-                // out for each (a wider flush is always allowed).
-                for d in self.domains.get().map(|v| v.as_slice()).unwrap_or(&[]) {
-                    self.carry_out(d, reply.flush());
-                }
-            }
-            None => {}
-        }
         Ok(reply)
     }
 

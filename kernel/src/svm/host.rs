@@ -59,6 +59,12 @@ pub fn guest_shootdown(cpus: u64, asid: u32) {
     .execute();
 }
 
+/// Flushes every guest TLB (all ASIDs) on `cpus` and waits for every
+/// acknowledgement, as [`guest_shootdown`] does for one ASID.
+pub fn guest_shootdown_all(cpus: u64) {
+    guest_shootdown(cpus, shootdown::ALL_ASIDS);
+}
+
 /// Forces the CPUs in `cpus` out of guest mode once (an empty host flush).
 pub fn kick(cpus: u64) {
     shootdown::FlushRequest::new(

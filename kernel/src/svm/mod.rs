@@ -59,6 +59,7 @@ pub mod decode;
 pub mod domain;
 pub mod door;
 pub mod exit;
+pub mod grant;
 pub mod host;
 pub mod run;
 pub mod sched;
@@ -68,6 +69,7 @@ pub mod vmcb;
 pub mod world;
 
 pub use door::{svm, ServerDown, Svm, Transport};
+pub use grant::{GrantDoor, GrantTransport};
 pub use run::{harvest_dirty, past_deadline, run, teardown, timer_work, zap, Teardown};
 
 /// Every online pCPU.

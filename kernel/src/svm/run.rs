@@ -2,11 +2,13 @@
 
 use super::domain::{self, Domain, DomainSpec};
 use super::door::{Svm, Transport, SVM};
+use super::grant::GrantDoor;
 use super::sched::Scheduler;
 use super::stats::{self, bump, STATS};
 use super::vcpu::{self, Vcpu};
 use super::{enable_on_this_cpu, host, online_mask, svm};
 use crate::task::Task;
+use abi::grant::{GrantReply, GrantRequest, GRANT_PROTOCOL_VERSION};
 use abi::task::ControlPage;
 use abi::{
     DomainId, GuestCr3, MemRegion, MemoryMap, Mfn, MmuReply, MmuRequest, PagingMode, PcpuId,
@@ -138,6 +140,7 @@ pub fn run(
     mirrors: Vec<&'static Task>,
     specs: &[DomainSpec],
     sched: Option<Scheduler>,
+    grant: Option<GrantDoor>,
 ) -> Result<&'static Svm, &'static str> {
     let ncpu = host::cpus_online();
     crate::kprintln!(
@@ -165,6 +168,7 @@ pub fn run(
         down: AtomicBool::new(false),
         mirrors,
         sched,
+        grant,
         domains: Once::new(),
         queues,
         iopm_pa,
@@ -182,6 +186,16 @@ pub fn run(
             crate::kprintln!("svm: handshake refused: {other:?}");
             svm.domains.call_once(Vec::new);
             return Err("MMU server refused the protocol handshake");
+        }
+    }
+    if let Some(g) = &svm.grant {
+        let hello = GrantRequest::Hello {
+            version: GRANT_PROTOCOL_VERSION,
+        };
+        if !matches!(svm.grant(None, &hello), Ok(GrantReply::Welcome { .. })) {
+            crate::kprintln!("svm: grant server `{}` refused the handshake", g.name);
+            svm.domains.call_once(Vec::new);
+            return Err("the grant server refused the protocol handshake");
         }
     }
     if let Some(s) = &svm.sched {
@@ -250,9 +264,23 @@ fn load_all(
             dom,
             &MmuRequest::CreateDomain {
                 domain: id,
-                memory: map,
+                memory: map.clone(),
             },
         )?;
+        if svm.grant.is_some() {
+            let req = GrantRequest::CreateDomain {
+                domain: id,
+                memory: map,
+            };
+            match svm.grant(Some(dom), &req) {
+                Ok(GrantReply::Done { .. }) => {}
+                Ok(other) => {
+                    crate::kprintln!("svm: grant {req:?}: unexpected reply {other:?}");
+                    return Err("the grant server refused a domain");
+                }
+                Err(_) => return Err("the grant server stopped during domain creation"),
+            }
+        }
         for (v, boot) in boots.iter().enumerate() {
             let pcpu = (w.first_pcpu as usize + v) % ncpu;
             let vid = VcpuId(*next_vcpu + v as u32);
@@ -333,6 +361,19 @@ impl Teardown {
 /// pool is not checked (the caller frees it whole).
 pub fn teardown(svm: &Svm) -> Teardown {
     let mut destroyed = true;
+    // The grant server first: it unmaps every foreign mapping (and the
+    // MMU server refuses to destroy a domain whose frames are mapped).
+    if svm.grant.is_some() {
+        for d in svm.domains() {
+            match svm.grant(Some(d), &GrantRequest::DestroyDomain { domain: d.id }) {
+                Ok(GrantReply::Done { .. }) | Err(_) => {}
+                Ok(reply) => {
+                    crate::kprintln!("svm: grant DestroyDomain d{}: {reply:?}", d.id.0);
+                    destroyed = false;
+                }
+            }
+        }
+    }
     for d in svm.domains() {
         match svm.mmu(Some(d), &MmuRequest::DestroyDomain { domain: d.id }) {
             Ok(MmuReply::Done { .. }) | Err(_) => {}

@@ -747,6 +747,10 @@ impl Vcpu {
                 self.dom.phase_faults.store(a, Ordering::Relaxed);
                 0
             }
+            hc::GRANT => match super::grant::guest_call(svm(), self.dom, a) {
+                Ok(status) => status,
+                Err(_) => return Step::Done,
+            },
             _ => u64::MAX,
         };
         self.vmcb.set_rax(ret);
