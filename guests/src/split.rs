@@ -50,14 +50,47 @@
 //! domain's line and reports.
 
 use crate::rt::{
-    alloc_page, domain, exit, finish, hypercall, map4k, phys, probe_read, pt_lock, pt_unlock,
-    putdec, puthex, puts, rd, rdtsc, tsc_per_ms, vcpu, wr, yield_now, Rng,
+    alloc_page, domain, exit, finish, hypercall, map4k, phys, probe_read, pt_lock, pt_unlock, puts,
+    rd, rdtsc, tsc_per_ms, vcpu, wr, yield_now, Rng,
 };
 use abi::grant::{CopyDirection, GrantError, GrantRef, MapHandle, MAX_UNMAP_BATCH};
 use abi::guest::{grant_op, grant_status, hc, GrantCall, DIRECT_BASE, WORK_BASE};
 use abi::mmu::MmuError;
 use abi::{DomainId, Gfn, Gpa, Gva, PAGE_SIZE};
+use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
+
+// ---------------------------------------------------------------------------
+// The console.
+
+/// The guest console as a `core::fmt` sink.
+struct Console;
+
+impl fmt::Write for Console {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        puts(s);
+        Ok(())
+    }
+}
+
+/// `part` of `whole` as a percentage with one decimal.
+struct Percent(u64, u64);
+
+impl fmt::Display for Percent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let permille = self.0.saturating_mul(1000).checked_div(self.1).unwrap_or(0);
+        write!(f, "{}.{}%", permille / 10, permille % 10)
+    }
+}
+
+/// Prints a formatted line on the console (`println!`'s arguments). The
+/// kernel cuts guest lines at 120 characters: keep each line shorter.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = fmt::Write::write_fmt(&mut Console, format_args!($($arg)*));
+        puts("\n");
+    }};
+}
 
 // ---------------------------------------------------------------------------
 // The door: one function per grant operation.
@@ -253,25 +286,16 @@ const MAP_RETRY_MS: u64 = 2_000;
 /// Fails the workload (and tells the domain's other vCPUs to stop waiting).
 fn die(what: &str, value: u64) -> ! {
     domain().shared[FAILED].store(1, Ordering::Release);
-    puts("FAIL: ");
-    puts(what);
-    puts(" ");
-    puthex(value);
-    puts("\n");
+    say!("FAIL: {what} {value:#x}");
     finish(false, value)
 }
 
 /// Fails the workload with a grant status, named.
 fn die_status(what: &str, status: u32) -> ! {
     domain().shared[FAILED].store(1, Ordering::Release);
-    puts("FAIL: ");
-    puts(what);
-    puts(": status ");
-    puts(status_name(status));
-    puts(" ");
-    puthex(u64::from(status));
-    puts("\n");
-    finish(false, u64::from(status))
+    let s = u64::from(status);
+    say!("FAIL: {what}: status {} {s:#x}", status_name(status));
+    finish(false, s)
 }
 
 /// Unwraps a grant result, failing with `what` and the status.
@@ -284,9 +308,7 @@ fn refused(what: &str, r: Result<(), u32>, want: u32) {
     match r {
         Err(s) if s == want => {}
         Err(s) => {
-            puts("expected ");
-            puts(status_name(want));
-            puts("\n");
+            say!("expected {}", status_name(want));
             die_status(what, s)
         }
         Ok(()) => die(what, 0),
@@ -342,23 +364,6 @@ fn peer() -> DomainId {
         Ok(p) if p != 0 => DomainId(p),
         _ => die("split: no peer domain", domain().peer),
     }
-}
-
-/// Prints "`name` vN: " (the start of a vCPU's line).
-fn head(name: &str, me: u64) {
-    puts(name);
-    puts(" v");
-    putdec(me);
-    puts(": ");
-}
-
-/// Prints `part` of `whole` as a percentage with one decimal.
-fn put_percent(part: u64, whole: u64) {
-    let permille = (part * 1000).checked_div(whole).unwrap_or(0);
-    putdec(permille / 10);
-    puts(".");
-    putdec(permille % 10);
-    puts("%");
 }
 
 // ---------------------------------------------------------------------------
@@ -732,16 +737,12 @@ fn block_word(me: u64, block: u64, version: u64, w: u64) -> u64 {
 
 /// `blk-front`: see the module docs.
 pub fn blk_front(me: u64) -> ! {
-    const NAME: &str = "blk-front";
     let door = Door::new(peer());
-    head(NAME, me);
-    puts("ring ref ");
-    putdec(u64::from(ring_ref(me).0));
-    puts(" to domain ");
-    putdec(u64::from(door.peer.0));
-    puts("; ");
-    putdec(BLK_REQUESTS);
-    puts(" requests of 1..=32 segments\n");
+    say!(
+        "blk-front v{me}: ring ref {} to domain {}; {BLK_REQUESTS} requests of 1..=32 segments",
+        ring_ref(me).0,
+        door.peer.0
+    );
     let ring = offer_ring(&door, me);
     let segs: [u64; MAX_UNMAP_BATCH] = core::array::from_fn(|_| alloc_page());
     let refusals = if me == 0 {
@@ -811,15 +812,7 @@ pub fn blk_front(me: u64) -> ! {
                     let want = block_word(me, b, versions[b as usize], w);
                     let got = rd(page + w * 8);
                     if got != want {
-                        puts("blk-front: block ");
-                        putdec(b);
-                        puts(" word ");
-                        putdec(w);
-                        puts(" read ");
-                        puthex(got);
-                        puts(" want ");
-                        puthex(want);
-                        puts("\n");
+                        say!("blk-front: block {b} word {w} read {got:#x} want {want:#x}");
                         die(
                             "blk-front: a read returned other data than written, block",
                             b,
@@ -832,41 +825,29 @@ pub fn blk_front(me: u64) -> ! {
         segments += n;
     }
     let close_refusals = close_ring(&door, &ring, me);
-    head(NAME, me);
-    putdec(BLK_REQUESTS);
-    puts(" requests, ");
-    putdec(segments);
-    puts(" segments, ");
-    putdec(checked);
-    puts(" blocks read back and checked; ring ended after ");
-    putdec(close_refusals);
-    puts(" StillMapped\n");
+    say!(
+        "blk-front v{me}: {BLK_REQUESTS} requests, {segments} segments, {checked} blocks read \
+         back and checked; ring freed after {close_refusals} StillMapped"
+    );
     let sums = gather([BLK_REQUESTS, segments, checked, refusals, 0, 0]);
-    puts(NAME);
-    puts(": ");
-    putdec(sums[0]);
-    puts(" requests, ");
-    putdec(sums[1]);
-    puts(" segments, ");
-    putdec(sums[2]);
-    puts(" blocks checked end to end, ");
-    putdec(sums[3]);
-    puts(" refusals checked\n");
+    say!(
+        "blk-front: {} requests, {} segments, {} blocks checked end to end; {} refusals ok",
+        sums[0],
+        sums[1],
+        sums[2],
+        sums[3]
+    );
     finish(true, sums[1])
 }
 
 /// `blk-back`: see the module docs.
 pub fn blk_back(me: u64) -> ! {
-    const NAME: &str = "blk-back";
     let door = Door::new(peer());
-    head(NAME, me);
-    puts("maps ring ref ");
-    putdec(u64::from(ring_ref(me).0));
-    puts(" of domain ");
-    putdec(u64::from(door.peer.0));
-    puts("; disk of ");
-    putdec(DISK_BLOCKS);
-    puts(" blocks\n");
+    say!(
+        "blk-back v{me}: maps ring ref {} of domain {}; disk of {DISK_BLOCKS} blocks",
+        ring_ref(me).0,
+        door.peer.0
+    );
     let slots = Slots::new(me);
     let disk: [u64; DISK_BLOCKS as usize] = core::array::from_fn(|_| alloc_page());
     let (ring, ring_handle, retries) = connect(&door, &slots, me);
@@ -945,34 +926,23 @@ pub fn blk_back(me: u64) -> ! {
     }
     disconnect(&door, ring_handle);
     batches += 1;
-    head(NAME, me);
-    putdec(requests);
-    puts(" requests, ");
-    putdec(segments);
-    puts(" segments, ");
-    putdec(batches);
-    puts(" unmap batches (ring's included); ");
-    putdec(retries);
-    puts(" early MAP retries\n");
+    say!(
+        "blk-back v{me}: {requests} requests, {segments} segments, {batches} unmap batches \
+         (ring's included), {retries} MAP retries"
+    );
     let sums = gather([requests, segments, batches, refusals, 0, 0]);
-    puts(NAME);
-    puts(": ");
-    putdec(sums[0]);
-    puts(" requests, ");
-    putdec(sums[1]);
-    puts(" segments, ");
-    putdec(sums[2]);
-    puts(" batches; accessed: ");
-    putdec(domain().vcpus);
-    puts(" (rings); expected flushes avoided ");
-    putdec(sums[2] - domain().vcpus);
-    puts("/");
-    putdec(sums[2]);
-    puts(" = ");
-    put_percent(sums[2] - domain().vcpus, sums[2]);
-    puts("; ");
-    putdec(sums[3]);
-    puts(" refusals checked\n");
+    // Only the rings' unmaps find an accessed entry: the device never
+    // touches a segment's mapping.
+    let (batches, accessed) = (sums[2], domain().vcpus);
+    let avoided = batches - accessed;
+    say!(
+        "blk-back: {} requests, {} segments, {batches} batches, {accessed} accessed: \
+         expected avoided {avoided}/{batches} = {}; {} refusals ok",
+        sums[0],
+        sums[1],
+        Percent(avoided, batches),
+        sums[3]
+    );
     finish(true, sums[2])
 }
 
@@ -1000,13 +970,11 @@ fn blk_refusals(door: &Door, slots: &Slots, gref: GrantRef, own: Gpa) -> u64 {
             )
         }
         Err(s) => {
-            puts("blk-back v0: MAP at gfn ");
-            puthex(own.frame().0);
-            puts(" inside own memory refused: ");
-            puts(status_name(s));
-            puts(" ");
-            puthex(u64::from(s));
-            puts("\n");
+            say!(
+                "blk-back v0: MAP at gfn {:#x} inside own memory refused: {} {s:#x}",
+                own.frame().0,
+                status_name(s)
+            );
         }
     }
     4
@@ -1113,20 +1081,14 @@ fn last_word_mask(len: u64) -> u64 {
 
 /// `net-front`: see the module docs.
 pub fn net_front(me: u64) -> ! {
-    const NAME: &str = "net-front";
     let door = Door::new(peer());
     let plan = NetPlan::new(me);
     let total = plan.packets();
-    head(NAME, me);
-    puts("ring ref ");
-    putdec(u64::from(ring_ref(me).0));
-    puts(" to domain ");
-    putdec(u64::from(door.peer.0));
-    puts("; ");
-    putdec(total);
-    puts(" packets, window ");
-    putdec(NET_WINDOW);
-    puts("\n");
+    say!(
+        "net-front v{me}: ring ref {} to domain {}; {total} packets, window {NET_WINDOW}",
+        ring_ref(me).0,
+        door.peer.0
+    );
     let ring = offer_ring(&door, me);
     let pages: [u64; NET_WINDOW as usize] = core::array::from_fn(|_| alloc_page());
     let refusals = if me == 0 {
@@ -1216,41 +1178,31 @@ pub fn net_front(me: u64) -> ! {
         }
     }
     let close_refusals = close_ring(&door, &ring, me);
-    head(NAME, me);
-    putdec(total);
-    puts(" packets (");
-    putdec(bytes);
-    puts(" payload bytes) acknowledged with their checksums; ring ended after ");
-    putdec(close_refusals);
-    puts(" StillMapped\n");
+    say!(
+        "net-front v{me}: {total} packets, {bytes} payload bytes acknowledged; \
+         ring freed after {close_refusals} StillMapped"
+    );
     let all = gather([total, bytes, refusals, 0, 0, 0]);
-    puts(NAME);
-    puts(": ");
-    putdec(all[0]);
-    puts(" packets, ");
-    putdec(all[1]);
-    puts(" payload bytes acknowledged; ");
-    putdec(all[2]);
-    puts(" refusals checked\n");
+    say!(
+        "net-front: {} packets, {} payload bytes acknowledged with their checksums; {} refusals ok",
+        all[0],
+        all[1],
+        all[2]
+    );
     finish(true, all[0])
 }
 
 /// `net-back`: see the module docs.
 pub fn net_back(me: u64) -> ! {
-    const NAME: &str = "net-back";
     let door = Door::new(peer());
     let plan = NetPlan::new(me);
     let inspected = plan.inspected_batches();
-    head(NAME, me);
-    puts("maps ring ref ");
-    putdec(u64::from(ring_ref(me).0));
-    puts(" of domain ");
-    putdec(u64::from(door.peer.0));
-    puts("; ");
-    putdec(NET_BATCHES as u64);
-    puts(" batches, ");
-    putdec(inspected);
-    puts(" with inspected packets\n");
+    say!(
+        "net-back v{me}: maps ring ref {} of domain {}; {NET_BATCHES} batches, \
+         {inspected} with inspected packets",
+        ring_ref(me).0,
+        door.peer.0
+    );
     let slots = Slots::new(me);
     let header = Gpa(alloc_page());
     let (ring, ring_handle, retries) = connect(&door, &slots, me);
@@ -1348,34 +1300,20 @@ pub fn net_back(me: u64) -> ! {
     // The ring's unmap is a batch too, and accessed (the backend used it).
     let batches = NET_BATCHES as u64 + 1;
     let accessed = inspected + 1;
-    head(NAME, me);
-    putdec(seq);
-    puts(" packets, ");
-    putdec(read);
-    puts(" read through the mapping; ");
-    putdec(batches);
-    puts(" batches, ");
-    putdec(accessed);
-    puts(" accessed (ring's included); ");
-    putdec(retries);
-    puts(" early MAP retries\n");
+    say!(
+        "net-back v{me}: {seq} packets, {read} read via the mapping; {batches} batches, \
+         {accessed} accessed (ring incl.), {retries} MAP retries"
+    );
     let all = gather([seq, read, batches, accessed, refusals, 0]);
-    puts(NAME);
-    puts(": ");
-    putdec(all[0]);
-    puts(" packets, ");
-    putdec(all[2]);
-    puts(" batches, ");
-    putdec(all[3]);
-    puts(" with an accessed entry: expected flushes avoided ");
-    putdec(all[2] - all[3]);
-    puts("/");
-    putdec(all[2]);
-    puts(" = ");
-    put_percent(all[2] - all[3], all[2]);
-    puts("; ");
-    putdec(all[4]);
-    puts(" refusals checked\n");
+    let (batches, accessed) = (all[2], all[3]);
+    let avoided = batches - accessed;
+    say!(
+        "net-back: {} packets, {batches} batches, {accessed} accessed: \
+         expected avoided {avoided}/{batches} = {}; {} refusals ok",
+        all[0],
+        Percent(avoided, batches),
+        all[4]
+    );
     finish(true, all[2])
 }
 
