@@ -434,31 +434,41 @@ struct Msg {
 const MSG_WORDS: u64 = 7;
 /// Slots in each queue.
 const RING_SLOTS: u64 = 32;
-/// Ring page layout: the four indices, the backend's connected mark, then
-/// the request queue and the response queue.
+// The ring page's layout (byte offsets): four indices, each on its own
+// cache line, the backend's connected mark, then the two queues.
+/// Requests queued (written by the frontend).
 const REQ_PROD: u64 = 0;
+/// Requests taken (written by the backend).
 const REQ_CONS: u64 = 64;
+/// Responses queued (written by the backend).
 const RSP_PROD: u64 = 128;
+/// Responses taken (written by the frontend).
 const RSP_CONS: u64 = 192;
 /// Where the backend writes [`CONNECTED_MAGIC`] once it has mapped the ring.
 const CONNECTED: u64 = 248;
-const CONNECTED_MAGIC: u64 = 0x636f_6e6e_6563_7465;
+/// The connected mark (reads "ring up!" in memory).
+const CONNECTED_MAGIC: u64 = u64::from_le_bytes(*b"ring up!");
+/// The request queue's slots.
 const REQ_AREA: u64 = 256;
+/// The response queue's slots.
 const RSP_AREA: u64 = REQ_AREA + RING_SLOTS * MSG_WORDS * 8;
 const _: () = assert!(RSP_AREA + RING_SLOTS * MSG_WORDS * 8 <= PAGE_SIZE);
 
-/// One of the two queues of a ring page.
+/// One of the two queues of a ring page: the offsets of its producer and
+/// consumer indices and of its slots.
 struct Queue {
     prod: u64,
     cons: u64,
     area: u64,
 }
 
+/// Frontend to backend.
 const REQUESTS: Queue = Queue {
     prod: REQ_PROD,
     cons: REQ_CONS,
     area: REQ_AREA,
 };
+/// Backend to frontend.
 const RESPONSES: Queue = Queue {
     prod: RSP_PROD,
     cons: RSP_CONS,
@@ -776,7 +786,7 @@ pub fn blk_front(me: u64) -> ! {
                 wr(page + w * 8, v);
             }
             must(
-                "GRANT of a segment",
+                "blk-front: GRANT of a segment",
                 door.grant(data_ref(me, k), Gpa(page).frame(), write),
             );
         }
@@ -829,15 +839,13 @@ pub fn blk_front(me: u64) -> ! {
         "blk-front v{me}: {BLK_REQUESTS} requests, {segments} segments, {checked} blocks read \
          back and checked; ring freed after {close_refusals} StillMapped"
     );
-    let sums = gather([BLK_REQUESTS, segments, checked, refusals, 0, 0]);
+    let [requests, segments, checked, refusals, ..] =
+        gather([BLK_REQUESTS, segments, checked, refusals, 0, 0]);
     say!(
-        "blk-front: {} requests, {} segments, {} blocks checked end to end; {} refusals ok",
-        sums[0],
-        sums[1],
-        sums[2],
-        sums[3]
+        "blk-front: {requests} requests, {segments} segments, {checked} blocks checked end \
+         to end; {refusals} refusals ok"
     );
-    finish(true, sums[1])
+    finish(true, segments)
 }
 
 /// `blk-back`: see the module docs.
@@ -916,7 +924,6 @@ pub fn blk_back(me: u64) -> ! {
         ring.send(
             &RESPONSES,
             Msg {
-                op: req.op,
                 status: u64::from(grant_status::OK),
                 ..req
             },
@@ -930,20 +937,18 @@ pub fn blk_back(me: u64) -> ! {
         "blk-back v{me}: {requests} requests, {segments} segments, {batches} unmap batches \
          (ring's included), {retries} MAP retries"
     );
-    let sums = gather([requests, segments, batches, refusals, 0, 0]);
+    let [requests, segments, batches, refusals, ..] =
+        gather([requests, segments, batches, refusals, 0, 0]);
     // Only the rings' unmaps find an accessed entry: the device never
     // touches a segment's mapping.
-    let (batches, accessed) = (sums[2], domain().vcpus);
+    let accessed = domain().vcpus;
     let avoided = batches - accessed;
     say!(
-        "blk-back: {} requests, {} segments, {batches} batches, {accessed} accessed: \
-         expected avoided {avoided}/{batches} = {}; {} refusals ok",
-        sums[0],
-        sums[1],
-        Percent(avoided, batches),
-        sums[3]
+        "blk-back: {requests} requests, {segments} segments, {batches} batches, {accessed} \
+         accessed: expected avoided {avoided}/{batches} = {}; {refusals} refusals ok",
+        Percent(avoided, batches)
     );
-    finish(true, sums[2])
+    finish(true, batches)
 }
 
 /// The refusals a block backend checks while segment `gref` (granted
@@ -1000,7 +1005,7 @@ const PACKET_HEADER: u64 = 64;
 /// The most payload bytes of a packet.
 const PAYLOAD_MAX: u64 = PAGE_SIZE - PACKET_HEADER;
 /// A packet header's first word.
-const PACKET_MAGIC: u64 = 0x5041_434b_4554_2121;
+const PACKET_MAGIC: u64 = u64::from_le_bytes(*b"packet!!");
 /// Header flag: the backend reads the payload through its mapping.
 const INSPECT: u64 = 1;
 
@@ -1170,7 +1175,7 @@ pub fn net_front(me: u64) -> ! {
                 if domain().shared[FAILED].load(Ordering::Acquire) != 0 {
                     exit(1)
                 }
-                if rdtsc() - last_progress > PEER_TIMEOUT_MS * tsc_per_ms() {
+                if rdtsc().saturating_sub(last_progress) > PEER_TIMEOUT_MS * tsc_per_ms() {
                     die("net-front: no acknowledgement in time, packet", acked)
                 }
                 yield_now();
@@ -1182,14 +1187,12 @@ pub fn net_front(me: u64) -> ! {
         "net-front v{me}: {total} packets, {bytes} payload bytes acknowledged; \
          ring freed after {close_refusals} StillMapped"
     );
-    let all = gather([total, bytes, refusals, 0, 0, 0]);
+    let [packets, bytes, refusals, ..] = gather([total, bytes, refusals, 0, 0, 0]);
     say!(
-        "net-front: {} packets, {} payload bytes acknowledged with their checksums; {} refusals ok",
-        all[0],
-        all[1],
-        all[2]
+        "net-front: {packets} packets, {bytes} payload bytes acknowledged with their \
+         checksums; {refusals} refusals ok"
     );
-    finish(true, all[0])
+    finish(true, packets)
 }
 
 /// `net-back`: see the module docs.
@@ -1304,17 +1307,15 @@ pub fn net_back(me: u64) -> ! {
         "net-back v{me}: {seq} packets, {read} read via the mapping; {batches} batches, \
          {accessed} accessed (ring incl.), {retries} MAP retries"
     );
-    let all = gather([seq, read, batches, accessed, refusals, 0]);
-    let (batches, accessed) = (all[2], all[3]);
+    let [packets, _, batches, accessed, refusals, _] =
+        gather([seq, read, batches, accessed, refusals, 0]);
     let avoided = batches - accessed;
     say!(
-        "net-back: {} packets, {batches} batches, {accessed} accessed: \
-         expected avoided {avoided}/{batches} = {}; {} refusals ok",
-        all[0],
-        Percent(avoided, batches),
-        all[4]
+        "net-back: {packets} packets, {batches} batches, {accessed} accessed: \
+         expected avoided {avoided}/{batches} = {}; {refusals} refusals ok",
+        Percent(avoided, batches)
     );
-    finish(true, all[2])
+    finish(true, batches)
 }
 
 /// The refusals a net backend checks on packet `gref` (granted read-only,
