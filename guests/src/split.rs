@@ -7,18 +7,18 @@
 //!
 //! # Rings
 //! Frontend vCPU `i` allocates a ring page and grants it writable to the
-//! peer under reference `i` ([`ring_ref`]). Backend vCPU `i` maps it
-//! ([`connect`], retrying while the reference is not granted yet, for at
-//! most [`MAP_RETRY_MS`]), writes [`CONNECTED`] into it, and from then on
-//! both sides see two single-producer single-consumer queues of [`Msg`]s in
+//! peer under reference `i` (`ring_ref`). Backend vCPU `i` maps it
+//! (`connect`, retrying while the reference is not granted yet, for at
+//! most `MAP_RETRY_MS`), writes `CONNECTED` into it, and from then on
+//! both sides see two single-producer single-consumer queues of `Msg`s in
 //! the page (requests towards the backend, responses back; indices with
-//! Acquire/Release atomics, [`Ring`]). Data grants use references from
-//! [`DATA_REF`] on, [`DATA_REFS_PER_VCPU`] per vCPU.
+//! Acquire/Release atomics, `Ring`). Data grants use references from
+//! `DATA_REF` on, `DATA_REFS_PER_VCPU` per vCPU.
 //!
 //! # The block-like pair (`blk-front`, `blk-back`)
-//! The frontend issues [`BLK_REQUESTS`] requests of 1..=32 segments (a
-//! seeded mix of [`BLK_SIZES`]), writes and reads alternately, over a
-//! per-vCPU disk of [`DISK_BLOCKS`] 4 KiB blocks. Each segment is a page of
+//! The frontend issues `BLK_REQUESTS` requests of 1..=32 segments (a
+//! seeded mix of `BLK_SIZES`), writes and reads alternately, over a
+//! per-vCPU disk of `DISK_BLOCKS` 4 KiB blocks. Each segment is a page of
 //! its own granted read-only for a write and writable for a read. The
 //! backend maps every segment (writable iff a read), moves the data between
 //! the grant and its disk with `COPY` (its CPU never touches a mapping),
@@ -27,11 +27,11 @@
 //! read brought against what it last wrote to each block.
 //!
 //! # The net-like pair (`net-front`, `net-back`)
-//! Both sides compute the same seeded [`NetPlan`]: [`NET_BATCHES`] unmap
-//! batches of 1..=32 packets, exactly [`NET_INSPECTED`] of which hold
+//! Both sides compute the same seeded `NetPlan`: `NET_BATCHES` unmap
+//! batches of 1..=32 packets, exactly `NET_INSPECTED` of which hold
 //! packets flagged "inspect". The frontend sends packets (one page each,
-//! granted read-only: a [`PACKET_HEADER`] and a seeded payload), at most
-//! [`NET_WINDOW`] in flight. The backend grant-copies each header into its
+//! granted read-only: a `PACKET_HEADER` and a seeded payload), at most
+//! `NET_WINDOW` in flight. The backend grant-copies each header into its
 //! own memory and checks it, maps the page, reads the payload through its
 //! mapping only for inspected packets (verifying the checksum), unmaps each
 //! batch in one call and acknowledges every packet with its checksum. The
@@ -40,7 +40,7 @@
 //! schedule expects (the ring's own unmap, accessed, included).
 //!
 //! # Shutdown and hostile checks
-//! A frontend vCPU that is done queues [`Op::Close`]; the backend unmaps the
+//! A frontend vCPU that is done queues `Op::Close`; the backend unmaps the
 //! ring and reports; the frontend retries `END_ACCESS` of the ring while it
 //! answers `StillMapped` and then reports. vCPU 0 of each workload also
 //! checks a handful of refusals with their exact status (double unmap,
