@@ -696,20 +696,24 @@ fn connect(door: &Door, slots: &Slots, me: u64) -> (Ring, MapHandle, u64) {
     (ring, handle, retries)
 }
 
-/// The backend's end of ring `me`: unmaps it (a batch of one) after the
-/// frontend's [`Op::Close`].
-fn disconnect(door: &Door, handle: MapHandle) {
-    let st = must("UNMAP of the ring", door.unmap(&[handle]));
-    if st[0] != grant_status::OK {
-        die_status("UNMAP of the ring: entry", st[0])
-    }
-}
-
-/// Checks every entry of an unmap batch.
-fn check_unmapped(what: &str, statuses: &[u32]) {
-    if let Some(&bad) = statuses.iter().find(|&&s| s != grant_status::OK) {
+/// Unmaps `handles` in one batch (`what` names it in a failure) and checks
+/// every entry's status; with `twice`, then unmaps the first handle again
+/// and checks that it is refused as `BadHandle`. Returns the refusals it
+/// checked.
+fn unmap_batch(door: &Door, what: &str, handles: &[MapHandle], twice: bool) -> u64 {
+    let statuses = must(what, door.unmap(handles));
+    if let Some(&bad) = statuses[..handles.len()]
+        .iter()
+        .find(|&&s| s != grant_status::OK)
+    {
         die_status(what, bad)
     }
+    if !twice {
+        return 0;
+    }
+    let again = must(what, door.unmap(&handles[..1]));
+    refused("second UNMAP of a handle", Err(again[0]), BAD_HANDLE);
+    1
 }
 
 /// A 64-bit mix (splitmix64's finaliser).
@@ -903,24 +907,13 @@ pub fn blk_back(me: u64) -> ! {
                 door.copy(gref, 0, local, PAGE_SIZE, dir),
             );
         }
-        let statuses = must(
+        refusals += unmap_batch(
+            &door,
             "blk-back: UNMAP of a request's segments",
-            door.unmap(&handles[..n as usize]),
-        );
-        check_unmapped(
-            "blk-back: UNMAP of a request's segments: entry",
-            &statuses[..n as usize],
+            &handles[..n as usize],
+            me == 0 && requests == 0,
         );
         batches += 1;
-        if me == 0 && requests == 0 && write {
-            let again = must("blk-back: second UNMAP", door.unmap(&handles[..1]));
-            refused(
-                "blk-back: second UNMAP of a handle",
-                Err(again[0]),
-                BAD_HANDLE,
-            );
-            refusals += 1;
-        }
         ring.send(
             &RESPONSES,
             Msg {
@@ -931,7 +924,7 @@ pub fn blk_back(me: u64) -> ! {
         requests += 1;
         segments += n;
     }
-    disconnect(&door, ring_handle);
+    unmap_batch(&door, "UNMAP of the ring", &[ring_handle], false);
     batches += 1;
     say!(
         "blk-back v{me}: {requests} requests, {segments} segments, {batches} unmap batches \
@@ -1268,20 +1261,12 @@ pub fn net_back(me: u64) -> ! {
             sums[j as usize] = sum;
             seq += 1;
         }
-        let statuses = must(
+        refusals += unmap_batch(
+            &door,
             "net-back: UNMAP of a batch",
-            door.unmap(&handles[..n as usize]),
+            &handles[..n as usize],
+            me == 0 && b == 0,
         );
-        check_unmapped("net-back: UNMAP of a batch: entry", &statuses[..n as usize]);
-        if me == 0 && b == 0 {
-            let again = must("net-back: second UNMAP", door.unmap(&handles[..1]));
-            refused(
-                "net-back: second UNMAP of a handle",
-                Err(again[0]),
-                BAD_HANDLE,
-            );
-            refusals += 1;
-        }
         for j in 0..n {
             ring.send(
                 &RESPONSES,
@@ -1299,7 +1284,7 @@ pub fn net_back(me: u64) -> ! {
     if close.op != Op::Close as u64 {
         die("net-back: expected Close after the plan, got op", close.op)
     }
-    disconnect(&door, ring_handle);
+    unmap_batch(&door, "UNMAP of the ring", &[ring_handle], false);
     // The ring's unmap is a batch too, and accessed (the backend used it).
     let batches = NET_BATCHES as u64 + 1;
     let accessed = inspected + 1;
