@@ -9,7 +9,10 @@
 //!
 //! - [`rt`]: the guest runtime (console, hypercalls, page faults, probes).
 //! - [`work`]: the workloads, [`work::WORKLOADS`].
+//! - [`split`]: the split-driver workloads (frontend/backend pairs over
+//!   grant tables).
 #![no_std]
 
 pub mod rt;
+pub mod split;
 pub mod work;

@@ -4,6 +4,7 @@
 //! They run inside guests (see `rt`): only guest memory, no kernel statics.
 
 use crate::rt::*;
+use crate::split;
 use abi::guest::{hc, pte, WORK_BASE};
 use abi::sched::DEFAULT_WEIGHT;
 use core::sync::atomic::Ordering;
@@ -37,10 +38,12 @@ pub struct Workload {
     /// on time slicing. A run without a scheduler server may leave it out
     /// (it would pass, but slowly, and slow every workload beside it).
     pub needs_scheduler: bool,
-    /// The partner of a split-driver pair: its index in [`WORKLOADS`].
+    /// The partner of a split-driver pair (frontend or backend): its index
+    /// in [`WORKLOADS`]. The loader names the partner's domain in
+    /// `DomainInfo::peer`; the two start together.
     pub peer: Option<usize>,
-    /// True for the split-driver workloads: they run only in grant runs,
-    /// and grant runs run only them.
+    /// True for the split-driver workloads (grant tables): they run only
+    /// in grant runs, and grant runs run only them.
     pub grant: bool,
 }
 
@@ -244,7 +247,78 @@ pub const WORKLOADS: &[Workload] = &[
         peer: None,
         grant: false,
     },
+    split_driver("blk-front", 0, split::blk_front, BLK_BACK),
+    split_driver("blk-back", 2, split::blk_back, BLK_FRONT),
+    split_driver("net-front", 4, split::net_front, NET_BACK),
+    split_driver("net-back", 6, split::net_back, NET_FRONT),
 ];
+
+/// Indices of the split-driver workloads in [`WORKLOADS`] (checked below).
+const BLK_FRONT: usize = 14;
+const BLK_BACK: usize = 15;
+const NET_FRONT: usize = 16;
+const NET_BACK: usize = 17;
+
+/// A split-driver workload: two vCPUs from `first_pcpu` on, 8 MiB, run
+/// only in grant runs, partnered with `WORKLOADS[peer]`.
+const fn split_driver(
+    name: &'static str,
+    first_pcpu: u32,
+    run: fn(u64) -> !,
+    peer: usize,
+) -> Workload {
+    Workload {
+        name,
+        vcpus: 2,
+        mem_mib: 8,
+        first_pcpu,
+        run,
+        ends_in_shutdown: false,
+        kernel_zaps: false,
+        weights: &[],
+        needs_scheduler: false,
+        peer: Some(peer),
+        grant: true,
+    }
+}
+
+const fn same_name(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+// The split-driver indices name the right workloads; partners name each
+// other, are both grant workloads with as many vCPUs (vCPU i talks to
+// vCPU i); workloads outside grant runs have no partner.
+const _: () = {
+    assert!(same_name(WORKLOADS[BLK_FRONT].name, "blk-front"));
+    assert!(same_name(WORKLOADS[BLK_BACK].name, "blk-back"));
+    assert!(same_name(WORKLOADS[NET_FRONT].name, "net-front"));
+    assert!(same_name(WORKLOADS[NET_BACK].name, "net-back"));
+    let mut i = 0;
+    while i < WORKLOADS.len() {
+        let w = &WORKLOADS[i];
+        match w.peer {
+            Some(p) => {
+                let q = &WORKLOADS[p];
+                assert!(p != i && w.grant && q.grant && w.vcpus == q.vcpus);
+                assert!(matches!(q.peer, Some(back) if back == i));
+            }
+            None => assert!(!w.grant),
+        }
+        i += 1;
+    }
+};
 
 // Every scheduler workload fits the spin count slots; every weight is at
 // least 1 (a weight of 0 would be refused by the scheduler).
