@@ -487,11 +487,7 @@ extern "C" fn mbtest_main() -> ! {
     ring3(&mut c);
     ports(&mut c);
     local_apic(&mut c);
-    let _ = writeln!(
-        Serial,
-        "mbtest: {} passed, {} failed",
-        c.passed, c.failed
-    );
+    let _ = writeln!(Serial, "mbtest: {} passed, {} failed", c.passed, c.failed);
     exit(c.failed)
 }
 
@@ -615,13 +611,11 @@ fn msrs(c: &mut Checks) {
     let v = faulting(2, || {
         // SAFETY: an MSR no one implements: the platform raises #GP,
         // which the trap handler skips (RDMSR is 2 bytes).
-        unsafe { asm!("rdmsr", in("ecx") 0x4B56_4D00u32, out("eax") _, out("edx") _, options(nomem, nostack)) }
+        unsafe {
+            asm!("rdmsr", in("ecx") 0x4B56_4D00u32, out("eax") _, out("edx") _, options(nomem, nostack))
+        }
     });
-    c.check(
-        "msr-unknown-gp",
-        v == 13,
-        format_args!("vector {v}"),
-    );
+    c.check("msr-unknown-gp", v == 13, format_args!("vector {v}"));
 }
 
 fn exceptions(c: &mut Checks) {

@@ -150,6 +150,10 @@ impl Svm {
     /// again, every domain stopped.
     fn grant_broken(&self, what: &str) {
         let Some(door) = &self.grant else { return };
+        if door.down.swap(true, Ordering::AcqRel) {
+            // Another pCPU refused it first and reported it.
+            return;
+        }
         crate::kprintln!(
             "svm: grant server `{}` STOPPED on pcpu {}: {what}",
             door.name,
