@@ -99,6 +99,17 @@ pub const CATALOGUE: &[Metric] = &[
     m("server.unshadowed",                 "server: unshadowed frames",            Neither),
     m("server.flush_obligations",          "server: flush obligations",            Lower),
     m("server.flush_cpus",                 "server: pCPUs in flush obligations",   Lower),
+    m("grants",                            "grant: grants made",                   Neither),
+    m("grant_maps",                        "grant: maps",                          Neither),
+    m("grant_unmaps",                      "grant: unmaps",                        Neither),
+    m("grant_batches",                     "grant: unmap batches",                 Neither),
+    m("grant_flushes",                     "grant: flushes",                       Lower),
+    m("grant_flushes_avoided",             "grant: flushes avoided",               Higher),
+    m("grant_shootdown_ipis",              "grant: shootdown IPIs",                Lower),
+    m("grant_pcpus_flushed",               "grant: pCPUs flushed",                 Lower),
+    m("grant_copies",                      "grant: copies",                        Neither),
+    m("grant_calls",                       "grant: hypercalls",                    Neither),
+    m("grant_refused",                     "grant: calls or entries refused",      Neither),
 ];
 
 /// The catalogue entry of `key`, if known.
