@@ -888,9 +888,7 @@ impl MmuReply {
             | MmuReply::Error { flush, .. }
             | MmuReply::Counters { flush, .. }
             | MmuReply::ForeignUnmapped { flush, .. }
-            | MmuReply::Mmio { flush, .. } => {
-                *flush = FlushObligation::merge(*flush, extra)
-            }
+            | MmuReply::Mmio { flush, .. } => *flush = FlushObligation::merge(*flush, extra),
         }
         self
     }
