@@ -97,7 +97,7 @@ fn run<P: L4Policy>(name: &'static str, seed: u64, steps: usize, dirty: DirtyMod
                     let acc = Access::ALL[rng.below(6) as usize];
                     match m.access(v, va, acc, rng.next()).map_err(e)? {
                         Outcome::Refused(r) => return Err(format!("refused: {r:?}")),
-                        Outcome::Ok(_) | Outcome::Fault(_) => {}
+                        Outcome::Ok(_) | Outcome::Fault(_) | Outcome::Mmio(_) => {}
                     }
                 }
             }
@@ -273,7 +273,14 @@ fn run_shared_large<P: L4Policy>(name: &'static str, seed: u64, steps: usize) {
                 }
                 3 => {
                     let wp = rng.below(3) != 0;
-                    m.set_mode(v, Ctrl { wp, nxe: true }).map_err(e)?;
+                    m.set_mode(
+                        v,
+                        Ctrl {
+                            wp,
+                            ..Ctrl::DEFAULT
+                        },
+                    )
+                    .map_err(e)?;
                 }
                 4 => {
                     if m.dirty_on(d) {
@@ -292,7 +299,7 @@ fn run_shared_large<P: L4Policy>(name: &'static str, seed: u64, steps: usize) {
                         [rng.below(4) as usize];
                     match m.access(v, va, acc, rng.next()).map_err(e)? {
                         Outcome::Refused(r) => return Err(format!("refused: {r:?}")),
-                        Outcome::Ok(_) | Outcome::Fault(_) => {}
+                        Outcome::Ok(_) | Outcome::Fault(_) | Outcome::Mmio(_) => {}
                     }
                 }
             }

@@ -318,6 +318,8 @@ pub fn random_run(m: &mut Machine<'_>, seed: u64, steps: u64) -> Res<()> {
                 let ctrl = Ctrl {
                     wp: !r.chance(30),
                     nxe: !r.chance(20),
+                    paging: true,
+                    mmio: r.chance(30),
                 };
                 m.set_mode(v, ctrl)?;
             }

@@ -481,6 +481,8 @@ impl MmuServer for Emulating<'_> {
             let ctrl = Ctrl {
                 wp: mode.wp(),
                 nxe: mode.nxe(),
+                paging: mode.paging(),
+                mmio: mode.has(PagingMode::MMIO),
             };
             if let (Some(map), Some(&cr3), false) = (
                 st.maps.get(&d),

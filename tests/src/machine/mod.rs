@@ -101,6 +101,9 @@ pub enum Outcome {
     Fault(u64),
     /// The server answered the fault with an error.
     Refused(MmuError),
+    /// The server answered `Mmio` for this guest-physical address (the
+    /// kernel would emulate the access; nothing is read or written).
+    Mmio(u64),
 }
 
 /// Counters of one run.
