@@ -187,14 +187,25 @@ impl<P: L4Policy> Inner<P> {
         } else {
             walk::identity(&shared.memory, &foreign, gva)
         };
+        let logging = shared.logging.load(Ordering::SeqCst);
+        let log_walk = |w: &walk::Walk| {
+            if logging {
+                for l in w.leaf_level..=4 {
+                    if w.changed & (1 << l) != 0 {
+                        shared.mark(w.tables[l as usize].0);
+                    }
+                }
+            }
+        };
         let w = match walked {
             Ok(w) => w,
-            Err(WalkError::Mmio(gpa)) => {
+            Err(WalkError::Mmio(gpa, w)) => {
+                log_walk(&w);
                 return MmuReply::Mmio {
                     gpa,
                     write: ec.is_write(),
                     flush: None,
-                }
+                };
             }
             Err(WalkError::Fault(code)) | Err(WalkError::OutsideMemory(code)) => {
                 return MmuReply::InjectPageFault {
@@ -210,14 +221,7 @@ impl<P: L4Policy> Inner<P> {
             // The guest keeps rewriting its entries: let it retry.
             Err(WalkError::Contended) => return MmuReply::Resume { flush: None },
         };
-        let logging = shared.logging.load(Ordering::SeqCst);
-        if logging {
-            for l in w.leaf_level..=4 {
-                if w.changed & (1 << l) != 0 {
-                    shared.mark(w.tables[l as usize].0);
-                }
-            }
-        }
+        log_walk(&w);
         if let Some((_, false)) = self.domains[&did].foreign.at(w.gfn) {
             if ec.is_write() && !mode.paging() {
                 // No #PF without paging: the write is dropped, as to ROM.

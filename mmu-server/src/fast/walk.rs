@@ -67,7 +67,7 @@ pub fn reserved_bits(level: u8, pte: u64, mode: PagingMode, maxphyaddr: u8) -> u
 }
 
 /// The result of a successful walk.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Walk {
     /// The guest frame of the 4 KiB page holding the address.
     pub gfn: Gfn,
@@ -105,9 +105,10 @@ pub enum WalkError {
     /// when setting A/D finds an entry changed).
     Contended,
     /// The mode has MMIO emulation ([`PagingMode::mmio`]) and the access,
-    /// allowed by the guest (A/D set as for RAM), targets this
-    /// guest-physical address outside RAM and foreign frames.
-    Mmio(Gpa),
+    /// allowed by the guest, targets this guest-physical address outside
+    /// RAM and foreign frames. The walk (whose A/D updates the caller logs
+    /// like any walk's) is the one that got there.
+    Mmio(Gpa, Walk),
 }
 
 impl From<MemError> for WalkError {
@@ -153,10 +154,7 @@ pub fn identity(
     gva: Gva,
 ) -> Result<Walk, WalkError> {
     let gfn = Gfn(gva.0 >> 12);
-    if gfn_to_mfn(memory, gfn).is_none() && !foreign(gfn) {
-        return Err(WalkError::Mmio(Gpa(gva.0)));
-    }
-    Ok(Walk {
+    let walk = Walk {
         gfn,
         leaf_level: 4,
         tables: [Gfn(0); 5],
@@ -166,7 +164,11 @@ pub fn identity(
         dirty: true,
         changed: 0,
         acc: [(true, true, false); 5],
-    })
+    };
+    if gfn_to_mfn(memory, gfn).is_none() && !foreign(gfn) {
+        return Err(WalkError::Mmio(Gpa(gva.0), walk));
+    }
+    Ok(walk)
 }
 
 /// Walks before giving up with [`WalkError::Contended`].
@@ -281,10 +283,7 @@ fn walk_once(
             dirty |= want & G_D != 0 || cur & G_D != 0;
         }
     }
-    if outside {
-        return Err(WalkError::Mmio(Gpa(gfn.base().0 | gva.page_offset())));
-    }
-    Ok(Walk {
+    let walk = Walk {
         gfn,
         leaf_level,
         tables,
@@ -294,5 +293,9 @@ fn walk_once(
         dirty,
         changed,
         acc,
-    })
+    };
+    if outside {
+        return Err(WalkError::Mmio(Gpa(gfn.base().0 | gva.page_offset()), walk));
+    }
+    Ok(walk)
 }
