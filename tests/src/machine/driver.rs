@@ -356,6 +356,7 @@ impl<'m> Machine<'m> {
         })?;
         let d = self.vcpus[v].dom;
         let switched = self.vcpus[v].ctrl.paging != ctrl.paging;
+        self.stats.paging_switches += u64::from(switched);
         self.vcpus[v].ctrl = ctrl;
         self.new_window(v);
         match r {

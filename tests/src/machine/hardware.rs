@@ -177,6 +177,7 @@ impl<'m> Machine<'m> {
                 MmuReply::Mmio { gpa, write, flush } => {
                     self.flush(d, flush);
                     self.op.push_str(" [mmio]");
+                    self.stats.mmio += 1;
                     self.judge_mmio(v, gva, acc, gpa.0, write)?;
                     self.check_guest_ad(v, gva, acc)?;
                     return Ok(Outcome::Mmio(gpa.0));

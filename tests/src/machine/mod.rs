@@ -119,6 +119,10 @@ pub struct Stats {
     pub injected: u64,
     /// Emulated writes.
     pub emulated: u64,
+    /// Accesses answered `Mmio` (not RAM, emulated by the kernel).
+    pub mmio: u64,
+    /// `SetPagingMode` requests that switched paging on or off.
+    pub paging_switches: u64,
     /// Flush obligations carried out (per pCPU).
     pub flushes: u64,
     /// The most shadow-pool frames the server held at once.
