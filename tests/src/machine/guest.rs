@@ -133,7 +133,9 @@ impl<'m> Machine<'m> {
             None => self.setup_write(d, gpa, value),
             Some(v) => {
                 let va = if self.vcpus[v].ctrl.paging {
-                    DIRECT + gpa
+                    // A hostile table pointer may name a gpa the direct map
+                    // cannot reach: the wrapped address then faults.
+                    DIRECT.wrapping_add(gpa)
                 } else {
                     gpa
                 };
