@@ -3,7 +3,7 @@
 //! long mode, judged by the oracle after every step.
 //!
 //! The layout of an unmodified Multiboot guest: RAM in two regions with a
-//! hole between them ([`boot_off`]), the local APIC at [`APIC`] outside both.
+//! hole between them (gfns 64..128), the local APIC at [`APIC`] outside both.
 
 use crate::arch::{Access, Ctrl, Size, P, PF_P, PF_U, PF_W, US};
 use crate::machine::{Machine, Outcome, Res, DIRECT};
