@@ -90,6 +90,41 @@
 //!   and the offending value. The guest-visible state is unchanged except as
 //!   the flush (if any) says. For a guest exit the kernel treats the vCPU as
 //!   failed (it may retry, e.g. after freeing memory, or stop the domain).
+//! - [`MmuReply::Mmio`] (version 5, only while the vCPU's mode has
+//!   [`PagingMode::MMIO`] or [`PagingMode::OFF`]): the faulting access
+//!   targets guest-physical `gpa`, which is not RAM (neither in the memory
+//!   map nor a foreign frame). No shadow entry maps it, now or later. The
+//!   kernel emulates the access (a device register, or all-ones reads and
+//!   ignored writes where no device is) and advances RIP; the guest's A/D
+//!   bits for the walk are already set. In long mode this is sent only for
+//!   an access the guest tables allow (a forbidden one gets its #PF); with
+//!   paging off for any access outside RAM, and for a write to a read-only
+//!   foreign frame (dropped, as a write to ROM: there is no #PF to give).
+//!
+//! # Paging modes (version 5)
+//! [`MmuRequest::SetPagingMode`] reports the guest's mode. A change that
+//! keeps [`PagingMode::OFF`] as it was is answered `Done` or
+//! `LoadShadowRoot`, as before. A change of `OFF` (either way) is always
+//! answered [`MmuReply::LoadShadowRoot`]: the translation source changes
+//! (the memory map vs the guest tables at the vCPU's recorded CR3), so the
+//! vCPU's previous root is void for it and the reply names the root to load
+//! before it re-enters the guest. Its flush obligation covers every pCPU
+//! that may cache translations of the vCPU from before the change (at least
+//! the requesting pCPU, scope `All` or wider): as on hardware, where a
+//! CR0.PG change flushes the whole TLB, no translation of the old mode may
+//! be used after it.
+//! - **OFF -> long mode** (the guest set CR4.PAE, wrote CR3, set EFER.LME
+//!   and then CR0.PG): the new root shadows the guest tables at the CR3 the
+//!   last `WriteCr3` recorded (sent while paging was off; the kernel sends
+//!   `WriteCr3` again if the guest writes CR3 later). No identity
+//!   translation survives the flush.
+//! - **long mode -> OFF**: the new root is an identity shadow of the memory
+//!   map, built on demand by page faults; no translation of the guest
+//!   tables survives the flush.
+//!
+//! `WriteCr3` while paging is off only records the value (the reply is
+//! still `LoadShadowRoot`); `Invlpg` while paging is off flushes nothing the
+//! guest can see.
 
 use crate::addr::{Gfn, Gpa, Gva, Hpa, Mfn};
 use crate::ids::{CpuSet, DomainId, PcpuId, VcpuId};
@@ -102,8 +137,10 @@ use serde::{Deserialize, Serialize};
 /// The protocol version spoken by this `abi` (2: `GetCounters` / `Counters`
 /// appended; 3: `MapForeign` / `UnmapForeign` / `ForeignUnmapped` appended,
 /// with the errors and resource they need; 4: `ServerCounters::shadow_pages_peak`
-/// appended).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// appended; 5: paging modes for unmodified guests: `PagingMode::OFF` and
+/// `PagingMode::MMIO`, the `Mmio` reply and the `FaultOutsideMode` error
+/// appended, `SetPagingMode` changing `OFF` answered `LoadShadowRoot`).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The largest number of regions in a domain's memory map.
 pub const MAX_REGIONS: usize = 16;
@@ -315,7 +352,10 @@ pub enum MmuRequest {
         /// The value written.
         cr3: GuestCr3,
     },
-    /// The guest changed CR0.WP, CR4 paging bits or EFER.NXE.
+    /// The guest changed CR0.WP, CR0.PG, CR4 paging bits or EFER.NXE (or
+    /// the kernel's MMIO emulation, [`PagingMode::MMIO`]). Answered `Done`
+    /// or `LoadShadowRoot`; always `LoadShadowRoot` when [`PagingMode::OFF`]
+    /// changes (see "Paging modes" in the module docs).
     SetPagingMode {
         /// The vCPU.
         vcpu: VcpuId,
@@ -637,6 +677,9 @@ pub enum MmuError {
         /// Where.
         gfn: Gfn,
     },
+    /// A page fault at an address the vCPU's paging mode cannot produce:
+    /// with paging off ([`PagingMode::OFF`]), at or above 4 GiB (version 5).
+    FaultOutsideMode(Gva),
 }
 
 impl fmt::Display for MmuError {
@@ -689,6 +732,10 @@ impl fmt::Display for MmuError {
                 f,
                 "the domain's frames are still mapped by domain {} at gfn {gfn}",
                 mapper.0
+            ),
+            MmuError::FaultOutsideMode(g) => write!(
+                f,
+                "page fault at {g}, which paging off (32-bit addresses) cannot produce"
             ),
         }
     }
@@ -786,6 +833,17 @@ pub enum MmuReply {
         /// Flush to carry out first (usually `None`: the hint is the point).
         flush: Option<FlushObligation>,
     },
+    /// The faulting access targets guest-physical memory that is not RAM:
+    /// emulate it (see the module docs). Version 5.
+    Mmio {
+        /// The guest-physical address accessed.
+        gpa: Gpa,
+        /// Whether the access was a write (else a read or a fetch; the
+        /// exit's error code tells which).
+        write: bool,
+        /// Flush to carry out first.
+        flush: Option<FlushObligation>,
+    },
 }
 
 impl MmuReply {
@@ -810,7 +868,8 @@ impl MmuReply {
             | MmuReply::DirtyBitmap { flush, .. }
             | MmuReply::Error { flush, .. }
             | MmuReply::Counters { flush, .. }
-            | MmuReply::ForeignUnmapped { flush, .. } => *flush,
+            | MmuReply::ForeignUnmapped { flush, .. }
+            | MmuReply::Mmio { flush, .. } => *flush,
         }
     }
 
@@ -828,9 +887,8 @@ impl MmuReply {
             | MmuReply::DirtyBitmap { flush, .. }
             | MmuReply::Error { flush, .. }
             | MmuReply::Counters { flush, .. }
-            | MmuReply::ForeignUnmapped { flush, .. } => {
-                *flush = FlushObligation::merge(*flush, extra)
-            }
+            | MmuReply::ForeignUnmapped { flush, .. }
+            | MmuReply::Mmio { flush, .. } => *flush = FlushObligation::merge(*flush, extra),
         }
         self
     }

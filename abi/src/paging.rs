@@ -41,7 +41,8 @@ impl fmt::Debug for GuestCr3 {
 
 /// The guest's paging-relevant control bits, as a bit set (new bits may be
 /// appended; a server answers `UnsupportedPagingMode` for bits it does not
-/// implement). The guest is always in 4-level long mode.
+/// implement). Without [`PagingMode::OFF`] the guest is in 4-level long
+/// mode; with it, paging is off (see [`PagingMode::OFF`]).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct PagingMode(pub u32);
 
@@ -60,8 +61,36 @@ impl PagingMode {
     pub const SMAP: u32 = 1 << 4;
     /// CR4.PCIDE: the low 12 bits of CR3 are a PCID.
     pub const PCIDE: u32 = 1 << 5;
+    /// CR0.PG = 0 (version 5): paging is off. Guest-virtual equals
+    /// guest-physical, no guest page table is walked, CR3 (still recorded by
+    /// `WriteCr3`) does not affect translation, and every access to guest
+    /// RAM is allowed (read, write, fetch; user and supervisor). The other
+    /// bits are kept for the switch to long mode but change nothing while
+    /// this one is set. Addresses are 32-bit: a fault at or above 4 GiB is
+    /// refused ([`MmuError::FaultOutsideMode`](crate::MmuError::FaultOutsideMode)).
+    /// The kernel runs such a guest in long mode's compatibility mode on a
+    /// 4-level shadow that identity-maps the guest's memory map; an access
+    /// outside it is answered [`MmuReply::Mmio`](crate::MmuReply::Mmio)
+    /// (there is no #PF to give).
+    pub const OFF: u32 = 1 << 6;
+    /// The kernel emulates guest-physical accesses outside RAM (version 5):
+    /// in long mode, an access the guest tables allow whose final frame is
+    /// neither in the memory map nor a foreign frame is answered
+    /// [`MmuReply::Mmio`](crate::MmuReply::Mmio) (after the walk set the
+    /// guest's A/D bits, as hardware does before a device access) instead of
+    /// an injected #PF with P | RSVD. Without it (the version-4 behaviour,
+    /// for guests that expect such accesses to fault) the #PF is injected.
+    /// Implied by [`PagingMode::OFF`].
+    pub const MMIO: u32 = 1 << 7;
     /// Every bit defined in this version of the protocol.
-    pub const ALL: u32 = Self::WP | Self::NXE | Self::PGE | Self::SMEP | Self::SMAP | Self::PCIDE;
+    pub const ALL: u32 = Self::WP
+        | Self::NXE
+        | Self::PGE
+        | Self::SMEP
+        | Self::SMAP
+        | Self::PCIDE
+        | Self::OFF
+        | Self::MMIO;
 
     /// Whether every bit of `bits` is set.
     pub const fn has(self, bits: u32) -> bool {
@@ -76,6 +105,17 @@ impl PagingMode {
     /// EFER.NXE.
     pub const fn nxe(self) -> bool {
         self.has(Self::NXE)
+    }
+
+    /// Paging is on (CR0.PG = 1): not [`PagingMode::OFF`].
+    pub const fn paging(self) -> bool {
+        !self.has(Self::OFF)
+    }
+
+    /// Accesses outside RAM are answered `Mmio`: [`PagingMode::MMIO`] or
+    /// [`PagingMode::OFF`].
+    pub const fn mmio(self) -> bool {
+        self.0 & (Self::MMIO | Self::OFF) != 0
     }
 }
 

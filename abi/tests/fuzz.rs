@@ -130,8 +130,13 @@ fn random_request(r: &mut Rng) -> MmuRequest {
 
 fn random_reply(r: &mut Rng) -> MmuReply {
     let flush = r.flush();
-    match r.below(11) {
+    match r.below(12) {
         0 => MmuReply::Welcome { version: r.u32() },
+        11 => MmuReply::Mmio {
+            gpa: Gpa(r.val()),
+            write: r.below(2) == 0,
+            flush,
+        },
         10 => MmuReply::ForeignUnmapped {
             mfn: Mfn(r.val()),
             accessed: r.below(2) == 0,
@@ -196,7 +201,8 @@ fn random_reply(r: &mut Rng) -> MmuReply {
             }
         }
         _ => {
-            let reason = match r.below(10) {
+            let reason = match r.below(11) {
+                10 => MmuError::FaultOutsideMode(Gva(r.val())),
                 6 => MmuError::GfnInUse(Gfn(r.val())),
                 7 => MmuError::NotForeignMapped(Gfn(r.val())),
                 8 => MmuError::NotOwnedBy {

@@ -248,6 +248,11 @@ fn replies() -> Vec<MmuReply> {
             cpus: CpuSet(0b110),
             flush: None,
         },
+        MmuReply::Mmio {
+            gpa: Gpa(0xfee0_00b0),
+            write: true,
+            flush: flush(0b1, FlushScope::All),
+        },
     ];
     for (i, r) in all.iter().enumerate() {
         let idx = match r {
@@ -262,6 +267,7 @@ fn replies() -> Vec<MmuReply> {
             MmuReply::Error { .. } => 8,
             MmuReply::Counters { .. } => 9,
             MmuReply::ForeignUnmapped { .. } => 10,
+            MmuReply::Mmio { .. } => 11,
         };
         assert_eq!(i, idx, "replies() must list variants in declaration order");
     }
@@ -310,6 +316,7 @@ fn errors() -> Vec<MmuError> {
             mapper: DomainId(6),
             gfn: Gfn(0x13),
         },
+        MmuError::FaultOutsideMode(Gva(0x1_0000_0000)),
     ];
     for (i, e) in all.iter().enumerate() {
         let idx = match e {
@@ -336,6 +343,7 @@ fn errors() -> Vec<MmuError> {
             MmuError::NotForeignMapped(_) => 20,
             MmuError::NotOwnedBy { .. } => 21,
             MmuError::FramesMapped { .. } => 22,
+            MmuError::FaultOutsideMode(_) => 23,
         };
         assert_eq!(i, idx, "errors() must list variants in declaration order");
     }
@@ -461,6 +469,17 @@ fn pinned_scopes_and_decode_errors() {
         "get counters (whole server)",
         vec![MmuRequest::GetCounters { domain: None }],
         &["0f00"][..],
+    );
+    // Version 5: paging off (bit 6) with MMIO emulation (bit 7), as the
+    // kernel sends it for an unmodified guest at entry.
+    check(
+        "paging off",
+        vec![MmuRequest::SetPagingMode {
+            vcpu: VcpuId(2),
+            pcpu: PcpuId(1),
+            mode: PagingMode(PagingMode::OFF | PagingMode::MMIO),
+        }],
+        &["080201c001"][..],
     );
 }
 
@@ -633,7 +652,7 @@ const PINNED_REQUESTS: [&str; 18] = [
     "100280a00205b42401",
     "110280a002",
 ];
-const PINNED_REPLIES: [&str; 11] = [
+const PINNED_REPLIES: [&str; 12] = [
     "0001",
     "0100",
     "02010a0080a08002",
@@ -645,8 +664,9 @@ const PINNED_REPLIES: [&str; 11] = [
     "08040900",
     "090102030405060708090a0b0c0d0e0fac021100",
     "0ab424010600",
+    "0bb08180f70f01010102",
 ];
-const PINNED_ERRORS: [&str; 23] = [
+const PINNED_ERRORS: [&str; 24] = [
     "0800060300",
     "0801070100",
     "08020400",
@@ -670,6 +690,7 @@ const PINNED_ERRORS: [&str; 23] = [
     "08141100",
     "0815120400",
     "0816061300",
+    "0817808080801000",
 ];
 
 // ---- the grant protocol ----------------------------------------------------

@@ -59,6 +59,13 @@ fn paging_helpers() {
     assert!(e.is_write() && !e.is_user() && !e.is_fetch());
     assert_eq!(e.access(), PfErrorCode(PfErrorCode::W));
     assert!(PagingMode(PagingMode::WP).wp() && !PagingMode(PagingMode::WP).nxe());
+    let off = PagingMode(PagingMode::OFF | PagingMode::WP);
+    assert!(!off.paging() && off.mmio() && off.wp());
+    let long = PagingMode(PagingMode::WP | PagingMode::NXE);
+    assert!(long.paging() && !long.mmio());
+    assert!(PagingMode(PagingMode::MMIO).paging() && PagingMode(PagingMode::MMIO).mmio());
+    assert_eq!(PagingMode::ALL & PagingMode::OFF, PagingMode::OFF);
+    assert_eq!(PagingMode::ALL & PagingMode::MMIO, PagingMode::MMIO);
 }
 
 #[test]

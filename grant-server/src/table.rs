@@ -204,6 +204,7 @@ fn variant(r: &MmuReply) -> u8 {
         MmuReply::Error { .. } => 8,
         MmuReply::Counters { .. } => 9,
         MmuReply::ForeignUnmapped { .. } => 10,
+        MmuReply::Mmio { .. } => 11,
     }
 }
 

@@ -26,7 +26,15 @@
 //!   supervisor-only writable leaf (U/S clear), so user accesses fault and
 //!   are re-checked.
 //! - Guest frames come only from the domain's memory map; a walk that
-//!   leaves it injects #PF with P | RSVD (see [`crate::walk`]).
+//!   leaves it injects #PF with P | RSVD (see [`crate::walk`]), except that
+//!   an allowed access to a final frame outside it is answered `Mmio` when
+//!   the mode asks for MMIO emulation.
+//! - **Paging off** ([`PagingMode::OFF`]): the vCPU's tree is an identity
+//!   shadow of the memory map (and foreign frames), filled by faults like
+//!   any other: leaves P|RW|US (read-only until written under dirty
+//!   logging), no NX. A gfn that is not RAM gets `Mmio`. A change of
+//!   paging on/off empties the tree like any mode change and answers
+//!   `LoadShadowRoot` with it.
 //!
 //! # Flushes and frame reuse
 //! Per vCPU the server tracks `ran_on` (pCPUs whose TLB may hold entries of
@@ -108,8 +116,15 @@ use spin::Mutex;
 pub const NAME: &str = "reference";
 
 /// Paging-mode bits this server implements (the rest are refused).
-pub const SUPPORTED_MODE: u32 =
-    PagingMode::WP | PagingMode::NXE | PagingMode::PGE | PagingMode::PCIDE;
+pub const SUPPORTED_MODE: u32 = PagingMode::WP
+    | PagingMode::NXE
+    | PagingMode::PGE
+    | PagingMode::PCIDE
+    | PagingMode::OFF
+    | PagingMode::MMIO;
+
+/// With paging off, guest-virtual addresses are 32-bit.
+const PAGING_OFF_LIMIT: u64 = 1 << 32;
 
 /// The reference server over host memory `M`.
 pub struct Reference<'m, M: PhysMem + ?Sized> {
@@ -446,16 +461,39 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
                 .map(|f| (f.mfn, f.writable))
         };
         let access = error_code.access();
-        let walked = walk::walk_to(
-            &guest,
-            &|g| guest.mfn(g).or_else(|| foreign_at(g).map(|f| f.0)),
-            cr3,
-            mode,
-            self.config.maxphyaddr,
-            gva,
-            access,
-            &mut |g| mark_dirty(dirty, memory, g),
-        );
+        let write = access.is_write();
+        let walked = if mode.paging() {
+            walk::walk_to(
+                &guest,
+                &|g| guest.mfn(g).or_else(|| foreign_at(g).map(|f| f.0)),
+                cr3,
+                mode,
+                self.config.maxphyaddr,
+                gva,
+                access,
+                &mut |g| mark_dirty(dirty, memory, g),
+            )
+        } else if gva.0 >= PAGING_OFF_LIMIT {
+            return Err(MmuError::FaultOutsideMode(gva));
+        } else {
+            // Paging off: the identity, every access allowed (as a walk
+            // through entries with R/W, U/S and D set).
+            let gfn = Gfn(gva.0 >> 12);
+            match guest.mfn(gfn).or_else(|| foreign_at(gfn).map(|f| f.0)) {
+                Some(mfn) => Ok(walk::Translation {
+                    gfn,
+                    mfn,
+                    size: abi::PageSize::Size4K,
+                    writable: true,
+                    user: true,
+                    nx: false,
+                    dirty: true,
+                    global: false,
+                    leaf: Gpa(0),
+                }),
+                None => Err(WalkError::Mmio(Gpa(gva.0))),
+            }
+        };
         let t = match walked {
             Ok(t) => t,
             Err(WalkError::Fault(code)) => {
@@ -465,10 +503,16 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
                     flush: None,
                 })
             }
+            Err(WalkError::Mmio(gpa)) => {
+                return Ok(MmuReply::Mmio {
+                    gpa,
+                    write,
+                    flush: None,
+                })
+            }
             Err(WalkError::Contended) => return Ok(MmuReply::Resume { flush: None }),
             Err(WalkError::Memory(e)) => return Err(MmuError::Memory(e)),
         };
-        let write = access.is_write();
         let mut user = t.user;
         let mut writable = t.writable && t.dirty;
         if write && !access.is_user() && !t.writable && !mode.wp() {
@@ -493,6 +537,14 @@ impl<'m, M: PhysMem + ?Sized> Reference<'m, M> {
             // A foreign frame: A and D clear (the unmap's flush hint), and
             // never writable against the mapping.
             Some((_, may_write)) => {
+                if write && !may_write && !mode.paging() {
+                    // No #PF without paging: the write is dropped, as to ROM.
+                    return Ok(MmuReply::Mmio {
+                        gpa: Gpa(t.gfn.base().0 | gva.page_offset()),
+                        write,
+                        flush: None,
+                    });
+                }
                 if write && !may_write {
                     return Ok(MmuReply::InjectPageFault {
                         error_code: PfErrorCode(error_code.0 & PfErrorCode::U)
@@ -899,9 +951,20 @@ impl<M: PhysMem + ?Sized> MmuServer for Reference<'_, M> {
             if mode.0 & !SUPPORTED_MODE != 0 {
                 return Err(MmuError::UnsupportedPagingMode(mode));
             }
+            let switched = v.mode.paging() != mode.paging();
             v.mode = mode;
             self.zap(v, foreign, Some(pcpu), &mut flush)?;
-            Ok(MmuReply::Done { flush: None })
+            // Paging switched on or off: the (emptied) tree now shadows the
+            // other source; the protocol wants the root named.
+            Ok(if switched {
+                MmuReply::LoadShadowRoot {
+                    vcpu,
+                    root: v.root.base(),
+                    flush: None,
+                }
+            } else {
+                MmuReply::Done { flush: None }
+            })
         });
         let reply = finish(r, flush);
         st.count_vcpu_reply(vcpu, &reply);

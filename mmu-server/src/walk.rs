@@ -9,11 +9,14 @@
 //!   are: bits 51..MAXPHYADDR at every level; bit 63 (NX) when EFER.NXE = 0;
 //!   bit 7 of a PML4E; bits 29..13 of a 1 GiB PDPTE; bits 20..13 of a 2 MiB
 //!   PDE.
-//! - A paging-structure frame or the final 4 KiB frame outside the domain's
-//!   memory map stops the walk: #PF with P | RSVD (the guest sees a
-//!   reserved-bit fault; no mapping is ever made to a frame outside the
-//!   guest). Like reserved bits, this is found while walking, so it takes
-//!   priority over permission faults.
+//! - A paging-structure frame outside the domain's memory map stops the
+//!   walk: #PF with P | RSVD (the guest sees a reserved-bit fault; no
+//!   mapping is ever made to a frame outside the guest). So does the final
+//!   4 KiB frame outside it, found while walking, before permissions —
+//!   unless the mode has MMIO emulation ([`PagingMode::mmio`]): then the
+//!   permissions decide as for RAM, and an allowed access sets A/D like any
+//!   successful walk and ends in [`WalkError::Mmio`] (the kernel emulates
+//!   the access; still no mapping is made).
 //! - Permissions combine all levels: user access needs U/S at every level;
 //!   a write needs R/W at every level, except a supervisor write with
 //!   CR0.WP = 0; with EFER.NXE = 1 a fetch faults if any level has NX.
@@ -107,6 +110,9 @@ pub enum WalkError {
     Contended,
     /// Host memory failed (the memory map names frames that do not exist).
     Memory(MemError),
+    /// With MMIO emulation: the access is allowed and targets this
+    /// guest-physical address, which is not RAM (A/D are set).
+    Mmio(Gpa),
 }
 
 impl From<MemError> for WalkError {
@@ -231,11 +237,12 @@ pub fn walk_to<M: PhysMem + ?Sized>(
         // fault of the leaf, found while walking: before permissions.
         let gpa = Gpa(frame_base.0 + gva.offset_in(size));
         let gfn = gpa.frame();
-        let Some(mfn) = leaf_frame(gfn) else {
+        let mfn = leaf_frame(gfn);
+        if mfn.is_none() && !mode.mmio() {
             return Err(WalkError::Fault(
                 code.with(PfErrorCode::P | PfErrorCode::RSVD),
             ));
-        };
+        }
         // Permissions over all levels.
         let is_user = access.is_user();
         let is_write = access.is_write();
@@ -263,6 +270,9 @@ pub fn walk_to<M: PhysMem + ?Sized>(
                 leaf_value = new;
             }
         }
+        let Some(mfn) = mfn else {
+            return Err(WalkError::Mmio(gpa));
+        };
         return Ok(Translation {
             gfn,
             mfn,

@@ -242,7 +242,15 @@ fn apply(s: &mut Side<'_>, op: Op) -> R<Seen> {
             Seen::Unit
         }
         Op::Mode { v, wp, nxe } => {
-            m.set_mode(s.vs[v], Ctrl { wp, nxe }).map_err(e)?;
+            m.set_mode(
+                s.vs[v],
+                Ctrl {
+                    wp,
+                    nxe,
+                    ..Ctrl::DEFAULT
+                },
+            )
+            .map_err(e)?;
             Seen::Unit
         }
         Op::DirtyOn => {

@@ -1,7 +1,8 @@
 //! The fast server on the conformance suite's simulated machine: random
 //! guest workloads (page-table edits, CR3 switches between processes, dirty
-//! logging, zaps, several vCPUs) judged by the suite's oracle after every
-//! step, with the server's own invariants audited along the way.
+//! logging, zaps, several vCPUs, paging switched off and on again) judged
+//! by the suite's oracle after every step, with the server's own invariants
+//! audited along the way.
 
 use conformance::arch::{Access, Ctrl, Size, NX, P, PS, RW, US};
 use conformance::machine::{Machine, Outcome};
@@ -93,11 +94,29 @@ fn run<P: L4Policy>(name: &'static str, seed: u64, steps: usize, dirty: DirtyMod
                     let p = (0..4).find(|p| !busy.contains(p)).expect("a free pCPU");
                     m.schedule(v, p).map_err(e)?;
                 }
+                9 if step % 3 == 0 => {
+                    // Paging off (the identity shadow) or back on.
+                    let ctrl = if m.ctrl(v).paging {
+                        Ctrl::OFF
+                    } else {
+                        Ctrl::LONG_MMIO
+                    };
+                    m.set_mode(v, ctrl).map_err(e)?;
+                }
                 _ => {
                     let acc = Access::ALL[rng.below(6) as usize];
+                    // With paging off: a data frame at its own address, or
+                    // the hole between the two RAM regions.
+                    let va = match (m.ctrl(v).paging, rng.below(8)) {
+                        (true, _) => va,
+                        (false, 0) => 0x800_0000 + (va & 0xf000),
+                        (false, _) => {
+                            (data[rng.below(data.len() as u64) as usize] << 12) | (va & 0xff8)
+                        }
+                    };
                     match m.access(v, va, acc, rng.next()).map_err(e)? {
                         Outcome::Refused(r) => return Err(format!("refused: {r:?}")),
-                        Outcome::Ok(_) | Outcome::Fault(_) => {}
+                        Outcome::Ok(_) | Outcome::Fault(_) | Outcome::Mmio(_) => {}
                     }
                 }
             }
@@ -273,7 +292,14 @@ fn run_shared_large<P: L4Policy>(name: &'static str, seed: u64, steps: usize) {
                 }
                 3 => {
                     let wp = rng.below(3) != 0;
-                    m.set_mode(v, Ctrl { wp, nxe: true }).map_err(e)?;
+                    m.set_mode(
+                        v,
+                        Ctrl {
+                            wp,
+                            ..Ctrl::DEFAULT
+                        },
+                    )
+                    .map_err(e)?;
                 }
                 4 => {
                     if m.dirty_on(d) {
@@ -292,7 +318,7 @@ fn run_shared_large<P: L4Policy>(name: &'static str, seed: u64, steps: usize) {
                         [rng.below(4) as usize];
                     match m.access(v, va, acc, rng.next()).map_err(e)? {
                         Outcome::Refused(r) => return Err(format!("refused: {r:?}")),
-                        Outcome::Ok(_) | Outcome::Fault(_) => {}
+                        Outcome::Ok(_) | Outcome::Fault(_) | Outcome::Mmio(_) => {}
                     }
                 }
             }

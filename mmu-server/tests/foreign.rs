@@ -456,3 +456,75 @@ fn bad_foreign_requests_get_errors_and_leak_nothing() {
         assert!(matches!(r, MmuReply::Done { .. }), "{name}: {r:?}");
     }
 }
+
+/// A fault of the mapper's vCPU at guest-physical `gfn` (paging off: the
+/// address is its own gpa).
+fn identity_fault(s: &dyn MmuServer, gfn: u64, write: bool) -> MmuReply {
+    send(
+        s,
+        MmuRequest::PageFault {
+            vcpu: V,
+            pcpu: PC,
+            gva: Gva(gfn << 12),
+            error_code: PfErrorCode(if write { PfErrorCode::W } else { 0 }),
+        },
+    )
+}
+
+#[test]
+fn foreign_frames_with_paging_off() {
+    let mem = memory();
+    for u in servers(&mem) {
+        let s = u.srv;
+        let name = s.name();
+        setup(&u);
+        let root = match send(
+            s,
+            MmuRequest::SetPagingMode {
+                vcpu: V,
+                pcpu: PC,
+                mode: PagingMode(PagingMode::OFF | PagingMode::MMIO),
+            },
+        ) {
+            MmuReply::LoadShadowRoot { root, .. } => root.0,
+            other => panic!("{name}: paging off answered {other:?}"),
+        };
+        assert_eq!(map(s, FOREIGN, 5, false), MmuReply::Done { flush: None });
+        assert_eq!(map(s, FOREIGN + 2, 6, true), MmuReply::Done { flush: None });
+        // A read of a read-only foreign frame: mapped, A clear, read-only.
+        let r = identity_fault(s, FOREIGN, false);
+        assert!(matches!(r, MmuReply::Resume { .. }), "{name}: {r:?}");
+        (u.audit)().unwrap();
+        let (at, e) = leaf(&mem, root, Gva(FOREIGN << 12)).expect("a leaf after the fault");
+        assert_eq!((e >> 12) & 0xff_ffff_ffff, OWNER_BASE + 5, "{name}");
+        assert_eq!(e & (A | D | RW), 0, "{name}: {e:#x}");
+        // Its write has no #PF to give: dropped as to ROM (Mmio).
+        match identity_fault(s, FOREIGN, true) {
+            MmuReply::Mmio { gpa, write, .. } => {
+                assert_eq!((gpa.0, write), (FOREIGN << 12, true), "{name}")
+            }
+            other => panic!("{name}: a write to a read-only foreign frame answered {other:?}"),
+        }
+        assert_eq!(mem.read_u64(at).unwrap() & RW, 0, "{name}: still read-only");
+        // A writable one is written; a gfn with no frame is MMIO.
+        let r = identity_fault(s, FOREIGN + 2, true);
+        assert!(matches!(r, MmuReply::Resume { .. }), "{name}: {r:?}");
+        let (_, e) = leaf(&mem, root, Gva((FOREIGN + 2) << 12)).expect("a leaf");
+        assert_eq!((e >> 12) & 0xff_ffff_ffff, OWNER_BASE + 6, "{name}");
+        assert_ne!(e & RW, 0, "{name}: writable as mapped: {e:#x}");
+        assert!(
+            matches!(identity_fault(s, FOREIGN + 1, false), MmuReply::Mmio { .. }),
+            "{name}"
+        );
+        (u.audit)().unwrap();
+        // Unmapped: the leaf goes, and the gfn is no RAM any more.
+        assert!(!accessed(&unmap(s, FOREIGN)), "{name}");
+        assert_eq!(mem.read_u64(at).unwrap() & P, 0, "{name}: the leaf is gone");
+        assert!(
+            matches!(identity_fault(s, FOREIGN, false), MmuReply::Mmio { .. }),
+            "{name}"
+        );
+        unmap(s, FOREIGN + 2);
+        (u.audit)().unwrap();
+    }
+}

@@ -334,3 +334,42 @@ fn outside_memory_takes_priority_over_permissions() {
     c.t.map(c.pml4, Gva(0x1000), Gpa(5000 << 12), PageSize::Size4K, 0);
     assert_eq!(c.walk(NXE, 0x1000, W | U), fault(P | RSVD | W | U));
 }
+
+#[test]
+fn a_leaf_outside_memory_is_rsvd_without_mmio_emulation_and_mmio_with_it() {
+    let (mem, map) = setup();
+    let mut c = ctx(&mem, &map);
+    // Guest RAM is frames 0..1024: 0xfee0_0000 (the APIC) is outside.
+    c.t.map(
+        c.pml4,
+        Gva(0x1000),
+        Gpa(0xfee0_0000),
+        PageSize::Size4K,
+        PTE_US,
+    );
+    let mmio = PagingMode(NXE.0 | PagingMode::MMIO);
+    // Without MMIO emulation: a reserved-bit fault, before permissions.
+    assert_eq!(c.walk(NXE, 0x1000, W | U), fault(P | RSVD | W | U));
+    assert_eq!(
+        c.entry(0x1000, 1) & PTE_A,
+        0,
+        "a faulting walk writes nothing"
+    );
+    // With it: permissions first (a read-only leaf refuses the write)...
+    assert_eq!(c.walk(mmio, 0x1000, W | U), fault(P | W | U));
+    assert_eq!(c.entry(0x1000, 1) & PTE_A, 0);
+    // ...then an allowed access ends in Mmio, with A (and D for a write) set
+    // as for any completed walk.
+    assert_eq!(
+        c.walk(mmio, 0x10b0, U),
+        Err(WalkError::Mmio(Gpa(0xfee0_00b0)))
+    );
+    for level in 1..=4 {
+        assert_ne!(c.entry(0x1000, level) & PTE_A, 0, "A at level {level}");
+    }
+    assert_eq!(c.entry(0x1000, 1) & PTE_D, 0, "no D for a read");
+    // A table outside memory stays a guest error with MMIO emulation.
+    let at = c.t.entry(c.pml4, Gva(0x1000), 2).unwrap();
+    c.t.write(at, 0xfee0_0000 | PTE_P | PTE_RW | PTE_US);
+    assert_eq!(c.walk(mmio, 0x1000, R), fault(P | RSVD));
+}

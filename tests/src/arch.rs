@@ -155,14 +155,41 @@ pub struct Ctrl {
     pub wp: bool,
     /// EFER.NXE: bit 63 is NX instead of reserved.
     pub nxe: bool,
+    /// CR0.PG: paging on (4-level long mode); off, every address is its own
+    /// guest-physical address with every right (see [`walk`]).
+    pub paging: bool,
+    /// The kernel emulates accesses outside RAM (`PagingMode::MMIO`): an
+    /// allowed access whose frame is not guest memory gets `Mmio`, not a
+    /// #PF. Implied with paging off.
+    pub mmio: bool,
 }
 
 impl Ctrl {
-    /// The usual setting: WP and NXE on.
+    /// The usual setting: long mode with WP and NXE on, accesses outside
+    /// RAM fault (Umbra's own guests).
     pub const DEFAULT: Ctrl = Ctrl {
         wp: true,
         nxe: true,
+        paging: true,
+        mmio: false,
     };
+    /// Long mode with MMIO emulation, as an unmodified guest runs after it
+    /// enabled paging.
+    pub const LONG_MMIO: Ctrl = Ctrl {
+        mmio: true,
+        ..Ctrl::DEFAULT
+    };
+    /// Paging off, as an unmodified Multiboot guest starts (WP and NXE as
+    /// it will set them; they change nothing while paging is off).
+    pub const OFF: Ctrl = Ctrl {
+        paging: false,
+        mmio: true,
+        ..Ctrl::DEFAULT
+    };
+    /// Whether an access outside RAM is answered `Mmio` rather than a #PF.
+    pub fn emulates_mmio(self) -> bool {
+        self.mmio || !self.paging
+    }
 }
 
 /// The rights a translation gives, combined over all levels.
@@ -288,7 +315,23 @@ impl Walk {
 
 /// Walks the 4-level tables rooted at `cr3` for `va`, reading entries with
 /// `read` (`None` means the address is outside memory). Never writes.
+/// With paging off (`!ctrl.paging`) nothing is read: `va` is its own
+/// physical address, a 4 KiB leaf of depth 0 with every right.
 pub fn walk(read: &dyn Fn(u64) -> Option<u64>, cr3: u64, va: u64, ctrl: Ctrl) -> Walk {
+    if !ctrl.paging {
+        return Walk::Ok(Leaf {
+            base: va & !(PAGE - 1),
+            size: Size::K4,
+            rights: Rights {
+                write: true,
+                user: true,
+                nx: false,
+            },
+            path: [0; 4],
+            vals: [0; 4],
+            depth: 0,
+        });
+    }
     let mut table = cr3 & ADDR_MASK;
     let mut rights = Rights {
         write: true,
@@ -433,7 +476,7 @@ mod tests {
         // WP off: supervisor writes to read-only pages pass.
         let nowp = Ctrl {
             wp: false,
-            nxe: true,
+            ..Ctrl::DEFAULT
         };
         assert_eq!(
             fault_code(&walk(&r, 0x1000, 0x4000_5000, nowp), Access::WRITE, nowp),
@@ -441,8 +484,8 @@ mod tests {
         );
         // NX with NXE off is reserved.
         let nonx = Ctrl {
-            wp: true,
             nxe: false,
+            ..Ctrl::DEFAULT
         };
         assert_eq!(
             fault_code(&walk(&r, 0x1000, 0x123, nonx), Access::READ, nonx),
@@ -464,5 +507,17 @@ mod tests {
             fault_code(&walk(&r2, 0x1000, 0, c), Access::READ, c),
             Some(PF_P | PF_RSVD)
         );
+        // Paging off: the identity with every right, nothing read, even
+        // where the tables at CR3 would fault.
+        let off = Ctrl::OFF;
+        let Walk::Ok(l) = walk(&|_| None, 0x1000, 0x5123, off) else {
+            panic!()
+        };
+        assert_eq!((l.base, l.size, l.depth), (0x5000, Size::K4, 0));
+        assert_eq!(l.phys(0x5123), 0x5123);
+        for acc in Access::ALL {
+            assert_eq!(fault_code(&walk(&r2, 0x1000, 0, off), acc, off), None);
+        }
+        assert!(off.emulates_mmio() && !Ctrl::DEFAULT.emulates_mmio());
     }
 }

@@ -17,6 +17,7 @@ pub mod arch;
 pub mod grant;
 pub mod history;
 pub mod machine;
+pub mod modes;
 pub mod ram;
 pub mod random;
 pub mod scenarios;

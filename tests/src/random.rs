@@ -2,8 +2,10 @@
 //! names its seed): two domains, six vCPUs moving over eight pCPUs, four
 //! processes per domain, mixing accesses of every kind, hostile page-table
 //! edits (through the guest's own direct map), INVLPG, CR3 switches,
-//! migrations, paging-mode changes, dirty-log rounds and zap-all. The machine
-//! checks the oracle after every step.
+//! migrations, paging-mode changes (CR0.WP, EFER.NXE, MMIO emulation, and
+//! paging off and on again: a vCPU with paging off accesses its own
+//! guest-physical addresses until it turns paging back on), dirty-log rounds
+//! and zap-all. The machine checks the oracle after every step.
 
 use crate::arch::{self, Access, Ctrl, Size, NX, P, PS, RW, US};
 use crate::machine::{Machine, Outcome, Res, DIRECT};
@@ -182,6 +184,45 @@ fn judge(m: &Machine<'_>, o: Outcome, gva: u64) -> Res<()> {
     }
 }
 
+/// One step of vCPU `v` while its paging is off: mostly an access to its
+/// own guest-physical address (RAM, or just past it: `Mmio`), now and then
+/// a CR3 write (only recorded) or the switch back to long mode.
+fn paging_off_step(m: &mut Machine<'_>, r: &mut Rng, dom: &Dom, v: usize) -> Res<()> {
+    match r.below(12) {
+        0 => {
+            let ctrl = Ctrl {
+                wp: !r.chance(30),
+                nxe: !r.chance(20),
+                paging: true,
+                mmio: !r.chance(30),
+            };
+            m.set_mode(v, ctrl)
+        }
+        1 => {
+            let p = r.pick(&dom.procs);
+            m.write_cr3(v, p)
+        }
+        _ => {
+            let gfn = if r.chance(85) {
+                r.pick(&dom.data)
+            } else if r.chance(50) {
+                r.below(RAM)
+            } else {
+                RAM + r.below(64)
+            };
+            let gpa = (gfn << 12) + (r.below(512) << 3);
+            let acc = r.pick(&Access::ALL);
+            // Writes through the identity stay off the page tables mostly
+            // (they are the other vCPUs' hostile edits otherwise).
+            if acc.write && dom.tables.contains(&gfn) && !r.chance(10) {
+                return Ok(());
+            }
+            let o = m.access(v, gpa, acc, r.next_u64() & 0xffff_ffff)?;
+            judge(m, o, gpa)
+        }
+    }
+}
+
 fn edit(m: &mut Machine<'_>, r: &mut Rng, dom: &Dom, v: usize) -> Res<()> {
     let cr3 = r.pick(&dom.procs);
     let va = slot(r);
@@ -233,6 +274,10 @@ pub fn random_run(m: &mut Machine<'_>, seed: u64, steps: u64) -> Res<()> {
         let recent = &mut recents[which];
         let v = r.pick(&dom.vcpus);
         ensure_running(m, &mut r, v)?;
+        if !m.ctrl(v).paging {
+            paging_off_step(m, &mut r, dom, v)?;
+            continue;
+        }
         match r.below(104) {
             0..=49 => {
                 let gva = if r.chance(4) {
@@ -318,6 +363,8 @@ pub fn random_run(m: &mut Machine<'_>, seed: u64, steps: u64) -> Res<()> {
                 let ctrl = Ctrl {
                     wp: !r.chance(30),
                     nxe: !r.chance(20),
+                    paging: !r.chance(25),
+                    mmio: r.chance(30),
                 };
                 m.set_mode(v, ctrl)?;
             }

@@ -7,6 +7,7 @@ use crate::arch::{
     self, Access, Ctrl, Size, A, D, NX, P, PF_I, PF_P, PF_RSVD, PF_U, PF_W, PS, RW, US,
 };
 use crate::machine::{Machine, Outcome, Res, DIRECT};
+use crate::modes::{modes_mixed, paging_off, paging_off_again, paging_on};
 use abi::{MmuError, MmuReply, MmuRequest, PROTOCOL_VERSION};
 use alloc::format;
 use alloc::string::String;
@@ -41,6 +42,9 @@ pub enum Want {
     /// The guest gets #PF with some error code (the address is outside its
     /// memory: the architecture gives no fault, the platform must).
     AnyFault,
+    /// The server answers `Mmio` for this guest-physical address (the
+    /// kernel emulates MMIO and the address is not RAM).
+    Mmio(u64),
 }
 
 /// Runs an access and demands `want`.
@@ -57,6 +61,7 @@ pub fn expect(
         (Want::Ok, Outcome::Ok(_)) | (Want::AnyFault, Outcome::Fault(_)) => true,
         (Want::Reads(x), Outcome::Ok(y)) => x == y,
         (Want::Fault(e), Outcome::Fault(f)) => e == f,
+        (Want::Mmio(a), Outcome::Mmio(b)) => a == b,
         _ => false,
     };
     if !good {
@@ -73,16 +78,16 @@ pub fn expect(
     })
 }
 
-fn wr(m: &mut Machine<'_>, v: usize, gva: u64, val: u64) -> Res<()> {
+pub(crate) fn wr(m: &mut Machine<'_>, v: usize, gva: u64, val: u64) -> Res<()> {
     expect(m, v, gva, Access::WRITE, val, Want::Ok).map(|_| ())
 }
-fn rd(m: &mut Machine<'_>, v: usize, gva: u64, val: u64) -> Res<()> {
+pub(crate) fn rd(m: &mut Machine<'_>, v: usize, gva: u64, val: u64) -> Res<()> {
     expect(m, v, gva, Access::READ, 0, Want::Reads(val)).map(|_| ())
 }
-fn flt(m: &mut Machine<'_>, v: usize, gva: u64, acc: Access, ec: u64) -> Res<()> {
+pub(crate) fn flt(m: &mut Machine<'_>, v: usize, gva: u64, acc: Access, ec: u64) -> Res<()> {
     expect(m, v, gva, acc, 0x5a5a, Want::Fault(ec)).map(|_| ())
 }
-fn any_flt(m: &mut Machine<'_>, v: usize, gva: u64, acc: Access) -> Res<()> {
+pub(crate) fn any_flt(m: &mut Machine<'_>, v: usize, gva: u64, acc: Access) -> Res<()> {
     expect(m, v, gva, acc, 0x5a5a, Want::AnyFault).map(|_| ())
 }
 
@@ -387,7 +392,7 @@ fn write_protect_off(m: &mut Machine<'_>) -> Res<()> {
         v,
         Ctrl {
             wp: false,
-            nxe: true,
+            ..Ctrl::DEFAULT
         },
     )?;
     wr(m, v, USER, 9)?;
@@ -416,8 +421,8 @@ fn no_execute(m: &mut Machine<'_>) -> Res<()> {
     m.set_mode(
         v,
         Ctrl {
-            wp: true,
             nxe: false,
+            ..Ctrl::DEFAULT
         },
     )?;
     flt(m, v, USER, Access::UREAD, PF_P | PF_RSVD | PF_U)?;
@@ -1511,6 +1516,22 @@ pub fn scenarios() -> &'static [Scenario] {
             "fetch, user and write rights combined on one page"
         ),
         s!(destroy_recreate, "destroying a domain and creating another"),
+        s!(
+            paging_off,
+            "paging off: identity over two RAM regions, Mmio in the hole and at the APIC"
+        ),
+        s!(
+            paging_on,
+            "paging off to long mode: no identity translation survives, Mmio through tables"
+        ),
+        s!(
+            paging_off_again,
+            "long mode, off and on again twice, moving between pCPUs"
+        ),
+        s!(
+            modes_mixed,
+            "one vCPU with paging off edits another's page tables"
+        ),
     ];
     ALL
 }

@@ -34,6 +34,10 @@ enum Bug {
     /// A/D bits since the previous harvest (a server that forgets one of its
     /// own A/D updates in guest page tables).
     LoseAdOnly,
+    /// When the guest turns paging on, keeps the identity root of paging off
+    /// (the mode change never reaches the reference; the reply names the
+    /// old root and flushes nothing).
+    KeepIdentity,
 }
 
 /// A memory region as (gfn, mfn, pages).
@@ -48,6 +52,8 @@ struct Broken<'a> {
     maps: Mutex<BTreeMap<u32, Vec<Region>>>,
     /// Per (domain, gfn): the frame's words at the previous harvest.
     copies: Mutex<BTreeMap<(u32, u64), Vec<u64>>>,
+    /// The vCPUs whose paging is off, as last told.
+    paging_off: Mutex<std::collections::BTreeSet<u32>>,
 }
 
 fn only_here(r: MmuReply, pcpu: PcpuId) -> MmuReply {
@@ -219,7 +225,21 @@ impl MmuServer for Broken<'_> {
         }
     }
     fn set_paging_mode(&self, vcpu: VcpuId, pcpu: PcpuId, mode: PagingMode) -> MmuReply {
-        self.note(self.inner.set_paging_mode(vcpu, pcpu, mode))
+        let was_off = if mode.paging() {
+            self.paging_off.lock().unwrap().remove(&vcpu.0)
+        } else {
+            self.paging_off.lock().unwrap().insert(vcpu.0);
+            false
+        };
+        let root = self.roots.lock().unwrap().get(&vcpu.0).copied();
+        match (self.bug, was_off, root) {
+            (Bug::KeepIdentity, true, Some(root)) => MmuReply::LoadShadowRoot {
+                vcpu,
+                root: Hpa(root),
+                flush: None,
+            },
+            _ => self.note(self.inner.set_paging_mode(vcpu, pcpu, mode)),
+        }
     }
     fn invlpg(&self, vcpu: VcpuId, pcpu: PcpuId, gva: Gva) -> MmuReply {
         let r = self.note(self.inner.invlpg(vcpu, pcpu, gva));
@@ -294,6 +314,7 @@ impl Factory for MakeBroken {
             roots: Mutex::new(BTreeMap::new()),
             maps: Mutex::new(BTreeMap::new()),
             copies: Mutex::new(BTreeMap::new()),
+            paging_off: Mutex::new(Default::default()),
         }))
     }
 }
@@ -321,6 +342,7 @@ fn failures(bug: Bug, names: &[&str], seeds: u64) -> Vec<String> {
 }
 
 const SOME: &[&str] = &[
+    "paging_on",
     "demand_paging",
     "read_only",
     "downgrade_invlpg",
@@ -408,6 +430,15 @@ fn a_frame_outside_the_guest_is_caught() {
 }
 
 #[test]
+fn an_identity_root_kept_after_paging_on_is_caught() {
+    caught(
+        Bug::KeepIdentity,
+        &["paging_on"],
+        "translation allowed by the guest tables (TLB",
+    );
+}
+
+#[test]
 fn a_flush_of_only_the_current_pcpu_is_caught() {
     // Random runs rarely catch this one against the reference: other vCPUs
     // coming to a pCPU flush it whole (`All` drops every ASID).
@@ -481,6 +512,8 @@ impl MmuServer for Emulating<'_> {
             let ctrl = Ctrl {
                 wp: mode.wp(),
                 nxe: mode.nxe(),
+                paging: mode.paging(),
+                mmio: mode.has(PagingMode::MMIO),
             };
             if let (Some(map), Some(&cr3), false) = (
                 st.maps.get(&d),

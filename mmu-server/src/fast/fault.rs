@@ -67,8 +67,17 @@ impl<P: L4Policy> Inner<P> {
     ) -> Result<u32, MmuError> {
         let v = &self.vcpus[&vcpu];
         let (did, cr3, mode, old) = (v.domain, v.cr3, v.mode, v.root);
-        let role = Role::new(4, false, true, true, false, mode);
-        let id = self.get_sp(mem, stats, did, cr3.table().frame().0, role)?;
+        // Paging off: one identity root per domain and mode (a direct page
+        // of the whole guest-physical space, keyed by frame 0).
+        let (gfn, role) = if mode.paging() {
+            (
+                cr3.table().frame().0,
+                Role::new(4, false, true, true, false, mode),
+            )
+        } else {
+            (0, Role::new(4, true, true, true, false, mode))
+        };
+        let id = self.get_sp(mem, stats, did, gfn, role)?;
         if old != Some(id) {
             if let Some(o) = old {
                 let sp = &mut self.sps[o as usize];
@@ -159,19 +168,45 @@ impl<P: L4Policy> Inner<P> {
                 flush: None,
             };
         }
+        if !mode.paging() && gva.0 >= PAGING_OFF_LIMIT {
+            return MmuReply::error(MmuError::FaultOutsideMode(gva));
+        }
         let maps = &self.domains[&did].foreign;
         let foreign = |g: Gfn| maps.at(g).is_some();
-        let w = match walk::walk(
-            mem,
-            &shared.memory,
-            &foreign,
-            self.maxphyaddr,
-            cr3,
-            mode,
-            gva,
-            ec,
-        ) {
+        let walked = if mode.paging() {
+            walk::walk(
+                mem,
+                &shared.memory,
+                &foreign,
+                self.maxphyaddr,
+                cr3,
+                mode,
+                gva,
+                ec,
+            )
+        } else {
+            walk::identity(&shared.memory, &foreign, gva)
+        };
+        let logging = shared.logging.load(Ordering::SeqCst);
+        let log_walk = |w: &walk::Walk| {
+            if logging {
+                for l in w.leaf_level..=4 {
+                    if w.changed & (1 << l) != 0 {
+                        shared.mark(w.tables[l as usize].0);
+                    }
+                }
+            }
+        };
+        let w = match walked {
             Ok(w) => w,
+            Err(WalkError::Mmio(gpa, w)) => {
+                log_walk(&w);
+                return MmuReply::Mmio {
+                    gpa,
+                    write: ec.is_write(),
+                    flush: None,
+                };
+            }
             Err(WalkError::Fault(code)) | Err(WalkError::OutsideMemory(code)) => {
                 return MmuReply::InjectPageFault {
                     error_code: code,
@@ -186,15 +221,16 @@ impl<P: L4Policy> Inner<P> {
             // The guest keeps rewriting its entries: let it retry.
             Err(WalkError::Contended) => return MmuReply::Resume { flush: None },
         };
-        let logging = shared.logging.load(Ordering::SeqCst);
-        if logging {
-            for l in w.leaf_level..=4 {
-                if w.changed & (1 << l) != 0 {
-                    shared.mark(w.tables[l as usize].0);
-                }
-            }
-        }
+        log_walk(&w);
         if let Some((_, false)) = self.domains[&did].foreign.at(w.gfn) {
+            if ec.is_write() && !mode.paging() {
+                // No #PF without paging: the write is dropped, as to ROM.
+                return MmuReply::Mmio {
+                    gpa: Gpa(w.gfn.base().0 | gva.page_offset()),
+                    write: true,
+                    flush: None,
+                };
+            }
             if ec.is_write() {
                 // A write the foreign mapping does not allow (a read-only
                 // grant): the guest gets a protection fault.

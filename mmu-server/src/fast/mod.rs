@@ -61,6 +61,20 @@
 //!   leaves replaced or zapped while dirty: `leaf_gone`) and then
 //!   clears the D bit of every leaf of the chunk found through the rmaps,
 //!   flushing the domain's dirty mask if any was set.
+//! - **Paging off** ([`PagingMode::OFF`], version 5): the vCPU's root is
+//!   a direct level-4 page keyed by frame 0 with OFF in its role (one per
+//!   domain, shared by its vCPUs with paging off), and every page below it
+//!   is direct too: the identity over the memory map (and foreign frames),
+//!   built by faults like any shadow ([`walk::identity`] stands in for the
+//!   guest walk), with every right and the leaf dirty, so prefetching,
+//!   dirty logging, write protection of frames other vCPUs use as page
+//!   tables (W1) and rmaps work unchanged. A frame that is neither RAM nor
+//!   foreign gets `Mmio` and is never mapped. Switching paging on or off is
+//!   a mode change like any other: the epoch bump and the flush of the
+//!   requesting pCPU, and `LoadShadowRoot` with the root of the new mode;
+//!   the old mode's pages stay cached until a zap (as roots of other CR3s
+//!   do). With `PagingMode::MMIO` in long mode, an allowed access to a frame
+//!   outside RAM ends the walk in `Mmio` instead of #PF | RSVD.
 //! - **Shadow-L4 policy** ([`policy`]): shared roots or per-pCPU copies,
 //!   chosen by the type parameter `P` in the registry.
 //! - **Flush obligations**: every request accumulates its flushes in one
@@ -214,8 +228,15 @@ pub const FLOOD_LIMIT: u8 = 3;
 pub const RECLAIM_BATCH: usize = 64;
 
 /// Paging-mode bits this server implements (the rest are refused).
-pub const SUPPORTED_MODE: u32 =
-    PagingMode::WP | PagingMode::NXE | PagingMode::PGE | PagingMode::PCIDE;
+pub const SUPPORTED_MODE: u32 = PagingMode::WP
+    | PagingMode::NXE
+    | PagingMode::PGE
+    | PagingMode::PCIDE
+    | PagingMode::OFF
+    | PagingMode::MMIO;
+
+/// With paging off, guest-virtual addresses are 32-bit.
+const PAGING_OFF_LIMIT: u64 = 1 << 32;
 
 /// Entries per table.
 const ENTRIES: u64 = 512;
@@ -278,8 +299,12 @@ impl Role {
     const U: u32 = 1 << 5;
     const NX: u32 = 1 << 6;
     fn new(level: u8, direct: bool, w: bool, u: bool, nx: bool, mode: PagingMode) -> Role {
-        let mode_bits =
-            mode.0 & (PagingMode::WP | PagingMode::NXE | PagingMode::SMEP | PagingMode::SMAP);
+        let mode_bits = mode.0
+            & (PagingMode::WP
+                | PagingMode::NXE
+                | PagingMode::SMEP
+                | PagingMode::SMAP
+                | PagingMode::OFF);
         Role(
             level as u32
                 | if direct { Self::DIRECT } else { 0 }

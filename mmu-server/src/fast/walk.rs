@@ -5,7 +5,7 @@
 use abi::mem::{MemError, PhysMem};
 use abi::mmu::MemoryMap;
 use abi::paging::{GuestCr3, PagingMode, PfErrorCode};
-use abi::{Gfn, Gva, Hpa, Mfn};
+use abi::{Gfn, Gpa, Gva, Hpa, Mfn};
 
 /// Guest entry: present.
 pub const G_P: u64 = 1 << 0;
@@ -67,11 +67,12 @@ pub fn reserved_bits(level: u8, pte: u64, mode: PagingMode, maxphyaddr: u8) -> u
 }
 
 /// The result of a successful walk.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Walk {
     /// The guest frame of the 4 KiB page holding the address.
     pub gfn: Gfn,
-    /// The level of the leaf (1, or 2 / 3 for large pages).
+    /// The level of the leaf (1, or 2 / 3 for large pages; 4 for the
+    /// identity of paging off, which has no guest entry at all).
     pub leaf_level: u8,
     /// The guest frame of each table walked, by level (index 4..=1; entries
     /// below the leaf are unused).
@@ -103,6 +104,11 @@ pub enum WalkError {
     /// Guest entries kept changing under the walker (it restarts the walk
     /// when setting A/D finds an entry changed).
     Contended,
+    /// The mode has MMIO emulation ([`PagingMode::mmio`]) and the access,
+    /// allowed by the guest, targets this guest-physical address outside
+    /// RAM and foreign frames. The walk (whose A/D updates the caller logs
+    /// like any walk's) is the one that got there.
+    Mmio(Gpa, Walk),
 }
 
 impl From<MemError> for WalkError {
@@ -135,6 +141,34 @@ pub fn walk(
         }
     }
     Err(WalkError::Contended)
+}
+
+/// With paging off ([`PagingMode::OFF`]): the identity translation of
+/// `gva`, as a walk that ends above level 3 (every shadow level below the
+/// root is direct) with every right and the leaf dirty, or
+/// [`WalkError::Mmio`] when the frame is neither RAM nor foreign. The caller
+/// refuses addresses at or above 4 GiB first.
+pub fn identity(
+    memory: &MemoryMap,
+    foreign: &dyn Fn(Gfn) -> bool,
+    gva: Gva,
+) -> Result<Walk, WalkError> {
+    let gfn = Gfn(gva.0 >> 12);
+    let walk = Walk {
+        gfn,
+        leaf_level: 4,
+        tables: [Gfn(0); 5],
+        w: true,
+        u: true,
+        nx: false,
+        dirty: true,
+        changed: 0,
+        acc: [(true, true, false); 5],
+    };
+    if gfn_to_mfn(memory, gfn).is_none() && !foreign(gfn) {
+        return Err(WalkError::Mmio(Gpa(gva.0), walk));
+    }
+    Ok(walk)
 }
 
 /// Walks before giving up with [`WalkError::Contended`].
@@ -219,7 +253,8 @@ fn walk_once(
     let base = (leaf_pte & G_ADDR & addr_mask(maxphyaddr)) >> 12;
     let base = base & !(page_frames - 1);
     let gfn = Gfn(base + ((gva.0 >> 12) & (page_frames - 1)));
-    if gfn_to_mfn(memory, gfn).is_none() && !foreign(gfn) {
+    let outside = gfn_to_mfn(memory, gfn).is_none() && !foreign(gfn);
+    if outside && !mode.mmio() {
         return Err(WalkError::OutsideMemory(
             access_ec.with(PfErrorCode::P | PfErrorCode::RSVD),
         ));
@@ -248,7 +283,7 @@ fn walk_once(
             dirty |= want & G_D != 0 || cur & G_D != 0;
         }
     }
-    Ok(Walk {
+    let walk = Walk {
         gfn,
         leaf_level,
         tables,
@@ -258,5 +293,9 @@ fn walk_once(
         dirty,
         changed,
         acc,
-    })
+    };
+    if outside {
+        return Err(WalkError::Mmio(Gpa(gfn.base().0 | gva.page_offset()), walk));
+    }
+    Ok(walk)
 }

@@ -81,7 +81,7 @@ fn main() -> ExitCode {
         let make = Registered(name);
         let (mut passed, mut failed) = (0u64, 0u64);
         let (mut peak, mut steps) = (0u64, 0u64);
-        let mut counts = [0u64; 5];
+        let mut counts = [0u64; 7];
         let mut dirty = [0u64; 3];
         let mut details = Vec::new();
         let start = Instant::now();
@@ -100,6 +100,8 @@ fn main() -> ExitCode {
                         counts[2] += s.emulated;
                         counts[3] += s.flushes;
                         counts[4] += s.accesses;
+                        counts[5] += s.mmio;
+                        counts[6] += s.paging_switches;
                         dirty[0] += s.harvests;
                         dirty[1] += s.dirty_changed;
                         dirty[2] += s.dirty_extra;
@@ -136,13 +138,15 @@ fn main() -> ExitCode {
         }
         eprintln!(
             "conformance: {name}: {steps} steps checked ({} guest accesses, {} page faults, {} injected, \
-             {} emulated writes, {} pCPU flushes), peak shadow pool {peak} frames; \
+             {} emulated writes, {} Mmio, {} paging on/off switches, {} pCPU flushes), peak shadow pool {peak} frames; \
              dirty log: {} harvests, {} changed frames all reported, {} reported unchanged; \
              scripted {:.2?}, random {} x {} steps {:.2?}",
             counts[4],
             counts[0],
             counts[1],
             counts[2],
+            counts[5],
+            counts[6],
             counts[3],
             dirty[0],
             dirty[1],

@@ -259,6 +259,12 @@ impl<'m> Machine<'m> {
         if ctrl.nxe {
             m |= PagingMode::NXE;
         }
+        if !ctrl.paging {
+            m |= PagingMode::OFF;
+        }
+        if ctrl.mmio {
+            m |= PagingMode::MMIO;
+        }
         PagingMode(m)
     }
 
@@ -307,6 +313,13 @@ impl<'m> Machine<'m> {
         if !self.vcpus[v].mode_sent {
             self.vcpus[v].mode_sent = true;
             let ctrl = self.vcpus[v].ctrl;
+            // The server's mode until told: 0 (long mode, no bit set).
+            self.vcpus[v].ctrl = Ctrl {
+                wp: false,
+                nxe: false,
+                paging: true,
+                mmio: false,
+            };
             self.set_mode(v, ctrl)?;
         }
         Ok(())
@@ -342,12 +355,14 @@ impl<'m> Machine<'m> {
             mode: Self::mode_bits(ctrl),
         })?;
         let d = self.vcpus[v].dom;
+        let switched = self.vcpus[v].ctrl.paging != ctrl.paging;
+        self.stats.paging_switches += u64::from(switched);
         self.vcpus[v].ctrl = ctrl;
-        self.vcpus[v].flush_seq = self.doms[d].hist.now();
-        self.vcpus[v].invl.clear();
-        self.epoch += 1;
+        self.new_window(v);
         match r {
             MmuReply::LoadShadowRoot { .. } => self.take_root(v, r, "SetPagingMode")?,
+            // Paging switched on or off: the abi demands the new root.
+            r if switched => self.take_root(v, r, "SetPagingMode (paging on/off)")?,
             r => self.expect_done(d, r, "SetPagingMode")?,
         }
         self.check()
@@ -363,13 +378,23 @@ impl<'m> Machine<'m> {
             pcpu: PcpuId(p as u32),
             cr3: GuestCr3(cr3),
         })?;
-        let d = self.vcpus[v].dom;
         self.vcpus[v].cr3 = cr3;
-        self.vcpus[v].flush_seq = self.doms[d].hist.now();
-        self.vcpus[v].invl.clear();
-        self.epoch += 1;
+        self.new_window(v);
         self.take_root(v, r, "WriteCr3")?;
         self.check()
+    }
+
+    /// vCPU `v` flushed all its translations (CR3 write, mode change): only
+    /// translations of the guest's state from now on may be used, and the
+    /// oracle's verdicts on its translations so far are void (the tables or
+    /// the mode they were judged under may be gone even if no guest write
+    /// happened since).
+    fn new_window(&mut self, v: usize) {
+        let d = self.vcpus[v].dom;
+        self.vcpus[v].flush_seq = self.doms[d].hist.now();
+        self.vcpus[v].invl.clear();
+        self.cache.retain(|k, _| k.0 != v);
+        self.epoch += 1;
     }
 
     /// The guest executes INVLPG `gva`.

@@ -126,19 +126,29 @@ impl<'m> Machine<'m> {
     }
 
     /// Writes a guest word: a setup write (`via` None) or a supervisor write
-    /// through vCPU `via`'s direct map, which must succeed.
+    /// through vCPU `via`'s direct map (with paging off, at `gpa` itself),
+    /// which must succeed.
     pub fn guest_write(&mut self, d: usize, via: Option<usize>, gpa: u64, value: u64) -> Res<()> {
         match via {
             None => self.setup_write(d, gpa, value),
-            Some(v) => match self.access(v, DIRECT + gpa, Access::WRITE, value)? {
-                Outcome::Ok(_) => Ok(()),
-                o => Err(self.fail(
-                    "guest page-table write through the direct map",
-                    Some(DIRECT + gpa),
-                    String::from("the write completes"),
-                    format!("{o:?}"),
-                )),
-            },
+            Some(v) => {
+                let va = if self.vcpus[v].ctrl.paging {
+                    // A hostile table pointer may name a gpa the direct map
+                    // cannot reach: the wrapped address then faults.
+                    DIRECT.wrapping_add(gpa)
+                } else {
+                    gpa
+                };
+                match self.access(v, va, Access::WRITE, value)? {
+                    Outcome::Ok(_) => Ok(()),
+                    o => Err(self.fail(
+                        "guest page-table write through the direct map",
+                        Some(va),
+                        String::from("the write completes"),
+                        format!("{o:?}"),
+                    )),
+                }
+            }
         }
     }
 

@@ -29,6 +29,10 @@ impl<'m> Machine<'m> {
         Ctrl {
             wp: true,
             nxe: self.vcpus[v].ctrl.nxe,
+            // The shadow is 4-level in every mode (paging off runs in
+            // compatibility mode on an identity shadow).
+            paging: true,
+            mmio: false,
         }
     }
 
@@ -170,13 +174,21 @@ impl<'m> Machine<'m> {
                     self.flush(d, flush);
                     return Ok(Outcome::Refused(reason));
                 }
+                MmuReply::Mmio { gpa, write, flush } => {
+                    self.flush(d, flush);
+                    self.op.push_str(" [mmio]");
+                    self.stats.mmio += 1;
+                    self.judge_mmio(v, gva, acc, gpa.0, write)?;
+                    self.check_guest_ad(v, gva, acc)?;
+                    return Ok(Outcome::Mmio(gpa.0));
+                }
                 other => {
                     self.flush(d, other.flush());
                     return Err(self.fail(
                         "PageFault reply",
                         Some(gva),
                         String::from(
-                            "Resume, InjectPageFault, EmulateWrite, LoadShadowRoot or Error",
+                            "Resume, InjectPageFault, EmulateWrite, LoadShadowRoot, Mmio or Error",
                         ),
                         format!("{other:?}"),
                     ));

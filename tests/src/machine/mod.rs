@@ -101,6 +101,9 @@ pub enum Outcome {
     Fault(u64),
     /// The server answered the fault with an error.
     Refused(MmuError),
+    /// The server answered `Mmio` for this guest-physical address (the
+    /// kernel would emulate the access; nothing is read or written).
+    Mmio(u64),
 }
 
 /// Counters of one run.
@@ -116,6 +119,10 @@ pub struct Stats {
     pub injected: u64,
     /// Emulated writes.
     pub emulated: u64,
+    /// Accesses answered `Mmio` (not RAM, emulated by the kernel).
+    pub mmio: u64,
+    /// `SetPagingMode` requests that switched paging on or off.
+    pub paging_switches: u64,
     /// Flush obligations carried out (per pCPU).
     pub flushes: u64,
     /// The most shadow-pool frames the server held at once.

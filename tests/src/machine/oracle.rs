@@ -252,18 +252,23 @@ impl<'m> Machine<'m> {
     ) -> Res<()> {
         let ctrl = self.vcpus[v].ctrl;
         let now = self.guest_walk_now(v, gva);
+        let dom = &self.doms[self.vcpus[v].dom];
+        // A leaf outside guest memory: any #PF, unless the kernel emulates
+        // MMIO (then only the permission fault the walk gives).
+        let outside_leaf = |w: &Walk| {
+            !ctrl.emulates_mmio()
+                && matches!(w, Walk::Ok(l) if dom.mfn(l.phys(gva) >> 12).is_none())
+        };
         let ok = addr == gva
             && if ec & PF_P == 0 {
                 fault_code(&now, acc, ctrl) == Some(ec)
                     || matches!(now, Walk::Outside { .. })
-                    || matches!(now, Walk::Ok(l) if self.doms[self.vcpus[v].dom].mfn(l.phys(gva) >> 12).is_none())
+                    || outside_leaf(&now)
             } else {
-                let d = self.vcpus[v].dom;
-                let dom = &self.doms[d];
                 self.search(v, gva, &mut |w| {
                     fault_code(w, acc, ctrl) == Some(ec)
                         || matches!(w, Walk::Outside { .. })
-                        || matches!(w, Walk::Ok(l) if dom.mfn(l.phys(gva) >> 12).is_none())
+                        || outside_leaf(w)
                 })
             };
         if ok {
@@ -278,6 +283,49 @@ impl<'m> Machine<'m> {
             Some(gva),
             expected,
             format!("#PF ec {ec:#x} at {addr:#x}"),
+        ))
+    }
+
+    /// Judges an `Mmio` reply for `acc` at `gva`: the kernel must have asked
+    /// for MMIO emulation (or paging is off), and the guest translation (now,
+    /// or in a state a TLB may still hold) must allow the access and name
+    /// `gpa`, which is not guest memory. `write` must be the access's.
+    pub(super) fn judge_mmio(
+        &self,
+        v: usize,
+        gva: u64,
+        acc: Access,
+        gpa: u64,
+        write: bool,
+    ) -> Res<()> {
+        let ctrl = self.vcpus[v].ctrl;
+        let dom = &self.doms[self.vcpus[v].dom];
+        let ok = ctrl.emulates_mmio()
+            && write == acc.write
+            && dom.mfn(gpa >> 12).is_none()
+            && self.search(v, gva, &mut |w| match w {
+                Walk::Ok(l) => l.rights.allows(acc, ctrl) && l.phys(gva) == gpa,
+                _ => false,
+            });
+        if ok {
+            return Ok(());
+        }
+        let now = self.guest_walk_now(v, gva);
+        let expected = match now {
+            _ if !ctrl.emulates_mmio() => {
+                String::from("no Mmio: the kernel did not ask for MMIO emulation")
+            }
+            Walk::Ok(l) if l.rights.allows(acc, ctrl) => match dom.mfn(l.phys(gva) >> 12) {
+                Some(_) => format!("gpa {:#x} is guest RAM: a mapping", l.phys(gva)),
+                None => format!("Mmio {{ gpa: {:#x}, write: {} }}", l.phys(gva), acc.write),
+            },
+            w => format!("#PF ec {:#x?} ({w:?})", fault_code(&w, acc, ctrl)),
+        };
+        Err(self.fail(
+            "Mmio names the gpa the guest translation gives, outside RAM",
+            Some(gva),
+            expected,
+            format!("Mmio {{ gpa: {gpa:#x}, write: {write} }}"),
         ))
     }
 
