@@ -61,6 +61,7 @@ pub mod door;
 pub mod exit;
 pub mod grant;
 pub mod host;
+pub mod lapic;
 pub mod run;
 pub mod sched;
 pub mod stats;

@@ -1,6 +1,6 @@
 //! One run: loading the domains, running every pCPU's vCPUs, the kernel's own clock (zaps, dirty harvests), the teardown.
 
-use super::domain::{self, Domain, DomainSpec};
+use super::domain::{self, BootMode, Domain, DomainSpec};
 use super::door::{Svm, Transport, SVM};
 use super::grant::GrantDoor;
 use super::sched::Scheduler;
@@ -294,8 +294,18 @@ fn load_all(
                 },
             )?;
             // CR3 first: a server may build a root as soon as paging is on,
-            // and a root for the initial CR3 of 0 would shadow gfn 0.
-            let cr3 = GuestCr3(abi::guest::L4_GPA);
+            // and a root for the initial CR3 of 0 would shadow gfn 0. An
+            // unmodified guest starts with paging off (CR3 only recorded)
+            // and its accesses outside RAM answered as MMIO.
+            let (cr3, mode) = match boot.mode {
+                BootMode::Long => (
+                    GuestCr3(abi::guest::L4_GPA),
+                    PagingMode(PagingMode::WP | PagingMode::NXE),
+                ),
+                BootMode::Multiboot { .. } => {
+                    (GuestCr3(0), PagingMode(PagingMode::OFF | PagingMode::MMIO))
+                }
+            };
             expect_done(
                 svm,
                 dom,
@@ -305,7 +315,6 @@ fn load_all(
                     cr3,
                 },
             )?;
-            let mode = PagingMode(PagingMode::WP | PagingMode::NXE);
             expect_done(
                 svm,
                 dom,
