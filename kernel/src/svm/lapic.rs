@@ -119,7 +119,9 @@ impl Lapic {
             reg::ICR_HIGH => self.icr_high = value & 0xFF00_0000,
             reg::TIMER_INITIAL => self.timer_initial = value,
             reg::TIMER_DIVIDE => self.timer_divide = value & 0xB,
-            // EOI, ID, version and read-only registers: nothing to keep.
+            // End of interrupt: none is ever in service.
+            reg::EOI => {}
+            // ID, version and read-only registers: nothing to keep.
             o => {
                 if let Some(i) = Self::lvt_index(o) {
                     self.lvt[i] = value;
