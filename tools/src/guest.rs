@@ -1,13 +1,15 @@
 //! `cargo xtask run --guest`: check an unmodified Multiboot v1 kernel and its modules against the domain it would run in.
 //!
-//! The loader's host side is complete: the kernel file is parsed
-//! (`mboot::parse`), checked against the domain's memory
-//! (`Kernel::check_fits`), and its modules and command line are placed
-//! (`mboot::plan`); any refusal names the file at fault and the reason. The
-//! kernel side (a one-vCPU domain entered in 32-bit protected mode with the
-//! info in EBX) does not exist yet, so a kernel that passes every check is
-//! still refused, plainly.
+//! On the host the kernel file is parsed (`mboot::parse`), checked against
+//! the domain's memory (`Kernel::check_fits`), and its modules and command
+//! line are placed (`mboot::plan`); any refusal names the file at fault and
+//! the reason. Then the boot image runs it (kernel word `mbguest`): QEMU
+//! passes the kernel and its modules as boot modules (`-initrd`), the
+//! kernel loads them into a one-vCPU domain entered in 32-bit protected
+//! mode with paging off and the info in EBX, and QEMU ends with the status
+//! the guest wrote to its exit port.
 
+use crate::image::{boot_with, build_kernel, describe, Ending, EXIT_FAILURE, EXIT_SUCCESS};
 use anyhow::{anyhow, bail, Result};
 use mboot::{LoadError, Module};
 use std::path::{Path, PathBuf};
@@ -75,22 +77,88 @@ pub fn check(args: &GuestArgs<'_>, mem_bytes: u64) -> Result<String> {
     ))
 }
 
-/// `cargo xtask run --guest`: every check, then the plain refusal to run.
-pub fn run(args: &GuestArgs<'_>) -> Result<()> {
+/// How to boot an unmodified guest.
+pub struct Boot<'a> {
+    /// MMU servers to run it on, in one boot (comma list of registered
+    /// names).
+    pub mmu: &'a str,
+    /// `task` or `direct`.
+    pub transport: &'a str,
+    /// CPUs of the machine (the guest gets one vCPU).
+    pub smp: u32,
+    /// Debug build of the image.
+    pub debug: bool,
+    /// Limit on the boot.
+    pub timeout: std::time::Duration,
+}
+
+/// The QEMU `-initrd` list: the kernel (its string the file name, then
+/// the guest's command line), then each module. QEMU splits the list at
+/// commas, so a comma in a path or in the command line is refused.
+pub fn initrd(args: &GuestArgs<'_>) -> Result<String> {
+    let mut parts = vec![if args.cmdline.is_empty() {
+        args.kernel.display().to_string()
+    } else {
+        format!("{} {}", args.kernel.display(), args.cmdline)
+    }];
+    parts.extend(args.modules.iter().map(|m| m.display().to_string()));
+    if let Some(bad) = parts.iter().find(|p| p.contains(',')) {
+        bail!("{bad:?}: QEMU's module list cannot carry a comma (in a path or the command line)");
+    }
+    Ok(parts.join(","))
+}
+
+/// The isa-debug-exit status QEMU exited with, from how the boot ended
+/// (`None`: no status, e.g. killed on timeout).
+fn qemu_status(ending: &Ending) -> Option<i32> {
+    match ending {
+        Ending::Success => Some(EXIT_SUCCESS),
+        Ending::Failure => Some(EXIT_FAILURE),
+        Ending::TripleFault => Some(0),
+        Ending::Other(code) => *code,
+        Ending::Timeout(_) => None,
+    }
+}
+
+/// `cargo xtask run --guest`: every check, then one boot that runs the
+/// guest on each MMU server of `boot.mmu` in turn (console lines as every
+/// run prints them) and ends QEMU with the status the guest wrote to its
+/// exit port: QEMU's exit status `(status << 1) | 1` is returned, for the
+/// process to exit with, so a runner script reads it unchanged. Every
+/// server must agree (the kernel ends with the first status that differs).
+pub fn run(args: &GuestArgs<'_>, boot: &Boot<'_>) -> Result<i32> {
     let summary = check(args, GUEST_MEM_BYTES)?;
     eprintln!("xtask: {}: {summary}", args.kernel.display());
-    bail!(
-        "{}: passes the loader's checks for a {} MiB domain, but running unmodified guests \
-         is not built yet (the kernel side of issue 11: entry in 32-bit protected mode, the \
-         PC platform)",
-        args.kernel.display(),
-        GUEST_MEM_BYTES >> 20
-    )
+    let initrd = initrd(args)?;
+    let image = build_kernel(boot.debug)?;
+    let append = format!("mbguest mmu={} transport={}", boot.mmu, boot.transport);
+    eprintln!(
+        "xtask: booting {} with -smp {}, command line \"{append}\", guest {}",
+        image.display(),
+        boot.smp,
+        args.kernel.display()
+    );
+    let qemu = ["-initrd".to_string(), initrd];
+    let out = boot_with(&image, boot.smp, &append, boot.timeout, true, &qemu)?;
+    match qemu_status(&out.ending) {
+        Some(code) if code & 1 == 1 && code != EXIT_FAILURE => {
+            eprintln!(
+                "xtask: the guest wrote {:#x} to its exit port; QEMU exited with {code}",
+                code >> 1
+            );
+            Ok(code)
+        }
+        _ => bail!(
+            "{}: the guest did not end through its exit port ({})",
+            args.kernel.display(),
+            describe(&out.ending)
+        ),
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{check, run, GuestArgs, GUEST_MEM_BYTES};
+    use super::{check, initrd, GuestArgs, GUEST_MEM_BYTES};
     use std::path::{Path, PathBuf};
 
     /// A flat a.out-kludge Multiboot kernel loaded at 1 MiB: the header, a
@@ -160,12 +228,22 @@ mod tests {
             "AoutKludge kernel, 1 segment(s) at 0x100000..0x101000, entry 0x100020, 1 module(s), \
              info at 0x9000"
         );
-        // No pretending: the run itself still fails, saying why.
-        let why = format!("{:#}", run(&args).expect_err("not built yet"));
-        assert!(
-            why.contains("running unmodified guests is not built yet"),
-            "{why}"
+        assert_eq!(
+            initrd(&args).expect("no comma"),
+            format!("{} x,{}", kernel.display(), environ.display())
         );
+    }
+
+    #[test]
+    fn a_comma_qemu_would_split_at_is_refused() {
+        let kernel = file("comma-cmdline", &aout_kernel(0x10_1000));
+        let args = GuestArgs {
+            kernel: &kernel,
+            modules: &[],
+            cmdline: "a,b",
+        };
+        let why = format!("{:#}", initrd(&args).expect_err("refused"));
+        assert!(why.contains("cannot carry a comma"), "{why}");
     }
 
     #[test]

@@ -60,10 +60,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub grant: Option<String>,
     /// An unmodified Multiboot v1 kernel (ELF32, ELF64 or a.out kludge) to
-    /// run as a one-vCPU domain of 128 MiB. Today only the loader's checks
-    /// run: the file, its modules and its command line are parsed and placed,
-    /// any problem is refused naming the file and the reason, and a kernel
-    /// that passes still exits non-zero (the kernel side is not built yet).
+    /// run as a one-vCPU domain of 128 MiB, on each MMU server of `--mmu`
+    /// in turn (one boot): entered in 32-bit protected mode with paging
+    /// off, EBX the Multiboot info; its serial output is shown. The command
+    /// exits with QEMU's status for the value the guest wrote to port 0xf4,
+    /// `(value << 1) | 1`, as a runner script expects. A file that is not a
+    /// Multiboot kernel, or too large for the domain, is refused naming the
+    /// file and the reason.
     #[arg(long, value_name = "FILE")]
     pub guest: Option<PathBuf>,
     /// A module for the `--guest` kernel (repeatable, in order; each gets its
@@ -314,7 +317,7 @@ pub fn boot_with(
     })
 }
 
-fn describe(ending: &Ending) -> String {
+pub fn describe(ending: &Ending) -> String {
     match ending {
         Ending::Success => "the image reported success".into(),
         Ending::Failure => format!("the image reported failure (exit status {EXIT_FAILURE})"),
@@ -330,11 +333,27 @@ fn describe(ending: &Ending) -> String {
 /// `cargo xtask run`.
 pub fn run(args: &RunArgs) -> Result<()> {
     if let Some(kernel) = &args.guest {
-        return crate::guest::run(&crate::guest::GuestArgs {
-            kernel,
-            modules: &args.modules,
-            cmdline: &args.guest_cmdline,
-        });
+        prereq::ensure_qemu()?;
+        prereq::ensure_kernel_target()?;
+        let mmu = match args.mmu.as_str() {
+            "all" => mmu_server::registry::NAMES.join(","),
+            other => other.to_string(),
+        };
+        let code = crate::guest::run(
+            &crate::guest::GuestArgs {
+                kernel,
+                modules: &args.modules,
+                cmdline: &args.guest_cmdline,
+            },
+            &crate::guest::Boot {
+                mmu: &mmu,
+                transport: &args.transport,
+                smp: args.smp,
+                debug: args.debug,
+                timeout: Duration::from_secs(args.timeout),
+            },
+        )?;
+        std::process::exit(code);
     }
     if !(1..=64).contains(&args.smp) {
         bail!(
