@@ -9,7 +9,9 @@
 //!
 //! - [`rt`]: the guest runtime (console, hypercalls, page faults, probes).
 //! - [`work`]: the workloads, [`work::WORKLOADS`].
+//! - [`platform`]: the workload that checks the PC the kernel emulates.
 #![no_std]
 
+pub mod platform;
 pub mod rt;
 pub mod work;

@@ -5,6 +5,7 @@
 //! guest's #PF gate, and per-vCPU info blocks and stacks.
 
 use super::host;
+use super::platform::Devices;
 use abi::guest::{self as gl, pte, DomainInfo, VcpuInfo};
 use abi::DomainId;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -22,6 +23,9 @@ pub struct VcpuBoot {
     /// GS base (the VcpuInfo gva).
     pub gs_base: u64,
 }
+
+/// [`Domain::exit_status`] before any write to the exit port.
+pub const NO_EXIT_STATUS: u64 = u64::MAX;
 
 /// What the kernel needs to load and run one guest (what a workload means
 /// and how its verdict is read is the image's business, not the kernel's).
@@ -80,6 +84,11 @@ pub struct Domain {
     pub exited_ok: AtomicU32,
     /// vCPUs that ended any other way.
     pub exited_bad: AtomicU32,
+    /// The last 32-bit value written to the exit port (isa-debug-exit), or
+    /// [`NO_EXIT_STATUS`]: what a run of an unmodified guest exits with.
+    pub exit_status: AtomicU64,
+    /// Its emulated devices (COM1, PIC masks, fw_cfg, the shutdown port).
+    pub devices: Mutex<Devices>,
     /// Dirty logging is on.
     pub dirty_on: AtomicBool,
     /// Bumped on every `AllReloadRoots` obligation: a vCPU whose root is
@@ -215,11 +224,20 @@ impl Domain {
         None
     }
 
-    /// Reads up to `buf.len()` bytes of guest-virtual memory (for
-    /// instruction fetch); returns how many could be read.
-    pub fn read_virt(&self, cr3: u64, gva: u64, buf: &mut [u8]) -> usize {
+    /// The gpa of guest-linear `gva`: through the guest's page tables at
+    /// `cr3` when its paging is on (`Some`), else the address itself.
+    pub fn translate_linear(&self, cr3: Option<u64>, gva: u64) -> Option<u64> {
+        match cr3 {
+            Some(cr3) => self.guest_translate(cr3, gva),
+            None => Some(gva),
+        }
+    }
+
+    /// Reads up to `buf.len()` bytes of guest-linear memory (see
+    /// [`Domain::translate_linear`]); returns how many could be read.
+    pub fn read_linear(&self, cr3: Option<u64>, gva: u64, buf: &mut [u8]) -> usize {
         for (i, b) in buf.iter_mut().enumerate() {
-            let Some(gpa) = self.guest_translate(cr3, gva.wrapping_add(i as u64)) else {
+            let Some(gpa) = self.translate_linear(cr3, gva.wrapping_add(i as u64)) else {
                 return i;
             };
             let Some(p) = self.gpa_ptr(gpa, 1) else {
@@ -377,6 +395,8 @@ pub fn load(
         detail: AtomicU64::new(0),
         exited_ok: AtomicU32::new(0),
         exited_bad: AtomicU32::new(0),
+        exit_status: AtomicU64::new(NO_EXIT_STATUS),
+        devices: Mutex::new(Devices::new(bytes)),
         dirty_on: AtomicBool::new(false),
         root_gen: AtomicU64::new(0),
         shootdown_ipis: AtomicU64::new(0),
