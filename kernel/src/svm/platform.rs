@@ -327,116 +327,27 @@ const fn hide(
 /// Every feature Umbra hides. 1 GiB pages (8000_0001.EDX26) stay visible:
 /// every MMU server walks PS at level 3 (and shadows such pages with 4 KiB
 /// or 2 MiB leaves).
+#[rustfmt::skip]
 pub const CPUID_HIDDEN: &[Hidden] = &[
     hide(1, None, CpuidReg::Edx, 1 << 1, "VME: CR4.VME is refused"),
-    hide(
-        1,
-        None,
-        CpuidReg::Ecx,
-        1 << 3,
-        "MONITOR/MWAIT: they raise #UD",
-    ),
-    hide(
-        1,
-        None,
-        CpuidReg::Ecx,
-        1 << 5,
-        "VMX: no nested virtualization",
-    ),
+    hide(1, None, CpuidReg::Ecx, 1 << 3, "MONITOR/MWAIT: they raise #UD"),
+    hide(1, None, CpuidReg::Ecx, 1 << 5, "VMX: no nested virtualization"),
     hide(1, None, CpuidReg::Ecx, 1 << 6, "SMX: CR4.SMXE is refused"),
-    hide(
-        1,
-        None,
-        CpuidReg::Ecx,
-        1 << 17,
-        "PCID: CR4.PCIDE is refused",
-    ),
-    hide(
-        1,
-        None,
-        CpuidReg::Ecx,
-        1 << 21,
-        "x2APIC: the local APIC is an xAPIC",
-    ),
-    hide(
-        1,
-        None,
-        CpuidReg::Ecx,
-        1 << 26,
-        "XSAVE: CR4.OSXSAVE is refused",
-    ),
-    hide(
-        1,
-        None,
-        CpuidReg::Ecx,
-        1 << 27,
-        "OSXSAVE: CR4.OSXSAVE is clear",
-    ),
-    hide(
-        1,
-        None,
-        CpuidReg::Ecx,
-        1 << 31,
-        "hypervisor: the host's paravirtual leaves are not Umbra's",
-    ),
-    hide(
-        7,
-        Some(0),
-        CpuidReg::Ebx,
-        1 << 0,
-        "FSGSBASE: CR4.FSGSBASE is refused",
-    ),
-    hide(
-        7,
-        Some(0),
-        CpuidReg::Ebx,
-        1 << 7,
-        "SMEP: CR4.SMEP is refused",
-    ),
-    hide(
-        7,
-        Some(0),
-        CpuidReg::Ebx,
-        1 << 10,
-        "INVPCID: PCIDs are not supported",
-    ),
-    hide(
-        7,
-        Some(0),
-        CpuidReg::Ebx,
-        1 << 20,
-        "SMAP: CR4.SMAP is refused",
-    ),
-    hide(
-        7,
-        Some(0),
-        CpuidReg::Ecx,
-        1 << 2,
-        "UMIP: CR4.UMIP is refused",
-    ),
+    hide(1, None, CpuidReg::Ecx, 1 << 17, "PCID: CR4.PCIDE is refused"),
+    hide(1, None, CpuidReg::Ecx, 1 << 21, "x2APIC: the local APIC is an xAPIC"),
+    hide(1, None, CpuidReg::Ecx, 1 << 26, "XSAVE: CR4.OSXSAVE is refused"),
+    hide(1, None, CpuidReg::Ecx, 1 << 27, "OSXSAVE: CR4.OSXSAVE is clear"),
+    hide(1, None, CpuidReg::Ecx, 1 << 31, "hypervisor: the host's paravirtual leaves are not Umbra's"),
+    hide(7, Some(0), CpuidReg::Ebx, 1 << 0, "FSGSBASE: CR4.FSGSBASE is refused"),
+    hide(7, Some(0), CpuidReg::Ebx, 1 << 7, "SMEP: CR4.SMEP is refused"),
+    hide(7, Some(0), CpuidReg::Ebx, 1 << 10, "INVPCID: PCIDs are not supported"),
+    hide(7, Some(0), CpuidReg::Ebx, 1 << 20, "SMAP: CR4.SMAP is refused"),
+    hide(7, Some(0), CpuidReg::Ecx, 1 << 2, "UMIP: CR4.UMIP is refused"),
     hide(7, Some(0), CpuidReg::Ecx, 1 << 3, "PKU: CR4.PKE is refused"),
     hide(7, Some(0), CpuidReg::Ecx, 1 << 4, "OSPKE: CR4.PKE is clear"),
-    hide(
-        7,
-        Some(0),
-        CpuidReg::Ecx,
-        1 << 16,
-        "LA57: 5-level paging is refused",
-    ),
-    hide(
-        0x8000_0001,
-        None,
-        CpuidReg::Ecx,
-        1 << 2,
-        "SVM: no nested virtualization",
-    ),
-    hide(
-        0x8000_0001,
-        None,
-        CpuidReg::Edx,
-        1 << 27,
-        "RDTSCP: it raises #UD (TSC_AUX is the host's)",
-    ),
+    hide(7, Some(0), CpuidReg::Ecx, 1 << 16, "LA57: 5-level paging is refused"),
+    hide(0x8000_0001, None, CpuidReg::Ecx, 1 << 2, "SVM: no nested virtualization"),
+    hide(0x8000_0001, None, CpuidReg::Edx, 1 << 27, "RDTSCP: it raises #UD (TSC_AUX is the host's)"),
 ];
 
 /// Leaves answered with zeros: XSAVE state (XSAVE is hidden), SVM features
@@ -866,19 +777,20 @@ pub fn self_test() -> Result<(), &'static str> {
     if d.write(COM1, 1, b'x' as u32) != PortEffect::Console(b'x') {
         return Err("a COM1 data write did not reach the console");
     }
-    d.write(FW_CFG_SELECTOR, 2, FW_CFG_SIGNATURE as u32);
-    if d.read(FW_CFG_DATA, 4) != u32::from_le_bytes(*b"QEMU") {
+    // fw_cfg items are read a byte at a time from the data port.
+    let item = |d: &mut Devices, selector: u16, len: u32| {
+        d.write(FW_CFG_SELECTOR, 2, u32::from(selector));
+        (0..len).fold(0u64, |a, i| {
+            a | u64::from(d.read(FW_CFG_DATA, 1)) << (8 * i)
+        })
+    };
+    if item(&mut d, FW_CFG_SIGNATURE, 4) != u64::from(u32::from_le_bytes(*b"QEMU")) {
         return Err("fw_cfg signature wrong");
     }
-    d.write(FW_CFG_SELECTOR, 2, FW_CFG_NB_CPUS as u32);
-    if d.read(FW_CFG_DATA, 1) != 1 || d.read(FW_CFG_DATA, 1) != 0 {
+    if item(&mut d, FW_CFG_NB_CPUS, 3) != 1 {
         return Err("fw_cfg CPU count wrong");
     }
-    d.write(FW_CFG_SELECTOR, 2, FW_CFG_RAM_SIZE as u32);
-    if (0..8).fold(0u64, |a, i| {
-        a | u64::from(d.read(FW_CFG_DATA, 1)) << (8 * i)
-    }) != 128 << 20
-    {
+    if item(&mut d, FW_CFG_RAM_SIZE, 8) != 128 << 20 {
         return Err("fw_cfg RAM size wrong");
     }
     let mut effect = PortEffect::None;
