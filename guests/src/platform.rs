@@ -8,7 +8,7 @@
 //! failing exit status.
 
 use crate::rt::{domain, fail, finish, puts, rdtsc, read_cr0, write_cr0};
-use abi::guest::{DIRECT_BASE, IDT_GPA};
+use abi::guest::{DIRECT_BASE, GDT_GPA, IDT_GPA};
 use core::arch::{asm, global_asm};
 
 global_asm!(
@@ -36,9 +36,46 @@ global_asm!(
     exit_port = const abi::guest::EXIT_PORT,
 );
 
+// Compatibility mode (32-bit code under long mode), as an unmodified guest
+// runs before it jumps to 64-bit code: far return to the 32-bit code
+// selector `COMPAT_CS`, read CR0 and CR4 and write CR4 with OSFXSR set
+// (three intercepted accesses the kernel decodes as 32-bit code), far jump
+// back to 0x08. No stack use in 32-bit code (the stack is above 4 GiB).
+// Returns the CR0 read there.
+global_asm!(
+    ".global umbra_platform_compat_probe",
+    "umbra_platform_compat_probe:",
+    "push rbx",
+    "lea rax, [rip + 2f]",
+    "push {cs32}",
+    "push rax",
+    "retfq",
+    ".code32",
+    "2:",
+    "mov eax, cr0",
+    "mov ebx, eax",
+    "mov eax, cr4",
+    "or eax, 0x200",
+    "mov cr4, eax",
+    "jmp fword ptr [3f]",
+    "3:",
+    ".long 4f",
+    ".word 0x08",
+    ".code64",
+    "4:",
+    "mov eax, ebx",
+    "pop rbx",
+    "ret",
+    cs32 = const COMPAT_CS,
+);
+
+/// The 32-bit code selector this workload adds to its GDT.
+const COMPAT_CS: u64 = 0x18;
+
 unsafe extern "C" {
     fn umbra_platform_gp_entry();
     fn umbra_platform_ud_entry();
+    fn umbra_platform_compat_probe() -> u32;
 }
 
 /// Points IDT gate `vector` at `handler` (interrupt gate, DPL 0, selector
@@ -476,6 +513,45 @@ fn check_ports() -> u64 {
     checks + 2
 }
 
+/// CR0/CR4 accesses from 32-bit code: the kernel decodes them in the
+/// guest's code size.
+fn check_compat_mode() -> u64 {
+    const OSFXSR: u64 = 1 << 9;
+    // The loader's GDT (null, code 0x08, data 0x10) gains a flat 32-bit
+    // code segment (present, DPL 0, execute/read, D, G) at COMPAT_CS.
+    let gdt = DIRECT_BASE + GDT_GPA;
+    // SAFETY: the GDT page is guest memory in the direct map; the new entry
+    // is written before LGDT makes it reachable.
+    unsafe { ((gdt + COMPAT_CS) as *mut u64).write_volatile(0x00CF_9A00_0000_FFFF) };
+    let limit = (COMPAT_CS + 7) as u16;
+    let gdtr = [
+        limit,
+        gdt as u16,
+        (gdt >> 16) as u16,
+        (gdt >> 32) as u16,
+        (gdt >> 48) as u16,
+    ];
+    // SAFETY: the new GDT keeps the loader's entries at the same selectors.
+    unsafe { asm!("lgdt [{}]", in(reg) gdtr.as_ptr(), options(readonly, nostack)) };
+    let cr4 = read_cr4();
+    // SAFETY: the probe only reads CR0/CR4 and sets CR4.OSFXSR (restored
+    // below), and comes back to 64-bit code at CS 0x08.
+    let cr0_seen = unsafe { umbra_platform_compat_probe() };
+    if u64::from(cr0_seen) != read_cr0() & 0xFFFF_FFFF {
+        fail(
+            "platform: CR0 read in 32-bit code wrong:",
+            u64::from(cr0_seen),
+        );
+    }
+    if read_cr4() != cr4 | OSFXSR {
+        fail("platform: CR4 written in 32-bit code wrong:", read_cr4());
+    }
+    if write_cr4(cr4) != 0 {
+        fail("platform: CR4 not restored after 32-bit code:", read_cr4());
+    }
+    2
+}
+
 fn check_exceptions() -> u64 {
     let mut uds = 0u64;
     // SAFETY: #UD is skipped by our handler (R11 = 2, the length of ud2).
@@ -503,6 +579,7 @@ pub fn platform(_: u64) -> ! {
         + check_cpuid()
         + check_msrs()
         + check_control_registers()
+        + check_compat_mode()
         + check_ports();
     puts("platform: CPUID, MSRs, CR0/CR4, ports, string I/O and exceptions checked\n");
     finish(true, checks)

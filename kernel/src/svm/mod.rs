@@ -38,7 +38,10 @@
 //! guest's own #PF handler, and a stack and info block per vCPU
 //! (`abi::guest`); the guest starts in 64-bit mode at its entry. The guest
 //! reaches the kernel only through exits: VMMCALL hypercalls, its console
-//! (port 0x3F8) and its exit port (0xF4).
+//! (port 0x3F8) and its exit port (0xF4). Unmodified guests see a small PC
+//! instead ([`platform`]): their own CR0/CR4/EFER, a filtered CPUID, a
+//! table of MSRs and ports; what is not there gets the fault or the value
+//! real hardware would give.
 //!
 //! # TLB and ASIDs
 //! One ASID per domain. A pCPU flushes (TLB_CONTROL = flush all, the only

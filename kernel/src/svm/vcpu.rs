@@ -88,6 +88,8 @@ impl Vcpu {
             off::INTERCEPT_CR,
             1 << 0 | 1 << 3 | 1 << 4 | 1 << 16 | 1 << 19 | 1 << 20,
         );
+        // Only #PF: every other exception the guest raises (#UD, #GP, #DE,
+        // #BP, #DB, INT1 included) is delivered to its own IDT.
         v.write32(off::INTERCEPT_EXCEPTIONS, 1 << 14);
         v.write32(
             off::INTERCEPT_MISC1,
@@ -115,7 +117,6 @@ impl Vcpu {
                 | misc2::CLGI
                 | misc2::SKINIT
                 | misc2::RDTSCP
-                | misc2::ICEBP
                 | misc2::WBINVD
                 | misc2::MONITOR
                 | misc2::MWAIT
