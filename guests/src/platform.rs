@@ -122,26 +122,20 @@ fn wrmsr(msr: u32, value: u64) -> u64 {
     gps
 }
 
-/// MOV to CR4 of `value`: the #GPs taken.
-fn write_cr4(value: u64) -> u64 {
+/// MOV to CR0 or CR4 (`cr`) of `value`: the #GPs taken.
+fn write_cr(cr: u8, value: u64) -> u64 {
     let mut gps = 0u64;
-    // SAFETY: intercepted; the values written keep PAE and the paging bits;
-    // a #GP is skipped (`mov cr4, rax` is 3 bytes).
+    // SAFETY: intercepted; the values written keep the paging bits or are
+    // refused; a #GP is skipped (`mov crN, rax` is 3 bytes).
     unsafe {
-        asm!("mov cr4, rax", in("rax") value, in("r11") 3u64, inout("r10") gps,
-             options(nostack))
-    };
-    gps
-}
-
-/// MOV to CR0 of `value`: the #GPs taken.
-fn probe_cr0(value: u64) -> u64 {
-    let mut gps = 0u64;
-    // SAFETY: intercepted; a #GP is skipped (`mov cr0, rax` is 3 bytes).
-    unsafe {
-        asm!("mov cr0, rax", in("rax") value, in("r11") 3u64, inout("r10") gps,
-             options(nostack))
-    };
+        if cr == 0 {
+            asm!("mov cr0, rax", in("rax") value, in("r11") 3u64, inout("r10") gps,
+                 options(nostack));
+        } else {
+            asm!("mov cr4, rax", in("rax") value, in("r11") 3u64, inout("r10") gps,
+                 options(nostack));
+        }
+    }
     gps
 }
 
@@ -384,7 +378,7 @@ fn check_control_registers() -> u64 {
         (17, "PCIDE"),
         (18, "OSXSAVE"),
     ] {
-        if write_cr4(cr4 | 1 << bit) != 1 || read_cr4() != cr4 {
+        if write_cr(4, cr4 | 1 << bit) != 1 || read_cr4() != cr4 {
             puts("platform: CR4.");
             puts(name);
             puts("\n");
@@ -394,16 +388,16 @@ fn check_control_registers() -> u64 {
             );
         }
     }
-    if write_cr4(0) != 1 {
+    if write_cr(4, 0) != 1 {
         fail(
             "platform: clearing CR4.PAE in long mode was accepted",
             read_cr4(),
         );
     }
-    if write_cr4(cr4 | OSFXSR) != 0 || read_cr4() != cr4 | OSFXSR {
+    if write_cr(4, cr4 | OSFXSR) != 0 || read_cr4() != cr4 | OSFXSR {
         fail("platform: CR4.OSFXSR does not read back:", read_cr4());
     }
-    if write_cr4(cr4) != 0 || read_cr4() != cr4 {
+    if write_cr(4, cr4) != 0 || read_cr4() != cr4 {
         fail("platform: CR4 not restored:", read_cr4());
     }
     let cr0 = read_cr0();
@@ -420,7 +414,7 @@ fn check_control_registers() -> u64 {
     if read_cr0() != cr0 {
         fail("platform: CLTS did not clear CR0.TS:", read_cr0());
     }
-    if probe_cr0(cr0 | 1 << 6) != 1 || probe_cr0(cr0 & !PG) != 1 || read_cr0() != cr0 {
+    if write_cr(0, cr0 | 1 << 6) != 1 || write_cr(0, cr0 & !PG) != 1 || read_cr0() != cr0 {
         fail(
             "platform: a reserved CR0 bit or CR0.PG clear in 64-bit code was accepted",
             cr0,
@@ -546,7 +540,7 @@ fn check_compat_mode() -> u64 {
     if read_cr4() != cr4 | OSFXSR {
         fail("platform: CR4 written in 32-bit code wrong:", read_cr4());
     }
-    if write_cr4(cr4) != 0 {
+    if write_cr(4, cr4) != 0 {
         fail("platform: CR4 not restored after 32-bit code:", read_cr4());
     }
     2

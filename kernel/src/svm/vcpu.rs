@@ -608,18 +608,8 @@ impl Vcpu {
             _ => (None, None),
         };
         if let Some(value) = value {
-            let req = MmuRequest::EmulatedWrite {
-                vcpu: self.id,
-                pcpu: self.pcpu(),
-                gpa: abi::Gpa(gpa),
-                value,
-                size,
-            };
-            let Ok(reply) = svm().mmu(Some(self.dom), &req) else {
-                return Step::Done;
-            };
-            if !matches!(reply, MmuReply::WriteDone { .. }) {
-                return self.fail_reply("EmulatedWrite", &reply);
+            if let Err(step) = self.emulated_write(gpa, value, size) {
+                return step;
             }
             bump(&STATS[host::cpu_index()].emulated);
             bump(&self.dom.emulated);
@@ -1151,6 +1141,13 @@ impl Vcpu {
             self.stop("string I/O store outside guest memory, gpa", gpa);
             return Err(None);
         }
+        self.emulated_write(gpa, value, size).map_err(|_| None)
+    }
+
+    /// Has the server write the low `size` bytes of `value` at `gpa`
+    /// (EmulatedWrite); Err is the step that ends the vCPU (the server
+    /// refused, or is gone).
+    fn emulated_write(&mut self, gpa: u64, value: u64, size: u8) -> Result<(), Step> {
         let req = MmuRequest::EmulatedWrite {
             vcpu: self.id,
             pcpu: self.pcpu(),
@@ -1159,11 +1156,10 @@ impl Vcpu {
             size,
         };
         let Ok(reply) = svm().mmu(Some(self.dom), &req) else {
-            return Err(None);
+            return Err(Step::Done);
         };
         if !matches!(reply, MmuReply::WriteDone { .. }) {
-            self.fail_reply("EmulatedWrite", &reply);
-            return Err(None);
+            return Err(self.fail_reply("EmulatedWrite", &reply));
         }
         Ok(())
     }
