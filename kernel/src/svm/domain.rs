@@ -5,7 +5,7 @@
 //! guest's #PF gate, and per-vCPU info blocks and stacks.
 
 use super::host;
-use super::platform::Devices;
+use super::platform::{Devices, GuestControl};
 use abi::guest::{self as gl, pte, DomainInfo, VcpuInfo};
 use abi::DomainId;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -22,6 +22,9 @@ pub struct VcpuBoot {
     pub rdi: u64,
     /// GS base (the VcpuInfo gva).
     pub gs_base: u64,
+    /// The CR0, CR4 and EFER the guest starts with (what it reads back;
+    /// the hardware values follow from them).
+    pub control: GuestControl,
 }
 
 /// [`Domain::exit_status`] before any write to the exit port.
@@ -367,6 +370,7 @@ pub fn load(
             rsp: gl::DIRECT_BASE + stack_lo + gl::STACK_BYTES - 8,
             rdi: info_gva,
             gs_base: info_gva,
+            control: GuestControl::LONG_MODE_BOOT,
         });
     }
     // SAFETY: gpa 0 is inside guest memory, zeroed, unshared yet.

@@ -170,6 +170,14 @@ impl GuestControl {
         efer: efer::LME | efer::LMA | efer::NXE,
     };
 
+    /// Where a Multiboot kernel starts: protected mode, paging off, long
+    /// mode off.
+    pub const MULTIBOOT_ENTRY: GuestControl = GuestControl {
+        cr0: cr0::PE | cr0::ET,
+        cr4: 0,
+        efer: 0,
+    };
+
     /// What the hardware runs with for this guest state.
     pub const fn hardware(&self) -> HardwareControl {
         HardwareControl {
@@ -270,7 +278,11 @@ impl GuestControl {
 
     /// Whether going from `self` to `next` changes how the guest's page
     /// tables are read (a new mode for the server and a TLB flush).
+    /// While paging is off before and after, nothing else matters.
     pub fn paging_changed(&self, next: &GuestControl) -> bool {
+        if (self.cr0 | next.cr0) & cr0::PG == 0 {
+            return false;
+        }
         const CR0_PAGING: u64 = cr0::PG | cr0::PE | cr0::WP;
         const CR4_PAGING: u64 = cr4::PAE | cr4::PSE | cr4::PGE;
         const EFER_PAGING: u64 = efer::LMA | efer::NXE;
@@ -704,15 +716,15 @@ pub fn self_test() -> Result<(), &'static str> {
     }
     // The entry of a Multiboot guest: protected mode, paging off; then
     // PAE, LME, PG as a guest enters long mode.
-    let flat = GuestControl {
-        cr0: cr0::PE | cr0::ET,
-        cr4: 0,
-        efer: 0,
-    };
+    let flat = GuestControl::MULTIBOOT_ENTRY;
     if flat.paging_mode() != Err(ModeError::PagingOff) {
         return Err("paging off was given a mode");
     }
     let lme = flat.write_efer(efer::LME).map_err(|_| "EFER.LME refused")?;
+    let pae = flat.write_cr4(cr4::PAE).map_err(|_| "CR4.PAE refused")?;
+    if flat.paging_changed(&lme) || flat.paging_changed(&pae) {
+        return Err("EFER.LME or CR4.PAE with paging off taken for a paging change");
+    }
     if lme.write_cr0(cr0::PE | cr0::PG, false).is_ok() {
         return Err("CR0.PG with LME but without PAE was accepted");
     }
@@ -720,8 +732,8 @@ pub fn self_test() -> Result<(), &'static str> {
         .write_cr4(cr4::PAE)
         .and_then(|c| c.write_cr0(cr0::PE | cr0::PG, false))
         .map_err(|_| "entering long mode refused")?;
-    if long.efer & efer::LMA == 0 || long.paging_mode().is_err() {
-        return Err("entering long mode did not set EFER.LMA");
+    if long.efer & efer::LMA == 0 || long.paging_mode().is_err() || !flat.paging_changed(&long) {
+        return Err("entering long mode did not set EFER.LMA or was no paging change");
     }
     if long.write_efer(0).is_ok() || long.write_efer(efer::LME | efer::SVME).is_ok() {
         return Err("EFER.LME cleared under paging, or EFER.SVME, was accepted");

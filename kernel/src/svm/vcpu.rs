@@ -70,7 +70,8 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    /// A vCPU in 64-bit mode at the loader's entry point.
+    /// A vCPU at the loader's entry point, with the guest's control
+    /// registers as the loader chose (64-bit code segments).
     pub fn new(
         id: VcpuId,
         index: u32,
@@ -126,8 +127,8 @@ impl Vcpu {
         v.write64(off::MSRPM_BASE_PA, msrpm_pa);
         v.write32(off::GUEST_ASID, dom.asid);
         v.write64(off::INT_CTL, vmcb::V_INTR_MASKING);
-        // 64-bit mode, paging on, write protect, NX.
-        let ctl = GuestControl::LONG_MODE_BOOT;
+        // The hardware always runs long mode with paging (see `platform`).
+        let ctl = boot.control;
         let hw = ctl.hardware();
         v.write64(off::CR0, hw.cr0);
         v.write64(off::CR4, hw.cr4);
