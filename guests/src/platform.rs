@@ -367,6 +367,7 @@ fn check_control_registers() -> u64 {
     const AM: u64 = 1 << 18;
     const TS: u64 = 1 << 3;
     const PG: u64 = 1 << 31;
+    const CD: u64 = 1 << 30;
     let cr4 = read_cr4();
     if cr4 != PAE {
         fail("platform: CR4 is not PAE at start:", cr4);
@@ -414,6 +415,24 @@ fn check_control_registers() -> u64 {
     if read_cr0() != cr0 {
         fail("platform: CLTS did not clear CR0.TS:", read_cr0());
     }
+    // SMSW reads the guest's CR0 (CD is the guest's alone, the hardware
+    // never has it); LMSW sets TS.
+    write_cr0(cr0 | CD);
+    let msw: u64;
+    // SAFETY: SMSW only reads CR0 (intercepted as a CR0 read).
+    unsafe { asm!("smsw {0:e}", out(reg) msw, options(nomem, nostack)) };
+    write_cr0(cr0);
+    if msw != (cr0 | CD) & 0xFFFF_FFFF {
+        fail("platform: SMSW did not read the guest's CR0:", msw);
+    }
+    // SAFETY: LMSW only loads CR0.PE/MP/EM/TS (intercepted as a CR0 write);
+    // TS is cleared again by CLTS below.
+    unsafe { asm!("lmsw {0:x}", in(reg) (cr0 | TS) as u16, options(nomem, nostack)) };
+    if read_cr0() != cr0 | TS {
+        fail("platform: LMSW did not set CR0.TS:", read_cr0());
+    }
+    // SAFETY: as above.
+    unsafe { asm!("clts", options(nomem, nostack)) };
     if write_cr(0, cr0 | 1 << 6) != 1 || write_cr(0, cr0 & !PG) != 1 || read_cr0() != cr0 {
         fail(
             "platform: a reserved CR0 bit or CR0.PG clear in 64-bit code was accepted",

@@ -41,13 +41,15 @@ impl RegFile {
         })
     }
 
-    /// Writes a 64-bit register (or a 32-bit one, zero-extending as the
-    /// architecture does). Narrower destinations are not needed by Umbra.
+    /// Writes a 64-bit register, a 32-bit one (zero-extending as the
+    /// architecture does) or a 16-bit one (the rest kept). Byte
+    /// destinations are not needed by Umbra.
     pub fn set(&mut self, reg: Register, value: u64) -> Result<(), DecodeError> {
         let i = full_index(reg).ok_or(DecodeError::Unsupported)?;
         match reg.size() {
             8 => self.r[i] = value,
             4 => self.r[i] = value & 0xFFFF_FFFF,
+            2 => self.r[i] = (self.r[i] & !0xFFFF) | (value & 0xFFFF),
             _ => return Err(DecodeError::Unsupported),
         }
         Ok(())
@@ -92,6 +94,11 @@ pub enum Op {
     },
     /// `clts`: clear CR0.TS.
     Clts,
+    /// `lmsw reg`: load CR0 bits 0..3 (PE cannot be cleared).
+    Lmsw {
+        /// The source's value (its low 4 bits count).
+        value: u64,
+    },
     /// `invlpg [mem]`: the guest-virtual address it names.
     Invlpg {
         /// The operand's effective address.
@@ -198,6 +205,30 @@ fn classify(instr: &Instruction, regs: &RegFile) -> Result<Op, DecodeError> {
             }
         }
         Code::Clts => Ok(Op::Clts),
+        // SMSW and LMSW are CR0 accesses too; their memory forms are not
+        // emulated.
+        Code::Smsw_rm16 | Code::Smsw_r32m16 | Code::Smsw_r64m16
+            if instr.op_kind(0) == OpKind::Register =>
+        {
+            Ok(Op::CrRead {
+                cr: 0,
+                dest: instr.op_register(0),
+            })
+        }
+        Code::Lmsw_rm16 | Code::Lmsw_r32m16 | Code::Lmsw_r64m16
+            if instr.op_kind(0) == OpKind::Register =>
+        {
+            let value = regs
+                .get(instr.op_register(0))
+                .ok_or(DecodeError::Unsupported)?;
+            Ok(Op::Lmsw { value })
+        }
+        Code::Smsw_rm16
+        | Code::Smsw_r32m16
+        | Code::Smsw_r64m16
+        | Code::Lmsw_rm16
+        | Code::Lmsw_r32m16
+        | Code::Lmsw_r64m16 => Err(DecodeError::Unsupported),
         Code::Invlpg_m => Ok(Op::Invlpg { gva: ea(0)? }),
         _ => {
             let rmw = match instr.mnemonic() {
@@ -657,6 +688,23 @@ pub fn self_test() -> Result<(), &'static str> {
         ),
         // clts
         (&[0x0F, 0x06], 64, Op::Clts),
+        // smsw eax (32-bit)
+        (
+            &[0x0F, 0x01, 0xE0],
+            32,
+            Op::CrRead {
+                cr: 0,
+                dest: Register::EAX,
+            },
+        ),
+        // lmsw si
+        (
+            &[0x0F, 0x01, 0xF6],
+            64,
+            Op::Lmsw {
+                value: rsi & 0xFFFF,
+            },
+        ),
     ];
     for (bytes, bits, op) in cr_cases {
         let d = decode(bytes, 0x10_0000, *bits, &regs)

@@ -695,10 +695,18 @@ impl Vcpu {
                     return step;
                 }
             }
-            Op::Clts => {
-                let next = GuestControl {
-                    cr0: self.ctl.cr0 & !cr0::TS,
-                    ..self.ctl
+            Op::Clts | Op::Lmsw { .. } => {
+                // CLTS clears TS; LMSW loads PE, MP, EM, TS but never
+                // clears PE.
+                let cr0 = match d.op {
+                    Op::Lmsw { value } => {
+                        (self.ctl.cr0 & !0xF) | (value & 0xF) | (self.ctl.cr0 & cr0::PE)
+                    }
+                    _ => self.ctl.cr0 & !cr0::TS,
+                };
+                let Ok(next) = self.ctl.write_cr0(cr0, self.code_bits() == 64) else {
+                    self.vmcb.inject_gp(0);
+                    return Step::Continue;
                 };
                 if let Err(step) = self.set_control(next) {
                     return step;
