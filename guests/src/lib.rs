@@ -11,8 +11,10 @@
 //! - [`work`]: the workloads, [`work::WORKLOADS`].
 //! - [`split`]: the split-driver workloads (frontend/backend pairs over
 //!   grant tables).
+//! - [`platform`]: the workload that checks the PC the kernel emulates.
 #![no_std]
 
+pub mod platform;
 pub mod rt;
 pub mod split;
 pub mod work;

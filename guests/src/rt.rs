@@ -233,7 +233,7 @@ pub fn read_cr3() -> u64 {
     v
 }
 
-/// Reads CR0 (not intercepted: the guest's own value).
+/// Reads CR0 (intercepted: the guest's own value, not the hardware's).
 pub fn read_cr0() -> u64 {
     let v: u64;
     // SAFETY: reading CR0 has no side effect.
@@ -241,9 +241,11 @@ pub fn read_cr0() -> u64 {
     v
 }
 
-/// Writes CR0 (intercepted: a change of CR0.WP reaches the shadow MMU).
+/// Writes CR0 (intercepted: the guest's value is kept; a change of CR0.WP
+/// reaches the shadow MMU).
 pub fn write_cr0(v: u64) {
-    // SAFETY: the guest only toggles CR0.WP; the write is intercepted.
+    // SAFETY: the guest changes only bits that keep its paging mode (CR0.WP,
+    // AM, TS); the write is intercepted.
     unsafe { asm!("mov cr0, {}", in(reg) v, options(nostack)) };
 }
 

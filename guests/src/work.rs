@@ -216,6 +216,19 @@ pub const WORKLOADS: &[Workload] = &[
         grant: false,
     },
     Workload {
+        name: "platform",
+        vcpus: 1,
+        mem_mib: 4,
+        first_pcpu: 5,
+        run: crate::platform::platform,
+        ends_in_shutdown: false,
+        kernel_zaps: false,
+        weights: &[],
+        needs_scheduler: false,
+        peer: None,
+        grant: false,
+    },
+    Workload {
         name: "fair-24",
         vcpus: 24,
         mem_mib: 8,
@@ -254,10 +267,10 @@ pub const WORKLOADS: &[Workload] = &[
 ];
 
 /// Indices of the split-driver workloads in [`WORKLOADS`] (checked below).
-const BLK_FRONT: usize = 14;
-const BLK_BACK: usize = 15;
-const NET_FRONT: usize = 16;
-const NET_BACK: usize = 17;
+const BLK_FRONT: usize = 15;
+const BLK_BACK: usize = 16;
+const NET_FRONT: usize = 17;
+const NET_BACK: usize = 18;
 
 /// A split-driver workload: two vCPUs from `first_pcpu` on, 8 MiB, run
 /// only in grant runs, partnered with `WORKLOADS[peer]`.

@@ -41,13 +41,15 @@ impl RegFile {
         })
     }
 
-    /// Writes a 64-bit register (or a 32-bit one, zero-extending as the
-    /// architecture does). Narrower destinations are not needed by Umbra.
+    /// Writes a 64-bit register, a 32-bit one (zero-extending as the
+    /// architecture does) or a 16-bit one (the rest kept). Byte
+    /// destinations are not needed by Umbra.
     pub fn set(&mut self, reg: Register, value: u64) -> Result<(), DecodeError> {
         let i = full_index(reg).ok_or(DecodeError::Unsupported)?;
         match reg.size() {
             8 => self.r[i] = value,
             4 => self.r[i] = value & 0xFFFF_FFFF,
+            2 => self.r[i] = (self.r[i] & !0xFFFF) | (value & 0xFFFF),
             _ => return Err(DecodeError::Unsupported),
         }
         Ok(())
@@ -83,6 +85,20 @@ pub enum Op {
         /// Destination register.
         dest: Register,
     },
+    /// `mov reg, cr0` or `mov reg, cr4`.
+    CrRead {
+        /// 0 or 4.
+        cr: u8,
+        /// Destination register.
+        dest: Register,
+    },
+    /// `clts`: clear CR0.TS.
+    Clts,
+    /// `lmsw reg`: load CR0 bits 0..3 (PE cannot be cleared).
+    Lmsw {
+        /// The source's value (its low 4 bits count).
+        value: u64,
+    },
     /// `invlpg [mem]`: the guest-virtual address it names.
     Invlpg {
         /// The operand's effective address.
@@ -113,6 +129,16 @@ pub enum Op {
         /// The source register, if it is one (XCHG/XADD write it back).
         reg: Option<Register>,
     },
+    /// A load from memory into a register by MOV (MMIO reads): source
+    /// guest-virtual address, size in bytes, destination.
+    Read {
+        /// Effective address.
+        gva: u64,
+        /// 1, 2, 4 or 8.
+        size: u8,
+        /// The register loaded.
+        dest: Register,
+    },
     /// Some other instruction (only its length is known).
     Other,
 }
@@ -137,10 +163,14 @@ pub enum DecodeError {
     Unsupported,
 }
 
-/// Decodes the instruction in `bytes` (up to 15 fetched at `rip`) in 64-bit
-/// mode and works out its effect on the operands the handler needs.
-pub fn decode(bytes: &[u8], rip: u64, regs: &RegFile) -> Result<Decoded, DecodeError> {
-    let mut decoder = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE);
+/// Decodes the instruction in `bytes` (up to 15 fetched at `rip`) as code of
+/// `bits` (16, 32 or 64: the guest's CS.L and CS.D) and works out its effect
+/// on the operands the handler needs.
+pub fn decode(bytes: &[u8], rip: u64, bits: u32, regs: &RegFile) -> Result<Decoded, DecodeError> {
+    if !matches!(bits, 16 | 32 | 64) {
+        return Err(DecodeError::Unsupported);
+    }
+    let mut decoder = Decoder::with_ip(bits, bytes, rip, DecoderOptions::NONE);
     let instr = decoder.decode();
     if instr.is_invalid() {
         return Err(DecodeError::Invalid);
@@ -159,28 +189,72 @@ fn classify(instr: &Instruction, regs: &RegFile) -> Result<Op, DecodeError> {
             .virtual_address(operand, 0, |reg, _, _| regs.get(reg))
             .ok_or(DecodeError::Unsupported)
     };
+    let cr_number = |reg: Register| match reg {
+        Register::CR0 => Some(0u8),
+        Register::CR3 => Some(3),
+        Register::CR4 => Some(4),
+        _ => None,
+    };
     match instr.code() {
-        Code::Mov_cr_r64 if instr.op_register(0) == Register::CR3 => {
+        Code::Mov_cr_r64 | Code::Mov_cr_r32 => {
             let value = regs
                 .get(instr.op_register(1))
                 .ok_or(DecodeError::Unsupported)?;
-            Ok(Op::Cr3Write { value })
+            match cr_number(instr.op_register(0)) {
+                Some(3) => Ok(Op::Cr3Write { value }),
+                Some(cr) => Ok(Op::CrWrite { cr, value }),
+                None => Err(DecodeError::Unsupported),
+            }
         }
-        Code::Mov_cr_r64 if matches!(instr.op_register(0), Register::CR0 | Register::CR4) => {
+        Code::Mov_r64_cr | Code::Mov_r32_cr => {
+            let dest = instr.op_register(0);
+            match cr_number(instr.op_register(1)) {
+                Some(3) => Ok(Op::Cr3Read { dest }),
+                Some(cr) => Ok(Op::CrRead { cr, dest }),
+                None => Err(DecodeError::Unsupported),
+            }
+        }
+        Code::Clts => Ok(Op::Clts),
+        // SMSW and LMSW are CR0 accesses too; their memory forms are not
+        // emulated.
+        Code::Smsw_rm16 | Code::Smsw_r32m16 | Code::Smsw_r64m16
+            if instr.op_kind(0) == OpKind::Register =>
+        {
+            Ok(Op::CrRead {
+                cr: 0,
+                dest: instr.op_register(0),
+            })
+        }
+        Code::Lmsw_rm16 | Code::Lmsw_r32m16 | Code::Lmsw_r64m16
+            if instr.op_kind(0) == OpKind::Register =>
+        {
             let value = regs
-                .get(instr.op_register(1))
+                .get(instr.op_register(0))
                 .ok_or(DecodeError::Unsupported)?;
-            let cr = if instr.op_register(0) == Register::CR0 {
-                0
-            } else {
-                4
-            };
-            Ok(Op::CrWrite { cr, value })
+            Ok(Op::Lmsw { value })
         }
-        Code::Mov_r64_cr if instr.op_register(1) == Register::CR3 => Ok(Op::Cr3Read {
-            dest: instr.op_register(0),
-        }),
+        Code::Smsw_rm16
+        | Code::Smsw_r32m16
+        | Code::Smsw_r64m16
+        | Code::Lmsw_rm16
+        | Code::Lmsw_r32m16
+        | Code::Lmsw_r64m16 => Err(DecodeError::Unsupported),
         Code::Invlpg_m => Ok(Op::Invlpg { gva: ea(0)? }),
+        _ if instr.mnemonic() == Mnemonic::Mov
+            && instr.op_count() == 2
+            && instr.op_kind(0) == OpKind::Register
+            && instr.op_kind(1) == OpKind::Memory =>
+        {
+            let size = instr.memory_size().size() as u8;
+            if !matches!(size, 1 | 2 | 4 | 8) {
+                return Err(DecodeError::Unsupported);
+            }
+            Ok(Op::Read {
+                gva: ea(1)?,
+                size,
+                dest: instr.op_register(0),
+            })
+        }
         _ => {
             let rmw = match instr.mnemonic() {
                 Mnemonic::Mov => None,
@@ -461,8 +535,9 @@ pub fn rmw_apply(
     }
 }
 
-/// In-image checks of the decoder on known encodings (the kernel crate has
-/// no host tests); returns the first mismatch.
+/// In-image checks of the decoder on known encodings, then of the platform
+/// tables ([`super::platform::self_test`]), since the kernel crate has no
+/// host tests; returns the first mismatch.
 pub fn self_test() -> Result<(), &'static str> {
     let mut regs = RegFile::default();
     for (i, r) in regs.r.iter_mut().enumerate() {
@@ -540,7 +615,8 @@ pub fn self_test() -> Result<(), &'static str> {
         (&[0xF4], 1, Op::Other),
     ];
     for (bytes, len, op) in cases {
-        let d = decode(bytes, 0x40_0000, &regs).map_err(|_| "a known encoding did not decode")?;
+        let d =
+            decode(bytes, 0x40_0000, 64, &regs).map_err(|_| "a known encoding did not decode")?;
         if d.len != *len {
             return Err("wrong instruction length");
         }
@@ -549,7 +625,7 @@ pub fn self_test() -> Result<(), &'static str> {
         }
     }
     // lock cmpxchg [rcx+0x30], rdx
-    let d = decode(&[0xF0, 0x48, 0x0F, 0xB1, 0x51, 0x30], 0, &regs)
+    let d = decode(&[0xF0, 0x48, 0x0F, 0xB1, 0x51, 0x30], 0, 64, &regs)
         .map_err(|_| "cmpxchg did not decode")?;
     let want = Op::ReadModifyWrite {
         gva: rcx + 0x30,
@@ -562,8 +638,8 @@ pub fn self_test() -> Result<(), &'static str> {
         return Err("wrong cmpxchg decode");
     }
     // lock inc qword [rax+0x40]
-    let d =
-        decode(&[0xF0, 0x48, 0xFF, 0x40, 0x40], 0, &regs).map_err(|_| "lock inc did not decode")?;
+    let d = decode(&[0xF0, 0x48, 0xFF, 0x40, 0x40], 0, 64, &regs)
+        .map_err(|_| "lock inc did not decode")?;
     if d.len != 5
         || d.op
             != (Op::ReadModifyWrite {
@@ -592,11 +668,78 @@ pub fn self_test() -> Result<(), &'static str> {
     if inc.store != Some(0) || inc.flags.map(|f| f & ZF) != Some(ZF) || inc.flags_mask & CF != 0 {
         return Err("inc emulated wrongly");
     }
-    if decode(&[0x0F, 0xFF], 0, &regs).is_ok() {
+    if decode(&[0x0F, 0xFF], 0, 64, &regs).is_ok() {
         return Err("an invalid encoding decoded");
     }
-    if decode(&[0x48, 0x89], 0, &regs).is_ok() {
+    if decode(&[0x48, 0x89], 0, 64, &regs).is_ok() {
         return Err("a truncated instruction decoded");
     }
-    Ok(())
+    // Control registers from 32-bit (compatibility mode) and 64-bit code.
+    let cr_cases: &[(&[u8], u32, Op)] = &[
+        // mov cr4, eax (32-bit)
+        (
+            &[0x0F, 0x22, 0xE0],
+            32,
+            Op::CrWrite {
+                cr: 4,
+                value: rax & 0xFFFF_FFFF,
+            },
+        ),
+        // mov eax, cr0 (32-bit)
+        (
+            &[0x0F, 0x20, 0xC0],
+            32,
+            Op::CrRead {
+                cr: 0,
+                dest: Register::EAX,
+            },
+        ),
+        // mov cr3, edi (32-bit)
+        (
+            &[0x0F, 0x22, 0xDF],
+            32,
+            Op::Cr3Write {
+                value: rdi & 0xFFFF_FFFF,
+            },
+        ),
+        // mov rbx, cr4
+        (
+            &[0x0F, 0x20, 0xE3],
+            64,
+            Op::CrRead {
+                cr: 4,
+                dest: Register::RBX,
+            },
+        ),
+        // clts
+        (&[0x0F, 0x06], 64, Op::Clts),
+        // smsw eax (32-bit)
+        (
+            &[0x0F, 0x01, 0xE0],
+            32,
+            Op::CrRead {
+                cr: 0,
+                dest: Register::EAX,
+            },
+        ),
+        // lmsw si
+        (
+            &[0x0F, 0x01, 0xF6],
+            64,
+            Op::Lmsw {
+                value: rsi & 0xFFFF,
+            },
+        ),
+    ];
+    for (bytes, bits, op) in cr_cases {
+        let d = decode(bytes, 0x10_0000, *bits, &regs)
+            .map_err(|_| "a control-register access did not decode")?;
+        if d.op != *op || d.len as usize != bytes.len() {
+            return Err("wrong control-register decode");
+        }
+    }
+    if decode(&[0x90], 0, 8, &regs).is_ok() {
+        return Err("a code size of 8 bits was accepted");
+    }
+    super::platform::self_test()
 }

@@ -5,6 +5,7 @@
 //! guest's #PF gate, and per-vCPU info blocks and stacks.
 
 use super::host;
+use super::platform::{Devices, GuestControl};
 use abi::guest::{self as gl, pte, DomainInfo, VcpuInfo};
 use abi::DomainId;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -51,7 +52,13 @@ pub struct VcpuBoot {
     pub rdi: u64,
     /// GS base (the VcpuInfo gva).
     pub gs_base: u64,
+    /// The CR0, CR4 and EFER the guest starts with (what it reads back;
+    /// the hardware values follow from them).
+    pub control: GuestControl,
 }
+
+/// [`Domain::exit_status`] before any write to the exit port.
+pub const NO_EXIT_STATUS: u64 = u64::MAX;
 
 /// What the kernel needs to load and run one guest (what a workload means
 /// and how its verdict is read is the image's business, not the kernel's).
@@ -113,6 +120,11 @@ pub struct Domain {
     pub exited_ok: AtomicU32,
     /// vCPUs that ended any other way.
     pub exited_bad: AtomicU32,
+    /// The last 32-bit value written to the exit port (isa-debug-exit), or
+    /// [`NO_EXIT_STATUS`]: what a run of an unmodified guest exits with.
+    pub exit_status: AtomicU64,
+    /// Its emulated devices (COM1, PIC masks, fw_cfg, the shutdown port).
+    pub devices: Mutex<Devices>,
     /// Dirty logging is on.
     pub dirty_on: AtomicBool,
     /// Bumped on every `AllReloadRoots` obligation: a vCPU whose root is
@@ -178,13 +190,10 @@ pub struct Domain {
     pub grant_cpus_flushed: AtomicU64,
     /// Bytes the kernel copied for its grant copies.
     pub grant_copied: AtomicU64,
-    /// The last value a vCPU wrote to the exit port (`NO_EXIT_STATUS`:
-    /// none), what an unmodified guest's runner reads as its result.
-    pub exit_status: AtomicU64,
+    /// Accesses outside RAM emulated as MMIO (the local APIC, or no
+    /// device).
+    pub mmio: AtomicU64,
 }
-
-/// [`Domain::exit_status`] before any write to the exit port.
-pub const NO_EXIT_STATUS: u64 = u64::MAX;
 
 impl Domain {
     /// A domain's kernel record, every counter zero, not yet run.
@@ -242,6 +251,8 @@ impl Domain {
             grant_cpus_flushed: AtomicU64::new(0),
             grant_copied: AtomicU64::new(0),
             exit_status: AtomicU64::new(NO_EXIT_STATUS),
+            devices: Mutex::new(Devices::new(mem_bytes)),
+            mmio: AtomicU64::new(0),
         }
     }
 
@@ -312,11 +323,20 @@ impl Domain {
         None
     }
 
-    /// Reads up to `buf.len()` bytes of guest-virtual memory (for
-    /// instruction fetch); returns how many could be read.
-    pub fn read_virt(&self, cr3: u64, gva: u64, buf: &mut [u8]) -> usize {
+    /// The gpa of guest-linear `gva`: through the guest's page tables at
+    /// `cr3` when its paging is on (`Some`), else the address itself.
+    pub fn translate_linear(&self, cr3: Option<u64>, gva: u64) -> Option<u64> {
+        match cr3 {
+            Some(cr3) => self.guest_translate(cr3, gva),
+            None => Some(gva),
+        }
+    }
+
+    /// Reads up to `buf.len()` bytes of guest-linear memory (see
+    /// [`Domain::translate_linear`]); returns how many could be read.
+    pub fn read_linear(&self, cr3: Option<u64>, gva: u64, buf: &mut [u8]) -> usize {
         for (i, b) in buf.iter_mut().enumerate() {
-            let Some(gpa) = self.guest_translate(cr3, gva.wrapping_add(i as u64)) else {
+            let Some(gpa) = self.translate_linear(cr3, gva.wrapping_add(i as u64)) else {
                 return i;
             };
             let Some(p) = self.gpa_ptr(gpa, 1) else {
@@ -460,6 +480,7 @@ pub fn load(
             rsp: gl::DIRECT_BASE + stack_lo + gl::STACK_BYTES - 8,
             rdi: info_gva,
             gs_base: info_gva,
+            control: GuestControl::LONG_MODE_BOOT,
         });
     }
     // SAFETY: gpa 0 is inside guest memory, zeroed, unshared yet.
@@ -492,6 +513,7 @@ fn load_multiboot(mb: &MultibootGuest, pa: u64, bytes: u64) -> Result<VcpuBoot, 
     kernel.load(mb.image, mem)?;
     let entry = mboot::build_info(mem, &kernel, mb.cmdline, mb.modules)?;
     Ok(VcpuBoot {
+        control: GuestControl::MULTIBOOT_ENTRY,
         mode: BootMode::Multiboot {
             eax: entry.eax,
             // The info lies in the low area (below 64 KiB).

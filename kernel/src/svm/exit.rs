@@ -9,6 +9,8 @@ pub enum ExitReason {
     Cr3Write,
     /// MOV to CR0 (0x10) or CR4 (0x14), with the register number.
     CrWrite(u8),
+    /// MOV from CR0 (0x00) or CR4 (0x04), with the register number.
+    CrRead(u8),
     /// Guest #PF (0x4E): EXITINFO1 = error code, EXITINFO2 = address.
     PageFault,
     /// Other intercepted exception (0x40..0x5F), with its vector.
@@ -29,6 +31,11 @@ pub enum ExitReason {
     Ioio,
     /// RDMSR/WRMSR (0x7C).
     Msr,
+    /// WBINVD (0x89) or INVD (0x76): nothing to do but skip it.
+    CacheFlush,
+    /// An instruction of a feature hidden from guests (the SVM
+    /// instructions, RDTSCP, MONITOR/MWAIT, XSETBV): the guest gets #UD.
+    NotOffered(u64),
     /// Shutdown, for example a triple fault (0x7F).
     Shutdown,
     /// VMRUN executed by the guest (0x80).
@@ -76,6 +83,7 @@ impl ExitReason {
             0x03 => ExitReason::Cr3Read,
             0x13 => ExitReason::Cr3Write,
             0x10 | 0x14 => ExitReason::CrWrite((code - 0x10) as u8),
+            0x00 | 0x04 => ExitReason::CrRead(code as u8),
             0x4E => ExitReason::PageFault,
             0x40..=0x5F => ExitReason::Exception((code - 0x40) as u8),
             0x60 => ExitReason::Intr,
@@ -86,6 +94,9 @@ impl ExitReason {
             0x7A => ExitReason::Invlpga,
             0x7B => ExitReason::Ioio,
             0x7C => ExitReason::Msr,
+            0x76 | 0x89 => ExitReason::CacheFlush,
+            // RDTSCP, MONITOR, MWAIT (both kinds), XSETBV, and VMLOAD..SKINIT.
+            0x82..=0x87 | 0x8A..=0x8D => ExitReason::NotOffered(code),
             0x7F => ExitReason::Shutdown,
             0x80 => ExitReason::Vmrun,
             0x81 => ExitReason::Vmmcall,
@@ -94,7 +105,8 @@ impl ExitReason {
         }
     }
 
-    /// The report bucket this exit is counted in.
+    /// The report bucket this exit is counted in (CR0/CR4 reads, CPUID and
+    /// the rest count as "other").
     pub fn bucket(self) -> usize {
         match self {
             ExitReason::PageFault => 0,

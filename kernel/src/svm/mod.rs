@@ -11,6 +11,8 @@
 //! - [`door`]: the one door to the MMU server, over the task or the direct
 //!   transport; it carries out every reply's flush obligation.
 //! - [`domain`], [`vcpu`]: loading guests and handling their exits.
+//! - [`platform`]: the PC guests see (their CR0/CR4/EFER, CPUID, MSRs,
+//!   ports), as tables and pure rules the exit handlers apply.
 //! - [`run`]: one run (load, run every pCPU, the kernel's clock, teardown).
 //! - [`sched`]: running vCPUs under a scheduler server (when the run has
 //!   one): its door, the per-pCPU loop, refused decisions, the record.
@@ -36,7 +38,10 @@
 //! guest's own #PF handler, and a stack and info block per vCPU
 //! (`abi::guest`); the guest starts in 64-bit mode at its entry. The guest
 //! reaches the kernel only through exits: VMMCALL hypercalls, its console
-//! (port 0x3F8) and its exit port (0xF4).
+//! (port 0x3F8) and its exit port (0xF4). Unmodified guests see a small PC
+//! instead ([`platform`]): their own CR0/CR4/EFER, a filtered CPUID, a
+//! table of MSRs and ports; what is not there gets the fault or the value
+//! real hardware would give.
 //!
 //! # TLB and ASIDs
 //! One ASID per domain. A pCPU flushes (TLB_CONTROL = flush all, the only
@@ -50,10 +55,11 @@
 //! each vCPU asks for its root again (VcpuScheduled) before it next runs.
 //!
 //! # Not done
-//! CR0/CR4 writes may change only CR0.WP and CR4.PGE (sent to the server as
-//! SetPagingMode); any other CR0/CR4 change, EFER writes (WRMSR: every MSR
-//! access is intercepted and stops the domain) and string I/O stop the
-//! domain. Emulated writes that cross a page are refused, not split.
+//! The MMU protocol has no paging-off or 32-bit paging mode yet: a guest
+//! that turns paging off or on without long mode is stopped (see
+//! `platform::GuestControl::paging_mode`). The guest walk used to fetch
+//! instructions and string I/O operands is 4-level only. Emulated writes
+//! that cross a page are refused, not split.
 
 pub mod decode;
 pub mod domain;
@@ -62,6 +68,7 @@ pub mod exit;
 pub mod grant;
 pub mod host;
 pub mod lapic;
+pub mod platform;
 pub mod run;
 pub mod sched;
 pub mod stats;

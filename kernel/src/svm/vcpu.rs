@@ -1,17 +1,23 @@
 //! A vCPU: its VMCB and registers, the run loop of one scheduling slice, and
 //! the handling of every exit (forwarding page-table events to the MMU
-//! server and carrying out its replies).
+//! server and carrying out its replies; emulating the PC of `platform`:
+//! the guest's own CR0/CR4/EFER, CPUID, MSRs, ports and string I/O).
 
 use super::decode::{self, Op, RegFile};
 use super::domain::{BootMode, Domain, VcpuBoot};
 use super::exit::ExitReason;
+use super::lapic::Lapic;
+use super::platform::{
+    self, cr0, efer, GuestControl, ModeError, MsrKind, PortEffect, APIC_BASE_BSP_RESET,
+    APIC_BASE_WRITABLE,
+};
 use super::stats::{self, bump, STATS};
 use super::vmcb::{self, misc1, misc2, off, Segment, Vmcb};
 use super::world::{self, GuestGprs};
 use super::{host, svm};
-use abi::guest::{hc, CONSOLE_PORT, EXIT_PORT};
+use abi::guest::hc;
 use abi::sched::StopReason;
-use abi::{GuestCr3, Gva, MmuReply, MmuRequest, PagingMode, PcpuId, PfErrorCode, VcpuId};
+use abi::{GuestCr3, Gva, MmuReply, MmuRequest, PcpuId, PfErrorCode, VcpuId};
 use core::sync::atomic::{AtomicBool, Ordering};
 
 /// What a pCPU remembers between slices.
@@ -49,6 +55,12 @@ pub struct Vcpu {
     vmcb: Vmcb,
     gprs: GuestGprs,
     guest_cr3: u64,
+    /// The CR0, CR4 and EFER the guest wrote (what it reads back).
+    ctl: GuestControl,
+    /// The guest's APIC_BASE MSR (stored and read back).
+    apic_base: u64,
+    /// Its local APIC's registers (MMIO at the APIC base).
+    lapic: Lapic,
     root_gen: Option<u64>,
     flush_next: bool,
     /// TSC at the last #PF exit, until the next VMRUN records its cost.
@@ -61,7 +73,8 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    /// A vCPU in 64-bit mode at the loader's entry point.
+    /// A vCPU at the loader's entry point, with the guest's control
+    /// registers as the loader chose (64-bit code segments).
     pub fn new(
         id: VcpuId,
         index: u32,
@@ -73,7 +86,14 @@ impl Vcpu {
         let pa = host::alloc_zeroed(1)?;
         // SAFETY: a fresh zeroed page, owned by this vCPU from now on.
         let mut v = unsafe { Vmcb::from_page(host::va(pa), pa) };
-        v.write32(off::INTERCEPT_CR, 1 << 3 | 1 << 16 | 1 << 19 | 1 << 20);
+        // Reads of CR0, CR3, CR4 and writes of CR0, CR3, CR4: the guest
+        // sees its own values, the hardware runs with the shadow's.
+        v.write32(
+            off::INTERCEPT_CR,
+            1 << 0 | 1 << 3 | 1 << 4 | 1 << 16 | 1 << 19 | 1 << 20,
+        );
+        // Only #PF: every other exception the guest raises (#UD, #GP, #DE,
+        // #BP, #DB, INT1 included) is delivered to its own IDT.
         v.write32(off::INTERCEPT_EXCEPTIONS, 1 << 14);
         v.write32(
             off::INTERCEPT_MISC1,
@@ -100,7 +120,7 @@ impl Vcpu {
                 | misc2::STGI
                 | misc2::CLGI
                 | misc2::SKINIT
-                | misc2::ICEBP
+                | misc2::RDTSCP
                 | misc2::WBINVD
                 | misc2::MONITOR
                 | misc2::MWAIT
@@ -110,10 +130,12 @@ impl Vcpu {
         v.write64(off::MSRPM_BASE_PA, msrpm_pa);
         v.write32(off::GUEST_ASID, dom.asid);
         v.write64(off::INT_CTL, vmcb::V_INTR_MASKING);
-        // 64-bit mode, paging on, write protect, NX.
-        v.write64(off::CR0, 0x8001_0033);
-        v.write64(off::CR4, 0x20);
-        v.write64(off::EFER, 0x1D00);
+        // The hardware always runs long mode with paging (see `platform`).
+        let ctl = boot.control;
+        let hw = ctl.hardware();
+        v.write64(off::CR0, hw.cr0);
+        v.write64(off::CR4, hw.cr4);
+        v.write64(off::EFER, hw.efer);
         v.write64(off::RFLAGS, 0x2);
         v.write64(off::DR6, 0xFFFF_0FF0);
         v.write64(off::DR7, 0x400);
@@ -179,6 +201,13 @@ impl Vcpu {
             vmcb: v,
             gprs,
             guest_cr3,
+            ctl,
+            lapic: Lapic::new(index),
+            apic_base: if index == 0 {
+                APIC_BASE_BSP_RESET
+            } else {
+                APIC_BASE_BSP_RESET & !(1 << 8)
+            },
             root_gen: None,
             flush_next: true,
             pf_exit_at: None,
@@ -413,15 +442,42 @@ impl Vcpu {
         [g.r12, g.r13, g.r14, g.r15] = [r.r[12], r.r[13], r.r[14], r.r[15]];
     }
 
-    /// Fetches and decodes the instruction at guest RIP.
+    /// The guest's code size in bits (16, 32 or 64).
+    fn code_bits(&self) -> u32 {
+        self.vmcb.code_bits(self.ctl.efer & efer::LMA != 0)
+    }
+
+    /// The guest CR3 to translate linear addresses with, None while the
+    /// guest's paging is off (linear = guest-physical).
+    fn linear_cr3(&self) -> Option<u64> {
+        (self.ctl.cr0 & cr0::PG != 0).then_some(self.guest_cr3)
+    }
+
+    /// The base of segment `seg` (0 ES, 1 CS, 2 SS, 3 DS, 4 FS, 5 GS) for
+    /// code of `bits`: 0 in 64-bit code except FS and GS.
+    fn segment_base(&self, seg: usize, bits: u32) -> u64 {
+        if bits == 64 && seg < 4 {
+            0
+        } else {
+            self.vmcb.segment_base(off::ES + 16 * seg)
+        }
+    }
+
+    /// Fetches and decodes the instruction at guest RIP, in the guest's
+    /// code size (CS.L, CS.D).
     fn decode_at_rip(&self) -> Result<decode::Decoded, &'static str> {
         let rip = self.vmcb.rip();
+        let bits = self.code_bits();
+        let linear = match bits {
+            64 => rip,
+            _ => self.segment_base(1, bits).wrapping_add(rip) & 0xFFFF_FFFF,
+        };
         let mut bytes = [0u8; 15];
-        let n = self.dom.read_virt(self.guest_cr3, rip, &mut bytes);
+        let n = self.dom.read_linear(self.linear_cr3(), linear, &mut bytes);
         if n == 0 {
             return Err("instruction at RIP is not mapped by the guest");
         }
-        decode::decode(&bytes[..n], rip, &self.regs()).map_err(|e| match e {
+        decode::decode(&bytes[..n], rip, bits, &self.regs()).map_err(|e| match e {
             decode::DecodeError::Invalid => "invalid instruction at RIP",
             decode::DecodeError::Unsupported => "instruction form not emulated",
         })
@@ -445,7 +501,21 @@ impl Vcpu {
             ExitReason::Cr3Write
             | ExitReason::Cr3Read
             | ExitReason::Invlpg
-            | ExitReason::CrWrite(_) => self.paging_instruction(),
+            | ExitReason::CrWrite(_)
+            | ExitReason::CrRead(_) => self.paging_instruction(),
+            ExitReason::Cpuid => self.cpuid(),
+            ExitReason::Msr => self.msr(info1 == 1),
+            ExitReason::CacheFlush => match self.decode_at_rip() {
+                Ok(d) => {
+                    self.advance(d.len);
+                    Step::Continue
+                }
+                Err(e) => self.stop(e, self.vmcb.rip()),
+            },
+            ExitReason::NotOffered(_) | ExitReason::Vmrun | ExitReason::Invlpga => {
+                self.vmcb.inject_ud();
+                Step::Continue
+            }
             ExitReason::Vmmcall => self.hypercall(),
             ExitReason::Hlt => {
                 self.advance(1);
@@ -504,8 +574,55 @@ impl Vcpu {
                 Step::Continue
             }
             MmuReply::EmulateWrite { gpa, .. } => self.emulate_write(gpa.0, gva),
+            MmuReply::Mmio { gpa, .. } => self.mmio(gpa.0),
             other => self.fail_reply("PageFault", &other),
         }
+    }
+
+    /// An access to guest-physical `gpa`, outside the guest's RAM (the MMU
+    /// server answered `Mmio`): the local APIC's register page, or no
+    /// device (reads all ones, writes ignored, as on a PC). The instruction
+    /// at RIP is decoded (a MOV load or store) and emulated.
+    fn mmio(&mut self, gpa: u64) -> Step {
+        let d = match self.decode_at_rip() {
+            Ok(d) => d,
+            Err(e) => return self.stop(e, self.vmcb.rip()),
+        };
+        let apic = (self.apic_base & 1 << 11 != 0).then_some(self.apic_base & !0xFFF);
+        let in_apic = |a: u64| apic.is_some_and(|base| a & !0xFFF == base);
+        bump(&self.dom.mmio);
+        match d.op {
+            Op::Write { value, size, .. } => {
+                if in_apic(gpa) && size == 4 {
+                    self.lapic.write(gpa & 0xFFF, value as u32);
+                }
+            }
+            Op::Read { size, dest, .. } => {
+                let value = match (in_apic(gpa), size) {
+                    (true, 4) => u64::from(self.lapic.read(gpa & 0xFFF)),
+                    _ => decode::size_mask(size),
+                };
+                let mut r = self.regs();
+                if r.set(dest, value).is_err() {
+                    return self.stop("MMIO read into an unsupported register", dest as u64);
+                }
+                self.set_regs(&r);
+            }
+            _ => {
+                crate::kprintln!(
+                    "[d{} v{}] MMIO access at gpa {gpa:#x} by {:?}",
+                    self.dom.id.0,
+                    self.index,
+                    d.mnemonic
+                );
+                return self.stop(
+                    "MMIO access by an instruction not emulated, rip",
+                    self.vmcb.rip(),
+                );
+            }
+        }
+        self.advance(d.len);
+        Step::Continue
     }
 
     fn emulate_write(&mut self, fault_gpa: u64, fault_gva: u64) -> Step {
@@ -560,18 +677,8 @@ impl Vcpu {
             _ => (None, None),
         };
         if let Some(value) = value {
-            let req = MmuRequest::EmulatedWrite {
-                vcpu: self.id,
-                pcpu: self.pcpu(),
-                gpa: abi::Gpa(gpa),
-                value,
-                size,
-            };
-            let Ok(reply) = svm().mmu(Some(self.dom), &req) else {
-                return Step::Done;
-            };
-            if !matches!(reply, MmuReply::WriteDone { .. }) {
-                return self.fail_reply("EmulatedWrite", &reply);
+            if let Err(step) = self.emulated_write(gpa, value, size) {
+                return step;
             }
             bump(&STATS[host::cpu_index()].emulated);
             bump(&self.dom.emulated);
@@ -642,9 +749,44 @@ impl Vcpu {
                 self.flush_next = true;
             }
             Op::CrWrite { cr, value } => {
-                if let Err(step) = self.write_cr0_cr4(cr, value) {
+                let next = if cr == 0 {
+                    self.ctl.write_cr0(value, self.code_bits() == 64)
+                } else {
+                    self.ctl.write_cr4(value)
+                };
+                let Ok(next) = next else {
+                    // The guest's #GP(0); RIP stays at the instruction.
+                    self.vmcb.inject_gp(0);
+                    return Step::Continue;
+                };
+                if let Err(step) = self.set_control(next) {
                     return step;
                 }
+            }
+            Op::Clts | Op::Lmsw { .. } => {
+                // CLTS clears TS; LMSW loads PE, MP, EM, TS but never
+                // clears PE.
+                let cr0 = match d.op {
+                    Op::Lmsw { value } => {
+                        (self.ctl.cr0 & !0xF) | (value & 0xF) | (self.ctl.cr0 & cr0::PE)
+                    }
+                    _ => self.ctl.cr0 & !cr0::TS,
+                };
+                let Ok(next) = self.ctl.write_cr0(cr0, self.code_bits() == 64) else {
+                    self.vmcb.inject_gp(0);
+                    return Step::Continue;
+                };
+                if let Err(step) = self.set_control(next) {
+                    return step;
+                }
+            }
+            Op::CrRead { cr, dest } => {
+                let value = if cr == 0 { self.ctl.cr0 } else { self.ctl.cr4 };
+                let mut r = self.regs();
+                if r.set(dest, value).is_err() {
+                    return self.stop("CR read into an unsupported register", dest as u64);
+                }
+                self.set_regs(&r);
             }
             _ => return self.stop("CR access not emulated, rip", self.vmcb.rip()),
         }
@@ -652,35 +794,38 @@ impl Vcpu {
         Step::Continue
     }
 
-    /// MOV to CR0 or CR4: only the bits that change the paging mode the
-    /// server implements may change (CR0.WP, CR4.PGE); the new mode goes to
-    /// the server (SetPagingMode) and the local TLB is flushed.
-    fn write_cr0_cr4(&mut self, cr: u8, value: u64) -> Result<(), Step> {
-        const CR0_WP: u64 = 1 << 16;
-        const CR4_PGE: u64 = 1 << 7;
-        let (offset, allowed) = if cr == 0 {
-            (off::CR0, CR0_WP)
-        } else {
-            (off::CR4, CR4_PGE)
+    /// Makes `next` the guest's control state: the hardware values into
+    /// the VMCB and, if the way the guest's page tables are read changed,
+    /// the new mode to the server (SetPagingMode) and a local TLB flush.
+    /// 32-bit paging, which the protocol cannot express, stops the domain.
+    fn set_control(&mut self, next: GuestControl) -> Result<(), Step> {
+        let changed = self.ctl.paging_changed(&next);
+        self.ctl = next;
+        let hw = next.hardware();
+        self.vmcb.write64(off::CR0, hw.cr0);
+        self.vmcb.write64(off::CR4, hw.cr4);
+        self.vmcb.write64(off::EFER, hw.efer);
+        if !changed {
+            return Ok(());
+        }
+        let mode = match next.paging_mode() {
+            // An unmodified guest's accesses outside its RAM are MMIO (its
+            // local APIC); Umbra's own guests keep getting a #PF for them.
+            Ok(mode) if self.dom.spec.multiboot.is_some() => {
+                abi::PagingMode(mode.0 | abi::PagingMode::MMIO)
+            }
+            Ok(mode) => mode,
+            Err(ModeError::Paging32) => {
+                return Err(self.stop(
+                    "32-bit paging, which the MMU protocol has no mode for yet; CR0",
+                    next.cr0,
+                ))
+            }
         };
-        let old = self.vmcb.read64(offset);
-        if (old ^ value) & !allowed != 0 {
-            return Err(self.stop("CR0/CR4 write changes bits not emulated, new value", value));
-        }
-        self.vmcb.write64(offset, value);
-        let cr0 = self.vmcb.read64(off::CR0);
-        let cr4 = self.vmcb.read64(off::CR4);
-        let mut mode = PagingMode::NXE;
-        if cr0 & CR0_WP != 0 {
-            mode |= PagingMode::WP;
-        }
-        if cr4 & CR4_PGE != 0 {
-            mode |= PagingMode::PGE;
-        }
         let req = MmuRequest::SetPagingMode {
             vcpu: self.id,
             pcpu: self.pcpu(),
-            mode: PagingMode(mode),
+            mode,
         };
         let Ok(reply) = svm().mmu(Some(self.dom), &req) else {
             return Err(Step::Done);
@@ -693,6 +838,89 @@ impl Vcpu {
         bump(&self.dom.mode_changes);
         self.flush_next = true;
         Ok(())
+    }
+
+    /// CPUID: the host's answer through the platform filter.
+    fn cpuid(&mut self) -> Step {
+        let (leaf, subleaf) = (self.vmcb.rax() as u32, self.gprs.rcx as u32);
+        let host = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+        let [a, b, c, d] = platform::filter_cpuid(
+            leaf,
+            subleaf,
+            [host.eax, host.ebx, host.ecx, host.edx],
+            self.index,
+        );
+        self.vmcb.set_rax(u64::from(a));
+        self.gprs.rbx = u64::from(b);
+        self.gprs.rcx = u64::from(c);
+        self.gprs.rdx = u64::from(d);
+        self.advance(2);
+        Step::Continue
+    }
+
+    /// RDMSR or WRMSR (`write`) of the MSR in ECX, through the platform's
+    /// table; any MSR outside it, or a value it refuses, gets #GP(0).
+    fn msr(&mut self, write: bool) -> Step {
+        let ecx = self.gprs.rcx as u32;
+        if write {
+            let value = self.gprs.rdx << 32 | (self.vmcb.rax() & 0xFFFF_FFFF);
+            match self.wrmsr(ecx, value) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.vmcb.inject_gp(0);
+                    return Step::Continue;
+                }
+                Err(step) => return step,
+            }
+        } else {
+            let Some(value) = self.rdmsr(ecx) else {
+                self.vmcb.inject_gp(0);
+                return Step::Continue;
+            };
+            self.vmcb.set_rax(value & 0xFFFF_FFFF);
+            self.gprs.rdx = value >> 32;
+        }
+        self.advance(2);
+        Step::Continue
+    }
+
+    /// The guest's value of MSR `ecx`, or None (#GP).
+    fn rdmsr(&self, ecx: u32) -> Option<u64> {
+        Some(match platform::msr_kind(ecx) {
+            MsrKind::Efer => self.ctl.efer,
+            MsrKind::ApicBase => self.apic_base,
+            MsrKind::Tsc => crate::apic::tsc().wrapping_add(self.vmcb.read64(off::TSC_OFFSET)),
+            MsrKind::Pat => self.vmcb.read64(off::G_PAT),
+            MsrKind::Vmcb { offset, .. } => self.vmcb.read64(offset),
+            MsrKind::Ignored => 0,
+            MsrKind::Unknown => return None,
+        })
+    }
+
+    /// Writes MSR `ecx`: Ok(true) done, Ok(false) refused (#GP), or the
+    /// step that ends the vCPU (an EFER write the server refused).
+    fn wrmsr(&mut self, ecx: u32, value: u64) -> Result<bool, Step> {
+        match platform::msr_kind(ecx) {
+            MsrKind::Efer => match self.ctl.write_efer(value) {
+                Ok(next) => self.set_control(next)?,
+                Err(_) => return Ok(false),
+            },
+            MsrKind::ApicBase if value & !APIC_BASE_WRITABLE == 0 => self.apic_base = value,
+            MsrKind::Tsc => {
+                // The guest's TSC becomes `value` now: an offset from the host's.
+                let offset = value.wrapping_sub(crate::apic::tsc());
+                self.vmcb.write64(off::TSC_OFFSET, offset);
+            }
+            MsrKind::Pat if platform::valid_pat(value) => self.vmcb.write64(off::G_PAT, value),
+            MsrKind::Vmcb { offset, canonical } if !canonical || platform::canonical(value) => {
+                self.vmcb.write64(offset, value)
+            }
+            MsrKind::Ignored => {}
+            MsrKind::ApicBase | MsrKind::Pat | MsrKind::Vmcb { .. } | MsrKind::Unknown => {
+                return Ok(false)
+            }
+        }
+        Ok(true)
     }
 
     fn hypercall(&mut self) -> Step {
@@ -814,50 +1042,201 @@ impl Vcpu {
         Some(missing)
     }
 
+    /// IN/OUT (EXITINFO1: port, direction, size, string/REP, address
+    /// size; EXITINFO2: the next RIP) to the platform's devices.
     fn ioio(&mut self, info1: u64, next_rip: u64) -> Step {
         let port = (info1 >> 16) as u16;
         let is_in = info1 & 1 != 0;
-        let string = info1 & 4 != 0;
-        let size = match (info1 >> 4) & 7 {
+        let size: u8 = match (info1 >> 4) & 7 {
             1 => 1,
             2 => 2,
             _ => 4,
         };
-        if string {
-            return self.stop("string I/O not emulated, port", port as u64);
+        if info1 & 4 != 0 {
+            return self.string_io(info1, port, is_in, size, next_rip);
         }
         let rax = self.vmcb.rax();
         if is_in {
-            let ones = if size == 4 {
-                0xFFFF_FFFF
-            } else {
-                (1u64 << (size * 8)) - 1
-            };
-            self.vmcb.set_rax((rax & !ones) | ones);
-        } else if port == CONSOLE_PORT {
-            let b = rax as u8;
-            if b != b'\n' && self.line_len < self.line.len() {
-                self.line[self.line_len] = b;
-                self.line_len += 1;
+            let v = u64::from(self.dom.devices.lock().read(port, size));
+            // A 32-bit IN zero-extends into RAX; narrower ones merge.
+            let mask = decode::size_mask(size);
+            let merged = if size == 4 { v } else { (rax & !mask) | v };
+            self.vmcb.set_rax(merged);
+        } else {
+            let effect = self.dom.devices.lock().write(port, size, rax as u32);
+            if let Some(step) = self.port_effect(effect) {
+                return step;
             }
-            if b == b'\n' || self.line_len == self.line.len() {
-                let text =
-                    core::str::from_utf8(&self.line[..self.line_len]).unwrap_or("<non-utf8>");
-                crate::kprintln!("[d{} v{}] {text}", self.dom.id.0, self.index);
-                self.line_len = 0;
-            }
-        } else if port == EXIT_PORT {
-            self.dom
-                .exit_status
-                .store(u64::from(rax as u32), Ordering::Release);
-            if rax as u32 == 0 {
-                self.dom.exited_ok.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.dom.exited_bad.fetch_add(1, Ordering::Relaxed);
-            }
-            return Step::Done;
         }
         self.vmcb.set_rip(next_rip);
         Step::Continue
+    }
+
+    /// Carries out what a port write asks of the vCPU; Some ends it.
+    fn port_effect(&mut self, effect: PortEffect) -> Option<Step> {
+        match effect {
+            PortEffect::None => None,
+            PortEffect::Console(b) => {
+                self.console_byte(b);
+                None
+            }
+            PortEffect::Exit(status) => {
+                self.dom
+                    .exit_status
+                    .store(u64::from(status), Ordering::Release);
+                if status == 0 {
+                    self.dom.exited_ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.dom.exited_bad.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(Step::Done)
+            }
+            PortEffect::PowerOff => Some(self.stop(
+                "the guest powered off through the shutdown port",
+                u64::from(platform::SHUTDOWN_PORT),
+            )),
+        }
+    }
+
+    /// One byte of the console line: printed, prefixed, at a newline or
+    /// when the line is full.
+    fn console_byte(&mut self, b: u8) {
+        if b != b'\n' && self.line_len < self.line.len() {
+            self.line[self.line_len] = b;
+            self.line_len += 1;
+        }
+        if b == b'\n' || self.line_len == self.line.len() {
+            let text = core::str::from_utf8(&self.line[..self.line_len]).unwrap_or("<non-utf8>");
+            crate::kprintln!("[d{} v{}] {text}", self.dom.id.0, self.index);
+            self.line_len = 0;
+        }
+    }
+
+    /// INS/OUTS, with or without REP: each element moves between the port
+    /// and guest memory at ES:rDI (INS) or seg:rSI (OUTS, the segment from
+    /// EXITINFO1, DS when it names ES), read through the guest's own
+    /// translation; INS stores go to the MMU server as emulated writes so
+    /// its shadows and dirty log stay right. At most `STRING_IO_BATCH`
+    /// elements per exit: a longer REP resumes at the same instruction with
+    /// rCX and rSI/rDI updated, as the hardware allows. An element the
+    /// guest has not mapped gets the guest #PF (not present).
+    fn string_io(&mut self, info1: u64, port: u16, is_in: bool, size: u8, next_rip: u64) -> Step {
+        const STRING_IO_BATCH: u64 = 4096;
+        const DF: u64 = 1 << 10;
+        let rep = info1 & 8 != 0;
+        let amask: u64 = match (info1 >> 7) & 7 {
+            1 => 0xFFFF,
+            2 => 0xFFFF_FFFF,
+            _ => u64::MAX,
+        };
+        let bits = self.code_bits();
+        let seg = match (is_in, ((info1 >> 10) & 7) as usize) {
+            (true, _) => 0,
+            (false, 0) => 3,
+            (false, s) => s.min(5),
+        };
+        let base = self.segment_base(seg, bits);
+        let lmask = if bits == 64 { u64::MAX } else { 0xFFFF_FFFF };
+        let delta = if self.vmcb.read64(off::RFLAGS) & DF != 0 {
+            (size as u64).wrapping_neg()
+        } else {
+            size as u64
+        };
+        let mut remaining = if rep { self.gprs.rcx & amask } else { 1 };
+        let mut batch = 0;
+        while remaining > 0 && batch < STRING_IO_BATCH {
+            let index = if is_in { self.gprs.rdi } else { self.gprs.rsi };
+            let gva = base.wrapping_add(index & amask) & lmask;
+            let moved = if is_in {
+                let v = self.dom.devices.lock().read(port, size);
+                self.store_linear(gva, u64::from(v), size)
+            } else {
+                let mut buf = [0u8; 4];
+                let n = self
+                    .dom
+                    .read_linear(self.linear_cr3(), gva, &mut buf[..size as usize]);
+                if n < size as usize {
+                    Err(Some(gva.wrapping_add(n as u64)))
+                } else {
+                    let effect = self
+                        .dom
+                        .devices
+                        .lock()
+                        .write(port, size, u32::from_le_bytes(buf));
+                    if let Some(step) = self.port_effect(effect) {
+                        return step;
+                    }
+                    Ok(())
+                }
+            };
+            match moved {
+                Ok(()) => {}
+                Err(Some(unmapped)) => {
+                    let mut err = if is_in { PfErrorCode::W } else { 0 };
+                    if self.vmcb.read64(off::CPL & !7) >> ((off::CPL & 7) * 8) & 3 == 3 {
+                        err |= PfErrorCode::U;
+                    }
+                    self.vmcb.inject_page_fault(unmapped, err);
+                    return Step::Continue;
+                }
+                Err(None) => return Step::Done,
+            }
+            let next = |r: u64| (r & !amask) | (r.wrapping_add(delta) & amask);
+            if is_in {
+                self.gprs.rdi = next(self.gprs.rdi);
+            } else {
+                self.gprs.rsi = next(self.gprs.rsi);
+            }
+            if rep {
+                let rcx = self.gprs.rcx;
+                self.gprs.rcx = (rcx & !amask) | (rcx.wrapping_sub(1) & amask);
+            }
+            remaining -= 1;
+            batch += 1;
+        }
+        if remaining == 0 {
+            self.vmcb.set_rip(next_rip);
+        }
+        Step::Continue
+    }
+
+    /// Stores the low `size` bytes of `value` at guest-linear `gva` as an
+    /// emulated write (the server keeps its shadows and dirty log right):
+    /// Err(Some(gva)) where the guest has no mapping (its #PF), Err(None)
+    /// when the vCPU has ended (the server refused, or is gone).
+    fn store_linear(&mut self, gva: u64, value: u64, size: u8) -> Result<(), Option<u64>> {
+        let last = gva.wrapping_add(u64::from(size) - 1);
+        let Some(gpa) = self.dom.translate_linear(self.linear_cr3(), gva) else {
+            return Err(Some(gva));
+        };
+        if last >> 12 != gva >> 12 {
+            self.stop("string I/O store crosses a page, at", gva);
+            return Err(None);
+        }
+        if self.dom.gpa_ptr(gpa, u64::from(size)).is_none() {
+            self.stop("string I/O store outside guest memory, gpa", gpa);
+            return Err(None);
+        }
+        self.emulated_write(gpa, value, size).map_err(|_| None)
+    }
+
+    /// Has the server write the low `size` bytes of `value` at `gpa`
+    /// (EmulatedWrite); Err is the step that ends the vCPU (the server
+    /// refused, or is gone).
+    fn emulated_write(&mut self, gpa: u64, value: u64, size: u8) -> Result<(), Step> {
+        let req = MmuRequest::EmulatedWrite {
+            vcpu: self.id,
+            pcpu: self.pcpu(),
+            gpa: abi::Gpa(gpa),
+            value,
+            size,
+        };
+        let Ok(reply) = svm().mmu(Some(self.dom), &req) else {
+            return Err(Step::Done);
+        };
+        if !matches!(reply, MmuReply::WriteDone { .. }) {
+            return Err(self.fail_reply("EmulatedWrite", &reply));
+        }
+        Ok(())
     }
 }

@@ -56,6 +56,9 @@ pub mod off {
     pub const CSTAR: usize = 0x610;
     pub const SFMASK: usize = 0x618;
     pub const KERNEL_GS_BASE: usize = 0x620;
+    pub const SYSENTER_CS: usize = 0x628;
+    pub const SYSENTER_ESP: usize = 0x630;
+    pub const SYSENTER_EIP: usize = 0x638;
     pub const CR2: usize = 0x640;
     pub const G_PAT: usize = 0x668;
 }
@@ -292,12 +295,44 @@ impl Vmcb {
         self.write64(off::RSP, v)
     }
 
+    /// Queues exception `vector` for delivery at the next VMRUN, with
+    /// `error_code` pushed if given.
+    pub fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        let mut ev = u64::from(vector) | EVENTINJ_TYPE_EXCEPTION | EVENTINJ_VALID;
+        if let Some(code) = error_code {
+            ev |= EVENTINJ_EV | u64::from(code) << 32;
+        }
+        self.write64(off::EVENTINJ, ev);
+    }
+
+    /// Queues #GP(`error_code`) for delivery at the next VMRUN.
+    pub fn inject_gp(&mut self, error_code: u32) {
+        self.inject_exception(13, Some(error_code));
+    }
+
+    /// Queues #UD for delivery at the next VMRUN.
+    pub fn inject_ud(&mut self) {
+        self.inject_exception(6, None);
+    }
+
+    /// The guest's code size in bits (16, 32 or 64), from CS.L and CS.D
+    /// and, for 64, EFER.LMA (`long_mode`).
+    pub fn code_bits(&self, long_mode: bool) -> u32 {
+        // Attributes: descriptor bits 52..55 in 8..11 (L is bit 9, D bit 10).
+        let attrib = (self.read64(off::CS) >> 16) as u16;
+        if long_mode && attrib & (1 << 9) != 0 {
+            64
+        } else if attrib & (1 << 10) != 0 {
+            32
+        } else {
+            16
+        }
+    }
+
     /// Queues a #PF for delivery at the next VMRUN: EVENTINJ plus the guest
     /// CR2 in the save area (the #PF intercept leaves the guest CR2 alone).
     pub fn inject_page_fault(&mut self, addr: u64, error_code: u32) {
         self.write64(off::CR2, addr);
-        let ev =
-            14 | EVENTINJ_TYPE_EXCEPTION | EVENTINJ_EV | EVENTINJ_VALID | (error_code as u64) << 32;
-        self.write64(off::EVENTINJ, ev);
+        self.inject_exception(14, Some(error_code));
     }
 }
