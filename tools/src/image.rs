@@ -920,7 +920,91 @@ fn svm_boots(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
     }
     containment_boot(image, tally)?;
     scheduler_boot(image, tally)?;
-    grant_boot(image, tally)
+    grant_boot(image, tally)?;
+    unmodified_guest_boot(image, tally)
+}
+
+/// Builds `mbtest`, Umbra's own unmodified Multiboot test kernel (release,
+/// its own linker script), and returns its path.
+pub fn build_mbtest() -> Result<PathBuf> {
+    let mut cmd = prereq::cargo();
+    cmd.args([
+        "build",
+        "-p",
+        "mbtest",
+        "--release",
+        "--target",
+        prereq::KERNEL_TARGET,
+    ]);
+    prereq::run_checked(&mut cmd)?;
+    let path = target_dir()
+        .join(prereq::KERNEL_TARGET)
+        .join("release")
+        .join("mbtest");
+    if !path.is_file() {
+        bail!(
+            "the mbtest build succeeded but {} is missing",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// One boot runs `mbtest` (an ordinary Multiboot kernel: no hypercall)
+/// with an environ module under every registered MMU server in turn; each
+/// of its `mbtest: <check> ... ok|FAILED` lines is a test, and QEMU must
+/// end with status 1: the guest wrote 0 (no check failed) under every
+/// server.
+fn unmodified_guest_boot(image: &std::path::Path, tally: &mut Tally) -> Result<()> {
+    let kernel = build_mbtest()?;
+    let environ = target_dir().join("umbra").join("environ");
+    std::fs::create_dir_all(environ.parent().expect("a parent"))?;
+    std::fs::write(&environ, "NR_CPUS=1\nMEMSIZE=128\n")?;
+    let args = crate::guest::GuestArgs {
+        kernel: &kernel,
+        modules: std::slice::from_ref(&environ),
+        cmdline: "expect-environ",
+    };
+    let initrd = crate::guest::initrd(&args)?;
+    let append = format!(
+        "mbguest mmu={} transport=task",
+        mmu_server::registry::NAMES.join(",")
+    );
+    eprintln!(
+        "xtask: test image: the unmodified Multiboot test kernel mbtest under every MMU server"
+    );
+    let out = boot_with(
+        image,
+        8,
+        &append,
+        TEST_TIMEOUT,
+        true,
+        &["-initrd".to_string(), initrd],
+    )?;
+    let (mut passed, mut failed) = (0, 0);
+    for l in out.lines.iter().filter(|l| l.contains("] mbtest: ")) {
+        if l.ends_with(" ... ok") {
+            passed += 1;
+        } else if l.contains(" ... FAILED") {
+            failed += 1;
+            eprintln!("xtask: test-image: {l}");
+        }
+    }
+    tally.passed += passed;
+    tally.failed += failed;
+    let runs = mmu_server::registry::NAMES.len();
+    record(
+        tally,
+        "mbtest_every_server_exits_0",
+        match &out.ending {
+            Ending::Other(Some(1)) if passed > 0 && failed == 0 => Ok(()),
+            e => Err(format!(
+                "{passed} checks passed, {failed} failed over {runs} servers; {}",
+                describe(e)
+            )),
+        },
+    );
+    Ok(())
 }
 
 /// The broken grant servers the last grant boot runs, and what each one's
