@@ -98,36 +98,18 @@ pub fn boot_hook(cmdline: &'static str) -> bool {
         return false;
     }
     let test_mode = kernel::boot::has_arg(cmdline, "svm-test");
-    let policies: Vec<Option<&str>> = match kernel::boot::arg_value(cmdline, "sched") {
-        None => alloc::vec![None],
-        Some(list) => list.split(',').map(Some).collect(),
-    };
-    if let Some(p) = policies
-        .iter()
-        .flatten()
-        .find(|p| !sched::registry::NAMES.contains(p) && !p.starts_with("misbehave-"))
-    {
-        kprintln!(
-            "svm: no scheduler policy named {p:?}; known: {:?}",
-            sched::registry::NAMES
-        );
+    let Some(policies) = choices(cmdline, "sched", "scheduler policy", sched::registry::NAMES)
+    else {
         return false;
-    }
-    let grants: Vec<Option<&str>> = match kernel::boot::arg_value(cmdline, "grant") {
-        None => alloc::vec![None],
-        Some(list) => list.split(',').map(Some).collect(),
     };
-    if let Some(g) = grants
-        .iter()
-        .flatten()
-        .find(|g| !grant_server::registry::NAMES.contains(g) && !g.starts_with("misbehave-"))
-    {
-        kprintln!(
-            "svm: no grant server named {g:?}; known: {:?}",
-            grant_server::registry::NAMES
-        );
+    let Some(grants) = choices(
+        cmdline,
+        "grant",
+        "grant server",
+        grant_server::registry::NAMES,
+    ) else {
         return false;
-    }
+    };
     let guest = match kernel::boot::has_arg(cmdline, "mbguest") {
         false => None,
         true if kernel::boot::arg_value(cmdline, "grant").is_some()
@@ -268,6 +250,32 @@ pub fn boot_hook(cmdline: &'static str) -> bool {
     }
     kprintln!("umbra: svm-test: {passed} passed, {failed} failed");
     ok && failed == 0
+}
+
+/// The values of `key=A,B,...` on the command line (one `None` when the key
+/// is absent), each a name of `known` or a test-only `misbehave-*` name;
+/// None (after saying which) when one is neither.
+fn choices(
+    cmdline: &'static str,
+    key: &str,
+    what: &str,
+    known: &[&str],
+) -> Option<Vec<Option<&'static str>>> {
+    let list: Vec<Option<&str>> = match kernel::boot::arg_value(cmdline, key) {
+        None => alloc::vec![None],
+        Some(list) => list.split(',').map(Some).collect(),
+    };
+    match list
+        .iter()
+        .flatten()
+        .find(|n| !known.contains(n) && !n.starts_with("misbehave-"))
+    {
+        Some(bad) => {
+            kprintln!("svm: no {what} named {bad:?}; known: {known:?}");
+            None
+        }
+        None => Some(list),
+    }
 }
 
 /// What one server's run came to.
