@@ -698,6 +698,22 @@ fn local_apic(c: &mut Checks) {
         id == 0 && version >= 0x10 && svr & 0x1FF == 0x1FF,
         format_args!("ID {id}, version {version:#x}, SVR {svr:#x}"),
     );
+    poke32(base + 0x80, 0x20);
+    let tpr = peek32(base + 0x80);
+    poke32(base + 0xB0, 0);
+    // INIT then SIPI to all but self, as an SMP test kernel starts its
+    // APs: with one CPU they start nothing, and the ICR is never busy.
+    let mut busy = 0;
+    for icr in [0x000C_4500u32, 0x000C_4608] {
+        poke32(base + 0x310, 0);
+        poke32(base + 0x300, icr);
+        busy |= peek32(base + 0x300) & 1 << 12;
+    }
+    c.check(
+        "apic-tpr-eoi-init-sipi",
+        tpr == 0x20 && busy == 0,
+        format_args!("TPR read {tpr:#x}, ICR busy {busy:#x}"),
+    );
 }
 
 #[panic_handler]

@@ -139,6 +139,24 @@ pub enum Op {
         /// The register loaded.
         dest: Register,
     },
+    /// An arithmetic or logic instruction that reads memory without
+    /// writing it (MMIO reads folded into an ALU instruction): `CMP` and
+    /// `TEST` with memory on either side, and `OR`, `AND`, `XOR`, `ADD`,
+    /// `SUB` into a register from memory. See [`alu_apply`].
+    ReadAlu {
+        /// Effective address.
+        gva: u64,
+        /// 1, 2, 4 or 8.
+        size: u8,
+        /// Which operation.
+        alu: Alu,
+        /// The other operand: a register's value or an immediate.
+        other: u64,
+        /// The register written (OR/AND/XOR/ADD/SUB into a register).
+        dest: Option<Register>,
+        /// Memory is the first operand (`CMP m, x`: flags of m - x).
+        mem_first: bool,
+    },
     /// Some other instruction (only its length is known).
     Other,
 }
@@ -240,6 +258,33 @@ fn classify(instr: &Instruction, regs: &RegFile) -> Result<Op, DecodeError> {
         | Code::Lmsw_r32m16
         | Code::Lmsw_r64m16 => Err(DecodeError::Unsupported),
         Code::Invlpg_m => Ok(Op::Invlpg { gva: ea(0)? }),
+        _ if read_alu(instr).is_some() => {
+            let (alu, mem_first) = read_alu(instr).ok_or(DecodeError::Unsupported)?;
+            let (mem, other) = if mem_first { (0, 1) } else { (1, 0) };
+            let size = instr.memory_size().size() as u8;
+            if !matches!(size, 1 | 2 | 4 | 8) {
+                return Err(DecodeError::Unsupported);
+            }
+            let (value, reg) = match instr.op_kind(other) {
+                OpKind::Register => {
+                    let r = instr.op_register(other);
+                    (regs.get(r).ok_or(DecodeError::Unsupported)?, Some(r))
+                }
+                _ => (instr.immediate(other), None),
+            };
+            let dest = match alu {
+                Alu::Cmp | Alu::Test => None,
+                _ => reg,
+            };
+            Ok(Op::ReadAlu {
+                gva: ea(mem)?,
+                size,
+                alu,
+                other: value & size_mask(size),
+                dest,
+                mem_first,
+            })
+        }
         _ if instr.mnemonic() == Mnemonic::Mov
             && instr.op_count() == 2
             && instr.op_kind(0) == OpKind::Register
@@ -328,6 +373,84 @@ fn classify(instr: &Instruction, regs: &RegFile) -> Result<Op, DecodeError> {
             }
         }
     }
+}
+
+/// An ALU operation that reads memory without writing it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alu {
+    /// CMP: flags of a - b.
+    Cmp,
+    /// TEST: flags of a & b.
+    Test,
+    /// OR into a register.
+    Or,
+    /// AND into a register.
+    And,
+    /// XOR into a register.
+    Xor,
+    /// ADD into a register.
+    Add,
+    /// SUB into a register.
+    Sub,
+}
+
+/// Whether `instr` is a [`Op::ReadAlu`] form: its operation and whether
+/// memory is the first operand.
+fn read_alu(instr: &Instruction) -> Option<(Alu, bool)> {
+    if instr.op_count() != 2 {
+        return None;
+    }
+    let mem_first = instr.op_kind(0) == OpKind::Memory;
+    let mem_second = instr.op_kind(1) == OpKind::Memory;
+    let alu = match instr.mnemonic() {
+        Mnemonic::Cmp => Alu::Cmp,
+        Mnemonic::Test => Alu::Test,
+        Mnemonic::Or => Alu::Or,
+        Mnemonic::And => Alu::And,
+        Mnemonic::Xor => Alu::Xor,
+        Mnemonic::Add => Alu::Add,
+        Mnemonic::Sub => Alu::Sub,
+        _ => return None,
+    };
+    match alu {
+        Alu::Cmp | Alu::Test if mem_first || mem_second => Some((alu, mem_first)),
+        // Memory as the destination is a read-modify-write, not this.
+        _ if mem_second && instr.op_kind(0) == OpKind::Register => Some((alu, false)),
+        _ => None,
+    }
+}
+
+/// What a [`Op::ReadAlu`] does once memory read `mem`: the register value
+/// to write (if any) and the new arithmetic flags (within
+/// [`ARITH_FLAGS`]).
+pub fn alu_apply(alu: Alu, size: u8, mem: u64, other: u64, mem_first: bool) -> (Option<u64>, u64) {
+    let (a, b) = if mem_first {
+        (mem, other)
+    } else {
+        (other, mem)
+    };
+    let none = RegFile {
+        r: [0; 16],
+        fs_base: 0,
+        gs_base: 0,
+    };
+    let kind = match alu {
+        Alu::Cmp | Alu::Sub => Rmw::Sub,
+        Alu::Test | Alu::And => Rmw::And,
+        Alu::Or => Rmw::Or,
+        Alu::Add => Rmw::Add,
+        // XOR sets the flags as OR does, of its own result.
+        Alu::Xor => {
+            let r = rmw_apply(Rmw::Or, size, a ^ b, 0, None, &none);
+            return (r.store, r.flags.unwrap_or(0));
+        }
+    };
+    let r = rmw_apply(kind, size, a, b, None, &none);
+    let value = match alu {
+        Alu::Cmp | Alu::Test => None,
+        _ => r.store,
+    };
+    (value, r.flags.unwrap_or(0))
 }
 
 /// The all-ones mask of a `size`-byte value.
@@ -579,6 +702,42 @@ pub fn self_test() -> Result<(), &'static str> {
                 size: 4,
             },
         ),
+        // mov ecx, [rax+0x20] (an MMIO read)
+        (
+            &[0x8B, 0x48, 0x20],
+            3,
+            Op::Read {
+                gva: rax + 0x20,
+                size: 4,
+                dest: Register::ECX,
+            },
+        ),
+        // test dword [rax+0x300], 0x1000 (polling the APIC's ICR)
+        (
+            &[0xF7, 0x80, 0x00, 0x03, 0x00, 0x00, 0x00, 0x10, 0x00, 0x00],
+            10,
+            Op::ReadAlu {
+                gva: rax + 0x300,
+                size: 4,
+                alu: Alu::Test,
+                other: 0x1000,
+                dest: None,
+                mem_first: true,
+            },
+        ),
+        // or ecx, [rdx]
+        (
+            &[0x0B, 0x0A],
+            2,
+            Op::ReadAlu {
+                gva: rdx,
+                size: 4,
+                alu: Alu::Or,
+                other: rcx & 0xFFFF_FFFF,
+                dest: Some(Register::ECX),
+                mem_first: false,
+            },
+        ),
         // mov byte [rsi+1], al
         (
             &[0x88, 0x46, 0x01],
@@ -740,6 +899,24 @@ pub fn self_test() -> Result<(), &'static str> {
     }
     if decode(&[0x90], 0, 8, &regs).is_ok() {
         return Err("a code size of 8 bits was accepted");
+    }
+    // MMIO reads folded into ALU instructions: values and flags.
+    if alu_apply(Alu::Test, 4, 0x1000, 0x1000, true) != (None, PF)
+        || alu_apply(Alu::Test, 4, 0, 0x1000, true) != (None, ZF | PF)
+    {
+        return Err("TEST of an MMIO value sets the wrong flags");
+    }
+    if alu_apply(Alu::Cmp, 4, 5, 7, true).1 & CF == 0
+        || alu_apply(Alu::Cmp, 4, 7, 5, false).1 & CF == 0
+        || alu_apply(Alu::Cmp, 4, 7, 7, true).1 & ZF == 0
+    {
+        return Err("CMP with an MMIO operand sets the wrong flags");
+    }
+    if alu_apply(Alu::Or, 4, 0xF0, 0x0F, false).0 != Some(0xFF)
+        || alu_apply(Alu::Xor, 4, 0xFF, 0xFF, false) != (Some(0), ZF | PF)
+        || alu_apply(Alu::Sub, 4, 2, 10, false).0 != Some(8)
+    {
+        return Err("an ALU from MMIO into a register computes the wrong value");
     }
     super::platform::self_test()
 }

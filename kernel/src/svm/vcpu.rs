@@ -608,6 +608,32 @@ impl Vcpu {
                 }
                 self.set_regs(&r);
             }
+            Op::ReadAlu {
+                size,
+                alu,
+                other,
+                dest,
+                mem_first,
+                ..
+            } => {
+                let mem = match (in_apic(gpa), size) {
+                    (true, 4) => u64::from(self.lapic.read(gpa & 0xFFF)),
+                    _ => decode::size_mask(size),
+                };
+                let (value, flags) = decode::alu_apply(alu, size, mem, other, mem_first);
+                if let (Some(reg), Some(v)) = (dest, value) {
+                    let mut r = self.regs();
+                    if r.set(reg, v).is_err() {
+                        return self.stop("MMIO ALU into an unsupported register", reg as u64);
+                    }
+                    self.set_regs(&r);
+                }
+                let rf = self.vmcb.read64(off::RFLAGS);
+                self.vmcb.write64(
+                    off::RFLAGS,
+                    (rf & !decode::ARITH_FLAGS) | (flags & decode::ARITH_FLAGS),
+                );
+            }
             _ => {
                 crate::kprintln!(
                     "[d{} v{}] MMIO access at gpa {gpa:#x} by {:?}",
