@@ -536,8 +536,9 @@ pub fn rmw_apply(
 }
 
 /// In-image checks of the decoder on known encodings, then of the platform
-/// tables ([`super::platform::self_test`]), since the kernel crate has no
-/// host tests; returns the first mismatch.
+/// tables ([`super::platform::self_test`]) and the watchdog's bounds
+/// ([`super::run::self_test`]), since the kernel crate has no host tests;
+/// returns the first mismatch.
 pub fn self_test() -> Result<(), &'static str> {
     let mut regs = RegFile::default();
     for (i, r) in regs.r.iter_mut().enumerate() {
@@ -741,5 +742,6 @@ pub fn self_test() -> Result<(), &'static str> {
     if decode(&[0x90], 0, 8, &regs).is_ok() {
         return Err("a code size of 8 bits was accepted");
     }
-    super::platform::self_test()
+    super::platform::self_test()?;
+    super::run::self_test()
 }

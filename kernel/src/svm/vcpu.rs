@@ -528,7 +528,7 @@ impl Vcpu {
                 if super::past_deadline() {
                     return self.stop(
                         "watchdog: the run took longer than seconds:",
-                        super::run::RUN_SECONDS,
+                        super::run::deadline_seconds(),
                     );
                 }
                 super::timer_work();
