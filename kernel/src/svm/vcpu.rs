@@ -330,6 +330,7 @@ impl Vcpu {
         loop {
             if self.dom.stopped.load(Ordering::Acquire) {
                 self.deschedule();
+                self.end_console_line();
                 self.dom.exited_bad.fetch_add(1, Ordering::Relaxed);
                 return (Slice::Done, false);
             }
@@ -378,6 +379,7 @@ impl Vcpu {
                 }
                 Step::Done => {
                     self.deschedule();
+                    self.end_console_line();
                     return (Slice::Done, false);
                 }
             }
@@ -1106,10 +1108,24 @@ impl Vcpu {
             self.line_len += 1;
         }
         if b == b'\n' || self.line_len == self.line.len() {
-            let text = core::str::from_utf8(&self.line[..self.line_len]).unwrap_or("<non-utf8>");
-            crate::kprintln!("[d{} v{}] {text}", self.dom.id.0, self.index);
-            self.line_len = 0;
+            self.print_console_line();
         }
+    }
+
+    /// Prints what the guest wrote after its last newline, when the vCPU
+    /// ends: a guest's last words often have none (kvm-unit-tests' `dummy`
+    /// ends on "Dummy Hello World!", which its runner looks for, and
+    /// `access_test` prints a dot without a newline every 65,536 cases).
+    fn end_console_line(&mut self) {
+        if self.line_len > 0 {
+            self.print_console_line();
+        }
+    }
+
+    fn print_console_line(&mut self) {
+        let text = core::str::from_utf8(&self.line[..self.line_len]).unwrap_or("<non-utf8>");
+        crate::kprintln!("[d{} v{}] {text}", self.dom.id.0, self.index);
+        self.line_len = 0;
     }
 
     /// INS/OUTS, with or without REP: each element moves between the port
