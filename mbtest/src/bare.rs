@@ -256,6 +256,8 @@ static LAST_ERROR: AtomicU64 = AtomicU64::new(0);
 static LAST_CR2: AtomicU64 = AtomicU64::new(0);
 static LAST_CS: AtomicU64 = AtomicU64::new(0);
 static LAST_RAX: AtomicU64 = AtomicU64::new(0);
+/// Where the last single-step trap (#DB) came: the RIP it pushed.
+static LAST_RIP: AtomicU64 = AtomicU64::new(0);
 
 #[no_mangle]
 extern "C" fn mbtest_trap(f: &mut Frame) {
@@ -276,6 +278,12 @@ extern "C" fn mbtest_trap(f: &mut Frame) {
         f.ss = 0x10;
         f.rsp = 0;
         f.rflags = 0x2;
+        return;
+    }
+    if f.vector == 1 {
+        // The single-step trap of `single_step_fresh_stack`: once only.
+        LAST_RIP.store(f.rip, Relaxed);
+        f.rflags &= !0x100;
         return;
     }
     match SKIP.swap(0, Relaxed) {
@@ -484,6 +492,7 @@ extern "C" fn mbtest_main() -> ! {
     cpuid_filtered(&mut c);
     msrs(&mut c);
     exceptions(&mut c);
+    single_step_fresh_stack(&mut c);
     ring3(&mut c);
     ports(&mut c);
     local_apic(&mut c);
@@ -637,6 +646,47 @@ fn exceptions(c: &mut Checks) {
         "pf-not-present-read",
         v == 14 && err == 0 && cr2 == addr,
         format_args!("vector {v}, error {err:#x}, CR2 {cr2:#x}"),
+    );
+}
+
+/// A page of RAM no other check touches (96 MiB, inside the domain's 128):
+/// its first use misses every MMU server's shadow.
+const FRESH_STACK_TOP: u64 = 0x0600_1000;
+
+/// A single-step trap whose delivery is the first touch of its stack: the
+/// push misses the shadow, so the hypervisor sees a #PF while the CPU was
+/// delivering the #DB, and must deliver the #DB again after fixing the
+/// shadow. A trap is not raised again by re-executing anything (RIP is
+/// already past the instruction), so losing it shows: the next trap would
+/// come one instruction later.
+fn single_step_fresh_stack(c: &mut Checks) {
+    LAST_VECTOR.store(u64::MAX, Relaxed);
+    let expected: u64;
+    // SAFETY: POPFQ sets TF; the instruction after it moves RSP to a page
+    // of RAM this kernel identity-maps and nothing else uses, on which the
+    // single-step trap after that instruction is delivered; the handler
+    // clears TF in the frame it returns through; RSP is restored before
+    // any other use of the stack.
+    unsafe {
+        asm!(
+            "mov {saved}, rsp",
+            "lea {expected}, [rip + 2f]",
+            "pushfq",
+            "or qword ptr [rsp], 0x100",
+            "popfq",
+            "mov rsp, {fresh}",
+            "2: nop",
+            "mov rsp, {saved}",
+            saved = out(reg) _,
+            expected = out(reg) expected,
+            fresh = in(reg) FRESH_STACK_TOP,
+        );
+    }
+    let (v, rip) = (LAST_VECTOR.load(Relaxed), LAST_RIP.load(Relaxed));
+    c.check(
+        "db-trap-delivered-on-fresh-stack",
+        v == 1 && rip == expected,
+        format_args!("vector {v}, at {rip:#x}, expected at {expected:#x}"),
     );
 }
 
