@@ -90,22 +90,10 @@ pub fn self_test() -> Result<(), &'static str> {
         cmdline: "",
         modules: &[],
     };
+    let unmodified = DomainSpec::unmodified(&GUEST, 1);
     let own = DomainSpec {
-        name: "own",
-        vcpus: 1,
-        mem_mib: 1,
-        first_pcpu: 0,
-        kernel_zaps: false,
-        entry: 0,
-        pf_entry: 0,
-        weights: &[],
-        index: 0,
-        peer: None,
         multiboot: None,
-    };
-    let unmodified = DomainSpec {
-        multiboot: Some(&GUEST),
-        ..own
+        ..unmodified
     };
     if watchdog_seconds(&[own, own]) != RUN_SECONDS {
         return Err("a run of Umbra's own workloads did not get the short watchdog");
