@@ -493,6 +493,7 @@ extern "C" fn mbtest_main() -> ! {
     msrs(&mut c);
     exceptions(&mut c);
     single_step_fresh_stack(&mut c);
+    page_zero_string_store(&mut c);
     ring3(&mut c);
     ports(&mut c);
     local_apic(&mut c);
@@ -646,6 +647,38 @@ fn exceptions(c: &mut Checks) {
         "pf-not-present-read",
         v == 14 && err == 0 && cr2 == addr,
         format_args!("vector {v}, error {err:#x}, CR2 {cr2:#x}"),
+    );
+}
+
+/// Physical page 0 filled with a string store and compared with a string
+/// load, as kvm-unit-tests fills its AP trampoline page there: RAM like any
+/// other page. A hypervisor that wrongly holds it write-protected (as a
+/// page table) must emulate the store, and a string store is not emulated.
+fn page_zero_string_store(c: &mut Checks) {
+    let (left, equal): (u64, u8);
+    // SAFETY: page 0 is RAM that nothing of this kernel uses (the loader's
+    // info is at 0x9000) and is identity-mapped; REP STOSB and REPE SCASB
+    // touch exactly its 4096 bytes; DF is clear (CLD at entry).
+    unsafe {
+        asm!(
+            "xor edi, edi",
+            "mov ecx, 4096",
+            "rep stosb",
+            "xor edi, edi",
+            "mov ecx, 4096",
+            "repe scasb",
+            "sete dl",
+            out("rdi") _,
+            out("rcx") left,
+            out("dl") equal,
+            in("al") 0xCCu8,
+            options(nostack),
+        );
+    }
+    c.check(
+        "page-zero-string-store",
+        left == 0 && equal == 1,
+        format_args!("{left} bytes not compared, last compare equal: {equal}"),
     );
 }
 

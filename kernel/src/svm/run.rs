@@ -344,37 +344,34 @@ fn load_all(
                     vcpu: vid,
                 },
             )?;
-            // CR3 first: a server may build a root as soon as paging is on,
-            // and a root for the initial CR3 of 0 would shadow gfn 0. An
-            // unmodified guest starts with paging off (CR3 only recorded)
-            // and its accesses outside RAM answered as MMIO.
-            let (cr3, mode) = match boot.mode {
-                BootMode::Long => (
-                    GuestCr3(abi::guest::L4_GPA),
-                    PagingMode(PagingMode::WP | PagingMode::NXE),
-                ),
-                BootMode::Multiboot { .. } => {
-                    (GuestCr3(0), PagingMode(PagingMode::OFF | PagingMode::MMIO))
-                }
+            // A server builds a root for whatever CR3 it holds while the
+            // mode it holds has paging on, and a new vCPU holds CR3 0 in
+            // long mode: a root for CR3 0 shadows gfn 0 as a page table,
+            // and a caching server then keeps that RAM page write-protected
+            // for good (a guest's string store to it cannot be emulated).
+            // So a vCPU that starts paged gets its CR3 before its mode; one
+            // that starts with paging off (an unmodified guest, whose
+            // accesses outside RAM are MMIO) its mode before its CR3.
+            let cr3 = |cr3| MmuRequest::WriteCr3 {
+                vcpu: vid,
+                pcpu: p,
+                cr3: GuestCr3(cr3),
             };
-            expect_done(
-                svm,
-                dom,
-                &MmuRequest::WriteCr3 {
-                    vcpu: vid,
-                    pcpu: p,
-                    cr3,
-                },
-            )?;
-            expect_done(
-                svm,
-                dom,
-                &MmuRequest::SetPagingMode {
-                    vcpu: vid,
-                    pcpu: p,
-                    mode,
-                },
-            )?;
+            let mode = |mode| MmuRequest::SetPagingMode {
+                vcpu: vid,
+                pcpu: p,
+                mode: PagingMode(mode),
+            };
+            let order = match boot.mode {
+                BootMode::Long => [
+                    cr3(abi::guest::L4_GPA),
+                    mode(PagingMode::WP | PagingMode::NXE),
+                ],
+                BootMode::Multiboot { .. } => [mode(PagingMode::OFF | PagingMode::MMIO), cr3(0)],
+            };
+            for req in &order {
+                expect_done(svm, dom, req)?;
+            }
 
             let vcpu = Vcpu::new(vid, v as u32, dom, boot, svm.iopm_pa, svm.msrpm_pa)?;
             match &svm.sched {
