@@ -10,9 +10,11 @@
 //! not implement (#GP), #UD, #PF with its error code and CR2, ring 3
 //! entered by IRETQ and left by `int 0x20` through a DPL3 gate, the serial
 //! port's line status, the PIC masks, fw_cfg, and the local APIC's MMIO
-//! registers. It prints one line per check on COM1 and ends by writing the
-//! number of failed checks to the isa-debug-exit port 0xf4 (so 0 means
-//! every check passed; QEMU then exits with status 1).
+//! registers. It prints one line per check on COM1, then the summary
+//! `mbtest: N passed, M failed` without a trailing newline (a runner that
+//! looks for it checks that a guest's last partial line is shown), and ends
+//! by writing the number of failed checks to the isa-debug-exit port 0xf4
+//! (so 0 means every check passed; QEMU then exits with status 1).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]

@@ -659,8 +659,9 @@ pub fn rmw_apply(
 }
 
 /// In-image checks of the decoder on known encodings, then of the platform
-/// tables ([`super::platform::self_test`]), since the kernel crate has no
-/// host tests; returns the first mismatch.
+/// tables ([`super::platform::self_test`]) and the watchdog's bounds
+/// ([`super::run::self_test`]), since the kernel crate has no host tests;
+/// returns the first mismatch.
 pub fn self_test() -> Result<(), &'static str> {
     let mut regs = RegFile::default();
     for (i, r) in regs.r.iter_mut().enumerate() {
@@ -918,5 +919,6 @@ pub fn self_test() -> Result<(), &'static str> {
     {
         return Err("an ALU from MMIO into a register computes the wrong value");
     }
-    super::platform::self_test()
+    super::platform::self_test()?;
+    super::run::self_test()
 }

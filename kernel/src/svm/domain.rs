@@ -92,6 +92,26 @@ pub struct DomainSpec {
     pub multiboot: Option<&'static MultibootGuest>,
 }
 
+impl DomainSpec {
+    /// The one domain of an unmodified Multiboot guest `guest`: one vCPU
+    /// on pCPU 0, `mem_mib` of memory, no kernel zaps.
+    pub const fn unmodified(guest: &'static MultibootGuest, mem_mib: u64) -> DomainSpec {
+        DomainSpec {
+            name: "multiboot",
+            vcpus: 1,
+            mem_mib,
+            first_pcpu: 0,
+            kernel_zaps: false,
+            entry: 0,
+            pf_entry: 0,
+            weights: &[],
+            index: 0,
+            peer: None,
+            multiboot: Some(guest),
+        }
+    }
+}
+
 /// A guest and everything the kernel knows about it.
 pub struct Domain {
     /// Its id on the wire.

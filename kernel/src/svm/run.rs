@@ -61,11 +61,55 @@ pub fn harvest_dirty(dom: &Domain, bits: &mut [u64]) -> Result<(), Box<MmuReply>
     }
 }
 
-/// The longest a run may take before the watchdog stops what still runs.
+/// The longest a run of Umbra's own workloads may take before the watchdog
+/// stops what still runs.
 pub const RUN_SECONDS: u64 = 100;
+
+/// The longest a run with an unmodified guest may take. Such a guest is a
+/// test kernel no one here wrote, and an exhaustive one (kvm-unit-tests'
+/// `access_test`: about two million page-table cases) runs for many
+/// minutes under TCG, as it does under QEMU alone; the runner's own limit
+/// (`cargo xtask run --timeout`) is meant to end a hung one first.
+pub const UNMODIFIED_RUN_SECONDS: u64 = 6 * 3600;
+
+/// The watchdog's bound for a run of `specs`: [`UNMODIFIED_RUN_SECONDS`]
+/// if any domain is an unmodified Multiboot guest, else [`RUN_SECONDS`].
+pub fn watchdog_seconds(specs: &[DomainSpec]) -> u64 {
+    if specs.iter().any(|s| s.multiboot.is_some()) {
+        UNMODIFIED_RUN_SECONDS
+    } else {
+        RUN_SECONDS
+    }
+}
+
+/// In-image check of [`watchdog_seconds`]: a run with an unmodified guest
+/// gets the long bound, one of Umbra's own workloads the short one.
+pub fn self_test() -> Result<(), &'static str> {
+    static GUEST: domain::MultibootGuest = domain::MultibootGuest {
+        image: &[],
+        cmdline: "",
+        modules: &[],
+    };
+    let unmodified = DomainSpec::unmodified(&GUEST, 1);
+    let own = DomainSpec {
+        multiboot: None,
+        ..unmodified
+    };
+    if watchdog_seconds(&[own, own]) != RUN_SECONDS {
+        return Err("a run of Umbra's own workloads did not get the short watchdog");
+    }
+    if watchdog_seconds(&[unmodified]) != UNMODIFIED_RUN_SECONDS || UNMODIFIED_RUN_SECONDS < 3600 {
+        return Err(
+            "an unmodified guest's run would be stopped before an hour (access_test needs minutes)",
+        );
+    }
+    Ok(())
+}
 
 /// TSC value after which the watchdog fires (0: not armed).
 static DEADLINE: AtomicU64 = AtomicU64::new(0);
+/// The bound the watchdog was armed with, in seconds (for its message).
+static DEADLINE_SECONDS: AtomicU64 = AtomicU64::new(RUN_SECONDS);
 /// TSC value of the next kernel clock work (zaps, dirty harvests).
 static NEXT_WORK: AtomicU64 = AtomicU64::new(0);
 /// Interval of the kernel clock work (dirty harvests), in ms.
@@ -80,6 +124,11 @@ static WORK_TICKS: AtomicU64 = AtomicU64::new(0);
 pub fn past_deadline() -> bool {
     let d = DEADLINE.load(Ordering::Relaxed);
     d != 0 && crate::apic::tsc() > d
+}
+
+/// The bound, in seconds, the running run's watchdog was armed with.
+pub fn deadline_seconds() -> u64 {
+    DEADLINE_SECONDS.load(Ordering::Relaxed)
 }
 
 /// The kernel's own clock, run from INTR exits on whichever pCPU comes first
@@ -215,8 +264,10 @@ pub fn run(
     }
 
     let now = crate::apic::tsc();
+    let bound = watchdog_seconds(specs);
+    DEADLINE_SECONDS.store(bound, Ordering::Relaxed);
     DEADLINE.store(
-        now + RUN_SECONDS * 1000 * crate::apic::tsc_per_ms(),
+        now + bound * 1000 * crate::apic::tsc_per_ms(),
         Ordering::Relaxed,
     );
     NEXT_WORK.store(now, Ordering::Relaxed);
@@ -293,37 +344,34 @@ fn load_all(
                     vcpu: vid,
                 },
             )?;
-            // CR3 first: a server may build a root as soon as paging is on,
-            // and a root for the initial CR3 of 0 would shadow gfn 0. An
-            // unmodified guest starts with paging off (CR3 only recorded)
-            // and its accesses outside RAM answered as MMIO.
-            let (cr3, mode) = match boot.mode {
-                BootMode::Long => (
-                    GuestCr3(abi::guest::L4_GPA),
-                    PagingMode(PagingMode::WP | PagingMode::NXE),
-                ),
-                BootMode::Multiboot { .. } => {
-                    (GuestCr3(0), PagingMode(PagingMode::OFF | PagingMode::MMIO))
-                }
+            // A server builds a root for whatever CR3 it holds while the
+            // mode it holds has paging on, and a new vCPU holds CR3 0 in
+            // long mode: a root for CR3 0 shadows gfn 0 as a page table,
+            // and a caching server then keeps that RAM page write-protected
+            // for good (a guest's string store to it cannot be emulated).
+            // So a vCPU that starts paged gets its CR3 before its mode; one
+            // that starts with paging off (an unmodified guest, whose
+            // accesses outside RAM are MMIO) its mode before its CR3.
+            let cr3 = |cr3| MmuRequest::WriteCr3 {
+                vcpu: vid,
+                pcpu: p,
+                cr3: GuestCr3(cr3),
             };
-            expect_done(
-                svm,
-                dom,
-                &MmuRequest::WriteCr3 {
-                    vcpu: vid,
-                    pcpu: p,
-                    cr3,
-                },
-            )?;
-            expect_done(
-                svm,
-                dom,
-                &MmuRequest::SetPagingMode {
-                    vcpu: vid,
-                    pcpu: p,
-                    mode,
-                },
-            )?;
+            let mode = |mode| MmuRequest::SetPagingMode {
+                vcpu: vid,
+                pcpu: p,
+                mode: PagingMode(mode),
+            };
+            let order = match boot.mode {
+                BootMode::Long => [
+                    cr3(abi::guest::L4_GPA),
+                    mode(PagingMode::WP | PagingMode::NXE),
+                ],
+                BootMode::Multiboot { .. } => [mode(PagingMode::OFF | PagingMode::MMIO), cr3(0)],
+            };
+            for req in &order {
+                expect_done(svm, dom, req)?;
+            }
 
             let vcpu = Vcpu::new(vid, v as u32, dom, boot, svm.iopm_pa, svm.msrpm_pa)?;
             match &svm.sched {

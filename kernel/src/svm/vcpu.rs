@@ -70,6 +70,9 @@ pub struct Vcpu {
     migrated: bool,
     line: [u8; 120],
     line_len: usize,
+    /// EXITINTINFO of the exit being handled: the event the CPU was
+    /// delivering when the exit came (valid bit clear: none).
+    delivering: u64,
 }
 
 impl Vcpu {
@@ -214,6 +217,7 @@ impl Vcpu {
             migrated: false,
             line: [0; 120],
             line_len: 0,
+            delivering: 0,
         })
     }
 
@@ -330,6 +334,7 @@ impl Vcpu {
         loop {
             if self.dom.stopped.load(Ordering::Acquire) {
                 self.deschedule();
+                self.end_console_line();
                 self.dom.exited_bad.fetch_add(1, Ordering::Relaxed);
                 return (Slice::Done, false);
             }
@@ -361,7 +366,10 @@ impl Vcpu {
                 self.pf_exit_at = Some(crate::apic::tsc());
             }
             self.vmcb.write64(off::EVENTINJ, 0);
-            match self.handle_exit() {
+            self.delivering = self.vmcb.read64(off::EXITINTINFO);
+            let step = self.handle_exit();
+            self.redeliver();
+            match step {
                 Step::Continue if stop_now(false) => {
                     self.deschedule();
                     return (Slice::Yield, true);
@@ -378,10 +386,52 @@ impl Vcpu {
                 }
                 Step::Done => {
                     self.deschedule();
+                    self.end_console_line();
                     return (Slice::Done, false);
                 }
             }
         }
+    }
+
+    /// Delivers again, at the next entry, the event the exit interrupted
+    /// (EXITINTINFO: e.g. a #PF on the guest's stack or IDT while the CPU
+    /// pushed a #DB or an injected #PF), unless the handler queued its own.
+    /// A trap such as single-step #DB is not raised again by re-executing
+    /// anything, so it would be lost; a fault would come again, one exit
+    /// later. Software interrupts (INT n, INT3, INTO: type 4) are left to
+    /// re-execution: without NRIPS the VMCB RIP is the INT instruction's,
+    /// and an injected one would return to it.
+    fn redeliver(&mut self) {
+        const TYPE_SOFTWARE_INT: u64 = 4 << 8;
+        let event = core::mem::take(&mut self.delivering);
+        if event & vmcb::EVENTINJ_VALID == 0
+            || event & (7 << 8) == TYPE_SOFTWARE_INT
+            || self.vmcb.read64(off::EVENTINJ) & vmcb::EVENTINJ_VALID != 0
+        {
+            return;
+        }
+        // The format is EVENTINJ's; bits 12..30 are reserved in both.
+        self.vmcb.write64(off::EVENTINJ, event & !(0x7_FFFF << 12));
+    }
+
+    /// The #PF the server asks to inject, combined with the exception
+    /// being delivered when it came, as the CPU combines them: a #PF
+    /// while delivering a #PF is a #DF, a fault while delivering a #DF
+    /// shuts the guest down (a triple fault); after any other event the
+    /// #PF is delivered alone.
+    fn inject_page_fault(&mut self, address: u64, error_code: u32) -> Step {
+        const TYPE_EXCEPTION: u64 = vmcb::EVENTINJ_TYPE_EXCEPTION;
+        let event = self.delivering;
+        let exception = event & vmcb::EVENTINJ_VALID != 0 && event & (7 << 8) == TYPE_EXCEPTION;
+        match (exception, event & 0xFF) {
+            (true, 14) => {
+                self.vmcb.write64(off::CR2, address);
+                self.vmcb.inject_exception(8, Some(0));
+            }
+            (true, 8) => return self.stop("triple fault: a #PF while delivering #DF, at", address),
+            _ => self.vmcb.inject_page_fault(address, error_code),
+        }
+        Step::Continue
     }
 
     fn stop(&mut self, why: &'static str, value: u64) -> Step {
@@ -528,7 +578,7 @@ impl Vcpu {
                 if super::past_deadline() {
                     return self.stop(
                         "watchdog: the run took longer than seconds:",
-                        super::run::RUN_SECONDS,
+                        super::run::deadline_seconds(),
                     );
                 }
                 super::timer_work();
@@ -565,13 +615,23 @@ impl Vcpu {
             } => {
                 bump(&STATS[me].injected);
                 bump(&self.dom.injected);
-                self.vmcb.inject_page_fault(address.0, error_code.0);
-                Step::Continue
+                self.inject_page_fault(address.0, error_code.0)
             }
             MmuReply::LoadShadowRoot { root, .. } => {
                 self.vmcb.write64(off::CR3, root.0);
                 self.flush_next = true;
                 Step::Continue
+            }
+            MmuReply::EmulateWrite { gpa, .. } | MmuReply::Mmio { gpa, .. }
+                if self.delivering & vmcb::EVENTINJ_VALID != 0 =>
+            {
+                // The access is the CPU's push of an event frame (or its
+                // IDT/GDT read), not the instruction at RIP: nothing to
+                // decode and emulate.
+                self.stop(
+                    "event delivery touched a write-protected or MMIO page, gpa",
+                    gpa.0,
+                )
             }
             MmuReply::EmulateWrite { gpa, .. } => self.emulate_write(gpa.0, gva),
             MmuReply::Mmio { gpa, .. } => self.mmio(gpa.0),
@@ -1132,10 +1192,24 @@ impl Vcpu {
             self.line_len += 1;
         }
         if b == b'\n' || self.line_len == self.line.len() {
-            let text = core::str::from_utf8(&self.line[..self.line_len]).unwrap_or("<non-utf8>");
-            crate::kprintln!("[d{} v{}] {text}", self.dom.id.0, self.index);
-            self.line_len = 0;
+            self.print_console_line();
         }
+    }
+
+    /// Prints what the guest wrote after its last newline, when the vCPU
+    /// ends: a guest's last words often have none (kvm-unit-tests' `dummy`
+    /// ends on "Dummy Hello World!", which its runner looks for, and
+    /// `access_test` prints a dot without a newline every 65,536 cases).
+    fn end_console_line(&mut self) {
+        if self.line_len > 0 {
+            self.print_console_line();
+        }
+    }
+
+    fn print_console_line(&mut self) {
+        let text = core::str::from_utf8(&self.line[..self.line_len]).unwrap_or("<non-utf8>");
+        crate::kprintln!("[d{} v{}] {text}", self.dom.id.0, self.index);
+        self.line_len = 0;
     }
 
     /// INS/OUTS, with or without REP: each element moves between the port
