@@ -7,7 +7,11 @@
 //! then checks what a PC gives it: the Multiboot info (memory, command
 //! line, modules), the control registers it wrote, CPUID, MSRs (supported
 //! ones round-trip, unknown ones raise #GP), a CR4 bit the platform does
-//! not implement (#GP), #UD, #PF with its error code and CR2, ring 3
+//! not implement (#GP), #UD, #PF with its error code and CR2, a
+//! single-step #DB delivered on a stack page never touched before (the
+//! hypervisor must deliver an event again after a shadow miss during its
+//! delivery), physical page 0 written by a string store (it is RAM, not a
+//! write-protected page table), ring 3
 //! entered by IRETQ and left by `int 0x20` through a DPL3 gate, the serial
 //! port's line status, the PIC masks, fw_cfg, and the local APIC's MMIO
 //! registers. It prints one line per check on COM1, then the summary
