@@ -332,7 +332,7 @@ fn run_one(
     };
     kprintln!("svm: MMU server `{name}` over real frames, MAXPHYADDR {phys_bits}");
     let specs = match guest {
-        Some(g) => alloc::vec![multiboot_spec(g)],
+        Some(g) => alloc::vec![DomainSpec::unmodified(g, MULTIBOOT_MEM_MIB)],
         None => specs(policy.is_some(), grant.is_some()),
     };
     let vcpus = specs.iter().map(|s| s.vcpus as usize).sum();
@@ -441,24 +441,6 @@ fn run_one(
             .filter(|&v| guest.is_some() && v != NO_EXIT_STATUS)
             .map(|v| v as u32),
     })
-}
-
-/// The one domain of an unmodified Multiboot guest: one vCPU on pCPU 0,
-/// [`MULTIBOOT_MEM_MIB`] of memory.
-fn multiboot_spec(g: &'static MultibootGuest) -> DomainSpec {
-    DomainSpec {
-        name: "multiboot",
-        vcpus: 1,
-        mem_mib: MULTIBOOT_MEM_MIB,
-        first_pcpu: 0,
-        kernel_zaps: false,
-        entry: 0,
-        pf_entry: 0,
-        weights: &[],
-        index: 0,
-        peer: None,
-        multiboot: Some(g),
-    }
 }
 
 /// Memory of an unmodified guest's domain (kvm-unit-tests' runner gives
