@@ -39,11 +39,10 @@
 //! Nothing here panics on any input: every problem is a [`LoadError`] that
 //! names the value at fault.
 //!
-//! Status: `cargo xtask run --guest` uses [`parse`], [`Kernel::check_fits`]
-//! and [`plan`] to check a kernel and its modules on the host. Nothing calls
-//! [`Kernel::load`] or [`build_info`] outside this crate's tests yet: the
-//! kernel side that would create the domain, copy the kernel in and enter
-//! it is not built, so no Multiboot kernel runs under Umbra today.
+//! Users: `cargo xtask run --guest` uses [`parse`], [`Kernel::check_fits`]
+//! and [`plan`] to check a kernel and its modules on the host before it
+//! boots; the kernel (`kernel::svm::domain`) uses [`parse`],
+//! [`Kernel::load`] and [`build_info`] to load it into the domain.
 #![no_std]
 #![forbid(unsafe_code)]
 

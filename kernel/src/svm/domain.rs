@@ -5,7 +5,7 @@
 //! guest's #PF gate, and per-vCPU info blocks and stacks.
 
 use super::host;
-use super::platform::{Devices, GuestControl};
+use super::platform::{Devices, GuestControl, ModeError};
 use abi::guest::{self as gl, pte, DomainInfo, VcpuInfo};
 use abi::DomainId;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -24,6 +24,25 @@ pub enum BootMode {
         /// The Multiboot info's gpa.
         ebx: u32,
     },
+}
+
+impl BootMode {
+    /// The CR0, CR4 and EFER a vCPU starting in this mode reads back (the
+    /// hardware values follow from them).
+    pub const fn control(&self) -> GuestControl {
+        match self {
+            BootMode::Long => GuestControl::LONG_MODE_BOOT,
+            BootMode::Multiboot { .. } => GuestControl::MULTIBOOT_ENTRY,
+        }
+    }
+
+    /// The guest CR3 it starts with: the loader's L4, or 0 with paging off.
+    pub const fn cr3(&self) -> u64 {
+        match self {
+            BootMode::Long => gl::L4_GPA,
+            BootMode::Multiboot { .. } => 0,
+        }
+    }
 }
 
 /// An unmodified Multiboot v1 kernel to run as a domain: its file, its
@@ -52,9 +71,6 @@ pub struct VcpuBoot {
     pub rdi: u64,
     /// GS base (the VcpuInfo gva).
     pub gs_base: u64,
-    /// The CR0, CR4 and EFER the guest starts with (what it reads back;
-    /// the hardware values follow from them).
-    pub control: GuestControl,
 }
 
 /// [`Domain::exit_status`] before any write to the exit port.
@@ -294,6 +310,18 @@ impl Domain {
         Some(unsafe { p.cast::<u64>().read_volatile() })
     }
 
+    /// The paging mode the MMU server gets for a vCPU of this domain in
+    /// guest state `ctl`: an unmodified guest's accesses outside its RAM
+    /// are MMIO (its local APIC); Umbra's own guests keep getting a #PF
+    /// for them.
+    pub fn server_mode(&self, ctl: &GuestControl) -> Result<abi::PagingMode, ModeError> {
+        let mode = ctl.paging_mode()?;
+        Ok(match self.spec.multiboot {
+            Some(_) => abi::PagingMode(mode.0 | abi::PagingMode::MMIO),
+            None => mode,
+        })
+    }
+
     /// Writes a u64 of guest memory; false outside it.
     pub fn write_u64(&self, gpa: u64, v: u64) -> bool {
         let Some(p) = self.gpa_ptr(gpa, 8) else {
@@ -500,7 +528,6 @@ pub fn load(
             rsp: gl::DIRECT_BASE + stack_lo + gl::STACK_BYTES - 8,
             rdi: info_gva,
             gs_base: info_gva,
-            control: GuestControl::LONG_MODE_BOOT,
         });
     }
     // SAFETY: gpa 0 is inside guest memory, zeroed, unshared yet.
@@ -533,7 +560,6 @@ fn load_multiboot(mb: &MultibootGuest, pa: u64, bytes: u64) -> Result<VcpuBoot, 
     kernel.load(mb.image, mem)?;
     let entry = mboot::build_info(mem, &kernel, mb.cmdline, mb.modules)?;
     Ok(VcpuBoot {
-        control: GuestControl::MULTIBOOT_ENTRY,
         mode: BootMode::Multiboot {
             eax: entry.eax,
             // The info lies in the low area (below 64 KiB).

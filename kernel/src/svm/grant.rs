@@ -213,35 +213,33 @@ fn narrow<T: TryFrom<u64> + Copy>(v: u64, max: T) -> T {
 /// is being stopped).
 pub(super) fn guest_call(svm: &Svm, dom: &Domain, block: u64) -> Result<u64, ServerDown> {
     bump(&dom.grant_calls);
-    if svm.grant.is_none() {
-        bump(&dom.grant_errors);
-        return Ok(u64::from(grant_status::NO_SERVER));
-    }
     let in_one_page = block.is_multiple_of(8) && (block & 0xFFF) + at::SIZE <= 4096;
-    if !in_one_page || dom.gpa_ptr(block, at::SIZE).is_none() {
-        bump(&dom.grant_errors);
-        return Ok(u64::from(grant_status::BAD_BLOCK));
-    }
-    // In guest memory (checked): reads cannot fail from here on.
-    let field = |off: u64| dom.read_u64(block + off).unwrap_or(0);
-    let status = match request(dom, &field) {
-        Err(status) => status,
-        Ok(req) => {
-            let reply = svm.grant(Some(dom), &req)?;
-            let status = answer(svm, dom, block, &req, reply);
-            if svm.grant_stopped() {
-                // The kernel refused the server's answer and stopped it.
-                return Err(ServerDown {
-                    cause: Stop::AlreadyStopped,
-                });
+    let status = if svm.grant.is_none() {
+        grant_status::NO_SERVER
+    } else if !in_one_page || dom.gpa_ptr(block, at::SIZE).is_none() {
+        grant_status::BAD_BLOCK
+    } else {
+        // In guest memory (checked): reads cannot fail from here on.
+        let field = |off: u64| dom.read_u64(block + off).unwrap_or(0);
+        let status = match request(dom, &field) {
+            Err(status) => status,
+            Ok(req) => {
+                let reply = svm.grant(Some(dom), &req)?;
+                answer(svm, dom, block, &req, reply)
             }
-            status
+        };
+        if svm.grant_stopped() {
+            // The kernel refused the server's answer and stopped it.
+            return Err(ServerDown {
+                cause: Stop::AlreadyStopped,
+            });
         }
+        dom.write_u64(block + at::STATUS, u64::from(status));
+        status
     };
     if status != grant_status::OK {
         bump(&dom.grant_errors);
     }
-    dom.write_u64(block + at::STATUS, u64::from(status));
     Ok(u64::from(status))
 }
 

@@ -11,8 +11,8 @@ use crate::task::Task;
 use abi::grant::{GrantReply, GrantRequest, GRANT_PROTOCOL_VERSION};
 use abi::task::ControlPage;
 use abi::{
-    DomainId, GuestCr3, MemRegion, MemoryMap, Mfn, MmuReply, MmuRequest, PagingMode, PcpuId,
-    VcpuId, PROTOCOL_VERSION,
+    DomainId, GuestCr3, MemRegion, MemoryMap, Mfn, MmuReply, MmuRequest, PcpuId, VcpuId,
+    PROTOCOL_VERSION,
 };
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -360,14 +360,14 @@ fn load_all(
             let mode = |mode| MmuRequest::SetPagingMode {
                 vcpu: vid,
                 pcpu: p,
-                mode: PagingMode(mode),
+                mode,
             };
+            let start = dom
+                .server_mode(&boot.mode.control())
+                .map_err(|_| "a vCPU's starting state has no paging mode")?;
             let order = match boot.mode {
-                BootMode::Long => [
-                    cr3(abi::guest::L4_GPA),
-                    mode(PagingMode::WP | PagingMode::NXE),
-                ],
-                BootMode::Multiboot { .. } => [mode(PagingMode::OFF | PagingMode::MMIO), cr3(0)],
+                BootMode::Long => [cr3(boot.mode.cr3()), mode(start)],
+                BootMode::Multiboot { .. } => [mode(start), cr3(boot.mode.cr3())],
             };
             for req in &order {
                 expect_done(svm, dom, req)?;

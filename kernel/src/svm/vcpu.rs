@@ -134,7 +134,7 @@ impl Vcpu {
         v.write32(off::GUEST_ASID, dom.asid);
         v.write64(off::INT_CTL, vmcb::V_INTR_MASKING);
         // The hardware always runs long mode with paging (see `platform`).
-        let ctl = boot.control;
+        let ctl = boot.mode.control();
         let hw = ctl.hardware();
         v.write64(off::CR0, hw.cr0);
         v.write64(off::CR4, hw.cr4);
@@ -180,7 +180,6 @@ impl Vcpu {
             rdi: boot.rdi,
             ..GuestGprs::default()
         };
-        let mut guest_cr3 = abi::guest::L4_GPA;
         if let BootMode::Multiboot { eax, ebx } = boot.mode {
             // As a Multiboot loader leaves it: flat 32-bit code and data,
             // EAX the magic, EBX the info. The hardware stays in long mode
@@ -195,7 +194,6 @@ impl Vcpu {
             }
             v.set_rax(u64::from(eax));
             gprs.rbx = u64::from(ebx);
-            guest_cr3 = 0;
         }
         Ok(Vcpu {
             id,
@@ -203,7 +201,7 @@ impl Vcpu {
             dom,
             vmcb: v,
             gprs,
-            guest_cr3,
+            guest_cr3: boot.mode.cr3(),
             ctl,
             lapic: Lapic::new(index),
             apic_base: if index == 0 {
@@ -650,6 +648,12 @@ impl Vcpu {
         };
         let apic = (self.apic_base & 1 << 11 != 0).then_some(self.apic_base & !0xFFF);
         let in_apic = |a: u64| apic.is_some_and(|base| a & !0xFFF == base);
+        // A 32-bit read of an APIC register, else no device: all ones.
+        let lapic = &self.lapic;
+        let read = |size: u8| match (in_apic(gpa), size) {
+            (true, 4) => u64::from(lapic.read(gpa & 0xFFF)),
+            _ => decode::size_mask(size),
+        };
         bump(&self.dom.mmio);
         match d.op {
             Op::Write { value, size, .. } => {
@@ -658,10 +662,7 @@ impl Vcpu {
                 }
             }
             Op::Read { size, dest, .. } => {
-                let value = match (in_apic(gpa), size) {
-                    (true, 4) => u64::from(self.lapic.read(gpa & 0xFFF)),
-                    _ => decode::size_mask(size),
-                };
+                let value = read(size);
                 let mut r = self.regs();
                 if r.set(dest, value).is_err() {
                     return self.stop("MMIO read into an unsupported register", dest as u64);
@@ -676,11 +677,7 @@ impl Vcpu {
                 mem_first,
                 ..
             } => {
-                let mem = match (in_apic(gpa), size) {
-                    (true, 4) => u64::from(self.lapic.read(gpa & 0xFFF)),
-                    _ => decode::size_mask(size),
-                };
-                let (value, flags) = decode::alu_apply(alu, size, mem, other, mem_first);
+                let (value, flags) = decode::alu_apply(alu, size, read(size), other, mem_first);
                 if let (Some(reg), Some(v)) = (dest, value) {
                     let mut r = self.regs();
                     if r.set(reg, v).is_err() {
@@ -894,12 +891,7 @@ impl Vcpu {
         if !changed {
             return Ok(());
         }
-        let mode = match next.paging_mode() {
-            // An unmodified guest's accesses outside its RAM are MMIO (its
-            // local APIC); Umbra's own guests keep getting a #PF for them.
-            Ok(mode) if self.dom.spec.multiboot.is_some() => {
-                abi::PagingMode(mode.0 | abi::PagingMode::MMIO)
-            }
+        let mode = match self.dom.server_mode(&next) {
             Ok(mode) => mode,
             Err(ModeError::Paging32) => {
                 return Err(self.stop(
